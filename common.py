@@ -404,6 +404,35 @@ class Featurizer:
                                    self.reduction, self.temperature)
 
 
+def lm_head_score_features(hidden: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                           p_out: torch.Tensor | None, p_in: torch.Tensor | None, temperature: float = 1.0,
+                           chunk_tokens: int = 4096) -> torch.Tensor:
+    """LM-head score feature from an existing forward pass, no backward: f_i = Σ_t m_t (P_out δ_t)(P_in h_t)ᵀ.
+
+    δ_t = ∂(−log π(y_t))/∂z_t = softmax(z_t/τ) − onehot(y_t) (the 1/τ factor is dropped: SALT is invariant to a
+    global feature scale), h_t the LM-head input. Equals `Featurizer(model, "lm_head")` with reduction `sum`.
+    hidden (B, T, H), logits (B, T, V) and labels/mask (B, T) must already be aligned (position t predicts
+    labels[:, t]). Tokens are processed in chunks, so memory stays O(chunk·V) however large V is; the V×H
+    per-sample gradient is never formed. Returns (B, k_o·k_i) fp32.
+    """
+    B, T, H = hidden.shape
+    feats = torch.zeros(B, (p_out.shape[0] if p_out is not None else logits.shape[-1]) *
+                        (p_in.shape[0] if p_in is not None else H), device=hidden.device)
+    rows = torch.arange(B, device=hidden.device)[:, None].expand(B, T)
+    sel = mask.bool()
+    h, z, y, r = hidden.detach()[sel], logits.detach()[sel], labels[sel], rows[sel]
+    for s in range(0, h.shape[0], chunk_tokens):
+        hs, zs, ys, rs = (v[s:s + chunk_tokens] for v in (h, z, y, r))
+        p = torch.softmax(zs.float() / temperature, -1)
+        if p_out is None:
+            dp = p.index_put_((torch.arange(len(ys), device=p.device), ys), torch.tensor(-1.0), accumulate=True)
+        else:
+            dp = p @ p_out.T - p_out.T[ys]  # P_out (p − e_y)
+        xp = hs.float() if p_in is None else hs.float() @ p_in.T
+        feats.index_add_(0, rs, torch.einsum("no,ni->noi", dp, xp).flatten(1))
+    return feats
+
+
 def exact_per_sample_grads(model: nn.Module, params: dict[str, nn.Parameter], input_ids, attention_mask, loss_mask,
                            reduction: str = "sum", temperature: float = 1.0) -> torch.Tensor:
     """Reference: exact per-sample gradients (B × Σ|θ|) by one backward per sample on its unpadded sequence.

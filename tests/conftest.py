@@ -5,9 +5,11 @@ import tempfile
 from pathlib import Path
 
 _home = tempfile.mkdtemp(prefix="salt-spice-hf-")
+# Reuse the converted embedded model (`bash run.sh setup` made it) rather than converting again per session.
+_default_hf = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+os.environ.setdefault("SALT_SPICE_CACHE", os.path.join(_default_hf, "salt-spice"))
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=_home,
                   HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-os.environ.setdefault("SALT_SPICE_CACHE", os.path.join(_home, "salt-spice"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest  # noqa: E402
