@@ -1,0 +1,1006 @@
+"""SPICE data selection (Submodular Penalized Information–Conflict sElection, arXiv 2601.23155), one file.
+
+Read beside the paper. Per-sample gradients g_i of the response loss on a proxy model are projected by
+common.py's factored random projection; then, greedily,
+
+    U(S)          = log det(I + α Σ_{i∈S} g_i g_iᵀ)                              (Fisher utility, §3)
+    Δ_x(S)        = log(1 + α g_xᵀ (I + α F_S)⁻¹ g_x)                            (marginal gain)
+    conflict(x|S) = max(0, −g_xᵀ ḡ / (‖g_x‖ ‖ḡ‖ + η)),  ḡ = mean of the picks   (Definition 4)
+    score         = Δ_x(S) − λ · conflict(x|S)                                   (Eq. 14)
+
+with ties to the lowest index, optional early stop (SPICE+: stop at the first t with Δ_t ≤ ω·Δ_1), and the
+baselines random / top_norm / greedy / official_diag on the same features. Gains are exact and incremental:
+kernel-space incremental Cholesky (Chen et al. 2018) or feature-space rank-one updates, never refactorised.
+
+Order: config → pool (and the embedded pool) → features (cached shards) → objective and greedy → baselines →
+selection driver (offline, pool by pool, online) → outputs → main().
+
+    python spice_select.py                      # embedded pool + embedded SmolLM2 proxy, 10 %, comparison table
+    accelerate launch spice_select.py --pool data.jsonl --budget 1000 --output_dir out/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+import common
+from common import UserError
+
+METHODS = ("spice", "greedy", "top_norm", "random", "official_diag")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    config: Optional[str] = field(default=None, metadata={"help": "YAML/JSON file of these fields (flags override)"})
+    # pool
+    pool: Optional[str] = field(default=None, metadata={"help": "HF dataset id or local .jsonl/.json/.parquet/.csv; "
+                                                                "none: the embedded instruction pool"})
+    split: str = "train"
+    dataset_config: Optional[str] = None
+    instruction_field: Optional[str] = field(default=None, metadata={"help": "default: auto (instruction, input)"})
+    input_field: Optional[str] = field(default=None, metadata={"help": "optional context appended to the "
+                                                                       "instruction (default: auto, `input` when "
+                                                                       "the instruction is `instruction`)"})
+    response_field: Optional[str] = field(default=None, metadata={"help": "default: auto (response, output)"})
+    messages_field: Optional[str] = field(default=None, metadata={"help": "chat rows; default: auto (messages)"})
+    skip_malformed: bool = field(default=False, metadata={"help": "skip malformed rows and report their count "
+                                                                  "(default: stop with an error naming the row)"})
+    embedded_pool_size: int = 1600
+    embedded_corrupt_frac: float = 0.15
+    embedded_dup_frac: float = 0.15
+    # proxy model and features
+    model: str = field(default=common.EMBEDDED, metadata={"help": "`embedded` (SmolLM2-135M-Instruct), `tiny`, "
+                                                                 "a folder or a HF id"})
+    dtype: str = "bfloat16"
+    layers: Optional[str] = field(default=None, metadata={"help": "layer spec (common.select_linear_layers); "
+                                                                  "default `last:2`, or `lora` with --lora"})
+    lora: bool = field(default=False, metadata={"help": "wrap the proxy with peft LoRA (always on in online mode)"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    k_out: Optional[int] = field(default=16, metadata={"help": "projection rows per layer on the output side"})
+    k_in: Optional[int] = field(default=16, metadata={"help": "projection rows per layer on the input side"})
+    reduction: str = field(default="mean", metadata={"help": "per-sample loss over scored tokens: mean (SFT) | sum"})
+    mask_prompt: bool = field(default=True, metadata={"help": "score response tokens only; false = official code "
+                                                              "(loss on the whole text)"})
+    prompt_format: str = field(default="plain", metadata={"help": "plain (`Instruction:\\n…\\n\\nResponse:\\n`, the "
+                                                                  "official code's) | chat (tokenizer template)"})
+    max_length: int = 96
+    batch_size: int = 16
+    shard_batches: int = 8
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "feature cache (default <output_dir>/"
+                                                                     "feature_cache); `none` disables it"})
+    # selection
+    method: str = field(default="spice", metadata={"help": "spice | greedy (λ=0) | top_norm (official default) | "
+                                                           "random | official_diag (den += α·g⁴)"})
+    compare: bool = field(default=True, metadata={"help": "also run every other method on the same features "
+                                                          "and print the comparison table (offline)"})
+    alpha: float = field(default=1.0, metadata={"help": "α in log det(I + α F_S) (official alpha_fisher 1.0)"})
+    lam: float = field(default=0.1, metadata={"help": "λ, conflict weight (paper default 0.1)"})
+    eta: float = 1e-8
+    omega: Optional[float] = field(default=None, metadata={"help": "SPICE+ early stop: Δ_t ≤ ω·Δ_1 (paper 0.5); "
+                                                                   "off by default"})
+    budget: float = field(default=0.1, metadata={"help": "total picks: a fraction (< 1) of the pool or a count"})
+    form: str = field(default="auto", metadata={"help": "auto | kernel (incremental Cholesky) | feature "
+                                                        "(rank-one updates of (I+αF_S)⁻¹)"})
+    mode: str = field(default="offline", metadata={"help": "offline | online (proxy trained on the picks)"})
+    pool_size: Optional[int] = field(default=None, metadata={"help": "candidates per pool (paper 120); default: "
+                                                                     "the whole pool at once (offline)"})
+    select_k: Optional[float] = field(default=None, metadata={"help": "picks per pool, count or fraction "
+                                                                      "(paper 12 of 120); default: budget fraction"})
+    # online proxy loop (paper §2.2: AdamW step on the buffer every T pools, features recomputed)
+    update_every: int = field(default=10, metadata={"help": "T: pools between proxy updates (paper 10)"})
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    online_loss: str = field(default="mean", metadata={"help": "mean over the buffer | official_sum (sum of "
+                                                               "micro-batch means, as Chang-pw/SPICE train.py)"})
+    online_micro_batch: int = 4
+    # run
+    seed: int = 0
+    output_dir: str = "outputs/spice"
+    save_to_disk: Optional[str] = field(default=None, metadata={"help": "also save the picks as a HF dataset here"})
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Config from CLI flags (every field) over an optional YAML/JSON file given by --config."""
+    from transformers import HfArgumentParser
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser(Config)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        p = Path(pre.config)
+        if not p.exists():
+            raise UserError(f"config file {p} does not exist")
+        import yaml
+
+        try:
+            values = yaml.safe_load(p.read_text()) or {}  # JSON is YAML
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
+        names = {f.name for f in dataclasses.fields(Config)}
+        unknown = sorted(set(values) - names) if isinstance(values, dict) else ["<not a mapping>"]
+        if unknown:
+            raise UserError(f"{p}: unknown config keys {unknown}", hint="keys are the script's flag names")
+        parser.set_defaults(**values)
+    cfg, rest = parser.parse_known_args(argv)
+    if rest:
+        raise UserError(f"unknown arguments {rest}", hint="python spice_select.py --help")
+    return validate(Config(**vars(cfg)))
+
+
+def validate(cfg: Config) -> Config:
+    checks = [(cfg.method in METHODS, f"--method must be one of {METHODS}"),
+              (cfg.mode in ("offline", "online"), "--mode must be offline or online"),
+              (cfg.form in ("auto", "kernel", "feature"), "--form must be auto, kernel or feature"),
+              (cfg.reduction in ("mean", "sum"), "--reduction must be mean or sum"),
+              (cfg.prompt_format in ("plain", "chat"), "--prompt_format must be plain or chat"),
+              (cfg.online_loss in ("mean", "official_sum"), "--online_loss must be mean or official_sum"),
+              (cfg.alpha > 0, "--alpha must be > 0"), (cfg.lam >= 0, "--lam must be ≥ 0"),
+              (cfg.budget > 0, "--budget must be > 0"), (cfg.omega is None or cfg.omega >= 0, "--omega must be ≥ 0"),
+              (cfg.batch_size > 0 and cfg.shard_batches > 0 and cfg.max_length > 1, "batch sizes must be positive"),
+              (cfg.pool_size is None or cfg.pool_size > 0, "--pool_size must be > 0"),
+              (cfg.mode == "offline" or cfg.pool_size, "online mode needs --pool_size (paper: 120)")]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pool: rows → (prompt, response) texts; the embedded pool
+# ----------------------------------------------------------------------------------------------------------
+
+_WORDS = ("apple river garden window pencil orange silver planet rocket button candle forest guitar island "
+          "jacket kitten ladder marble needle ocean pepper quartz rabbit saddle tiger umbrella violin walnut "
+          "yellow zebra bridge castle dragon engine feather glider harbor igloo jungle kettle lemon mirror").split()
+_CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Canada": "Ottawa",
+             "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "Greece": "Athens",
+             "Poland": "Warsaw", "Chile": "Santiago", "Cuba": "Havana", "Ireland": "Dublin", "Austria": "Vienna",
+             "Portugal": "Lisbon", "Sweden": "Stockholm", "Finland": "Helsinki", "Hungary": "Budapest",
+             "Thailand": "Bangkok", "Vietnam": "Hanoi", "Germany": "Berlin", "Russia": "Moscow", "India": "New Delhi"}
+_OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "light": "dark", "happy": "sad", "open": "closed",
+              "early": "late", "full": "empty", "hard": "soft", "high": "low", "old": "new", "rich": "poor",
+              "strong": "weak", "wet": "dry", "loud": "quiet", "thick": "thin", "near": "far", "up": "down"}
+_UNITS = [("kilometers", "meters", 1000), ("kilograms", "grams", 1000), ("hours", "minutes", 60),
+          ("minutes", "seconds", 60), ("meters", "centimeters", 100), ("liters", "milliliters", 1000),
+          ("days", "hours", 24), ("feet", "inches", 12)]
+_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+
+
+def _family_row(family: str, rng: random.Random) -> tuple[str, str]:
+    """One clean (instruction, response) pair of a task family."""
+    if family == "arithmetic":
+        a, b, op = rng.randint(2, 99), rng.randint(2, 99), rng.choice("+-*")
+        val = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return f"What is {a} {op} {b}?", f"{a} {op} {b} = {val}."
+    if family == "string":
+        w, kind = rng.choice(_WORDS), rng.choice(["reverse", "upper", "first"])
+        if kind == "reverse":
+            return f"Reverse the letters of the word '{w}'.", f"'{w}' reversed is '{w[::-1]}'."
+        if kind == "upper":
+            return f"Write the word '{w}' in capital letters.", w.upper()
+        return f"What is the first letter of '{w}'?", f"The first letter of '{w}' is '{w[0]}'."
+    if family == "units":
+        big, small, f = rng.choice(_UNITS)
+        x = rng.randint(2, 40)
+        return f"Convert {x} {big} to {small}.", f"{x} {big} is {x * f} {small}."
+    if family == "capitals":
+        c = rng.choice(sorted(_CAPITALS))
+        return f"What is the capital of {c}?", f"The capital of {c} is {_CAPITALS[c]}."
+    if family == "opposites":
+        w = rng.choice(sorted(_OPPOSITES))
+        return f"What is the opposite of '{w}'?", f"The opposite of '{w}' is '{_OPPOSITES[w]}'."
+    if family == "sorting":
+        xs = rng.sample(range(1, 60), rng.randint(3, 5))
+        return (f"Sort these numbers from smallest to largest: {', '.join(map(str, xs))}.",
+                ", ".join(map(str, sorted(xs))))
+    if family == "counting":
+        w = rng.choice(_WORDS)
+        return f"How many letters are in the word '{w}'?", f"The word '{w}' has {len(w)} letters."
+    if family == "days":
+        i, n = rng.randrange(7), rng.randint(1, 6)
+        return f"What day is {n} days after {_DAYS[i]}?", f"{n} days after {_DAYS[i]} is {_DAYS[(i + n) % 7]}."
+    raise ValueError(family)
+
+
+FAMILIES = ("arithmetic", "string", "units", "capitals", "opposites", "sorting", "counting", "days")
+
+
+def _corrupt(response: str, rng: random.Random, other: str) -> tuple[str, str]:
+    """A wrong response: another row's answer, scrambled characters, or a truncated answer."""
+    kind = rng.choice(["swap", "scramble", "truncate"])
+    if kind == "swap":
+        return other, kind
+    if kind == "scramble":
+        chars = list(response)
+        rng.shuffle(chars)
+        return "".join(chars), kind
+    return response[: max(1, len(response) // 3)], kind
+
+
+def embedded_pool(n: int = 1600, corrupt_frac: float = 0.15, dup_frac: float = 0.15, seed: int = 0) -> list[dict]:
+    """A seeded offline instruction pool: 8 task families, corrupted responses and near-duplicates, all tagged.
+
+    Each row: instruction, response, family, corrupted (bool), corruption (kind or None), duplicate_of (pool
+    index of the row it near-duplicates, or None). Corrupted rows get a wrong response (another family's
+    answer, scrambled, or truncated); near-duplicates repeat an earlier row with a slightly reworded prompt.
+    """
+    if n < 1:
+        raise UserError("--embedded_pool_size must be ≥ 1")
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    for i in range(n):
+        if rows and rng.random() < dup_frac:
+            j = rng.randrange(len(rows))
+            src = rows[j]
+            prefix = rng.choice(["Please answer: ", "Quick question. ", "Q: ", "Tell me: "])
+            rows.append({**src, "instruction": prefix + src["instruction"], "duplicate_of": j})
+            continue
+        family = FAMILIES[rng.randrange(len(FAMILIES))]
+        instruction, response = _family_row(family, rng)
+        row = {"instruction": instruction, "response": response, "family": family, "corrupted": False,
+               "corruption": None, "duplicate_of": None}
+        if rng.random() < corrupt_frac:
+            other = _family_row(FAMILIES[(FAMILIES.index(family) + 1 + rng.randrange(7)) % 8], rng)[1]
+            row["response"], row["corruption"] = _corrupt(response, rng, other)
+            row["corrupted"] = True
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class Example:
+    """A pool row ready for featurization: the prompt messages / text and the response text."""
+    prompt: str | list[dict]
+    response: str
+
+
+def resolve_fields(cfg: Config, first: dict) -> dict[str, Optional[str]]:
+    """Which columns hold what: explicit flags win; otherwise messages, instruction/response,
+    instruction(/input)/output (Alpaca) or input/output, in that order."""
+    if cfg.messages_field or (not cfg.instruction_field and not cfg.response_field and "messages" in first):
+        return {"messages": cfg.messages_field or "messages"}
+    instr = cfg.instruction_field or ("instruction" if "instruction" in first else "input" if "input" in first
+                                      else "instruction")
+    resp = cfg.response_field or ("response" if "response" in first else "output" if "output" in first
+                                  else "response")
+    inp = cfg.input_field or ("input" if instr == "instruction" and "input" in first else None)
+    return {"instruction": instr, "input": inp, "response": resp}
+
+
+def row_to_example(label: str, i: int, row: Any, fields: dict) -> Example:
+    """Validate one row (UserError naming file, row and field) and turn it into an Example."""
+    if not isinstance(row, dict):
+        raise UserError(f"{label} row {i}: expected an object with fields, got {type(row).__name__}")
+    where = common.row_location(label, i, row)
+    if "messages" in fields:
+        f = fields["messages"]
+        msgs = row.get(f)
+        if f not in row:
+            raise UserError(f"{where}: missing field {f!r}", hint="pass --messages_field or the instruction flags")
+        if not isinstance(msgs, list) or not msgs:
+            raise UserError(f"{where}: field {f!r} must be a non-empty list of {{role, content}} messages")
+        for m in msgs:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise UserError(f"{where}: field {f!r}: every message needs string `role` and `content`")
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            raise UserError(f"{where}: field {f!r}: the last message must be a non-empty assistant reply")
+        return Example([{"role": m["role"], "content": m["content"]} for m in msgs[:-1]], msgs[-1]["content"])
+    instruction = common.require_str(label, i, row, fields["instruction"])
+    response = common.require_str(label, i, row, fields["response"])
+    inp = fields.get("input")
+    if inp and row.get(inp) is not None:
+        extra = common.require_str(label, i, row, inp, allow_empty=True)
+        if extra.strip():
+            instruction = f"{instruction}\n\nInput:\n{extra}"
+    return Example(instruction, response)
+
+
+def load_pool(cfg: Config) -> tuple[list[dict], list[Example], str, list[dict]]:
+    """(rows kept, examples, label, skipped) — malformed rows raise, or are skipped and reported if asked."""
+    if cfg.pool is None:
+        rows = embedded_pool(cfg.embedded_pool_size, cfg.embedded_corrupt_frac, cfg.embedded_dup_frac, cfg.seed)
+        label = "embedded pool"
+    else:
+        rows, label = common.read_rows(cfg.pool, cfg.split, cfg.dataset_config)
+    if not rows:
+        raise UserError(f"{label}: the pool is empty", hint="pass a file with at least one row")
+    fields = resolve_fields(cfg, rows[0] if isinstance(rows[0], dict) else {})
+    kept, examples, skipped = [], [], []
+    for i, row in enumerate(rows):
+        try:
+            ex = row_to_example(label, i, row, fields)
+        except UserError as e:
+            if not cfg.skip_malformed:
+                raise
+            skipped.append({"row": i, "error": str(e)})
+            continue
+        kept.append({**row, "pool_index": i} if isinstance(row, dict) else row)
+        examples.append(ex)
+    if not examples:
+        raise UserError(f"{label}: every row is malformed ({len(skipped)} skipped)", hint=skipped[0]["error"])
+    return kept, examples, label, skipped
+
+
+def tokenize(examples: list[Example], tok, cfg: Config) -> list[tuple[list[int], int]]:
+    """(token ids, number of prompt tokens) per example: prompt + response + EOS, at most max_length tokens.
+
+    Too long: the prompt keeps its last tokens and the response its first, so that at least half of the
+    window (or the whole response) is scored.
+    """
+    if cfg.prompt_format == "chat" and not getattr(tok, "chat_template", None):
+        raise UserError(f"--prompt_format chat: the tokenizer of {cfg.model!r} has no chat template",
+                        hint="use --prompt_format plain")
+    out = []
+    for ex in examples:
+        if cfg.prompt_format == "chat" or isinstance(ex.prompt, list) and getattr(tok, "chat_template", None):
+            msgs = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
+            prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        elif isinstance(ex.prompt, list):  # chat rows without a template: role-tagged plain text
+            prompt = "".join(f"{m['role'].capitalize()}:\n{m['content']}\n\n" for m in ex.prompt) + "Assistant:\n"
+        else:
+            prompt = f"Instruction:\n{ex.prompt}\n\nResponse:\n"  # Chang-pw/SPICE spice/data.py format
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        r = tok(ex.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if len(p) + len(r) > cfg.max_length:
+            keep_r = min(len(r), max(cfg.max_length // 2, cfg.max_length - len(p)))
+            r, p = r[:keep_r], p[len(p) - (cfg.max_length - keep_r):] if cfg.max_length > keep_r else []
+        out.append((p + r, len(p)))
+    return out
+
+
+def collate(batch: list[tuple[list[int], int]], pad_id: int, mask_prompt: bool):
+    """Left-padded input_ids, attention_mask and loss_mask (1 where a token is a scored target)."""
+    T = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    am, lm = torch.zeros_like(ids), torch.zeros_like(ids)
+    for b, (x, n_prompt) in enumerate(batch):
+        ids[b, T - len(x):] = torch.tensor(x)
+        am[b, T - len(x):] = 1
+        lm[b, T - len(x) + (n_prompt if mask_prompt else 1):] = 1  # position 0 is never a target
+    return ids, am, lm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Features: per-sample projected gradients, batched, sharded across processes, cached as safetensors shards
+# ----------------------------------------------------------------------------------------------------------
+
+def build_proxy(cfg: Config, lora: bool):
+    """The proxy model (frozen base; LoRA adapters trainable when asked), its tokenizer and the Featurizer."""
+    model, tok = common.load_model(cfg.model, cfg.dtype, seed=cfg.seed)
+    model.requires_grad_(False)  # the features need ∂ℓ/∂y of the chosen layers only, never parameter .grad
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        try:
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=cfg.lora_dropout, target_modules=targets))
+        except ValueError as e:
+            raise UserError(f"LoRA: {str(e).splitlines()[0]}", hint="set --lora_targets to module names of the "
+                                                                    "model") from None
+    model.eval()  # features without dropout (the official code keeps LoRA dropout on: train mode)
+    layers = cfg.layers or ("lora" if lora else "last:2")
+    fz = common.Featurizer(model, layers, cfg.k_out, cfg.k_in, seed=cfg.seed, reduction=cfg.reduction)
+    return model, tok, fz
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the model's weights (a strided sample of every tensor), so a changed proxy misses the cache."""
+    h = hashlib.sha1()
+    for name, p in model.state_dict().items():
+        flat = p.detach().flatten()
+        h.update(name.encode())
+        h.update(flat[:: max(1, flat.numel() // 256)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def feature_cache_key(cfg: Config, model, tokens: list[tuple[list[int], int]]) -> str:
+    """Hash of everything the features depend on: model, layers, dims, seed, loss, pool tokens, batching."""
+    h = hashlib.sha1()
+    meta = {k: getattr(cfg, k) for k in ("model", "dtype", "layers", "lora", "lora_r", "lora_alpha", "lora_targets",
+                                         "k_out", "k_in", "seed", "reduction", "mask_prompt", "batch_size",
+                                         "shard_batches")}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    h.update(model_fingerprint(model).encode())
+    for ids, n_prompt in tokens:
+        h.update(f"{n_prompt}:{','.join(map(str, ids))};".encode())
+    return h.hexdigest()[:20]
+
+
+class Interrupted(Exception):
+    """Raised by compute_features(max_new_shards=…) to simulate a run killed midway (tests)."""
+
+
+def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, accelerator,
+                     cache: Optional[Path] = None, max_new_shards: Optional[int] = None, desc: str = "features"):
+    """G (n × d, float32, pool order) on every process.
+
+    Rows are sorted by length (little padding) into fixed batches and shards; shard s goes to process
+    s mod P, so a row's batch — hence its features — does not depend on the number of processes. Each shard
+    is written to `cache/shard_XXXXX.safetensors` once computed; a rerun loads what exists and computes the
+    rest. Rows are gathered in rank order with common.gather_rows and put back in pool order.
+    """
+    n = len(tokens)
+    order = sorted(range(n), key=lambda i: (len(tokens[i][0]), i))
+    batches = [order[s:s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
+    shards = [batches[s:s + cfg.shard_batches] for s in range(0, len(batches), cfg.shard_batches)]
+    mine = list(range(accelerator.process_index, len(shards), accelerator.num_processes))
+    device = accelerator.device
+    feats, index, new = [], [], 0
+    bar = tqdm(total=sum(len(b) for s in mine for b in shards[s]), desc=desc, unit="row",
+               disable=not accelerator.is_local_main_process, leave=False)
+    for s in mine:
+        idx = torch.tensor([i for b in shards[s] for i in b])
+        path = cache / f"shard_{s:05d}.safetensors" if cache else None
+        if path is not None and path.exists():
+            from safetensors.torch import load_file
+
+            blob = load_file(str(path))
+            if torch.equal(blob["index"], idx) and blob["features"].shape[1] == fz.dim:
+                feats.append(blob["features"].to(device))
+                index.append(idx)
+                bar.update(len(idx))
+                continue
+        if max_new_shards is not None and new >= max_new_shards:
+            raise Interrupted(f"stopped after {new} new shards")
+        out = []
+        for b in shards[s]:
+            ids, am, lm = (t.to(device) for t in collate([tokens[i] for i in b], tok.pad_token_id, cfg.mask_prompt))
+            out.append(fz(ids, am, lm).float())
+            bar.update(len(b))
+        F = torch.cat(out)
+        if not torch.isfinite(F).all():
+            bad = idx[~torch.isfinite(F).all(1).cpu()].tolist()
+            raise UserError(f"non-finite gradient features for pool rows {bad[:10]}",
+                            hint="try --dtype float32 or a smaller --max_length")
+        if path is not None:
+            common.save_safetensors(path, {"features": F, "index": idx})
+        feats.append(F)
+        index.append(idx)
+        new += 1
+    bar.close()
+    F = torch.cat(feats) if feats else torch.zeros(0, fz.dim, device=device)
+    idx = torch.cat(index).to(device) if index else torch.zeros(0, dtype=torch.long, device=device)
+    F, idx = common.gather_rows(accelerator, F), common.gather_rows(accelerator, idx)
+    G = torch.empty_like(F)
+    G[idx] = F
+    return G.cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The objective and the greedy
+# ----------------------------------------------------------------------------------------------------------
+
+def log_det(G: torch.Tensor, alpha: float) -> float:
+    """U(S) = log det(I_d + α G_Sᵀ G_S) = log det(I_|S| + α G_S G_Sᵀ) (Sylvester), the smaller side, float64."""
+    G = G.double()
+    if G.shape[0] == 0:
+        return 0.0
+    M = G @ G.T if G.shape[0] <= G.shape[1] else G.T @ G
+    M = alpha * (M + M.T) / 2 + torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    return float(2 * torch.log(torch.diagonal(torch.linalg.cholesky(M))).sum())
+
+
+def base_gain(sq_norm: torch.Tensor, alpha: float) -> torch.Tensor:
+    """base_x = Δ_x(∅) = log(1 + α‖g_x‖²), the modular part of the gain (Definition 3)."""
+    return torch.log1p(alpha * sq_norm)
+
+
+def conflict(r: torch.Tensor, norms: torch.Tensor, ss: float, m: int, eta: float) -> torch.Tensor:
+    """conflict(x|S) = max(0, −Align), Align = g_xᵀḡ / (‖g_x‖‖ḡ‖ + η), ḡ = (1/|S|) Σ_S g_y (Definition 4).
+
+    From running sums only: r_x = Σ_{y∈S} g_xᵀg_y and ss = ‖Σ_S g_y‖², so g_xᵀḡ = r_x/m and ‖ḡ‖ = √ss/m.
+    Zero when S = ∅.
+    """
+    if m == 0:
+        return torch.zeros_like(r)
+    align = (r / m) / (norms * math.sqrt(max(ss, 0.0)) / m + eta)
+    return (-align).clamp(min=0)
+
+
+class KernelGains:
+    """Exact gains by incremental Cholesky of M = I + αK in kernel space (Chen et al. 2018, fast greedy MAP).
+
+    Each candidate keeps its Cholesky row c_i and d_i² = 1 + αK_ii − ‖c_i‖² = 1 + α g_iᵀ(I + αF_S)⁻¹g_i
+    (Woodbury), so Δ_i = log d_i². After picking j: e_i = (αK_ji − c_jᵀc_i)/d_j, c_i ← [c_i, e_i],
+    d_i² ← d_i² − e_i². O(n·t) per pick; K rows come from a precomputed float64 Gram or from G on the fly.
+    """
+
+    def __init__(self, G: torch.Tensor, alpha: float, k: int, precompute: bool = True):
+        self.G, self.alpha = G, alpha
+        self.K = common.gram(G) if precompute else None
+        sq = torch.diagonal(self.K).clone() if precompute else (G * G).sum(1)
+        self.d2 = 1 + alpha * sq
+        self.C = torch.zeros(G.shape[0], k, dtype=torch.float64, device=G.device)
+        self.t = 0
+
+    def gains(self) -> torch.Tensor:
+        return torch.log(self.d2.clamp(min=1.0))  # d_i² ≥ 1 in exact arithmetic
+
+    def row(self, j: int) -> torch.Tensor:
+        """K_j· = G g_j (n,)."""
+        return self.K[j] if self.K is not None else self.G @ self.G[j]
+
+    def add(self, j: int, k_row: torch.Tensor) -> None:
+        t = self.t
+        e = (self.alpha * k_row - self.C[:, :t] @ self.C[j, :t]) / math.sqrt(self.d2[j].item())
+        self.C[:, t] = e
+        self.d2 = self.d2 - e * e
+        self.t += 1
+
+
+class FeatureGains:
+    """Exact gains by rank-one (Sherman–Morrison) updates of A⁻¹ = (I + αF_S)⁻¹ in feature space (d × d).
+
+    q_i = g_iᵀA⁻¹g_i, Δ_i = log(1 + α q_i). After picking j, with u = A⁻¹g_j and β = 1 + α g_jᵀu:
+    A⁻¹ ← A⁻¹ − α u uᵀ/β and q_i ← q_i − α (g_iᵀu)²/β. O(n·d + d²) per pick; cheaper than the kernel form
+    when d is small next to n (the n × k Cholesky table would be 8 GB at n = 10⁵, k = 10⁴).
+    """
+
+    def __init__(self, G: torch.Tensor, alpha: float):
+        self.G, self.alpha = G, alpha
+        self.q = (G * G).sum(1)
+        self.Ainv = torch.eye(G.shape[1], dtype=torch.float64, device=G.device)
+        self._u = None
+
+    def gains(self) -> torch.Tensor:
+        return torch.log1p(self.alpha * self.q.clamp(min=0))
+
+    def row(self, j: int) -> torch.Tensor:
+        """K_j· and G u in one pass over G (the pass is memory bound; two vectors cost about as much as one)."""
+        g = self.G[j]
+        self._u = self.Ainv @ g
+        both = self.G @ torch.stack([g, self._u], 1)
+        self._Gu = both[:, 1]
+        return both[:, 0]
+
+    def add(self, j: int, k_row: torch.Tensor) -> None:
+        u, Gu = self._u, self._Gu
+        beta = 1 + self.alpha * float(Gu[j])
+        self.q = self.q - (self.alpha / beta) * Gu * Gu
+        self.Ainv.addr_(u, u, alpha=-self.alpha / beta)
+
+
+def choose_form(n: int, d: int, k: int, form: str = "auto") -> str:
+    """kernel when the pool is small next to d (the paper's regime: 120 rows, millions of LoRA dims) or
+    when k is small, else feature; see FeatureGains. Both are exact."""
+    if form != "auto":
+        return form
+    kernel_flops = n * n * d / 8 + n * k * k / 2  # BLAS Gram (fast) + Cholesky table updates
+    feature_flops = 4 * n * d * k + 2 * d * d * k  # memory-bound matvecs per pick
+    return "kernel" if (d >= n or kernel_flops < feature_flops) and 8 * n * (n + k) < 6e9 else "feature"
+
+
+@dataclass
+class Selection:
+    method: str
+    indices: list[int]
+    records: list[dict]  # per pick: t, index, delta, base, eps, conflict, score
+    log_det: float
+    stopped_early: bool = False
+    form: str = ""
+    seconds: float = 0.0
+
+
+def check_features(G: torch.Tensor, k: int) -> None:
+    if G.ndim != 2 or G.shape[0] == 0:
+        raise UserError("no candidates to select from (empty pool)")
+    if not torch.isfinite(G).all():
+        bad = (~torch.isfinite(G).all(1)).nonzero().flatten().tolist()
+        raise UserError(f"features of rows {bad[:10]} are NaN or infinite", hint="check the proxy model and dtype")
+    if not 1 <= k <= G.shape[0]:
+        raise UserError(f"budget k={k} must be between 1 and the number of candidates ({G.shape[0]})")
+
+
+def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, eta: float = 1e-8,
+                 omega: Optional[float] = None, form: str = "auto", progress: bool = False,
+                 method: str = "") -> Selection:
+    """Greedy SPICE: at each step pick argmax_x Δ_x(S) − λ·conflict(x|S) (Eq. 14), ties to the lowest index.
+
+    λ = 0 is plain log-det (Fisher) greedy. With ω set (SPICE+), stop at the first t > 1 with
+    Δ_{x_t} ≤ ω·Δ_{x_1}; x_t is not kept (as the official half-life check; the paper leaves it open).
+    The gains are exact (float64), so Σ_t Δ_t = log det(I + αF_S) whatever λ is.
+    """
+    t0 = time.perf_counter()
+    check_features(G, k)
+    G = G.double()
+    n, d = G.shape
+    form = choose_form(n, d, k, form)
+    eng = KernelGains(G, alpha, k, precompute=8 * n * n < 4e9) if form == "kernel" else FeatureGains(G, alpha)
+    sq = (G * G).sum(1)
+    norms, base = sq.sqrt(), base_gain(sq, alpha)
+    r, ss = torch.zeros(n, dtype=torch.float64, device=G.device), 0.0  # Σ_S g_xᵀg_y, ‖Σ_S g_y‖²
+    taken = torch.zeros(n, dtype=torch.bool, device=G.device)
+    picks, records, stopped = [], [], False
+    for t in tqdm(range(k), desc=method or "select", disable=not progress, leave=False):
+        delta = eng.gains()
+        pen = conflict(r, norms, ss, len(picks), eta)
+        score = (delta - lam * pen).masked_fill(taken, -math.inf)
+        j = int(torch.argmax(score))  # first maximal index: ties go to the lowest index
+        if omega is not None and t > 0 and delta[j] <= omega * records[0]["delta"]:
+            stopped = True
+            break
+        records.append({"t": t, "index": j, "delta": float(delta[j]), "base": float(base[j]),
+                        "eps": float(delta[j] - base[j]), "conflict": float(pen[j]), "score": float(score[j])})
+        picks.append(j)
+        taken[j] = True
+        k_row = eng.row(j)
+        ss += 2 * float(r[j]) + float(k_row[j])
+        r += k_row
+        if t + 1 < k:
+            eng.add(j, k_row)
+    return Selection(method or ("greedy" if lam == 0 else "spice"), picks, records,
+                     sum(rec["delta"] for rec in records), stopped, form, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Baselines (same features, same outputs)
+# ----------------------------------------------------------------------------------------------------------
+
+def random_select(G: torch.Tensor, k: int, alpha: float = 1.0, seed: int = 0) -> Selection:
+    """random: k rows uniformly without replacement (seeded)."""
+    t0 = time.perf_counter()
+    check_features(G, k)
+    idx = torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(seed))[:k].tolist()
+    return _fixed_selection("random", G, idx, alpha, t0)
+
+
+def top_norm_select(G: torch.Tensor, k: int, alpha: float = 1.0, omega: Optional[float] = None) -> Selection:
+    """top_norm: the official code's default `top_k` selector — rank by base_x = log(1 + α‖g_x‖²), i.e. by
+    gradient norm, no interaction and no conflict term. With ω: keep rows with base_x > ω·max base (as there)."""
+    t0 = time.perf_counter()
+    check_features(G, k)
+    base = base_gain((G.double() ** 2).sum(1), alpha)
+    order = sorted(range(len(base)), key=lambda i: (-float(base[i]), i))[:k]  # ties to the lowest index
+    if omega is not None:
+        order = [i for i in order if base[i] > omega * base[order[0]]]
+    return _fixed_selection("top_norm", G, order, alpha, t0)
+
+
+def official_diag_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, eta: float = 1e-8,
+                         omega: Optional[float] = None) -> Selection:
+    """official_diag: Chang-pw/SPICE `greedy_select_with_conflict_penalty` with `fisher_mode=diag`.
+
+    Δ̃_x = log(1 + α Σ_j g_xj²/den_j) with den = 1 initially and den ← den + α(|g|·g)² = den + α g⁴ after each
+    pick — a diagonal surrogate, not the diagonal of I + αF_S (that would add α g²), so Σ Δ̃ ≠ log det.
+    Same conflict penalty and tie-break; the recorded `delta` is Δ̃, `log_det` the exact U(S). The official
+    function has no early stop; ω here applies the same test as spice_select, on Δ̃.
+    """
+    t0 = time.perf_counter()
+    check_features(G, k)
+    G = G.double()
+    n, d = G.shape
+    G2 = G * G
+    sq = G2.sum(1)
+    norms, base = sq.sqrt(), base_gain(sq, alpha)
+    den = torch.ones(d, dtype=torch.float64)
+    r, ss = torch.zeros(n, dtype=torch.float64), 0.0
+    taken = torch.zeros(n, dtype=torch.bool)
+    picks, records, stopped = [], [], False
+    for t in range(k):
+        delta = torch.log1p(alpha * (G2 / den).sum(1))
+        pen = conflict(r, norms, ss, len(picks), eta)
+        score = (delta - lam * pen).masked_fill(taken, -math.inf)
+        j = int(torch.argmax(score))
+        if omega is not None and t > 0 and delta[j] <= omega * records[0]["delta"]:
+            stopped = True
+            break
+        records.append({"t": t, "index": j, "delta": float(delta[j]), "base": float(base[j]),
+                        "eps": float(delta[j] - base[j]), "conflict": float(pen[j]), "score": float(score[j])})
+        picks.append(j)
+        taken[j] = True
+        k_row = G @ G[j]
+        ss += 2 * float(r[j]) + float(k_row[j])
+        r += k_row
+        den += alpha * G2[j] ** 2
+    sel = Selection("official_diag", picks, records, log_det(G[picks], alpha), stopped, "diag",
+                    time.perf_counter() - t0)
+    return sel
+
+
+def _fixed_selection(method: str, G: torch.Tensor, idx: list[int], alpha: float, t0: float) -> Selection:
+    """Records with the exact Δ of each pick given the earlier ones (so the same analysis applies)."""
+    G = G.double()
+    records, prev = [], 0.0
+    sq = (G * G).sum(1)
+    if len(idx) <= 2000:  # per-pick exact gains; beyond that only the final log-det
+        eng = KernelGains(G[idx], alpha, len(idx))
+        for t, j in enumerate(idx):
+            dlt = float(eng.gains()[t])
+            records.append({"t": t, "index": j, "delta": dlt, "base": float(base_gain(sq[j], alpha)),
+                            "eps": dlt - float(base_gain(sq[j], alpha)), "conflict": float("nan"),
+                            "score": float("nan")})
+            if t + 1 < len(idx):
+                eng.add(t, eng.row(t))
+    return Selection(method, idx, records, log_det(G[idx], alpha), False, "", time.perf_counter() - t0)
+
+
+def run_method(method: str, G: torch.Tensor, k: int, cfg: Config, progress: bool = False) -> Selection:
+    if method == "spice":
+        return spice_select(G, k, cfg.alpha, cfg.lam, cfg.eta, cfg.omega, cfg.form, progress, "spice")
+    if method == "greedy":
+        return spice_select(G, k, cfg.alpha, 0.0, cfg.eta, cfg.omega, cfg.form, progress, "greedy")
+    if method == "top_norm":
+        return top_norm_select(G, k, cfg.alpha, cfg.omega)
+    if method == "random":
+        return random_select(G, k, cfg.alpha, cfg.seed)
+    return official_diag_select(G, k, cfg.alpha, cfg.lam, cfg.eta, cfg.omega)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Diagnostics: curvature, conflict statistics
+# ----------------------------------------------------------------------------------------------------------
+
+def curvature(G: torch.Tensor, alpha: float) -> float:
+    """Total curvature c = 1 − min_x Δ_x(D∖{x}) / Δ_x(∅) over the rows of G (§1.4).
+
+    With M = I + αK, the leave-one-out gain is Δ_x(D∖{x}) = −log[M⁻¹]_xx (matrix determinant lemma), so one
+    inverse gives every x. Rows with g_x = 0 have no gain either way and are left out.
+    """
+    G = G.double()
+    if G.shape[0] > 4000:  # n × n inverse; estimate on a deterministic subsample for large pools
+        G = G[torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(0))[:4000]]
+    M = torch.eye(G.shape[0], dtype=torch.float64) + alpha * common.gram(G)
+    loo = -torch.log(torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(M))))
+    base = base_gain((G * G).sum(1), alpha)
+    ok = base > 1e-12
+    return float(1 - (loo[ok] / base[ok]).min()) if ok.any() else 0.0
+
+
+def selection_stats(sel: Selection, G: torch.Tensor, rows: list[dict] | None = None) -> dict:
+    """log-det, gains, conflict of the picks and, for tagged pools, corrupted / duplicate share and coverage."""
+    Gs = G[sel.indices].double()
+    out = {"method": sel.method, "k": len(sel.indices), "log_det": sel.log_det, "seconds": sel.seconds,
+           "stopped_early": sel.stopped_early}
+    if len(sel.indices):
+        mean = Gs.mean(0)
+        cos = Gs @ mean / (Gs.norm(dim=1) * mean.norm() + 1e-8)
+        out.update(cos_to_mean=float(cos.mean()), min_cos_to_mean=float(cos.min()),
+                   frac_negative_cos=float((cos < 0).double().mean()), mean_norm=float(Gs.norm(dim=1).mean()))
+        out["curvature_selected"] = curvature(Gs, 1.0) if len(sel.indices) > 1 else 0.0
+    if rows and "family" in rows[0]:
+        picked = [rows[i] for i in sel.indices]
+        fams = {r["family"] for r in rows}
+        out["frac_corrupted"] = sum(bool(r.get("corrupted")) for r in picked) / max(1, len(picked))
+        out["frac_duplicates"] = sum(r.get("duplicate_of") is not None for r in picked) / max(1, len(picked))
+        out["families_covered"] = f"{len({r['family'] for r in picked})}/{len(fams)}"
+        counts = [sum(r["family"] == f for r in picked) for f in sorted(fams)]
+        out["min_family_share"] = min(counts) / max(1, len(picked))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Selection drivers: offline (whole pool or pool by pool) and online (proxy trained on its picks)
+# ----------------------------------------------------------------------------------------------------------
+
+def budget_count(budget: float, n: int, what: str = "--budget") -> int:
+    """A fraction (< 1) of n, at least 1, or an integer count."""
+    if budget < 1:
+        return max(1, round(budget * n))
+    if budget != int(budget):
+        raise UserError(f"{what} {budget} must be a fraction below 1 or a whole count")
+    if int(budget) > n:
+        raise UserError(f"{what} {int(budget)} is larger than the pool ({n} rows)", hint="use a fraction, e.g. 0.1")
+    return int(budget)
+
+
+def per_pool_k(per: float, size: int, pool_size: int) -> int:
+    """Picks from one window: select_k (count or fraction of pool_size); a shorter last window gets its
+    proportional share (at least 1), so the tail of the pool is not over-sampled."""
+    k = budget_count(per, pool_size, "--select_k")
+    return k if size == pool_size else max(1, min(size, round(k * size / pool_size)))
+
+
+def pool_windows(n: int, pool_size: int, seed: int) -> list[list[int]]:
+    """The official schedule: a seeded permutation of the pool cut into consecutive windows of pool_size."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [perm[s:s + pool_size] for s in range(0, n, pool_size)]
+
+
+def select_offline(G: torch.Tensor, cfg: Config, method: str, progress: bool = False) -> Selection:
+    """The whole pool at once, or pool by pool (pool_size → select_k per window, F and ḡ reset per window)."""
+    n = G.shape[0]
+    if not cfg.pool_size or cfg.pool_size >= n:
+        return run_method(method, G, budget_count(cfg.budget, n), cfg, progress)
+    t0 = time.perf_counter()
+    per = cfg.select_k if cfg.select_k is not None else cfg.budget
+    picks, records, stops = [], [], 0
+    for w, win in enumerate(tqdm(pool_windows(n, cfg.pool_size, cfg.seed), desc=method, disable=not progress,
+                                 leave=False)):
+        k = per_pool_k(per, len(win), cfg.pool_size)
+        sel = run_method(method, G[win], k, cfg)
+        picks += [win[i] for i in sel.indices]
+        records += [{**rec, "pool": w, "index": win[rec["index"]]} for rec in sel.records]
+        stops += sel.stopped_early
+    return Selection(method, picks, records, log_det(G[picks], cfg.alpha), stops > 0, "per-pool",
+                     time.perf_counter() - t0)
+
+
+def train_proxy_step(model, opt, tokens, buffer: list[int], cfg: Config, accelerator, pad_id: int) -> float:
+    """One AdamW step of the LoRA proxy on the buffer (paper §2.2; each process its share, grads summed).
+
+    online_loss=mean: the mean per-sample SFT loss over the buffer. official_sum: the sum over micro-batches of
+    `online_micro_batch` rows of each micro-batch's mean loss (Chang-pw/SPICE train.py sums before one step).
+    """
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    mb = cfg.online_micro_batch
+    chunks = [buffer[s:s + mb] for s in range(0, len(buffer), mb)]
+    total = torch.zeros((), device=accelerator.device)
+    for c in chunks[accelerator.process_index::accelerator.num_processes]:
+        ids, am, lm = (t.to(accelerator.device) for t in collate([tokens[i] for i in c], pad_id, cfg.mask_prompt))
+        with torch.enable_grad():
+            nll = common.sequence_nll(model, ids, am, lm, cfg.reduction)
+            loss = nll.sum() / len(buffer) if cfg.online_loss == "mean" else nll.mean()
+            loss.backward()
+        total += loss.detach()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if accelerator.num_processes > 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad = accelerator.reduce(p.grad, reduction="sum")
+        total = accelerator.reduce(total, reduction="sum")
+    opt.step()
+    model.eval()
+    return float(total)
+
+
+def select_online(cfg: Config, accelerator, model, tok, fz, tokens, method: str, logger) -> Selection:
+    """The paper's online schedule: pools of pool_size, select_k picks each from features of the *current*
+    proxy; every T = update_every pools one AdamW step on the buffer of picks, buffer cleared."""
+    t0 = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per = cfg.select_k if cfg.select_k is not None else cfg.budget
+    picks, records, buffer, stops = [], [], [], 0
+    windows = pool_windows(len(tokens), cfg.pool_size, cfg.seed)
+    for w, win in enumerate(tqdm(windows, desc=f"online {method}", disable=not accelerator.is_main_process)):
+        G = compute_features(fz, tok, [tokens[i] for i in win], cfg, accelerator, cache=None, desc=f"pool {w}")
+        sel = None
+        if accelerator.is_main_process:
+            k = per_pool_k(per, len(win), cfg.pool_size)
+            sel = run_method(method, G, k, cfg)
+        sel = common.broadcast_object(accelerator, sel)
+        picks += [win[i] for i in sel.indices]
+        records += [{**rec, "pool": w, "index": win[rec["index"]]} for rec in sel.records]
+        buffer += [win[i] for i in sel.indices]
+        stops += sel.stopped_early
+        logger.log({"pool_log_det": sel.log_det, "picks": len(sel.indices)}, step=w)
+        if (w + 1) % cfg.update_every == 0 and buffer:
+            loss = train_proxy_step(model, opt, tokens, buffer, cfg, accelerator, tok.pad_token_id)
+            logger.log({"proxy_loss": loss, "buffer": len(buffer)}, step=w)
+            buffer = []
+    return Selection(method, picks, records, float("nan"), stops > 0, "online", time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------
+
+def format_table(stats: list[dict]) -> str:
+    cols = [("method", "{}"), ("k", "{}"), ("log_det", "{:.2f}"), ("frac_corrupted", "{:.3f}"),
+            ("frac_duplicates", "{:.3f}"), ("families_covered", "{}"), ("min_family_share", "{:.3f}"),
+            ("frac_negative_cos", "{:.3f}"), ("seconds", "{:.2f}")]
+    cols = [(c, f) for c, f in cols if any(c in s for s in stats)]
+    cells = [[c for c, _ in cols]] + [[f.format(s[c]) if c in s else "-" for c, f in cols] for s in stats]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def write_outputs(cfg: Config, sel: Selection, rows: list[dict], G: Optional[torch.Tensor], summary: dict) -> None:
+    """selected.jsonl (original fields + pool_index + score), picks.jsonl (per-pick records), summary.json."""
+    out = Path(cfg.output_dir)
+    rec_by_index = {rec["index"]: rec for rec in sel.records}
+    picked = []
+    for i in sel.indices:
+        row = {k: v for k, v in rows[i].items() if k != "_line"}
+        rec = rec_by_index.get(i, {})
+        picked.append({**row, "pool_index": row.get("pool_index", i), "score": rec.get("score"),
+                       "delta": rec.get("delta")})
+    common.write_jsonl(out / "selected.jsonl", picked)
+    common.write_jsonl(out / "picks.jsonl", sel.records)
+    common.write_json(out / "summary.json", summary)
+    if cfg.save_to_disk:
+        import datasets
+
+        datasets.Dataset.from_list(picked).save_to_disk(cfg.save_to_disk)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+
+def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> dict:
+    """The whole pipeline on every process; returns the summary (selection made on the main process)."""
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator()
+    timings, t0 = {}, time.perf_counter()
+    rows, examples, label, skipped = load_pool(cfg)
+    lora = cfg.lora or cfg.mode == "online"
+    model, tok, fz = build_proxy(cfg, lora)
+    model.to(acc.device)
+    tokens = tokenize(examples, tok, cfg)
+    timings["load"] = time.perf_counter() - t0
+    logger = common.MetricsLogger(acc, cfg.output_dir)
+    summary: dict[str, Any] = {"pool": label, "n_pool": len(rows), "n_skipped": len(skipped), "skipped": skipped[:50],
+                               "feature_dim": fz.dim, "layers": list(fz.layers), "config": dataclasses.asdict(cfg)}
+    if cfg.mode == "online":
+        t1 = time.perf_counter()
+        sel = select_online(cfg, acc, model, tok, fz, tokens, cfg.method, logger)
+        timings["online"] = time.perf_counter() - t1
+        G, stats = None, []
+    else:
+        t1 = time.perf_counter()
+        cache = None
+        if (cfg.cache_dir or "").lower() != "none":
+            key = feature_cache_key(cfg, model, tokens)
+            cache = Path(cfg.cache_dir or Path(cfg.output_dir) / "feature_cache") / key
+            summary["feature_cache"] = str(cache)
+        G = compute_features(fz, tok, tokens, cfg, acc, cache, max_new_shards)
+        timings["features"] = time.perf_counter() - t1
+        sel, stats = None, []
+        if acc.is_main_process:
+            methods = [cfg.method] + ([m for m in METHODS if m != cfg.method] if cfg.compare else [])
+            for m in methods:
+                s = select_offline(G, cfg, m, progress=(m == cfg.method))
+                sel = sel or s
+                stats.append(selection_stats(s, G, rows))
+            summary["curvature_pool"] = curvature(G, cfg.alpha)
+        sel = common.broadcast_object(acc, sel)
+        timings["selection"] = time.perf_counter() - t1 - timings["features"]
+    if not acc.is_main_process:
+        return {"indices": sel.indices}
+    if G is not None and not math.isfinite(sel.log_det):
+        sel.log_det = log_det(G[sel.indices], cfg.alpha)
+    conf = [r["conflict"] for r in sel.records if math.isfinite(r["conflict"])]
+    timings["total"] = time.perf_counter() - t0
+    summary.update({
+        "method": sel.method, "k": len(sel.indices), "log_det": sel.log_det, "stopped_early": sel.stopped_early,
+        "form": sel.form, "indices": sel.indices, "gains": [r["delta"] for r in sel.records],
+        "conflict": {"mean": sum(conf) / len(conf) if conf else 0.0, "max": max(conf, default=0.0),
+                     "frac_positive": sum(c > 0 for c in conf) / len(conf) if conf else 0.0},
+        "comparison": stats, "timings": timings})
+    if stats:
+        summary["curvature_selected"] = stats[0].get("curvature_selected")
+    write_outputs(cfg, sel, rows, G, summary)
+    if stats:
+        print(f"\nSPICE selection from {label}: {len(rows)} rows, features d={fz.dim} ({', '.join(fz.layers)[:60]}"
+              f"{'…' if len(', '.join(fz.layers)) > 60 else ''}), α={cfg.alpha}, λ={cfg.lam}")
+        if "family" in rows[0]:
+            base_c = sum(bool(r.get("corrupted")) for r in rows) / len(rows)
+            base_d = sum(r.get("duplicate_of") is not None for r in rows) / len(rows)
+            print(f"pool: {base_c:.3f} corrupted, {base_d:.3f} near-duplicates, {len(FAMILIES)} families")
+        print(format_table(stats))
+    print(f"wrote {Path(cfg.output_dir) / 'selected.jsonl'} ({len(sel.indices)} rows, method {sel.method}) "
+          f"in {timings['total']:.1f} s")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_config(argv))
+
+
+if __name__ == "__main__":
+    common.run_main(main)
