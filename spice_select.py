@@ -392,8 +392,10 @@ def build_proxy(cfg: Config, lora: bool):
 
         targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
         try:
-            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                     lora_dropout=cfg.lora_dropout, target_modules=targets))
+            with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global RNG: seed it locally
+                torch.manual_seed(cfg.seed)
+                model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                         lora_dropout=cfg.lora_dropout, target_modules=targets))
         except ValueError as e:
             raise UserError(f"LoRA: {str(e).splitlines()[0]}", hint="set --lora_targets to module names of the "
                                                                     "model") from None
@@ -890,7 +892,10 @@ def select_online(cfg: Config, accelerator, model, tok, fz, tokens, method: str,
             loss = train_proxy_step(model, opt, tokens, buffer, cfg, accelerator, tok.pad_token_id)
             logger.log({"proxy_loss": loss, "buffer": len(buffer)}, step=w)
             buffer = []
-    return Selection(method, picks, records, float("nan"), stops > 0, "online", time.perf_counter() - t0)
+    # U(S) of the union of picks, with features of the final proxy (gains in the records are per pool)
+    G_final = compute_features(fz, tok, [tokens[i] for i in picks], cfg, accelerator, cache=None, desc="final")
+    return Selection(method, picks, records, log_det(G_final, cfg.alpha), stops > 0, "online",
+                     time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -972,8 +977,6 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
         timings["selection"] = time.perf_counter() - t1 - timings["features"]
     if not acc.is_main_process:
         return {"indices": sel.indices}
-    if G is not None and not math.isfinite(sel.log_det):
-        sel.log_det = log_det(G[sel.indices], cfg.alpha)
     conf = [r["conflict"] for r in sel.records if math.isfinite(r["conflict"])]
     timings["total"] = time.perf_counter() - t0
     summary.update({
