@@ -583,13 +583,20 @@ class FeatureGains:
 
 
 def choose_form(n: int, d: int, k: int, form: str = "auto") -> str:
-    """kernel when the pool is small next to d (the paper's regime: 120 rows, millions of LoRA dims) or
-    when k is small, else feature; see FeatureGains. Both are exact."""
+    """The cheaper exact engine for (n candidates, d dims, k picks); both give the same gains.
+
+    kernel: Gram n²d at BLAS speed, then O(n·t) per pick over the n × k Cholesky table;
+    feature: O(n·d + d²) per pick, memory bound. The kernel form always wins when d ≥ n (the paper's regime:
+    120 candidates, millions of LoRA dims); at n = 10⁵, k = 10⁴ its table alone would be 8 GB.
+    Seconds modelled at ~6 GFLOP/s (BLAS, float64) and ~5 GB/s (memory-bound passes) per core.
+    """
     if form != "auto":
         return form
-    kernel_flops = n * n * d / 8 + n * k * k / 2  # BLAS Gram (fast) + Cholesky table updates
-    feature_flops = 4 * n * d * k + 2 * d * d * k  # memory-bound matvecs per pick
-    return "kernel" if (d >= n or kernel_flops < feature_flops) and 8 * n * (n + k) < 6e9 else "feature"
+    if d >= n:
+        return "kernel"
+    kernel_s = n * n * d / 6e9 + 8 * n * k * k / 2 / 5e9
+    feature_s = 8 * k * (n * d + 2 * d * d) / 5e9
+    return "kernel" if kernel_s < feature_s and 8 * n * (n + k) < 6e9 else "feature"
 
 
 @dataclass

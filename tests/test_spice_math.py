@@ -11,6 +11,15 @@ from common import UserError
 FORMS = ["kernel", "feature"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two OpenMP threads on a shared 2-core machine spin against each other; these sizes need one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def feats(n=40, d=12, seed=0, scale=1.0):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
 
