@@ -457,12 +457,35 @@ def group_advantages(r: torch.Tensor, G: int, scale: str = "group", eps: float =
     return centred / (std + eps)
 
 
+def subspace_size(pr: float, B: int, cfg: Config) -> int:
+    """k = max(k_min, min(round(ρ·PR), k_max, B−1)) (Python's round: half to even, as the released code)."""
+    return min(B, max(cfg.salt_k_min, min(int(round(cfg.salt_rho * pr)), cfg.salt_k_max, B - 1)))
+
+
+def spectral_projector(K: torch.Tensor, k: int, random: bool = False, generator: torch.Generator | None = None):
+    """P = V_k V_kᵀ, V_k the top-k eigenvectors of K (torch.linalg.eigh, ascending, exact and deterministic; the
+    official code uses lobpcg when B ≥ 3k, which is iterative). random=True: a random k-dim subspace (control).
+    Returns (P, the kept eigenvalues)."""
+    evals, evecs = torch.linalg.eigh(K)
+    B = K.shape[0]
+    if random:
+        Vk, _ = torch.linalg.qr(torch.randn(B, k, generator=generator, dtype=K.dtype))
+    else:
+        Vk = evecs[:, B - k:]
+    return Vk @ Vk.T, evals[B - k:]
+
+
+def mixing_alpha(n_eff: float, cfg: Config) -> float:
+    """α = clip(1 − n_eff, α_min, α_max): the tail channel's weight grows with signed cancellation."""
+    return min(max(1.0 - n_eff, cfg.salt_alpha_min), cfg.salt_alpha_max)
+
+
 def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torch.Generator | None = None):
     """SALT's advantage reweighting (salt.md §3.1), a pure function of the Gram K (B×B) and advantages a (B,).
 
         PR   = (tr K)² / ‖K‖_F²                          spectral spread (effective rank)
         k    = max(k_min, min(round(ρ·PR), k_max, B−1))  adaptive subspace size
-        P    = V_k V_kᵀ                                  top-k eigenvectors of K (eigh, float64: deterministic)
+        P    = V_k V_kᵀ                                  top-k eigenvectors of K (float64 eigh)
         n_eff = aᵀKa / Σ_i a_i² K_ii                     signed-update effective sample size
         α    = clip(1 − n_eff, α_min, α_max)
         a′   = P a + α (I − P) φ(a),  φ = relu (or identity with --no_salt_relu); optional renorm of a′
@@ -470,7 +493,7 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
     Modes: `official` as above; `identity` (φ = id, α ≡ 1) gives a′ = a exactly and checks it; `random_subspace`
     uses a random k-dim subspace instead of the top-k (control); `amplify` is a′ = P a + (1 + λ c)(I − P) a with
     c = clip(1 − n_eff, 0, 1), renormalised to ‖a‖ (a literal reading of the abstract, not the authors' rule).
-    B = 1 or a ≡ 0 returns a unchanged. Returns (a′ in a's dtype, diagnostics dict).
+    B = 1 or a ≡ 0 returns a unchanged. Errors are raised, never replaced by GRPO. Returns (a′, diagnostics).
     """
     t0 = time.perf_counter()
     K = K.detach().to("cpu", torch.float64)
@@ -485,32 +508,24 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
         return a.clone(), {"B": B, "skipped": 1.0, "time_s": time.perf_counter() - t0}
 
     pr = common.participation_ratio(K)
-    k = max(cfg.salt_k_min, min(int(round(cfg.salt_rho * pr)), cfg.salt_k_max, B - 1))  # Python round, as released
-    k = min(k, B)
-    evals, evecs = torch.linalg.eigh(K)  # ascending
-    if cfg.salt == "random_subspace":
-        Vk, _ = torch.linalg.qr(torch.randn(B, k, generator=generator, dtype=torch.float64))
-    else:
-        Vk = evecs[:, -k:]
-    P = Vk @ Vk.T
+    k = subspace_size(pr, B, cfg)
+    P, top = spectral_projector(K, k, cfg.salt == "random_subspace", generator)
     I = torch.eye(B, dtype=torch.float64)
     n_eff = common.signed_neff(K, a64)
     c = 1.0 - n_eff
 
-    a_dom = P @ a64
+    a_dom = P @ a64                                   # dominant ("shared") channel
     if cfg.salt == "amplify":
-        alpha = 1.0 + cfg.salt_lambda * min(max(c, 0.0), 1.0)
-        a_tail = (I - P) @ a64
+        alpha, a_tail = 1.0 + cfg.salt_lambda * min(max(c, 0.0), 1.0), (I - P) @ a64
     elif cfg.salt == "identity":
         alpha, a_tail = 1.0, (I - P) @ a64
     else:
-        alpha = min(max(c, cfg.salt_alpha_min), cfg.salt_alpha_max)
-        phi = a64.clamp(min=0) if cfg.salt_relu else a64
-        a_tail = (I - P) @ phi
+        alpha = mixing_alpha(n_eff, cfg)
+        a_tail = (I - P) @ (a64.clamp(min=0) if cfg.salt_relu else a64)   # spectral-tail ("residual") channel
     a_new = a_dom + alpha * a_tail
 
     renorm = "l2" if cfg.salt == "amplify" else ("none" if cfg.salt == "identity" else cfg.salt_renorm)
-    if renorm == "std" and a_new.std() > 1e-8:
+    if renorm == "std" and a_new.std() > 1e-8:      # official normalize_final
         a_new = a_new * (a64.std() / a_new.std())
     elif renorm == "l2" and a_new.norm() > 1e-8:
         a_new = a_new * (a64.norm() / a_new.norm())
@@ -520,11 +535,9 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
     e_dom, e_tail = float(a_dom @ a_dom), alpha ** 2 * float(a_tail @ a_tail)
     aKa, bKb, aKb = float(a64 @ K @ a64), float(a_new @ K @ a_new), float(a64 @ K @ a_new)
     zero = a64 == 0
-    top = evals[-k:]
     diag = {
         "B": B, "participation_ratio": pr, "pr_over_B": pr / B, "k": k, "alpha": alpha,
-        "neff": n_eff, "neff_over_B": n_eff / B, "neff_after": common.signed_neff(K, a_new),
-        "cancellation": c,
+        "neff": n_eff, "neff_over_B": n_eff / B, "neff_after": common.signed_neff(K, a_new), "cancellation": c,
         "main_contrib_ratio": e_dom / max(e_dom + e_tail, 1e-30), "exp_contrib_ratio": e_tail / max(e_dom + e_tail, 1e-30),
         "cos_grpo_salt": aKb / math.sqrt(max(aKa * bKb, 1e-300)),  # cos(Gᵀa, Gᵀa′) from K alone
         "zero_adv_mass": float(a_new[zero].abs().sum() / a_new.abs().sum().clamp(min=1e-30)),

@@ -1,0 +1,406 @@
+"""Unit tests of salt_grpo.py's math: SALT (salt.md §5.1, properties 1–13), GRPO advantages and loss, the task,
+the answer checker and config validation. Pure tensors; float64 where the math is tested."""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import salt_grpo as sg
+from common import UserError
+
+
+def cfg(**kw):
+    return dataclasses.replace(sg.Config(), **kw)
+
+
+def rand_feats(B, D, seed, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    if rank is None:
+        return torch.randn(B, D, generator=g, dtype=torch.float64)
+    return torch.randn(B, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, D, generator=g, dtype=torch.float64)
+
+
+def grpo_adv(B, G, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = (torch.rand(B, generator=g) < 0.4).double()
+    r[:G] = torch.tensor([1.0] + [0.0] * (G - 1), dtype=torch.float64)  # at least one mixed group
+    return sg.group_advantages(r, G, "group", 1e-6)
+
+
+def K_of(F):
+    return common.gram(F) / F.shape[0]
+
+
+def numpy_salt(K, a, rho=1.0, k_min=1, k_max=64, amin=0.0, amax=1.0, relu=True):
+    """An independent NumPy transcription of the released rule (salt.md §1.3–1.6)."""
+    K, a = np.asarray(K, float), np.asarray(a, float)
+    B = len(a)
+    pr = np.trace(K) ** 2 / (np.sum(K * K) + 1e-30)
+    k = max(k_min, min(int(round(rho * pr)), k_max, B - 1))
+    w, V = np.linalg.eigh(K)
+    P = V[:, -k:] @ V[:, -k:].T
+    neff = a @ K @ a / (np.sum(a * a * np.diag(K)) + 1e-30)
+    alpha = min(max(1 - neff, amin), amax)
+    phi = np.maximum(a, 0) if relu else a
+    return P @ a + alpha * (phi - P @ phi), k, neff, alpha
+
+
+# --- the released rule, checked against an independent transcription ---------------------------------------
+
+@pytest.mark.parametrize("seed", range(4))
+def test_official_rule_matches_independent_numpy(seed):
+    F = rand_feats(16, 6, seed, rank=5) + 0.05 * rand_feats(16, 6, seed + 100)
+    a = grpo_adv(16, 4, seed)
+    K = K_of(F)
+    a_new, d = sg.salt_reweight(K, a, cfg())
+    ref, k, neff, alpha = numpy_salt(K.numpy(), a.numpy())
+    assert d["k"] == k and math.isclose(d["neff"], neff, rel_tol=1e-9) and math.isclose(d["alpha"], alpha, abs_tol=1e-12)
+    assert np.allclose(a_new.numpy(), ref, atol=1e-10)
+
+
+# 1. off switch ------------------------------------------------------------------------------------------
+
+def test_1_off_leaves_advantages_bit_identical():
+    F, a = rand_feats(12, 8, 0), grpo_adv(12, 4, 0)
+    a_new, d = sg.salt_reweight(K_of(F), a, cfg(salt="off"))
+    assert torch.equal(a_new, a) and d["skipped"] == 1.0
+
+
+# 2. identity preset -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("B", [1, 2, 3, 8, 33])
+@pytest.mark.parametrize("rho,k_max", [(1.0, 64), (0.3, 2), (3.0, 64)])
+def test_2_identity_gives_a_exactly(B, rho, k_max):
+    F = rand_feats(B, 5, B)
+    a = torch.randn(B, generator=torch.Generator().manual_seed(B), dtype=torch.float64)
+    a_new, _ = sg.salt_reweight(K_of(F), a, cfg(salt="identity", salt_rho=rho, salt_k_max=k_max))
+    assert (a_new - a).abs().max() <= 1e-12
+
+
+def test_2_official_default_is_not_grpo_even_at_alpha_one():
+    """relu on: α = 1 still differs from GRPO (salt.md §3.2)."""
+    F, a = rand_feats(12, 4, 1), grpo_adv(12, 4, 1)
+    a_new, _ = sg.salt_reweight(K_of(F), a, cfg(salt_alpha_min=1.0, salt_alpha_max=1.0))
+    assert (a_new - a).abs().max() > 1e-3
+
+
+# 3. projector -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_3_projector_properties(k):
+    K = K_of(rand_feats(10, 6, k))
+    P, _ = sg.spectral_projector(K, k)
+    assert torch.allclose(P, P.T, atol=1e-12) and torch.allclose(P @ P, P, atol=1e-10)
+    assert math.isclose(float(torch.trace(P)), k, abs_tol=1e-10)
+    a = grpo_adv(10, 5, k)
+    a_dom, a_tail = P @ a, (torch.eye(10, dtype=torch.float64) - P) @ a.clamp(min=0)
+    assert abs(float(a_dom @ a_tail)) < 1e-10
+    # P spans the top-k eigenvectors: K P = P K and tr(K P) = the sum of the k largest eigenvalues
+    assert math.isclose(float(torch.trace(K @ P)), float(torch.linalg.eigvalsh(K)[-k:].sum()), rel_tol=1e-9)
+    _, d = sg.salt_reweight(K, a, cfg())
+    assert math.isclose(d["main_contrib_ratio"] + d["exp_contrib_ratio"], 1.0, abs_tol=1e-12)
+
+
+# 4. k rule ----------------------------------------------------------------------------------------------
+
+def test_4_k_rule():
+    a = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0], dtype=torch.float64)
+    g = rand_feats(1, 4, 0)
+    _, d = sg.salt_reweight(K_of(g.expand(6, 4).clone()), a, cfg(salt_k_min=2))  # rank one
+    assert math.isclose(d["participation_ratio"], 1.0, rel_tol=1e-9) and d["k"] == 2
+    _, d = sg.salt_reweight(3.0 * torch.eye(6, dtype=torch.float64), a, cfg())   # isotropic
+    assert math.isclose(d["participation_ratio"], 6.0, rel_tol=1e-12) and d["k"] == 5
+    _, d = sg.salt_reweight(3.0 * torch.eye(6, dtype=torch.float64), a, cfg(salt_k_max=3))
+    assert d["k"] == 3
+    _, d = sg.salt_reweight(K_of(rand_feats(2, 5, 3)), a[:2], cfg())
+    assert d["k"] == 1
+    one = torch.tensor([0.7], dtype=torch.float64)
+    out, d = sg.salt_reweight(torch.ones(1, 1, dtype=torch.float64), one, cfg())
+    assert torch.equal(out, one) and d["skipped"] == 1.0
+    # ρ scales k with Python rounding: PR = 6 → ρ=0.25 gives round(1.5) = 2, ρ=0.75 gives round(4.5) = 4
+    assert sg.subspace_size(6.0, 10, cfg(salt_rho=0.25)) == 2
+    assert sg.subspace_size(6.0, 10, cfg(salt_rho=0.75)) == 4
+    assert sg.subspace_size(6.0, 10, cfg(salt_rho=0.5)) == 3
+    assert sg.subspace_size(0.2, 10, cfg(salt_k_min=1)) == 1
+
+
+# 5. PR bounds and scale invariance ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_5_pr_bounds_and_scale(rank):
+    K = K_of(rand_feats(12, 20, rank, rank=rank))
+    a = grpo_adv(12, 4, rank)
+    _, d1 = sg.salt_reweight(K, a, cfg())
+    _, d2 = sg.salt_reweight(37.5 * K, a, cfg())
+    assert 1 - 1e-9 <= d1["participation_ratio"] <= rank + 1e-9
+    assert math.isclose(d1["participation_ratio"], d2["participation_ratio"], rel_tol=1e-12)
+
+
+# 6. n_eff -----------------------------------------------------------------------------------------------
+
+def test_6_neff_formula_range_and_limits():
+    F, a = rand_feats(16, 9, 4), grpo_adv(16, 4, 4)
+    _, d = sg.salt_reweight(K_of(F), a, cfg())
+    assert math.isclose(d["neff"], common.signed_neff_direct(F, a), rel_tol=1e-9)
+    assert 0 <= d["neff"] <= 16
+    # identical features, zero-sum a: complete cancellation → n_eff = 0, α = α_max
+    same = rand_feats(1, 5, 5).expand(4, 5).clone()
+    z = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    _, d = sg.salt_reweight(K_of(same), z, cfg(salt_alpha_max=0.8))
+    assert abs(d["neff"]) < 1e-12 and d["alpha"] == 0.8
+    # mutually orthogonal features → n_eff = 1, α = α_min = 0
+    _, d = sg.salt_reweight(K_of(torch.eye(4, 7, dtype=torch.float64) * torch.tensor([[1.0], [2.0], [3.0], [0.5]])),
+                            z, cfg())
+    assert math.isclose(d["neff"], 1.0, rel_tol=1e-12) and d["alpha"] == 0.0
+    # identical signed updates a_i g_i → n_eff = B
+    pos = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    G = rand_feats(1, 5, 6) / pos[:, None]
+    _, d = sg.salt_reweight(K_of(G), pos, cfg())
+    assert math.isclose(d["neff"], 4.0, rel_tol=1e-9)
+
+
+# 7. α range ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(6))
+def test_7_alpha_in_bounds(seed):
+    F, a = rand_feats(12, 3 + seed, seed, rank=2 + seed % 3), grpo_adv(12, 3, seed)
+    c = cfg(salt_alpha_min=0.1, salt_alpha_max=0.6)
+    _, d = sg.salt_reweight(K_of(F), a, c)
+    assert 0.1 <= d["alpha"] <= 0.6
+
+
+# 8. invariances ------------------------------------------------------------------------------------------
+
+def test_8_invariances():
+    F, a = rand_feats(12, 10, 8, rank=4) + 0.1 * rand_feats(12, 10, 9), grpo_adv(12, 4, 8)
+    base, _ = sg.salt_reweight(K_of(F), a, cfg())
+    scaled, _ = sg.salt_reweight(K_of(5.0 * F), a, cfg())
+    Q, _ = torch.linalg.qr(rand_feats(10, 10, 10))
+    rotated, _ = sg.salt_reweight(K_of(F @ Q), a, cfg())
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    permuted, _ = sg.salt_reweight(K_of(F[perm]), a[perm], cfg())
+    homog, _ = sg.salt_reweight(K_of(F), 2.5 * a, cfg())
+    tail = cfg(salt_alpha_min=0.5)  # keep the tail channel on, where relu acts
+    pos, neg = sg.salt_reweight(K_of(F), a, tail)[0], sg.salt_reweight(K_of(F), -a, tail)[0]
+    assert torch.allclose(scaled, base, atol=1e-10) and torch.allclose(rotated, base, atol=1e-10)
+    assert torch.allclose(permuted, base[perm], atol=1e-10)
+    assert torch.allclose(homog, 2.5 * base, atol=1e-10)
+    assert not torch.allclose(neg, -pos, atol=1e-3)  # relu: not odd in a
+
+
+# 9. zero advantages -------------------------------------------------------------------------------------
+
+def test_9_zero_advantage_behaviour():
+    F = rand_feats(8, 6, 11)
+    zero = torch.zeros(8, dtype=torch.float64)
+    out, d = sg.salt_reweight(K_of(F), zero, cfg())
+    assert torch.equal(out, zero) and d["skipped"] == 1.0
+    # a zero-variance group sharing the scope with a mixed group may receive non-zero a′ (faithful; §1.8)
+    shared = rand_feats(2, 6, 12)
+    F2 = torch.cat([shared[0].expand(4, 6), shared[1].expand(4, 6)]) + 0.3 * rand_feats(8, 6, 13)
+    a = sg.group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1], dtype=torch.float64), 4, "group", 1e-6)
+    out, d = sg.salt_reweight(K_of(F2), a, cfg(salt_alpha_min=1.0))
+    assert torch.all(a[4:] == 0) and out[4:].abs().max() > 1e-6 and d["zero_adv_mass"] > 0
+
+
+# 10. projection consistency -------------------------------------------------------------------------------
+
+def test_10_orthogonal_projection_is_exact_and_jl_error_shrinks():
+    F, a = rand_feats(24, 40, 14, rank=5), grpo_adv(24, 4, 14)
+    exact, _ = sg.salt_reweight(K_of(F), a, cfg())
+    Q, _ = torch.linalg.qr(rand_feats(40, 40, 15))
+    assert torch.allclose(sg.salt_reweight(K_of(F @ Q), a, cfg())[0], exact, atol=1e-10)
+    # JL on structured low-rank features with clear eigengaps: the error of a′ falls as d grows
+    g = torch.Generator().manual_seed(16)
+    U = torch.linalg.qr(torch.randn(24, 4, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(2048, 4, generator=g, dtype=torch.float64))[0]
+    F = U @ torch.diag(torch.tensor([40.0, 20.0, 10.0, 5.0], dtype=torch.float64)) @ V.T
+    exact, _ = sg.salt_reweight(K_of(F), a, cfg())
+    errs = {}
+    for d in (32, 1024):
+        e = []
+        for s in range(5):
+            Fp = common.dense_jl(F.float(), d, seed=s).double()
+            e.append(float((sg.salt_reweight(K_of(Fp), a, cfg())[0] - exact).norm() / exact.norm()))
+        errs[d] = float(np.median(e))
+    assert errs[1024] < errs[32] and errs[1024] < 0.1
+
+
+# 11. token broadcast round trip -----------------------------------------------------------------------------
+
+def test_11_broadcast_round_trip():
+    a = torch.tensor([0.3, -1.2, 2.0])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert torch.allclose(sg.per_sample_advantage(sg.broadcast_advantage(a, mask), mask), a)
+
+
+# 12. fp32 vs fp64 ---------------------------------------------------------------------------------------
+
+def test_12_fp32_matches_fp64_on_well_conditioned_K():
+    U = torch.linalg.qr(rand_feats(16, 16, 17))[0]
+    K = U @ torch.diag(torch.linspace(10.0, 0.5, 16, dtype=torch.float64)) @ U.T
+    a = grpo_adv(16, 4, 17)
+    a64, d64 = sg.salt_reweight(K, a, cfg())
+    a32, d32 = sg.salt_reweight(K.float(), a.float(), cfg())
+    assert d64["k"] == d32["k"] and (a32.double() - a64).abs().max() < 1e-4
+
+
+# 13. determinism ----------------------------------------------------------------------------------------
+
+def test_13_determinism_of_projection_and_reweighting():
+    model, _ = common.tiny_llama(seed=0)
+    s1, s2 = sg.FeatureSpec(model, cfg(salt_k_out=8, salt_k_in=4)), sg.FeatureSpec(model, cfg(salt_k_out=8, salt_k_in=4))
+    assert torch.equal(s1.p_out, s2.p_out) and torch.equal(s1.p_in, s2.p_in)
+    assert not torch.equal(s1.p_out, sg.FeatureSpec(model, cfg(salt_k_out=8, salt_k_in=4, seed=1)).p_out)
+    F, a = rand_feats(12, 7, 18), grpo_adv(12, 4, 18)
+    assert torch.equal(sg.salt_reweight(K_of(F), a, cfg())[0], sg.salt_reweight(K_of(F), a, cfg())[0])
+    r = [sg.salt_reweight(K_of(F), a, cfg(salt="random_subspace"), torch.Generator().manual_seed(3))[0] for _ in "ab"]
+    assert torch.equal(r[0], r[1])
+
+
+# --- the research controls -------------------------------------------------------------------------------
+
+def test_controls_random_subspace_and_amplify():
+    F, a = rand_feats(16, 12, 19, rank=4) + 0.05 * rand_feats(16, 12, 20), grpo_adv(16, 4, 19)
+    off, d0 = sg.salt_reweight(K_of(F), a, cfg())
+    rnd, d1 = sg.salt_reweight(K_of(F), a, cfg(salt="random_subspace"), torch.Generator().manual_seed(0))
+    assert d0["k"] == d1["k"] and not torch.allclose(off, rnd, atol=1e-3)
+    lam0, _ = sg.salt_reweight(K_of(F), a, cfg(salt="amplify", salt_lambda=0.0))
+    assert torch.allclose(lam0, a, atol=1e-12)  # λ = 0 is GRPO
+    amp, d = sg.salt_reweight(K_of(F), a, cfg(salt="amplify", salt_lambda=2.0))
+    assert math.isclose(float(amp.norm()), float(a.norm()), rel_tol=1e-12)  # renormalised to ‖a‖
+    assert d["alpha"] == 1.0 + 2.0 * min(max(d["cancellation"], 0.0), 1.0)
+
+
+def test_renorm_std_matches_official_normalize_final():
+    F, a = rand_feats(12, 5, 21), grpo_adv(12, 4, 21)
+    plain, _ = sg.salt_reweight(K_of(F), a, cfg())
+    out, _ = sg.salt_reweight(K_of(F), a, cfg(salt_renorm="std"))
+    assert math.isclose(float(out.std()), float(a.std()), rel_tol=1e-12)
+    assert torch.allclose(out, plain * a.std() / plain.std(), atol=1e-12)
+
+
+def test_salt_errors_are_raised():
+    with pytest.raises(ValueError):
+        sg.salt_reweight(torch.eye(3), torch.ones(4), cfg())
+    with pytest.raises(FloatingPointError):
+        sg.salt_reweight(torch.full((2, 2), float("nan")), torch.ones(2), cfg())
+
+
+# --- GRPO advantages and loss by hand --------------------------------------------------------------------
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    a = sg.group_advantages(r, 4, "group", 1e-4)
+    s = math.sqrt(1 / 3)  # Bessel std of [1, 0, 0, 1]
+    exp = [0.5 / (s + 1e-4), -0.5 / (s + 1e-4), -0.5 / (s + 1e-4), 0.5 / (s + 1e-4), 0, 0, 0, 0]
+    assert torch.allclose(a, torch.tensor(exp, dtype=torch.float64), atol=1e-12)
+    sb = float(r.double().std())  # batch std
+    ab = sg.group_advantages(r, 4, "batch", 0.0)
+    assert torch.allclose(ab, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0], dtype=torch.float64) / sb)
+    an = sg.group_advantages(r, 4, "none")
+    assert torch.allclose(an, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0], dtype=torch.float64))
+
+
+def test_clipped_loss_and_aggregation_by_hand():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]])
+    old = torch.tensor([[-1.5, -2.0, -0.2], [-0.3, -0.2, 0.0]])
+    ref = torch.tensor([[-1.2, -1.8, -0.5], [-0.1, -0.7, 0.0]])
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    c = cfg(epsilon=0.2, epsilon_high=0.28, beta=0.1)
+    per_tok, st = sg.clipped_policy_loss(logp, old, adv, mask, c, ref)
+    exp = torch.zeros(2, 3)
+    for i in range(2):
+        for t in range(3):
+            r = math.exp(logp[i, t] - old[i, t])
+            A = float(adv[i])
+            surr = min(r * A, min(max(r, 0.8), 1.28) * A)
+            d = float(ref[i, t] - logp[i, t])
+            exp[i, t] = -surr + 0.1 * (math.exp(d) - d - 1)
+    assert torch.allclose(per_tok, exp, atol=1e-6)
+    # ratios: e^0.5 = 1.65 > 1.28 with A > 0 (high clip); e^-0.5 = 0.61 < 0.8 with A < 0 (low clip)
+    assert float(st["clip_high"]) == 1 and float(st["clip_low"]) == 1
+    m = mask.float()
+    tok_sum = float((exp * m).sum())
+    assert math.isclose(float(sg.aggregate_loss(per_tok, mask, "dapo", 2, 5, 3)), tok_sum / 5, rel_tol=1e-6)
+    seq = float(((exp * m).sum(1) / m.sum(1)).sum() / 2)
+    assert math.isclose(float(sg.aggregate_loss(per_tok, mask, "grpo", 2, 5, 3)), seq, rel_tol=1e-6)
+    assert math.isclose(float(sg.aggregate_loss(per_tok, mask, "dr_grpo", 2, 5, 3)), tok_sum / (2 * 3), rel_tol=1e-6)
+
+
+# --- task, checker, config -----------------------------------------------------------------------------
+
+def test_answer_checker_and_garbage():
+    assert sg.extract_final_number("so 3 + 4 = 7.") == 7.0
+    assert sg.extract_final_number("step 12 ... #### 1,234") == 1234.0
+    assert sg.extract_final_number("-5 is it") == -5.0
+    for junk in ["", "no digits here", "\x00\xff", None, 42, "1e999999 __import__('os')"]:
+        r = sg.reward_fn(junk, 7.0)
+        assert r in (0.0, 1.0)
+    assert sg.reward_fn("The answer is 7", 7.0) == 1.0 and sg.reward_fn("7 or 8", 7.0) == 0.0
+    assert sg.reward_fn("__import__('os').system('true') or 7", 7.0) == 1.0  # parsed, never evaluated
+
+
+def test_builtin_task_is_seeded_and_held_out_is_disjoint():
+    tr = sg.arithmetic_task(300, 0, False, 2, 3, 1, 0.3)
+    ev = sg.arithmetic_task(50, 0, True, 2, 3, 1, 0.3)
+    assert tr == sg.arithmetic_task(300, 0, False, 2, 3, 1, 0.3) and tr != sg.arithmetic_task(300, 1, False, 2, 3, 1, 0.3)
+    nums = lambda rows: {tuple(int(x) for x in __import__("re").findall(r"\d+", r["prompt"])) for r in rows}
+    assert not nums(tr) & nums(ev)
+    for r in tr[:50] + ev:
+        assert sum(int(x) for x in __import__("re").findall(r"\d+", r["prompt"])) == r["answer"]
+    assert any("How many" in r["prompt"] for r in tr) and any(r["prompt"].startswith("What is") for r in tr)
+
+
+def test_prompts_for_round_covers_epochs_without_repeats():
+    seen = []
+    for r in range(5):
+        seen += sg.prompts_for_round(10, 4, r, seed=3)
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+
+
+def test_validation_errors():
+    with pytest.raises(UserError, match="num_generations=1"):
+        sg.validate(cfg(num_generations=1))
+    with pytest.raises(UserError, match="not divisible"):
+        sg.validate(cfg(prompts_per_step=3), num_processes=2)
+    with pytest.raises(UserError, match="salt="):
+        sg.validate(cfg(salt="bogus"))
+
+
+def test_dataset_rows_errors_name_file_row_field(tmp_path):
+    good = tmp_path / "gsm.jsonl"
+    good.write_text(json.dumps({"question": "2+2?", "answer": "think... #### 4"}) + "\n" +
+                    json.dumps({"question": "3+3?", "answer": "#### 6"}) + "\n" * 2 +
+                    json.dumps({"question": "1+1?", "answer": 2}) + "\n")
+    tr, ev = sg.load_rows(cfg(dataset=str(good), eval_size=1))
+    assert sorted(r["answer"] for r in tr + ev) == [2.0, 4.0, 6.0]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n" + json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:2: missing field 'answer'"):
+        sg.load_rows(cfg(dataset=str(bad), eval_size=0))
+    with pytest.raises(UserError, match=r"missing field 'prompt_text'"):
+        sg.load_rows(cfg(dataset=str(good), prompt_column="prompt_text", eval_size=1))
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text(json.dumps({"question": "2+2?", "answer": "four"}) + "\n")
+    with pytest.raises(UserError, match=r"junk.jsonl:1: field 'answer' holds no number"):
+        sg.load_rows(cfg(dataset=str(junk), eval_size=0))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "2+2?", "answer": "4"}\n{"question": \n')
+    with pytest.raises(UserError, match=r"broken.jsonl:2: invalid JSON"):
+        sg.load_rows(cfg(dataset=str(broken), eval_size=0))
+
+
+def test_config_file_and_cli_precedence(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: smoke\nnum_generations: 6\nsalt: identity\n")
+    c = sg.parse_config(["--config", str(f), "--salt", "amplify"])
+    assert c.model == common.TINY and c.num_generations == 6 and c.salt == "amplify"
+    f.write_text("num_generation: 6\n")
+    with pytest.raises(UserError, match="unknown field"):
+        sg.parse_config(["--config", str(f)])
