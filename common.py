@@ -331,12 +331,26 @@ def sequence_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 @contextlib.contextmanager
+def _frozen(model: nn.Module):
+    """Parameters temporarily not requiring grad, so autograd keeps activations only from the first chosen
+    layer on (the backward stops there) instead of for the whole network; restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+@contextlib.contextmanager
 def _capture_linear_io(layers: dict[str, nn.Linear], store: dict[str, list]):
     """Forward hooks that keep each chosen layer's input x and output y (y made part of the graph)."""
 
     def hook(name):
         def fn(mod, inputs, output):
-            if not output.requires_grad:  # frozen model: make y a graph leaf so δ = ∂ℓ/∂y exists
+            if not output.requires_grad:  # first chosen layers: make y a graph leaf so δ = ∂ℓ/∂y exists
                 output = output.detach().requires_grad_(True)
             store[name].append((inputs[0], output))
             return output
@@ -362,7 +376,7 @@ def per_sample_features(model: nn.Module, layers: dict[str, nn.Linear], projecto
     exactly as in the true gradient. With identity projections F equals the flattened per-sample gradient.
     """
     store: dict[str, list] = {n: [] for n in layers}
-    with torch.enable_grad(), _capture_linear_io(layers, store):
+    with torch.enable_grad(), _frozen(model), _capture_linear_io(layers, store):
         loss = sequence_nll(model, input_ids, attention_mask, loss_mask, reduction, temperature).sum()
         outs = [y for n in layers for _, y in store[n]]
         deltas = torch.autograd.grad(loss, outs, allow_unused=True)
