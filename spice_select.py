@@ -61,7 +61,7 @@ class Config:
     messages_field: Optional[str] = field(default=None, metadata={"help": "chat rows; default: auto (messages)"})
     skip_malformed: bool = field(default=False, metadata={"help": "skip malformed rows and report their count "
                                                                   "(default: stop with an error naming the row)"})
-    embedded_pool_size: int = 1600
+    embedded_pool_size: int = 1000
     embedded_corrupt_frac: float = 0.15
     embedded_dup_frac: float = 0.15
     # proxy model and features
@@ -775,7 +775,7 @@ def curvature(G: torch.Tensor, alpha: float) -> float:
     return float(1 - (loo[ok] / base[ok]).min()) if ok.any() else 0.0
 
 
-def selection_stats(sel: Selection, G: torch.Tensor, rows: list[dict] | None = None) -> dict:
+def selection_stats(sel: Selection, G: torch.Tensor, rows: list[dict] | None = None, alpha: float = 1.0) -> dict:
     """log-det, gains, conflict of the picks and, for tagged pools, corrupted / duplicate share and coverage."""
     Gs = G[sel.indices].double()
     out = {"method": sel.method, "k": len(sel.indices), "log_det": sel.log_det, "seconds": sel.seconds,
@@ -785,7 +785,7 @@ def selection_stats(sel: Selection, G: torch.Tensor, rows: list[dict] | None = N
         cos = Gs @ mean / (Gs.norm(dim=1) * mean.norm() + 1e-8)
         out.update(cos_to_mean=float(cos.mean()), min_cos_to_mean=float(cos.min()),
                    frac_negative_cos=float((cos < 0).double().mean()), mean_norm=float(Gs.norm(dim=1).mean()))
-        out["curvature_selected"] = curvature(Gs, 1.0) if len(sel.indices) > 1 else 0.0
+        out["curvature_selected"] = curvature(Gs, alpha) if len(sel.indices) > 1 else 0.0
     if rows and "family" in rows[0]:
         picked = [rows[i] for i in sel.indices]
         fams = {r["family"] for r in rows}
@@ -920,7 +920,7 @@ def format_table(stats: list[dict]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-def write_outputs(cfg: Config, sel: Selection, rows: list[dict], G: Optional[torch.Tensor], summary: dict) -> None:
+def write_outputs(cfg: Config, sel: Selection, rows: list[dict], summary: dict) -> None:
     """selected.jsonl (original fields + pool_index + score), picks.jsonl (per-pick records), summary.json."""
     out = Path(cfg.output_dir)
     rec_by_index = {rec["index"]: rec for rec in sel.records}
@@ -931,7 +931,8 @@ def write_outputs(cfg: Config, sel: Selection, rows: list[dict], G: Optional[tor
         picked.append({**row, "pool_index": row.get("pool_index", i), "score": rec.get("score"),
                        "delta": rec.get("delta")})
     common.write_jsonl(out / "selected.jsonl", picked)
-    common.write_jsonl(out / "picks.jsonl", sel.records)
+    common.write_jsonl(out / "picks.jsonl", [{**rec, "pool_index": rows[rec["index"]].get("pool_index", rec["index"])}
+                                             for rec in sel.records])
     common.write_json(out / "summary.json", summary)
     if cfg.save_to_disk:
         import datasets
@@ -978,23 +979,24 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
             for m in methods:
                 s = select_offline(G, cfg, m, progress=(m == cfg.method))
                 sel = sel or s
-                stats.append(selection_stats(s, G, rows))
+                stats.append(selection_stats(s, G, rows, cfg.alpha))
             summary["curvature_pool"] = curvature(G, cfg.alpha)
         sel = common.broadcast_object(acc, sel)
         timings["selection"] = time.perf_counter() - t1 - timings["features"]
     if not acc.is_main_process:
-        return {"indices": sel.indices}
+        return {"indices": [rows[i].get("pool_index", i) for i in sel.indices]}
     conf = [r["conflict"] for r in sel.records if math.isfinite(r["conflict"])]
     timings["total"] = time.perf_counter() - t0
     summary.update({
         "method": sel.method, "k": len(sel.indices), "log_det": sel.log_det, "stopped_early": sel.stopped_early,
-        "form": sel.form, "indices": sel.indices, "gains": [r["delta"] for r in sel.records],
+        "form": sel.form, "indices": [rows[i].get("pool_index", i) for i in sel.indices],
+        "gains": [r["delta"] for r in sel.records],
         "conflict": {"mean": sum(conf) / len(conf) if conf else 0.0, "max": max(conf, default=0.0),
                      "frac_positive": sum(c > 0 for c in conf) / len(conf) if conf else 0.0},
         "comparison": stats, "timings": timings})
     if stats:
         summary["curvature_selected"] = stats[0].get("curvature_selected")
-    write_outputs(cfg, sel, rows, G, summary)
+    write_outputs(cfg, sel, rows, summary)
     if stats:
         print(f"\nSPICE selection from {label}: {len(rows)} rows, features d={fz.dim} ({', '.join(fz.layers)[:60]}"
               f"{'…' if len(', '.join(fz.layers)) > 60 else ''}), α={cfg.alpha}, λ={cfg.lam}")
@@ -1003,6 +1005,8 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
             base_d = sum(r.get("duplicate_of") is not None for r in rows) / len(rows)
             print(f"pool: {base_c:.3f} corrupted, {base_d:.3f} near-duplicates, {len(FAMILIES)} families")
         print(format_table(stats))
+    if skipped:
+        print(f"skipped {len(skipped)} malformed rows (--skip_malformed); the first: {skipped[0]['error']}")
     print(f"wrote {Path(cfg.output_dir) / 'selected.jsonl'} ({len(sel.indices)} rows, method {sel.method}) "
           f"in {timings['total']:.1f} s")
     return summary
