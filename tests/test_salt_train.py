@@ -1,0 +1,224 @@
+"""Integration tests of salt_grpo.py on the tiny random model: identity == off, SALT ≠ GRPO when n_eff < 1,
+2 processes == 1 process, resume == uninterrupted, the script end to end, and one SmolLM2 step (slow)."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import salt_grpo as sg  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parity_reward(completion, answer):
+    """A test reward with mixed groups for a random model (the real checker gives it 0): a hash bit."""
+    return float(zlib.crc32(completion.encode()) % 2)
+
+
+@pytest.fixture
+def mixed_reward(monkeypatch):
+    monkeypatch.setattr(sg, "reward_fn", parity_reward)
+
+
+def smoke(tmp_path, name="run", **kw):
+    base = dict(sg.PRESETS["smoke"], output_dir=str(tmp_path / name), eval_size=0, max_steps=2,
+                prompts_per_step=2, num_generations=4, max_completion_length=6)
+    base.update(kw)
+    return dataclasses.replace(sg.Config(), **base)
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def grads_of(t):
+    return {n: p.grad.clone() for n, p in t.raw.named_parameters() if p.grad is not None}
+
+
+def test_identity_equals_off_for_loss_and_gradients(tmp_path, mixed_reward):
+    reset_accelerate()
+    off = sg.build(smoke(tmp_path, salt="off"))
+    ident = sg.build(smoke(tmp_path, salt="identity"))
+    batch = sg.make_rollouts(off, 0)
+    assert batch["adv"].abs().sum() > 0  # mixed groups
+    m_off = sg.accumulate_gradients(off, batch, 0)
+    m_id = sg.accumulate_gradients(ident, batch, 0)
+    assert m_id["salt/k"] >= 1 and "salt/skipped" not in m_id  # SALT really ran
+    assert abs(m_off["loss"] - m_id["loss"]) <= 1e-6
+    g_off, g_id = grads_of(off), grads_of(ident)
+    assert g_off.keys() == g_id.keys() and len(g_off) > 0
+    for n in g_off:
+        assert (g_off[n] - g_id[n]).abs().max() <= 1e-6, n
+
+
+def test_salt_changes_the_update_when_neff_below_one(tmp_path, mixed_reward):
+    reset_accelerate()
+    runs = {m: sg.build(smoke(tmp_path, salt=m)) for m in ("off", "official")}
+    batch = sg.make_rollouts(runs["off"], 0)
+    # advantages along K's smallest eigenvector: strong signed cancellation, n_eff < 1
+    t = runs["official"]
+    F = sg.feature_pass(t.raw, t.spec, [batch], t.cfg, t.acc.device)
+    K = common.gram(F) / F.shape[0]
+    v = torch.linalg.eigh(K)[1][:, 0]
+    batch["adv"] = (v / v.abs().max()).float()
+    before = {n: p.detach().clone() for n, p in t.raw.named_parameters()}
+    out = {}
+    for mode, tr in runs.items():
+        m = sg.accumulate_gradients(tr, batch, 0)
+        sg.optimizer_step(tr)
+        out[mode] = {n: p.detach().clone() for n, p in tr.raw.named_parameters()}
+        if mode == "official":
+            assert m["salt/neff"] < 1 and m["salt/alpha"] > 0
+            a, a_new = tr.last_advantages
+            assert (a_new - a).abs().max() > 1e-3
+    moved = sum(float((out["off"][n] - before[n]).abs().sum()) for n in before)
+    diff = sum(float((out["off"][n] - out["official"][n]).abs().sum()) for n in before)
+    assert moved > 0 and diff > 1e-3 * moved
+
+
+def test_micro_scope_and_several_micro_batches_run(tmp_path, mixed_reward):
+    """mini scope with 2 micro-batches (no-grad feature pass) equals mini scope in one micro-batch; micro scope runs."""
+    reset_accelerate()
+    one = sg.build(smoke(tmp_path, salt_features="lm_head", salt_k_out=8, salt_k_in=8))
+    two = sg.build(smoke(tmp_path, micro_batch_size=4, salt_features="lm_head", salt_k_out=8, salt_k_in=8))
+    micro = sg.build(smoke(tmp_path, micro_batch_size=4, salt_scope="micro"))
+    layers = sg.build(smoke(tmp_path, salt_features="layers", salt_layers="last:1", salt_k_out=4, salt_k_in=4))
+    batch = sg.make_rollouts(one, 0)
+    m1, m2 = sg.accumulate_gradients(one, batch, 0), sg.accumulate_gradients(two, batch, 0)
+    assert abs(m1["salt/neff"] - m2["salt/neff"]) < 1e-5 and m1["salt/B"] == m2["salt/B"] == 8
+    assert torch.allclose(one.last_advantages[1], two.last_advantages[1], atol=1e-5)
+    g1, g2 = grads_of(one), grads_of(two)
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6, rtol=1e-4), n
+    mm = sg.accumulate_gradients(micro, batch, 0)
+    assert mm["salt/B"] == 4
+    ml = sg.accumulate_gradients(layers, batch, 0)
+    assert ml["salt/B"] == 8 and ml["salt/participation_ratio"] >= 1
+
+
+def _job(cfg_dict):
+    reset_accelerate()
+    sg.reward_fn = parity_reward
+    from accelerate import Accelerator
+
+    sg.train(sg.Config(**cfg_dict), Accelerator(cpu=True))
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    """debug_launcher runs in a fresh interpreter (see __main__ below): forking a pytest process whose OpenMP pool is
+    already running can deadlock the children."""
+    kw = dict(max_steps=2, prompts_per_step=2, num_generations=4, max_completion_length=6, seed=1)
+    one, two = smoke(tmp_path, "p1", **kw), smoke(tmp_path, "p2", **kw)
+    for n, c in ((1, one), (2, two)):
+        (tmp_path / f"cfg{n}.json").write_text(json.dumps(dataclasses.asdict(c)))
+        r = subprocess.run([sys.executable, __file__, str(n), str(tmp_path / f"cfg{n}.json")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    s1, s2 = (json.loads((Path(c.output_dir) / "summary.json").read_text()) for c in (one, two))
+    assert s1["processes"] == 1 and s2["processes"] == 2
+    a1, a2 = (load_file(str(Path(c.output_dir) / "last_advantages.safetensors")) for c in (one, two))
+    assert a1["a"].abs().sum() > 0 and (a1["a_new"] - a1["a"]).abs().max() > 1e-4  # SALT acted
+    assert torch.allclose(a1["a"], a2["a"]) and torch.allclose(a1["a_new"], a2["a_new"], atol=1e-6)
+    w1, w2 = (load_file(str(Path(c.output_dir) / "final" / "model.safetensors")) for c in (one, two))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=2e-5, rtol=1e-4), k
+    m1, m2 = (common.read_metrics(Path(c.output_dir) / "metrics.jsonl") for c in (one, two))
+    assert len(m1) == len(m2)
+    for r1, r2 in zip(m1, m2):
+        for key in ("reward", "num_tokens", "salt/k", "salt/neff", "loss"):
+            if key in r1:
+                assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("iters,resume_at", [(1, 2), (2, 3)])
+def test_resume_matches_uninterrupted(tmp_path, mixed_reward, iters, resume_at):
+    """num_iterations=2 resumed at step 3 restarts mid-round, from the rollouts saved in the checkpoint."""
+    reset_accelerate()
+    kw = dict(max_steps=4, num_iterations=iters, lr_scheduler_type="linear", warmup_steps=1, beta=0.05)
+    full = smoke(tmp_path, "full", save_every=1, **kw)
+    sg.train(full)
+    reset_accelerate()
+    res = smoke(tmp_path, "resumed", resume_from=str(Path(full.output_dir) / f"checkpoint-{resume_at}"), **kw)
+    s = sg.train(res)
+    assert s["resumed_from_step"] == resume_at
+    w1, w2 = (load_file(str(Path(c.output_dir) / "final" / "model.safetensors")) for c in (full, res))
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k
+    tail = [r for r in common.read_metrics(Path(full.output_dir) / "metrics.jsonl") if r["step"] > resume_at and "loss" in r]
+    again = [r for r in common.read_metrics(Path(res.output_dir) / "metrics.jsonl") if "loss" in r]
+    assert [r["loss"] for r in tail] == [r["loss"] for r in again]
+
+
+def run_script(args, tmp_path, **env):
+    e = dict(os.environ, **env)
+    return subprocess.run([sys.executable, str(ROOT / "salt_grpo.py"), *args], cwd=tmp_path, env=e,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_script_end_to_end_smoke_and_plot(tmp_path):
+    cfgfile = tmp_path / "run.yaml"
+    cfgfile.write_text(f"preset: smoke\noutput_dir: {tmp_path / 'out'}\nsalt_scope: mini\n")
+    r = run_script(["--config", str(cfgfile), "--max_steps", "3", "--eval_size", "4"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "out"
+    assert "held-out accuracy" in r.stdout and str(out) in r.stdout and "train reward" in r.stdout
+    rows = common.read_metrics(out / "metrics.jsonl")
+    steps = [x for x in rows if "loss" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "clip_ratio/region_mean",
+                "step_time", "grad_norm", "salt/B", "time/generation_s", "time/backward_s"):
+        assert key in steps[0], key
+    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["eval_size"] == 4
+    assert (out / "final" / "model.safetensors").exists() and (out / "final" / "config.json").exists()
+    r = run_script(["plot", str(out)], tmp_path)
+    assert r.returncode == 0 and (out / "metrics.png").stat().st_size > 1000
+
+
+def test_script_bad_input_is_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "2+2?", "answer": "4"}\n{"prompt": "x", "answer": "1"}\n')
+    r = run_script(["--preset", "smoke", "--dataset", str(bad), "--eval_size", "0",
+                    "--output_dir", str(tmp_path / "o")], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{bad}:2: missing field 'question'" in r.stderr
+    r = run_script(["--preset", "smoke", "--num_generations", "1", "--output_dir", str(tmp_path / "o")], tmp_path)
+    assert r.returncode == 2 and "num_generations=1" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_one_step(tmp_path):
+    """The embedded model: one SALT step with the default (projected LM-head) features, bf16 autocast."""
+    reset_accelerate()
+    c = dataclasses.replace(sg.Config(), output_dir=str(tmp_path / "s"), max_steps=1, prompts_per_step=1,
+                            num_generations=4, max_completion_length=6, eval_size=2, salt_alpha_min=0.5)
+    s = sg.train(c)
+    rows = [r for r in common.read_metrics(tmp_path / "s" / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 1 and s["eval_accuracy_end"] is not None
+    assert rows[0]["num_tokens"] > 0 and ("salt/k" in rows[0] or rows[0].get("salt/skipped") == 1.0)
+
+
+if __name__ == "__main__":  # `python tests/test_salt_train.py N cfg.json`: N processes through debug_launcher
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    from accelerate import debug_launcher
+
+    n, cfg_dict = int(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+    if n == 1:
+        _job(cfg_dict)
+    else:
+        debug_launcher(_job, args=(cfg_dict,), num_processes=n)
