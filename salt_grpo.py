@@ -343,7 +343,10 @@ def generate(model, tok, prompts: list[str], cfg: Config, device, max_new_tokens
 
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None))
     ids, am = enc.input_ids.to(device), enc.attention_mask.to(device)
-    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+    # every sampling-related field explicit: generate fills unset ones from the model's generation_config (e.g. a
+    # hub model's repetition_penalty), which would make the sampler differ from the policy being trained
+    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=None,
+                          repetition_penalty=1.0, min_length=0, no_repeat_ngram_size=0, pad_token_id=tok.pad_token_id,
                           eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     procs = LogitsProcessorList([GumbelSampler(generators, cfg.temperature, cfg.top_p)] if generators else [])
     with autocast(cfg, device):
@@ -911,8 +914,8 @@ def train(cfg: Config, accelerator=None) -> dict:
             t.buffer = make_rollouts(t, round_idx)
         m = dict(t.buffer["metrics"]) if step % cfg.num_iterations == 0 else {}
         m.update(accumulate_gradients(t, t.buffer, step))
+        m["learning_rate"] = t.sched.get_last_lr()[0]  # the rate this step uses
         m["grad_norm"] = optimizer_step(t)
-        m["learning_rate"] = t.sched.get_last_lr()[0]
         m["step_time"] = time.perf_counter() - t0
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
             m["eval/accuracy"] = evaluate(t)

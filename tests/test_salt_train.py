@@ -48,6 +48,28 @@ def grads_of(t):
     return {n: p.grad.clone() for n, p in t.raw.named_parameters() if p.grad is not None}
 
 
+def test_rollouts_are_exact_samples_of_the_trained_policy():
+    """generate + GumbelSampler draws token t from softmax(z_t/τ) of the model itself, with each rollout's own
+    generator, ignoring sampling settings in the model's generation_config (here a repetition penalty)."""
+    model, tok = common.tiny_llama(seed=3)
+    model.generation_config.repetition_penalty, model.generation_config.do_sample = 3.0, True
+    c = sg.Config(bf16=False, temperature=0.7)
+    prompts = ["What is 1 + 2?\n", "Hi\n"]
+    seeds = [11, 12]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    _, _, comp, mask = sg.generate(model, tok, prompts, c, torch.device("cpu"), 5, gens)
+    for i, p in enumerate(prompts):  # a plain loop: full forward, Gumbel-max with the rollout's own generator
+        g = torch.Generator().manual_seed(seeds[i])
+        ids = tok(p, return_tensors="pt").input_ids
+        for t in range(int(mask[i].sum())):
+            with torch.no_grad():
+                z = model(input_ids=ids).logits[0, -1].float() / 0.7
+            u = torch.rand(z.shape[-1], generator=g)
+            nxt = int(torch.argmax(z - torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))))
+            assert nxt == int(comp[i, t]), (i, t)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+
+
 def test_identity_equals_off_for_loss_and_gradients(tmp_path, mixed_reward):
     reset_accelerate()
     off = sg.build(smoke(tmp_path, salt="off"))
