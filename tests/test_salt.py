@@ -404,3 +404,12 @@ def test_config_file_and_cli_precedence(tmp_path):
     f.write_text("num_generation: 6\n")
     with pytest.raises(UserError, match="unknown field"):
         sg.parse_config(["--config", str(f)])
+
+
+def test_report_to_tensorboard_without_it_installed_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(UserError, match="tensorboard is not installed"):
+        sg.build(cfg(**dict(sg.PRESETS["smoke"], report_to="tensorboard", output_dir=str(tmp_path))))
