@@ -569,7 +569,7 @@ def clipped_policy_loss(logp, old_logp, adv, mask, cfg: Config, ref_logp=None):
     Returns (per-token loss (B, T), stats of summed counts for logging)."""
     eps_hi = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
     ratio = torch.exp(logp - old_logp)
-    A = adv[:, None].to(logp.dtype)
+    A = broadcast_advantage(adv.to(logp.dtype), mask)  # A_it = a_i m_it
     per_tok = -torch.min(ratio * A, ratio.clamp(1 - cfg.epsilon, 1 + eps_hi) * A)
     m = mask.to(logp.dtype)
     stats = {"clip_low": (((ratio < 1 - cfg.epsilon) & (A < 0)).to(m.dtype) * m).sum(),
