@@ -944,12 +944,13 @@ def train(cfg: Config, accelerator=None) -> dict:
             a, a_new = t.last_advantages
             common.save_safetensors(out / "last_advantages.safetensors", {"a": a, "a_new": a_new})
     rewards = [h["reward"] for h in history if "reward" in h]
-    k = max(1, min(3, len(rewards) // 3 or 1))
+    k = max(1, min(8, len(rewards) // 4))  # reward is noisy per step: average the first / last quarter
     summary = {
         "salt": cfg.salt, "model": cfg.model, "steps": cfg.max_steps, "resumed_from_step": start,
         "processes": acc.num_processes,
         "reward_start": sum(rewards[:k]) / k if rewards else None, "reward_end": sum(rewards[-k:]) / k if rewards else None,
         "eval_accuracy_start": acc0, "eval_accuracy_end": acc_end, "eval_size": len(t.eval_rows),
+        "eval_history": evals + ([(cfg.max_steps, acc_end)] if acc_end is not None else []), "reward_steps_averaged": k,
         "wall_time_s": time.perf_counter() - t_start,
         "outputs": {"dir": str(out), "metrics": str(out / "metrics.jsonl"), "final_model": str(final),
                     "summary": str(out / "summary.json")},
@@ -992,7 +993,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if s["processes"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(f"SALT[{s['salt']}] GRPO on {s['model']}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
               f"({s['processes']} process{'es' if s['processes'] > 1 else ''})")
-        print(f"  train reward        {_fmt(s['reward_start'])} -> {_fmt(s['reward_end'])} (mean of first/last steps)")
+        print(f"  train reward        {_fmt(s['reward_start'])} -> {_fmt(s['reward_end'])} "
+              f"(sampled; mean over the first / last {s['reward_steps_averaged']} step(s))")
         print(f"  held-out accuracy   {_fmt(s['eval_accuracy_start'], True)} -> {_fmt(s['eval_accuracy_end'], True)} "
               f"(greedy, {s['eval_size']} problems)")
         print(f"  outputs             {s['outputs']['dir']}/ (metrics.jsonl, summary.json, final/; "
