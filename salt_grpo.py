@@ -60,6 +60,7 @@ class Config:
     dataset_config: Optional[str] = _f(None, "hub dataset config name (e.g. `main` for gsm8k)")
     dataset_split: str = _f("train", "split to train on")
     eval_split: str = _f("", "split to evaluate on (hub datasets); empty: hold out eval_size training rows")
+    eval_dataset: str = _f("", "a separate evaluation file or hub id (same columns); overrides eval_split")
     prompt_column: str = _f("question", "column holding the prompt text")
     answer_column: str = _f("answer", "column holding the answer (a number, or text ending in `#### N`)")
     prompt_suffix: str = _f("", "appended to every dataset prompt (e.g. an answer-format instruction)")
@@ -272,7 +273,12 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
         return out
 
     train = convert(*common.read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config))
-    if cfg.eval_split:
+    if cfg.eval_dataset:
+        ev = convert(*common.read_rows(cfg.eval_dataset, cfg.eval_split or "test", cfg.dataset_config))[: cfg.eval_size]
+    elif cfg.eval_split:
+        if Path(cfg.dataset).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv"):
+            raise UserError(f"--eval_split {cfg.eval_split!r} does not apply to the local file {cfg.dataset}",
+                            hint="pass the evaluation file with --eval_dataset, or leave both empty to hold out rows")
         ev = convert(*common.read_rows(cfg.dataset, cfg.eval_split, cfg.dataset_config))[: cfg.eval_size]
     else:  # hold out eval_size rows, chosen by a seeded permutation, never trained on
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()

@@ -390,6 +390,10 @@ def test_dataset_rows_errors_name_file_row_field(tmp_path):
     junk.write_text(json.dumps({"question": "2+2?", "answer": "four"}) + "\n")
     with pytest.raises(UserError, match=r"junk.jsonl:1: field 'answer' holds no number"):
         sg.load_rows(cfg(dataset=str(junk), eval_size=0))
+    tr, ev = sg.load_rows(cfg(dataset=str(good), eval_dataset=str(good), eval_size=2))
+    assert len(tr) == 3 and len(ev) == 2
+    with pytest.raises(UserError, match="does not apply to the local file"):
+        sg.load_rows(cfg(dataset=str(good), eval_split="test"))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "2+2?", "answer": "4"}\n{"question": \n')
     with pytest.raises(UserError, match=r"broken.jsonl:2: invalid JSON"):
