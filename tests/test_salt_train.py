@@ -228,10 +228,10 @@ def test_smollm2_one_step(tmp_path):
     """The embedded model: one SALT step with the default (projected LM-head) features, bf16 autocast."""
     reset_accelerate()
     c = dataclasses.replace(sg.Config(), output_dir=str(tmp_path / "s"), max_steps=1, prompts_per_step=1,
-                            num_generations=4, max_completion_length=6, eval_size=2, salt_alpha_min=0.5)
-    s = sg.train(c)
+                            num_generations=3, max_completion_length=4, eval_size=0, salt_alpha_min=0.5)
+    sg.train(c)
     rows = [r for r in common.read_metrics(tmp_path / "s" / "metrics.jsonl") if "loss" in r]
-    assert len(rows) == 1 and s["eval_accuracy_end"] is not None
+    assert len(rows) == 1 and (tmp_path / "s" / "final" / "model.safetensors").exists()
     assert rows[0]["num_tokens"] > 0 and ("salt/k" in rows[0] or rows[0].get("salt/skipped") == 1.0)
 
 
