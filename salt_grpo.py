@@ -909,6 +909,8 @@ def train(cfg: Config, accelerator=None) -> dict:
         acc.init_trackers("salt_grpo", config={k: v for k, v in dataclasses.asdict(cfg).items()
                                                if isinstance(v, (int, float, str, bool))})
     logger = common.MetricsLogger(acc, out, resume=bool(cfg.resume_from))
+    if cfg.resume_from and acc.is_main_process and logger.path.exists():  # drop steps the resumed run will redo
+        common.write_jsonl(logger.path, [r for r in common.read_metrics(logger.path) if r["step"] <= start])
     acc0 = evaluate(t) if start == 0 and cfg.eval_size else None
     if acc0 is not None:
         logger.log({"eval/accuracy": acc0}, step=0)
