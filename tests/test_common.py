@@ -240,7 +240,9 @@ def _rows_for(rank):
 
 def _gather_worker(out_path):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a parent that may have made one
     acc = Accelerator(cpu=True)
     got = C.gather_rows(acc, _rows_for(acc.process_index))
     obj = C.broadcast_object(acc, {"picked": [3, 1, 2]} if acc.is_main_process else None)
