@@ -925,7 +925,9 @@ def train(cfg: Config, accelerator=None) -> dict:
         m = dict(t.buffer["metrics"]) if step % cfg.num_iterations == 0 else {}
         m.update(accumulate_gradients(t, t.buffer, step))
         m["learning_rate"] = t.sched.get_last_lr()[0]  # the rate this step uses
+        t1 = time.perf_counter()
         m["grad_norm"] = optimizer_step(t)
+        m["time/optimizer_s"] = time.perf_counter() - t1
         m["step_time"] = time.perf_counter() - t0
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
             m["eval/accuracy"] = evaluate(t)
