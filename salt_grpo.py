@@ -715,7 +715,7 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
         timing["time/salt_s"] += time.perf_counter() - t0
         diags.append(d)
     t.model.train()
-    sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "adv_used_abs": 0.0}
+    sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0}
     off = 0
     for j, b in enumerate(mbs):
         n = b["comp_ids"].shape[0]
@@ -748,7 +748,6 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
         for k in ("clip_low", "clip_high", "kl"):
             sums[k] += float(st[k])
         sums["loss"] += float(loss.detach())
-        sums["adv_used_abs"] += float(a_b.abs().sum())
         off += n
     tot = common.gather_rows(acc, torch.tensor([[sums[k] for k in sums]], device=acc.device)).sum(0).tolist()
     sums = dict(zip(sums, tot))
@@ -758,9 +757,11 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
          "num_tokens": n_tok, **timing}
     if cfg.beta > 0:
         m["kl"] = sums["kl"] / max(n_tok, 1)
-    if diags:  # micro scope: mean over this process's micro-batches
-        for key in diags[0]:
-            m[f"salt/{key}"] = sum(d[key] for d in diags) / len(diags)
+    if diags:  # micro scope: mean over this process's micro-batches (a skipped one has fewer keys)
+        for key in dict.fromkeys(k for d in diags for k in d):
+            vals = [d[key] for d in diags if key in d]
+            m[f"salt/{key}"] = sum(vals) / len(vals)
+        m["salt/skipped"] = sum(d.get("skipped", 0.0) for d in diags) / len(diags)
     t.last_advantages = a_pair
     return m
 

@@ -78,7 +78,7 @@ def test_identity_equals_off_for_loss_and_gradients(tmp_path, mixed_reward):
     assert batch["adv"].abs().sum() > 0  # mixed groups
     m_off = sg.accumulate_gradients(off, batch, 0)
     m_id = sg.accumulate_gradients(ident, batch, 0)
-    assert m_id["salt/k"] >= 1 and "salt/skipped" not in m_id  # SALT really ran
+    assert m_id["salt/k"] >= 1 and m_id["salt/skipped"] == 0  # SALT really ran
     assert abs(m_off["loss"] - m_id["loss"]) <= 1e-6
     g_off, g_id = grads_of(off), grads_of(ident)
     assert g_off.keys() == g_id.keys() and len(g_off) > 0
@@ -127,6 +127,9 @@ def test_micro_scope_and_several_micro_batches_run(tmp_path, mixed_reward):
         assert torch.allclose(g1[n], g2[n], atol=1e-6, rtol=1e-4), n
     mm = sg.accumulate_gradients(micro, batch, 0)
     assert mm["salt/B"] == 4
+    zero_first = dict(batch, adv=torch.cat([torch.zeros(4), batch["adv"][4:].abs() + 0.5 * torch.arange(4) - 1]))
+    mz = sg.accumulate_gradients(micro, zero_first, 0)  # one micro-batch skipped (a ≡ 0), the other reweighted
+    assert mz["salt/skipped"] == 0.5 and mz["salt/k"] >= 1
     ml = sg.accumulate_gradients(layers, batch, 0)
     assert ml["salt/B"] == 8 and ml["salt/participation_ratio"] >= 1
 
