@@ -75,7 +75,7 @@ class Config:
     prompts_per_step: int = _f(4, "prompts per generation round, all processes together")
     micro_batch_size: int = _f(0, "rollouts per forward/backward per process; 0: all of them at once")
     num_iterations: int = _f(1, "optimizer steps per generation round (μ); >1 uses stored old log-probs")
-    max_steps: int = _f(40, "optimizer steps")
+    max_steps: int = _f(32, "optimizer steps")
     max_completion_length: int = _f(24, "new tokens per completion")
     temperature: float = _f(1.0, "sampling temperature (also used in the log-probs, as TRL does)")
     top_p: float = _f(1.0, "nucleus sampling mass")
