@@ -33,7 +33,10 @@ launch() {  # accelerate launch on whatever this machine has; all cores to one p
   if "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     "$VENV/bin/accelerate" launch "$script" "$@"
   else
-    "$VENV/bin/accelerate" launch --cpu --num_processes 1 --num_cpu_threads_per_process "$(nproc)" "$script" "$@"
+    # Explicit values keep accelerate from printing its "defaults were used" block. On a busy shared CPU,
+    # OMP_NUM_THREADS=1 can be several times faster than oversubscribed threads.
+    "$VENV/bin/accelerate" launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
+      --dynamo_backend no --num_cpu_threads_per_process "${OMP_NUM_THREADS:-$(nproc)}" "$script" "$@"
   fi
 }
 
