@@ -582,6 +582,27 @@ class FeatureGains:
         self.Ainv.addr_(u, u, alpha=-self.alpha / beta)
 
 
+class OfficialDiagGains:
+    """The official code's diagonal surrogate (Chang-pw/SPICE, `fisher_mode=diag`), NOT the exact gain.
+
+    Δ̃_x = log(1 + α Σ_j g_xj²/den_j) with den = 1 initially and den ← den + α(|g|·g)² = den + α g⁴ after each
+    pick — not the diagonal of I + αF_S (that would add α g²), so Σ Δ̃ ≠ log det.
+    """
+
+    def __init__(self, G: torch.Tensor, alpha: float):
+        self.G, self.G2, self.alpha = G, G * G, alpha
+        self.den = torch.ones(G.shape[1], dtype=torch.float64, device=G.device)
+
+    def gains(self) -> torch.Tensor:
+        return torch.log1p(self.alpha * (self.G2 / self.den).sum(1))
+
+    def row(self, j: int) -> torch.Tensor:
+        return self.G @ self.G[j]
+
+    def add(self, j: int, k_row: torch.Tensor) -> None:
+        self.den += self.alpha * self.G2[j] ** 2
+
+
 def choose_form(n: int, d: int, k: int, form: str = "auto") -> str:
     """The cheaper exact engine for (n candidates, d dims, k picks); both give the same gains.
 
@@ -627,14 +648,20 @@ def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, 
 
     λ = 0 is plain log-det (Fisher) greedy. With ω set (SPICE+), stop at the first t > 1 with
     Δ_{x_t} ≤ ω·Δ_{x_1}; x_t is not kept (as the official half-life check; the paper leaves it open).
-    The gains are exact (float64), so Σ_t Δ_t = log det(I + αF_S) whatever λ is.
+    The gains are exact (float64), so Σ_t Δ_t = log det(I + αF_S) whatever λ is. form: the gain engine,
+    `auto`/`kernel`/`feature` (exact) or `official_diag` (the official code's surrogate, a baseline).
     """
     t0 = time.perf_counter()
     check_features(G, k)
     G = G.double()
     n, d = G.shape
     form = choose_form(n, d, k, form)
-    eng = KernelGains(G, alpha, k, precompute=8 * n * n < 4e9) if form == "kernel" else FeatureGains(G, alpha)
+    if form == "official_diag":
+        eng = OfficialDiagGains(G, alpha)
+    elif form == "kernel":
+        eng = KernelGains(G, alpha, k, precompute=8 * n * n < 4e9)
+    else:
+        eng = FeatureGains(G, alpha)
     sq = (G * G).sum(1)
     norms, base = sq.sqrt(), base_gain(sq, alpha)
     r, ss = torch.zeros(n, dtype=torch.float64, device=G.device), 0.0  # Σ_S g_xᵀg_y, ‖Σ_S g_y‖²
@@ -657,8 +684,10 @@ def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, 
         r += k_row
         if t + 1 < k:
             eng.add(j, k_row)
-    return Selection(method or ("greedy" if lam == 0 else "spice"), picks, records,
-                     sum(rec["delta"] for rec in records), stopped, form, time.perf_counter() - t0)
+    # Exact engines telescope to the log-det; the diagonal surrogate does not, so its U(S) is computed.
+    u = log_det(G[picks], alpha) if form == "official_diag" else sum(rec["delta"] for rec in records)
+    return Selection(method or ("greedy" if lam == 0 else "spice"), picks, records, u, stopped, form,
+                     time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -689,41 +718,11 @@ def official_diag_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float
                          omega: Optional[float] = None) -> Selection:
     """official_diag: Chang-pw/SPICE `greedy_select_with_conflict_penalty` with `fisher_mode=diag`.
 
-    Δ̃_x = log(1 + α Σ_j g_xj²/den_j) with den = 1 initially and den ← den + α(|g|·g)² = den + α g⁴ after each
-    pick — a diagonal surrogate, not the diagonal of I + αF_S (that would add α g²), so Σ Δ̃ ≠ log det.
-    Same conflict penalty and tie-break; the recorded `delta` is Δ̃, `log_det` the exact U(S). The official
+    The same greedy loop, conflict penalty and tie-break as `spice_select`, with the gain replaced by the official
+    diagonal surrogate Δ̃ (`OfficialDiagGains`). The recorded `delta` is Δ̃, `log_det` the exact U(S). The official
     function has no early stop; ω here applies the same test as spice_select, on Δ̃.
     """
-    t0 = time.perf_counter()
-    check_features(G, k)
-    G = G.double()
-    n, d = G.shape
-    G2 = G * G
-    sq = G2.sum(1)
-    norms, base = sq.sqrt(), base_gain(sq, alpha)
-    den = torch.ones(d, dtype=torch.float64)
-    r, ss = torch.zeros(n, dtype=torch.float64), 0.0
-    taken = torch.zeros(n, dtype=torch.bool)
-    picks, records, stopped = [], [], False
-    for t in range(k):
-        delta = torch.log1p(alpha * (G2 / den).sum(1))
-        pen = conflict(r, norms, ss, len(picks), eta)
-        score = (delta - lam * pen).masked_fill(taken, -math.inf)
-        j = int(torch.argmax(score))
-        if omega is not None and t > 0 and delta[j] <= omega * records[0]["delta"]:
-            stopped = True
-            break
-        records.append({"t": t, "index": j, "delta": float(delta[j]), "base": float(base[j]),
-                        "eps": float(delta[j] - base[j]), "conflict": float(pen[j]), "score": float(score[j])})
-        picks.append(j)
-        taken[j] = True
-        k_row = G @ G[j]
-        ss += 2 * float(r[j]) + float(k_row[j])
-        r += k_row
-        den += alpha * G2[j] ** 2
-    sel = Selection("official_diag", picks, records, log_det(G[picks], alpha), stopped, "diag",
-                    time.perf_counter() - t0)
-    return sel
+    return spice_select(G, k, alpha, lam, eta, omega, form="official_diag", method="official_diag")
 
 
 def _fixed_selection(method: str, G: torch.Tensor, idx: list[int], alpha: float, t0: float) -> Selection:

@@ -11,13 +11,7 @@ from common import UserError
 FORMS = ["kernel", "feature"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine spin against each other; these sizes need one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def feats(n=40, d=12, seed=0, scale=1.0):
