@@ -1,7 +1,8 @@
 """Per-sample gradient features: factored projection (ours) vs per-sample loop + dense projection (LESS, SPICE code).
 
 On the embedded SmolLM2-135M, 16 sequences × 128 tokens, gradients of every Linear layer of the last 4 blocks
-(14.2 M parameters). Both methods produce features of the same dimension d. Printed, side by side in one run:
+(14.2 M parameters). Both methods produce features of the same dimension d (plus one factored row at 4× k,
+16× the dimension, to show what a larger k buys). Printed, side by side in one run:
 median wall time of each and their ratio, peak memory (RSS growth in a fresh child process), and how well each
 feature Gram matrix matches the exact per-sample-gradient Gram (Pearson r over entries, relative Frobenius error).
 
