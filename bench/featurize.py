@@ -4,9 +4,10 @@ On the embedded SmolLM2-135M, 16 sequences × 128 tokens, gradients of every Lin
 (14.2 M parameters). Both methods produce features of the same dimension d (plus one factored row at 4× k,
 16× the dimension, to show what a larger k buys). Printed, side by side in one run:
 median wall time of each and their ratio, peak memory (RSS growth in a fresh child process), and how well each
-feature Gram matrix matches the exact per-sample-gradient Gram (Pearson r over entries, relative Frobenius error).
+feature Gram matrix matches the exact per-sample-gradient Gram (Pearson r over entries, relative Frobenius error
+of the Gram and of the cosine matrix).
 
-    python bench/featurize.py [--repeats 3] [--k 4] [--dtypes fp32,bf16]
+    python bench/featurize.py [--repeats 3] [--k 8] [--dtypes fp32,bf16] [--no-memory]
 """
 import argparse
 import multiprocessing as mp
