@@ -649,6 +649,32 @@ def _read_jsonl(p: Path) -> list[dict]:
     return rows
 
 
+def read_config_file(path: str | Path, cls) -> dict:
+    """The fields of a YAML or JSON config file for dataclass `cls`, checked: it exists, parses, is a mapping,
+    and names only fields of `cls` (a typo must not be silently ignored)."""
+    import dataclasses
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"config file {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:
+        raise UserError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a mapping of config fields, got {type(data).__name__}")
+    bad = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if bad:
+        raise UserError(f"{p}: unknown field(s) {', '.join(bad)}", hint="fields are the script's flag names (--help)")
+    return data
+
+
 def row_location(label: str, i: int, row: dict) -> str:
     """`file:line` for JSONL rows, else `source row i` (0-based index into the dataset)."""
     return f"{label}:{row['_line']}" if "_line" in row else f"{label} row {i}"

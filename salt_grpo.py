@@ -173,20 +173,7 @@ def parse_config(argv: list[str]) -> Config:
     pre, _ = parser.parse_known_args(argv)
     layers: dict = dict(PRESETS.get(pre.preset, {}))
     if pre.config:
-        p = Path(pre.config)
-        if not p.exists():
-            raise UserError(f"config file {p} does not exist")
-        try:
-            text = p.read_text(encoding="utf-8")
-            data = json.loads(text) if p.suffix == ".json" else __import__("yaml").safe_load(text)
-        except Exception as e:
-            raise UserError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{p}: expected a mapping of Config fields")
-        known = {f.name for f in dataclasses.fields(Config)}
-        bad = sorted(set(data) - known)
-        if bad:
-            raise UserError(f"{p}: unknown field(s) {', '.join(bad)}", hint="see `python salt_grpo.py --help`")
+        data = common.read_config_file(pre.config, Config)
         layers.update(PRESETS.get(data.get("preset", ""), {}) if "preset" in data and not pre.preset else {})
         layers.update(data)
     parser.set_defaults(**layers)

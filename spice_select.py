@@ -126,20 +126,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser = HfArgumentParser(Config)
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        p = Path(pre.config)
-        if not p.exists():
-            raise UserError(f"config file {p} does not exist")
-        import yaml
-
-        try:
-            values = yaml.safe_load(p.read_text()) or {}  # JSON is YAML
-        except yaml.YAMLError as e:
-            raise UserError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
-        names = {f.name for f in dataclasses.fields(Config)}
-        unknown = sorted(set(values) - names) if isinstance(values, dict) else ["<not a mapping>"]
-        if unknown:
-            raise UserError(f"{p}: unknown config keys {unknown}", hint="keys are the script's flag names")
-        parser.set_defaults(**values)
+        parser.set_defaults(**common.read_config_file(pre.config, Config))
     cfg, rest = parser.parse_known_args(argv)
     if rest:
         raise UserError(f"unknown arguments {rest}", hint="python spice_select.py --help")

@@ -4,13 +4,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
 _home = tempfile.mkdtemp(prefix="salt-spice-hf-")
-# Reuse the converted embedded model (`bash run.sh setup` made it) rather than converting again per session.
-_default_hf = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-os.environ.setdefault("SALT_SPICE_CACHE", os.path.join(_default_hf, "salt-spice"))
+# Reuse the converted embedded model (`bash run.sh setup` made it) rather than converting again per session:
+# pin its cache folder before HF_HOME moves to the temporary one.
+os.environ.setdefault("SALT_SPICE_CACHE", str(common.cache_root()))
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=_home,
                   HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

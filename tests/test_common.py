@@ -369,3 +369,28 @@ def test_atomic_writes_and_metrics_plot(tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[2]["reward"] == pytest.approx(0.2)
     png = C.plot_metrics(tmp_path / "run" / "metrics.jsonl", ["reward", "salt/alpha", "absent"], tmp_path / "m.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_read_config_file(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Cfg:
+        lr: float = 1e-3
+        name: str = "x"
+
+    (tmp_path / "c.yaml").write_text("lr: 0.5\nname: y\n")
+    assert C.read_config_file(tmp_path / "c.yaml", Cfg) == {"lr": 0.5, "name": "y"}
+    (tmp_path / "c.json").write_text('{"lr": 2}')
+    assert C.read_config_file(tmp_path / "c.json", Cfg) == {"lr": 2}
+    (tmp_path / "bad.yaml").write_text("lr: 0.5\nnmae: y\n")
+    with pytest.raises(C.UserError, match=r"bad\.yaml: unknown field\(s\) nmae"):
+        C.read_config_file(tmp_path / "bad.yaml", Cfg)
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(C.UserError, match="expected a mapping"):
+        C.read_config_file(tmp_path / "list.yaml", Cfg)
+    (tmp_path / "broken.json").write_text('{"lr": ')
+    with pytest.raises(C.UserError, match=r"broken\.json: cannot parse"):
+        C.read_config_file(tmp_path / "broken.json", Cfg)
+    with pytest.raises(C.UserError, match="does not exist"):
+        C.read_config_file(tmp_path / "nope.yaml", Cfg)
