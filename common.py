@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 import string
 import sys
 import tempfile
@@ -93,15 +94,9 @@ def embedded_model_dir() -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     with contextlib.suppress(FileNotFoundError):
-        _rmtree(out)
+        shutil.rmtree(out)
     os.replace(tmp, out)
     return out
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path)
 
 
 @contextlib.contextmanager
