@@ -102,8 +102,8 @@ class Config:
     report_to: str = _f("none", "accelerate trackers, e.g. tensorboard (when installed)")
     # SALT
     salt: str = _f("official", "off = GRPO; official = released rule; identity = GRPO through SALT (self-check); "
-                   "random_subspace / amplify = research controls, not the authors' rule",
-                   choices=["off", "official", "identity", "random_subspace", "amplify"])
+                   "random_subspace / amplify / positive_only = research controls, not the authors' rule",
+                   choices=["off", "official", "identity", "random_subspace", "amplify", "positive_only"])
     salt_scope: str = _f("mini", "mini: all rollouts of an optimizer step (whole groups); "
                          "micro: each micro-batch on each process (the official code)", choices=["mini", "micro"])
     salt_features: str = _f("lm_head", "lm_head: LM-head score feature, factored projection; lm_head_exact: "
@@ -156,7 +156,9 @@ def validate(cfg: Config, num_processes: int = 1) -> Config:
     need(cfg.salt_k_min >= 1 and cfg.salt_k_max >= cfg.salt_k_min, "need 1 ≤ salt_k_min ≤ salt_k_max")
     need(cfg.salt_alpha_min <= cfg.salt_alpha_max, "need salt_alpha_min ≤ salt_alpha_max")
     need(cfg.salt_rho > 0 and cfg.salt_k_out >= 1 and cfg.salt_k_in >= 1, "salt_rho, salt_k_out, salt_k_in must be > 0")
-    for name, choices in [("salt", ["off", "official", "identity", "random_subspace", "amplify"]),
+    need(cfg.salt != "positive_only" or cfg.salt_scope == "mini",
+         "salt=positive_only recentres within groups, which needs whole groups", "pass --salt_scope mini")
+    for name, choices in [("salt", ["off", "official", "identity", "random_subspace", "amplify", "positive_only"]),
                           ("salt_scope", ["mini", "micro"]), ("salt_features", ["lm_head", "lm_head_exact", "layers"]),
                           ("salt_renorm", ["none", "std", "l2"]), ("scale_rewards", ["group", "batch", "none"]),
                           ("loss_type", ["grpo", "dr_grpo", "dapo", "token-mean"]),
@@ -488,7 +490,9 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
 
     Modes: `official` as above; `identity` (φ = id, α ≡ 1) gives a′ = a exactly and checks it; `random_subspace`
     uses a random k-dim subspace instead of the top-k (control); `amplify` is a′ = P a + (1 + λ c)(I − P) a with
-    c = clip(1 − n_eff, 0, 1), renormalised to ‖a‖ (a literal reading of the abstract, not the authors' rule).
+    c = clip(1 − n_eff, 0, 1), renormalised to ‖a‖ (a literal reading of the abstract, not the authors' rule);
+    `positive_only` ignores K: a′_i = a⁺_i − mean_{j ∈ group(i)} a⁺_j (salt.md §5.3, the relu without the geometry;
+    groups are G consecutive rows, so it needs the mini scope).
     B = 1 or a ≡ 0 returns a unchanged. Errors are raised, never replaced by GRPO. Returns (a′, diagnostics).
     """
     t0 = time.perf_counter()
@@ -519,6 +523,9 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
         alpha = mixing_alpha(n_eff, cfg)
         a_tail = (I - P) @ (a64.clamp(min=0) if cfg.salt_relu else a64)   # spectral-tail ("residual") channel
     a_new = a_dom + alpha * a_tail
+    if cfg.salt == "positive_only":
+        pos = a64.clamp(min=0).view(-1, cfg.num_generations)
+        a_new = (pos - pos.mean(1, keepdim=True)).flatten()
 
     renorm = "l2" if cfg.salt == "amplify" else ("none" if cfg.salt == "identity" else cfg.salt_renorm)
     if renorm == "std" and a_new.std() > 1e-8:      # official normalize_final
@@ -542,6 +549,8 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
         "adv_change_norm": float((a_new - a64).norm() / a64.norm().clamp(min=1e-30)),
         "time_s": time.perf_counter() - t0,
     }
+    if cfg.salt == "positive_only":  # no channels: the dominant/tail split does not apply
+        diag.update(alpha=float("nan"), main_contrib_ratio=float("nan"), exp_contrib_ratio=float("nan"))
     return a_new.to(a.dtype), diag
 
 

@@ -276,6 +276,24 @@ def test_controls_random_subspace_and_amplify():
     assert d["alpha"] == 1.0 + 2.0 * min(max(d["cancellation"], 0.0), 1.0)
 
 
+def test_positive_only_control_is_recentred_relu_per_group():
+    G = 4
+    r = torch.tensor([1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 1, 1], dtype=torch.float64)
+    a = sg.group_advantages(r, G, "group", 1e-6)
+    F = rand_feats(16, 6, 22)
+    out, d = sg.salt_reweight(K_of(F), a, cfg(salt="positive_only", num_generations=G))
+    pos = a.clamp(min=0).view(-1, G)
+    assert torch.allclose(out, (pos - pos.mean(1, keepdim=True)).flatten(), atol=1e-15)
+    assert torch.allclose(out.view(-1, G).sum(1), torch.zeros(4, dtype=torch.float64), atol=1e-12)  # zero-sum groups
+    # binary rewards: a⁺ − mean a⁺ = (1 − p)·a in each group (p = the group's success rate); K plays no part
+    p = r.view(-1, G).mean(1, keepdim=True)
+    assert torch.allclose(out, ((1 - p) * a.view(-1, G)).flatten(), atol=1e-12)
+    same, _ = sg.salt_reweight(K_of(rand_feats(16, 6, 23)), a, cfg(salt="positive_only", num_generations=G))
+    assert torch.equal(out, same) and math.isnan(d["alpha"]) and d["neff_after"] >= 0
+    with pytest.raises(UserError, match="whole groups"):
+        sg.validate(cfg(salt="positive_only", salt_scope="micro"))
+
+
 def test_renorm_std_matches_official_normalize_final():
     F, a = rand_feats(12, 5, 21), grpo_adv(12, 4, 21)
     plain, _ = sg.salt_reweight(K_of(F), a, cfg())
