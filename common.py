@@ -716,6 +716,21 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return _atomic_write(path, lambda f: f.writelines(json.dumps(r, default=_json_default) + "\n" for r in rows))
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Text file (CSV, markdown) written atomically."""
+    return _atomic_write(path, lambda f: f.write(text))
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure as PNG, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), mode="wb")
+    finally:
+        plt.close(fig)
+
+
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
     """safetensors file written atomically."""
     from safetensors.torch import save
@@ -787,6 +802,4 @@ def plot_metrics(jsonl: str | Path, keys: Sequence[str], out_png: str | Path, x:
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=100)

@@ -361,7 +361,17 @@ def test_atomic_writes_and_metrics_plot(tmp_path):
     with pytest.raises(TypeError):
         C.write_json(tmp_path / "x.json", {"bad": object()})
     assert json.loads((tmp_path / "a" / "x.json").read_text()) == {"v": 1.5}  # old file intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "r.jsonl", "t.safetensors"]  # no temp files left
+    C.write_text(tmp_path / "t.csv", "a,b\n1,2\n")
+    assert (tmp_path / "t.csv").read_text() == "a,b\n1,2\n"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    C.save_figure(fig, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "f.png", "r.jsonl", "t.csv", "t.safetensors"]  # no temp files left
     log = C.MetricsLogger(None, tmp_path / "run")
     for s in range(3):
         log.log({"reward": torch.tensor(0.1 * s), "salt/alpha": 0.5}, step=s)

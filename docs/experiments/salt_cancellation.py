@@ -151,10 +151,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle("GRPO gradient geometry vs G (mean ± std over batches, same prompts, nested rollouts)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    common.save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -128,10 +128,7 @@ def plot(summary: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("Geometry after reweighting, same batches (mean ± std over batches)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    common.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -193,10 +193,7 @@ def plot(runs: list[dict], arms: list[str], s: dict, path: Path) -> None:
     axes[0, 0].legend()
     fig.suptitle(f"GRPO vs SALT vs controls, tiny warm-started Llama, mean ± std over {len(s['seeds'])} seeds")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    common.save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -325,7 +325,7 @@ def main(argv=None) -> dict:
                                  f(r["first_order_exceed_rate"]["mean"]), f(r["spearman_abs_eps_sum"]["mean"]),
                                  f(r["pearson_abs_eps_sum"]["mean"]), f(r["norm_F_S"]["mean"]),
                                  f(r["rho"]["mean"]), f(r["decomposition_error_max"])]))
-    (out / "table4.csv").write_text("\n".join(csv) + "\n")
+    common.write_text(out / "table4.csv", "\n".join(csv) + "\n")
 
     # --- plots
     plot(per_seed, part_c, cfg, out / "spice_decay.png")
@@ -408,8 +408,7 @@ def plot(per_seed: list[dict], part_c: dict, cfg: dict, path: Path) -> None:
     ax[2].set(xlabel="|S|", ylabel="% of (x, S)", title="(c) Theorem 4 bound (ours: α_safe / first-order at α=1)")
     ax[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

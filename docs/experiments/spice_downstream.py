@@ -328,8 +328,7 @@ def plot(table: list[dict], groups: list[str], counts: dict, out: Path) -> None:
             ax.text(i, v + e, f"{v:.1f}" if "exact" in key else f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     fig.suptitle("Fine-tuning SmolLM2-135M (LoRA) on 10 % selections vs the full pool; mean ± std over seeds")
     fig.tight_layout()
-    fig.savefig(out / "overall.png", dpi=130)
-    plt.close(fig)
+    common.save_figure(fig, out / "overall.png", dpi=130)
 
     fams = [g for g in groups if g != "overall"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(table) + 1.6))
@@ -347,8 +346,7 @@ def plot(table: list[dict], groups: list[str], counts: dict, out: Path) -> None:
         fig.colorbar(im, ax=ax, fraction=0.04)
     fig.suptitle("Per family, mean over seeds (held-out rows)")
     fig.tight_layout()
-    fig.savefig(out / "per_family.png", dpi=130)
-    plt.close(fig)
+    common.save_figure(fig, out / "per_family.png", dpi=130)
 
 
 def fmt_table(table: list[dict]) -> str:
@@ -444,13 +442,15 @@ def main(argv=None) -> dict:
     result["wall_seconds"] = time.perf_counter() - t_start
     common.write_json(out / "results.json", result)
     import csv
+    import io
 
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(table[0]))
+    w.writeheader()
+    w.writerows(table)
+    common.write_text(out / "summary.csv", buf.getvalue())
     plot(table, groups, result["heldout"]["per_family"], out)
-    (out / "table.md").write_text(fmt_table(table) + "\n\n" + fmt_family_table(table, groups, result) + "\n")
+    common.write_text(out / "table.md", fmt_table(table) + "\n\n" + fmt_family_table(table, groups, result) + "\n")
     print("\n" + fmt_table(table))
     for v in result["verdicts"]:
         if v:

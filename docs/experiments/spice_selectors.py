@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
                 x = x if isinstance(x, dict) else {"mean": x, "std": None}
                 cells += ["" if x[q] is None else f"{float(x[q]):.6g}" for q in ("mean", "std")]
             lines.append(f"{sched},{label}," + ",".join(cells))
-    (out / "selectors.csv").write_text("\n".join(lines) + "\n")
+    common.write_text(out / "selectors.csv", "\n".join(lines) + "\n")
     plot(whole, per_pool, pool_info, out / "spice_selectors.png")
 
     print(f"\npool {pool_info['n']} rows, d = {pool_info['d']}: {pool_info['frac_corrupted']:.3f} corrupted, "
@@ -250,8 +250,7 @@ def plot(whole: dict, per_pool: dict, pool_info: dict, path: Path) -> None:
     fig.suptitle("Selectors on the embedded pool (α = 1, 10 %); random: mean ± std over seeds; "
                  "pool by pool: mean ± std over window seeds", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":
