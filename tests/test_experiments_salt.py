@@ -54,3 +54,15 @@ def test_salt_training_smoke(tmp_path, cache):
     for r in res["runs"]:
         assert [m["step"] for m in r["trace"] if "reward" in m] == [1, 2]
         assert 0 <= r["eval_end"] <= 1
+
+
+def test_run_sh_dispatches_experiments(tmp_path, cache):
+    """`bash run.sh experiments` lists every script in docs/experiments/ and runs one by name."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VENV": sys.prefix}  # this interpreter's venv: no new install
+    p = subprocess.run(["bash", str(ROOT / "run.sh"), "experiments"], capture_output=True, text=True, env=env)
+    assert p.returncode == 2
+    assert all(f.stem in p.stderr for f in (ROOT / "docs/experiments").glob("*.py"))
+    p = subprocess.run(["bash", str(ROOT / "run.sh"), "experiments", "salt_geometry", "--smoke", "--out",
+                        str(tmp_path), "--cache_dir", str(cache)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text())["experiment"] == "salt_geometry"
