@@ -12,6 +12,7 @@ salt_cancellation.py is reused when present), for every batch and G ∈ {2, 4, 8
 and measure, for the applied coefficients a′:
   n_eff(a′) = a′ᵀKa′ / Σ a′_i² K_ii             signed-update effective sample size of the update Σ a′_i g_i
   PR(a′)   = PR(D K D), D = diag(a′)           spectral spread of the signed per-rollout updates a′_i g_i
+             (GRPO's a is 0 on zero-variance groups while P a is dense: part of a PR difference is support)
   cos(Gᵀa, Gᵀa′) = aᵀKa′ / √(aᵀKa · a′ᵀKa′)   how far the update turns away from GRPO's
 
 Part of SALT's n_eff increase is mechanical (P a puts coefficient mass on high-eigenvalue directions, salt.md §4):
@@ -66,6 +67,30 @@ def measure(F: torch.Tensor, r: torch.Tensor, G: int, seed: int) -> dict:
     return out
 
 
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    width = 0.2
+    for ax, (k, title) in zip(axes, [("neff", "n_eff of the applied update"), ("pr", "PR of the signed updates a′_i g_i"),
+                                     ("cos_to_grpo", "cos(update, GRPO update)")]):
+        for i, mode in enumerate(MODES):
+            xs = [j + (i - 1.5) * width for j in range(len(exp1.G_VALUES))]
+            m = [summary[f"G{G}/{mode}"][k]["mean"] for G in exp1.G_VALUES]
+            e = [summary[f"G{G}/{mode}"][k]["std"] for G in exp1.G_VALUES]
+            ax.bar(xs, m, width, yerr=e, capsize=2, label=mode)
+        ax.set_xticks(range(len(exp1.G_VALUES)), [f"G={G}" for G in exp1.G_VALUES])
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Geometry after reweighting, same batches (mean ± std over batches)")
+    fig.tight_layout()
+    common.save_figure(fig, path, dpi=110)
+
+
 def stat(xs: list[float]) -> dict:
     """Mean, sample std and n over batches, NaNs (a quantity a mode does not have) left out."""
     xs = [x for x in xs if x == x]
@@ -105,30 +130,6 @@ def main(argv: list[str] | None = None) -> dict:
               f"{v['pr']['std']:<5.2f} {v['cos_to_grpo']['mean']:>14.3f} {v['k']['mean']:>6.1f} {v['alpha']['mean']:>6.2f}")
     print(f"wrote {out}/results.json and geometry_after_reweighting.png in {result['wall_time_s']:.0f} s")
     return result
-
-
-def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    width = 0.2
-    for ax, (k, title) in zip(axes, [("neff", "n_eff of the applied update"), ("pr", "PR of the signed updates a′_i g_i"),
-                                     ("cos_to_grpo", "cos(update, GRPO update)")]):
-        for i, mode in enumerate(MODES):
-            xs = [j + (i - 1.5) * width for j in range(len(exp1.G_VALUES))]
-            m = [summary[f"G{G}/{mode}"][k]["mean"] for G in exp1.G_VALUES]
-            e = [summary[f"G{G}/{mode}"][k]["std"] for G in exp1.G_VALUES]
-            ax.bar(xs, m, width, yerr=e, capsize=2, label=mode)
-        ax.set_xticks(range(len(exp1.G_VALUES)), [f"G={G}" for G in exp1.G_VALUES])
-        ax.set_title(title)
-        ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Geometry after reweighting, same batches (mean ± std over batches)")
-    fig.tight_layout()
-    common.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

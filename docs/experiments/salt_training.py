@@ -6,7 +6,7 @@ Arms, all with `salt_grpo.train` and the same budget: `off` (GRPO), `official` (
 G (rollouts per prompt) at a fixed number of prompts per step, so G = 16 consumes 4× the rollouts of G = 4;
 reward and held-out accuracy are plotted against steps and against rollouts consumed.
 
-Model (scaled down, as the issue allows): SmolLM2-135M takes about 12 s per 32-rollout step on this CPU, so 24 runs
+Model (scaled down, as the issue allows): SmolLM2-135M takes about 12 s per 32-rollout step on this CPU, so 40 runs
 would take days. We use a tiny Llama (2 layers, width 64, character tokenizer, about 0.14 M parameters) warm-started
 by a short supervised phase on the training problems, so that sampled completions pass about a third of the time
 and groups are mixed, as salt.md §5.3 proposes. Each seed gets its own warm start (its own SFT seed), shared by
