@@ -1,4 +1,5 @@
-"""Smoke test of docs/experiments/spice_downstream.py (tiny model, 80-row pool, 2 seeds)."""
+"""Smoke test of docs/experiments/spice_downstream.py (tiny model, 80-row pool, 2 seeds), run from an empty working
+directory that must stay empty (the selection cache is ROOT-based)."""
 import json
 import math
 import os
@@ -12,8 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_spice_downstream_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
-    subprocess.run([sys.executable, "docs/experiments/spice_downstream.py", "--smoke", "--out", str(tmp_path)],
-                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    subprocess.run([sys.executable, str(ROOT / "docs/experiments/spice_downstream.py"), "--smoke", "--out",
+                    str(tmp_path)], cwd=cwd, env=env, check=True, capture_output=True, timeout=120)
+    assert not any(cwd.iterdir()), "wrote under the working directory instead of ROOT"
     res = json.loads((tmp_path / "results.json").read_text())
     for f in ("overall.png", "per_family.png", "summary.csv", "table.md"):
         assert (tmp_path / f).stat().st_size > 0

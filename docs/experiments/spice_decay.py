@@ -61,7 +61,11 @@ PAPER = {"spearman_conflict_delta": -0.792, "spearman_conflict_abs_eps": 0.901, 
 # Settings
 # ----------------------------------------------------------------------------------------------------------
 
+DEFAULT_OUT = ROOT / "docs/results/spice_decay"
+
+
 def settings(smoke: bool) -> dict:
+    """The protocol's fixed values. cache_dir is relative to ROOT (recorded as is in results.json)."""
     if smoke:  # tiny random model, small pool: checks the plumbing only
         return dict(model="tiny", dtype="float32", pool_rows=160, subset=64, seeds=[0, 1, 2], steps=32,
                     checkpoints=[4, 8, 16, 32], alpha=1.0, split_frac=0.2, eta=1e-8, feature_seed=0,
@@ -76,20 +80,33 @@ def settings(smoke: bool) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 def pool_features(model: str, dtype: str, rows: int, seed: int, cache_dir: str) -> tuple[list[dict], torch.Tensor]:
-    """(rows, G) for the embedded pool: load_pool → build_proxy → tokenize → compute_features, cached by key."""
+    """(rows, G) for the embedded pool: load_pool → build_proxy → tokenize → compute_features, cached by key.
+
+    cache_dir is taken relative to ROOT (an absolute path is used as is), never to the working directory.
+    Shared with spice_selectors.py, which imports it from here.
+    """
     from accelerate import Accelerator
 
-    cfg = S.validate(S.Config(model=model, dtype=dtype, embedded_pool_size=rows, seed=seed, cache_dir=cache_dir))
+    cache_root = ROOT / cache_dir
+    cfg = S.validate(S.Config(model=model, dtype=dtype, embedded_pool_size=rows, seed=seed,
+                              cache_dir=str(cache_root)))
     pool, examples, _, _ = S.load_pool(cfg)
     proxy, tok, fz = S.build_proxy(cfg, lora=False)
     tokens = S.tokenize(examples, tok, cfg)
-    cache = ROOT / cache_dir / S.feature_cache_key(cfg, proxy, tokens)
+    cache = cache_root / S.feature_cache_key(cfg, proxy, tokens)
     G = S.compute_features(fz, tok, tokens, cfg, Accelerator(cpu=True), cache)
     return pool, G
 
 
+def feature_summary(G: torch.Tensor) -> dict:
+    """Shape and squared-norm range of the features (sets the scale α = 1 acts on)."""
+    sq = (G.double() ** 2).sum(1)
+    return {"n": G.shape[0], "d": G.shape[1], "sq_norm_median": float(sq.median()),
+            "sq_norm_max": float(sq.max()), "sq_norm_min": float(sq.min())}
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Measurement helpers
+# Measurement
 # ----------------------------------------------------------------------------------------------------------
 
 def rankdata(x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +148,8 @@ def greedy_trace(G: torch.Tensor, steps: int, alpha: float, eta: float, checkpoi
         if t >= 1:
             conf = S.conflict(r, norms, ss, t, eta)[cand]
             eps = (delta - base)[cand]
-            # post hoc (added after seeing that ~96 % of conflicts are exactly 0): Definition 4 before the hinge
+            # post hoc (added after seeing that about 95–96 % of conflicts are exactly 0 — conflict > 0 for
+            # 4.3 % of candidates at α = 1, 5.5 % at α_safe): Definition 4 before the hinge
             neg_cos = conf - S.conflict(-r, norms, ss, t, eta)[cand]  # = −Align(g_x)
             step_rows.append({"t": t, "frac_conflict_positive": float((conf > 0).double().mean()),
                               "spearman_conflict_delta": spearman(conf, delta[cand]),
@@ -213,87 +231,69 @@ def conflict_split(G: torch.Tensor, alpha: float, frac: float, eta: float, alpha
     return out
 
 
+def measure_subset(G_all: torch.Tensor, seed: int, cfg: dict) -> dict:
+    """Everything measured on one random `subset`-row subset: (a)+(c) at α = 1 and at α_safe, (b) the split."""
+    idx = torch.randperm(G_all.shape[0], generator=torch.Generator().manual_seed(seed))[:cfg["subset"]]
+    G = G_all[idx].double()
+    lam_max_D = float(torch.linalg.eigvalsh(G @ G.T).max())
+    alpha_safe = 1 / (4 * lam_max_D)
+    main_trace = greedy_trace(G, cfg["steps"], cfg["alpha"], cfg["eta"], cfg["checkpoints"])
+    safe_trace = greedy_trace(G, cfg["steps"], alpha_safe, cfg["eta"], cfg["checkpoints"])
+    split = conflict_split(G, cfg["alpha"], cfg["split_frac"], cfg["eta"], alpha_safe)
+    return {"seed": seed, "rows": idx.tolist(), "norm_F_D": lam_max_D, "alpha_safe": alpha_safe,
+            "G_max_sq": float((G * G).sum(1).max()),
+            "alpha_main": {"steps": main_trace["steps"], "table4": main_trace["table4"], "picks": main_trace["picks"]},
+            "alpha_safe_trace": {"steps": safe_trace["steps"], "table4": safe_trace["table4"]},
+            "split": split}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Analysis: aggregate over steps (within a subset) and over subset seeds
+# ----------------------------------------------------------------------------------------------------------
+
 def mean_std(xs: list) -> dict:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    """Mean and sample std (ddof = 1) of the finite values; None / NaN / inf are dropped and n counts the rest.
+
+    Shared with spice_selectors.py, which imports it from here.
+    """
+    xs = [float(x) for x in xs if x is not None and math.isfinite(x)]
     if not xs:
         return {"mean": None, "std": None, "n": 0}
     t = torch.tensor(xs, dtype=torch.float64)
     return {"mean": float(t.mean()), "std": float(t.std()) if len(xs) > 1 else 0.0, "n": len(xs)}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Main: data → measurement per subset seed → aggregation → plots
-# ----------------------------------------------------------------------------------------------------------
+def step_summary(per_seed: list[dict], key: str, which: str) -> dict:
+    """(a) one step-wise statistic: mean and std over the steps where it is defined, per seed, then over seeds."""
+    per = []
+    for s in per_seed:
+        vals = [r[key] for r in s[which]["steps"] if math.isfinite(r[key])]
+        per.append({"mean_over_steps": mean_std(vals)["mean"], "std_over_steps": mean_std(vals)["std"],
+                    "n_steps_defined": len(vals), "n_steps": len(s[which]["steps"])})
+    return {"per_seed": per, "mean_over_seeds": mean_std([p["mean_over_steps"] for p in per]),
+            "std_over_steps_mean": mean_std([p["std_over_steps"] for p in per])["mean"]}
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="docs/results/spice_decay")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    cfg = settings(args.smoke)
-    out = Path(args.out)
-    t0 = time.perf_counter()
 
-    # --- data
-    rows, G_all = pool_features(cfg["model"], cfg["dtype"], cfg["pool_rows"], cfg["feature_seed"], cfg["cache_dir"])
-    t_feat = time.perf_counter() - t0
-    sq_all = (G_all.double() ** 2).sum(1)
-    feature_info = {"n": G_all.shape[0], "d": G_all.shape[1], "sq_norm_median": float(sq_all.median()),
-                    "sq_norm_max": float(sq_all.max()), "sq_norm_min": float(sq_all.min())}
+def table_summary(per_seed: list[dict], which: str, checkpoints: list[int]) -> list[dict]:
+    """(c) Table 4: one row per |S|, mean ± std over seeds (maxima for the error and tightness columns)."""
+    rows_out = []
+    for i, size in enumerate(checkpoints):
+        ent = [s[which]["table4"][i] for s in per_seed]
+        rows_out.append({"S": size, "alpha": which,
+                         "assumptions_hold_frac": sum(e["assumptions_hold"] for e in ent) / len(ent),
+                         "violation_rate": mean_std([e["violation_rate"] for e in ent]),
+                         "first_order_exceed_rate": mean_std([e["first_order_exceed_rate"] for e in ent]),
+                         "spearman_abs_eps_sum": mean_std([e["spearman_abs_eps_sum"] for e in ent]),
+                         "pearson_abs_eps_sum": mean_std([e["pearson_abs_eps_sum"] for e in ent]),
+                         "norm_F_S": mean_std([e["norm_F_S"] for e in ent]),
+                         "rho": mean_std([e["rho"] for e in ent]),
+                         "decomposition_error_max": max(e["decomposition_error_max"] for e in ent),
+                         "max_abs_eps_over_bound": max((e.get("max_abs_eps_over_bound") or 0.0) for e in ent)})
+    return rows_out
 
-    # --- measurement, per random 512-row subset
-    per_seed = []
-    for seed in tqdm(cfg["seeds"], desc="subsets"):
-        idx = torch.randperm(G_all.shape[0], generator=torch.Generator().manual_seed(seed))[:cfg["subset"]]
-        G = G_all[idx].double()
-        lam_max_D = float(torch.linalg.eigvalsh(G @ G.T).max())
-        alpha_safe = 1 / (4 * lam_max_D)
-        main_trace = greedy_trace(G, cfg["steps"], cfg["alpha"], cfg["eta"], cfg["checkpoints"])
-        safe_trace = greedy_trace(G, cfg["steps"], alpha_safe, cfg["eta"], cfg["checkpoints"])
-        split = conflict_split(G, cfg["alpha"], cfg["split_frac"], cfg["eta"], alpha_safe)
-        per_seed.append({"seed": seed, "rows": idx.tolist(), "norm_F_D": lam_max_D, "alpha_safe": alpha_safe,
-                         "G_max_sq": float((G * G).sum(1).max()),
-                         "alpha_main": {"steps": main_trace["steps"], "table4": main_trace["table4"],
-                                        "picks": main_trace["picks"]},
-                         "alpha_safe_trace": {"steps": safe_trace["steps"], "table4": safe_trace["table4"]},
-                         "split": split})
 
-    # --- analysis: aggregate over steps (within a seed) and over seeds
-    def step_summary(key: str, which: str) -> dict:
-        per = []
-        for s in per_seed:
-            vals = [r[key] for r in s[which]["steps"] if math.isfinite(r[key])]
-            per.append({"mean_over_steps": mean_std(vals)["mean"], "std_over_steps": mean_std(vals)["std"],
-                        "n_steps_defined": len(vals), "n_steps": len(s[which]["steps"])})
-        return {"per_seed": per, "mean_over_seeds": mean_std([p["mean_over_steps"] for p in per]),
-                "std_over_steps_mean": mean_std([p["std_over_steps"] for p in per])["mean"]}
-
-    part_a = {w: {k: step_summary(k, w) for k in ("spearman_conflict_delta", "spearman_conflict_abs_eps",
-                                                  "spearman_negcos_delta", "spearman_negcos_abs_eps")}
-              for w in ("alpha_main", "alpha_safe_trace")}
-    for w in part_a:
-        part_a[w]["frac_conflict_positive"] = mean_std(
-            [r["frac_conflict_positive"] for s in per_seed for r in s[w]["steps"]])
-
-    def table_summary(which: str) -> list[dict]:
-        rows_out = []
-        for i, size in enumerate(cfg["checkpoints"]):
-            ent = [s[which]["table4"][i] for s in per_seed]
-            rows_out.append({"S": size, "alpha": which,
-                             "assumptions_hold_frac": sum(e["assumptions_hold"] for e in ent) / len(ent),
-                             "violation_rate": mean_std([e["violation_rate"] for e in ent]),
-                             "first_order_exceed_rate": mean_std([e["first_order_exceed_rate"] for e in ent]),
-                             "spearman_abs_eps_sum": mean_std([e["spearman_abs_eps_sum"] for e in ent]),
-                             "pearson_abs_eps_sum": mean_std([e["pearson_abs_eps_sum"] for e in ent]),
-                             "norm_F_S": mean_std([e["norm_F_S"] for e in ent]),
-                             "rho": mean_std([e["rho"] for e in ent]),
-                             "decomposition_error_max": max(e["decomposition_error_max"] for e in ent),
-                             "max_abs_eps_over_bound": max((e.get("max_abs_eps_over_bound") or 0.0) for e in ent)})
-        return rows_out
-
-    part_c = {"alpha_main": table_summary("alpha_main"), "alpha_safe": table_summary("alpha_safe_trace")}
-
+def split_summary(per_seed: list[dict]) -> dict:
+    """(b) and Table 5: per conflict group, curvature over seeds; half-lives and gains for low / high."""
     part_b = {}
     for g in ("low", "medium", "high"):
         ent = [s["split"][g] for s in per_seed]
@@ -308,30 +308,54 @@ def main(argv=None) -> dict:
                              delta_1=mean_std([e["delta_1"] for e in ent]),
                              log_det=mean_std([e["log_det"] for e in ent]),
                              log_det_first_32=mean_std([e["log_det_first_32"] for e in ent]))
+    return part_b
 
-    wall = time.perf_counter() - t0
-    result = {"experiment": "spice_decay", "settings": {**cfg, "smoke": args.smoke}, "paper": PAPER,
-              "features": feature_info, "feature_seconds": t_feat, "wall_seconds": wall,
-              "part_a_stepwise_spearman": part_a, "part_b_conflict_split": part_b, "part_c_theorem4": part_c,
-              "per_seed": per_seed}
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / "results.json", result)
+
+def aggregate(per_seed: list[dict], cfg: dict) -> tuple[dict, dict, dict]:
+    """(part_a, part_b, part_c): step-wise Spearman, conflict split, Theorem 4 table, over the subset seeds."""
+    part_a = {w: {k: step_summary(per_seed, k, w) for k in ("spearman_conflict_delta", "spearman_conflict_abs_eps",
+                                                            "spearman_negcos_delta", "spearman_negcos_abs_eps")}
+              for w in ("alpha_main", "alpha_safe_trace")}
+    for w in part_a:
+        part_a[w]["frac_conflict_positive"] = mean_std(
+            [r["frac_conflict_positive"] for s in per_seed for r in s[w]["steps"]])
+    part_c = {"alpha_main": table_summary(per_seed, "alpha_main", cfg["checkpoints"]),
+              "alpha_safe": table_summary(per_seed, "alpha_safe_trace", cfg["checkpoints"])}
+    return part_a, split_summary(per_seed), part_c
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs: results.json, table4.csv, console summary
+# ----------------------------------------------------------------------------------------------------------
+
+def table4_csv(part_c: dict) -> str:
+    """Table 4 as CSV: one line per (α setting, |S|), means over seeds."""
+    def f(v) -> str:
+        return "" if v is None else f"{v:.6g}"
+
     csv = ["alpha,S,assumptions_hold_frac,violation_rate_mean,first_order_exceed_mean,spearman_mean,pearson_mean,"
            "norm_F_S_mean,rho_mean,decomposition_error_max"]
     for w, tab in part_c.items():
         for r in tab:
-            f = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
             csv.append(",".join([w, str(r["S"]), f(r["assumptions_hold_frac"]), f(r["violation_rate"]["mean"]),
                                  f(r["first_order_exceed_rate"]["mean"]), f(r["spearman_abs_eps_sum"]["mean"]),
                                  f(r["pearson_abs_eps_sum"]["mean"]), f(r["norm_F_S"]["mean"]),
                                  f(r["rho"]["mean"]), f(r["decomposition_error_max"])]))
-    common.write_text(out / "table4.csv", "\n".join(csv) + "\n")
+    return "\n".join(csv) + "\n"
 
-    # --- plots
-    plot(per_seed, part_c, cfg, out / "spice_decay.png")
 
-    # --- summary
-    a = part_a["alpha_main"]
+def write_outputs(out: Path, result: dict) -> None:
+    """results.json and table4.csv under out (the plot is written by plot())."""
+    out.mkdir(parents=True, exist_ok=True)
+    common.write_json(out / "results.json", result)
+    common.write_text(out / "table4.csv", table4_csv(result["part_c_theorem4"]))
+
+
+def print_summary(result: dict, out: Path) -> None:
+    """The headline numbers of (a), (b), (c) next to the paper's."""
+    cfg, feature_info = result["settings"], result["features"]
+    a, part_b, part_c = (result["part_a_stepwise_spearman"]["alpha_main"], result["part_b_conflict_split"],
+                         result["part_c_theorem4"])
     print(f"\nfeatures {feature_info['n']}×{feature_info['d']}, median ‖g‖² {feature_info['sq_norm_median']:.3g}; "
           f"{len(cfg['seeds'])} subsets of {cfg['subset']}, α = {cfg['alpha']}")
     print(f"(a) step-wise Spearman, mean over steps then seeds (paper −0.792 / 0.901): "
@@ -342,7 +366,7 @@ def main(argv=None) -> dict:
     print(f"    post hoc, −cos before the hinge: ~Δ {a['spearman_negcos_delta']['mean_over_seeds']['mean']:+.3f}, "
           f"~|ε| {a['spearman_negcos_abs_eps']['mean_over_seeds']['mean']:+.3f}; share of candidates with "
           f"conflict > 0: {a['frac_conflict_positive']['mean']:.3f}")
-    print(f"    curvature at α_safe low/med/high: " + " / ".join(
+    print("    curvature at α_safe low/med/high: " + " / ".join(
         f"{part_b[g]['curvature_alpha_safe']['mean']:.3f}" for g in ("low", "medium", "high")))
     print(f"(b) half-life low / high conflict: {part_b['low']['half_life']} / {part_b['high']['half_life']}; "
           f"curvature low/med/high {part_b['low']['curvature']['mean']:.3f} / "
@@ -355,9 +379,12 @@ def main(argv=None) -> dict:
                   f"{'  n/a ' if v is None else f'{100 * v:5.1f}%'}     {100 * r['first_order_exceed_rate']['mean']:5.1f}%"
                   f"        {r['spearman_abs_eps_sum']['mean']:+.3f}    {r['pearson_abs_eps_sum']['mean']:+.3f}   "
                   f"{r['norm_F_S']['mean']:.3g}  {r['decomposition_error_max']:.1e}")
-    print(f"wrote {out}/results.json, table4.csv, spice_decay.png in {wall:.1f} s")
-    return result
+    print(f"wrote {out}/results.json, table4.csv, spice_decay.png in {result['wall_seconds']:.1f} s")
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------
 
 def plot(per_seed: list[dict], part_c: dict, cfg: dict, path: Path) -> None:
     import matplotlib
@@ -411,5 +438,34 @@ def plot(per_seed: list[dict], part_c: dict, cfg: dict, path: Path) -> None:
     common.save_figure(fig, path, dpi=120)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Main: data → measurement per subset seed → analysis → outputs → plots
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    cfg = settings(args.smoke)
+    t0 = time.perf_counter()
+
+    _, G_all = pool_features(cfg["model"], cfg["dtype"], cfg["pool_rows"], cfg["feature_seed"], cfg["cache_dir"])
+    t_feat = time.perf_counter() - t0
+    per_seed = [measure_subset(G_all, seed, cfg) for seed in tqdm(cfg["seeds"], desc="subsets")]
+    part_a, part_b, part_c = aggregate(per_seed, cfg)
+    result = {"experiment": "spice_decay", "settings": {**cfg, "smoke": args.smoke}, "paper": PAPER,
+              "features": feature_summary(G_all), "feature_seconds": t_feat,
+              "wall_seconds": time.perf_counter() - t0,
+              "part_a_stepwise_spearman": part_a, "part_b_conflict_split": part_b, "part_c_theorem4": part_c,
+              "per_seed": per_seed}
+
+    write_outputs(args.out, result)
+    plot(per_seed, part_c, cfg, args.out / "spice_decay.png")
+    print_summary(result, args.out)
+    return result
+
+
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -4,7 +4,8 @@ Paper claim (spice.md §5.2, Table 1/14, Qwen2-7B, mean of 3 runs): LoRA on the 
 over 8 benchmarks, against 56.4 for the full 97.5 K pool, 55.5 for a random 10 % and 53.6 untuned ("Null").
 
 Protocol, fixed before any result was seen:
-- Pool: the embedded pool (1000 rows, 8 families, ~15 % corrupted responses, ~15 % near-duplicates, seed 0).
+- Pool: the embedded pool (1000 rows, 8 families, seed 0): 17 % corrupted responses (15 % is only the generator's
+  rate parameter), 15 % near-duplicates.
 - Held-out set: a fresh embedded_pool with another seed (1); clean rows only, no near-duplicates, and no
   instruction that appears in the training pool (near-duplicate prefixes stripped before comparing); at most
   HELDOUT_PER_FAMILY per family. `capitals` and `opposites` have so few distinct instructions (24 / 18) that the
@@ -55,7 +56,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -81,7 +83,8 @@ HELDOUT_SEED = 1                    # the training pool is seed 0
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 WARMUP = 0.1                        # linear warmup fraction, then cosine decay to 0 (paper: cosine)
 EVAL_BATCH = 32
-CACHE = Path("outputs/experiments/spice_downstream")
+DEFAULT_OUT = ROOT / "docs/results/spice_downstream"
+CACHE = ROOT / "outputs/experiments/spice_downstream"
 _DUP_PREFIX = re.compile(r"^(Please answer: |Quick question\. |Q: |Tell me: )")
 
 
@@ -119,7 +122,10 @@ def make_selections(S: dict, cache: Path, rows: list[dict]) -> dict:
 
     cfg = ss.Config(model=S["model"], embedded_pool_size=S["pool_n"], budget=BUDGET, lam=LAMBDA, seed=0,
                     cache_dir=str(cache / "feature_cache"), output_dir=str(cache / "select"))
-    key = hashlib.sha1(json.dumps([dataclasses.asdict(cfg), S["online_pool"], S["online_k"], S["online_T"],
+    # The key sees the paths relative to ROOT, so it does not depend on where the checkout lives.
+    key_cfg = dataclasses.replace(cfg, cache_dir=os.path.relpath(cfg.cache_dir, ROOT),
+                                  output_dir=os.path.relpath(cfg.output_dir, ROOT))
+    key = hashlib.sha1(json.dumps([dataclasses.asdict(key_cfg), S["online_pool"], S["online_k"], S["online_T"],
                                    list(S["seeds"])], sort_keys=True).encode()).hexdigest()[:12]
     path = cache / f"selections_{key}.json"
     if path.exists():
@@ -374,7 +380,7 @@ def fmt_family_table(table: list[dict], groups: list[str], result: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="docs/results/spice_downstream")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--smoke", action="store_true", help="tiny model, 80-row pool, 2 seeds: seconds")
     ap.add_argument("--seeds", type=int, nargs="*", help="override the seeds")
     ap.add_argument("--epochs", type=int, help="override the epochs (same for every selection)")
@@ -385,7 +391,7 @@ def main(argv=None) -> dict:
         S["seeds"] = tuple(args.seeds)
     if args.epochs:
         S["epochs"] = args.epochs
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     cache = CACHE / ("smoke" if args.smoke else "full")
     t_start = time.perf_counter()
@@ -403,8 +409,15 @@ def main(argv=None) -> dict:
     if args.select_only:
         print(json.dumps({k: v for k, v in sels.items() if k != "online_config"}, default=str)[:3000])
         return sels
-    idx_of = lambda m, s: (sels["indices"][f"random@{s}"] if m == "random" else list(range(len(pool))) if m == "full"
-                           else sels["indices"][m])
+
+    def idx_of(method: str, seed: int) -> list[int]:
+        """Training rows of a method: all of them for `full`, the seed's draw for `random`, else the selection."""
+        if method == "full":
+            return list(range(len(pool)))
+        if method == "random":
+            return sels["indices"][f"random@{seed}"]
+        return sels["indices"][method]
+
     comp = {m: {s: composition(idx_of(m, s), pool) for s in S["seeds"]} for m in METHODS}
 
     # Measurement: null model, then every (seed, method)

@@ -7,9 +7,10 @@ Claims tested (research notes spice.md §1.7, §5.4, §7.2–7.3):
     while SPICE raises the minimum cosine to the selected-set mean and lowers the fraction of negative cosines;
     SPICE ≫ random and ≥ top_norm in log-det.
 
-Setting: the same cached features as spice_decay.py (the embedded 1,000-row pool: 8 task families, ~15 % corrupted
-responses, ~15 % near-duplicates, all tagged; SmolLM2-135M-Instruct proxy, spice_select's default featurization,
-3,584 dims, bf16), α = 1, budget 10 % (100 rows). Selectors, all from spice_select on the same features:
+Setting: the same cached features as spice_decay.py (the embedded 1,000-row pool: 8 task families, 17 % corrupted
+responses (170 rows; 15 % is only the generator's rate parameter), 15 % near-duplicates, all tagged;
+SmolLM2-135M-Instruct proxy, spice_select's default featurization, 3,584 dims, bf16), α = 1, budget 10 % (100 rows).
+Selectors, all from spice_select on the same features:
 SPICE λ ∈ {0.1, 0.5, 1}, plain greedy (λ = 0), top_norm (official default), official_diag (official g⁴ surrogate,
 λ = 0.1), random (5 seeds, mean ± std), SPICE+ (λ = 0.1, ω = 0.5) with the 10 % budget as cap and, separately,
 with a 50 % cap (to see where the ω rule stops on its own). Two schedules: whole pool offline, and pool by pool
@@ -31,11 +32,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import common  # noqa: E402
+import spice_decay  # noqa: E402  (the same feature path, pool_features, and the same mean_std)
 import spice_select as S  # noqa: E402
 
 PAPER = {"jaccard_spice_fisher": 0.47, "claim": "SPICE selects subsets with higher log-det than other criteria"}
@@ -47,7 +50,11 @@ METRICS = ("log_det", "frac_corrupted", "frac_duplicates", "n_families_covered",
 # Settings
 # ----------------------------------------------------------------------------------------------------------
 
+DEFAULT_OUT = ROOT / "docs/results/spice_selectors"
+
+
 def settings(smoke: bool) -> dict:
+    """The protocol's fixed values. cache_dir is relative to ROOT (recorded as is in results.json)."""
     base = dict(alpha=1.0, budget=0.1, lams=[0.1, 0.5, 1.0], omega=0.5, spice_plus_caps=[0.1, 0.5],
                 random_seeds=[0, 1, 2, 3, 4], pool_size=120, select_k=12, window_seeds=[0, 1, 2], feature_seed=0)
     if smoke:
@@ -55,23 +62,6 @@ def settings(smoke: bool) -> dict:
                 "cache_dir": "outputs/experiments/spice_features_smoke"}
     return {**base, "model": "embedded", "dtype": "bfloat16", "pool_rows": 1000,
             "cache_dir": "outputs/experiments/spice_features"}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data: the same cached features as spice_decay.py (spice_select's feature path)
-# ----------------------------------------------------------------------------------------------------------
-
-def pool_features(model: str, dtype: str, rows: int, seed: int, cache_dir: str) -> tuple[list[dict], torch.Tensor]:
-    """(rows, G) for the embedded pool: load_pool → build_proxy → tokenize → compute_features, cached by key."""
-    from accelerate import Accelerator
-
-    cfg = S.validate(S.Config(model=model, dtype=dtype, embedded_pool_size=rows, seed=seed, cache_dir=cache_dir))
-    pool, examples, _, _ = S.load_pool(cfg)
-    proxy, tok, fz = S.build_proxy(cfg, lora=False)
-    tokens = S.tokenize(examples, tok, cfg)
-    cache = ROOT / cache_dir / S.feature_cache_key(cfg, proxy, tokens)
-    G = S.compute_features(fz, tok, tokens, cfg, Accelerator(cpu=True), cache)
-    return pool, G
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,12 +103,14 @@ def run_schedule(G: torch.Tensor, rows: list[dict], cfg: dict, pool_size, select
     res = {}
     for label, method, kw in selectors(cfg):
         if pool_size and "omega" in kw:  # SPICE+ per window: cap = the cap fraction of each window
+            # select_k reuses the budget fraction as the per-window cap (10 % → 12 of each 120-row window,
+            # 50 % → 60), so the overall budget equals the cap.
             kw = {**kw, "select_k": kw["budget"]}
         sel = S.select_offline(G, conf(**kw), method)
         res[label] = {k: v for k, v in measure(sel, G, rows, cfg["alpha"], greedy_set).items() if k in METRICS}
         res[label]["indices"] = sel.indices
     rand = [measure(random_sel(s), G, rows, cfg["alpha"], greedy_set) for s in cfg["random_seeds"]]
-    res["random"] = {m: mean_std([r[m] for r in rand]) for m in METRICS}
+    res["random"] = {m: spice_decay.mean_std([r[m] for r in rand]) for m in METRICS}
     return res
 
 
@@ -136,14 +128,6 @@ def fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def mean_std(xs: list) -> dict:
-    xs = [float(x) for x in xs if x is not None]
-    if not xs:
-        return {"mean": None, "std": None, "n": 0}
-    t = torch.tensor(xs, dtype=torch.float64)
-    return {"mean": float(t.mean()), "std": float(t.std()) if len(xs) > 1 else 0.0, "n": len(xs)}
-
-
 def aggregate(runs: list[dict]) -> dict:
     """Mean ± std over window seeds of per-run values (random: of its per-run means)."""
     out = {}
@@ -152,7 +136,7 @@ def aggregate(runs: list[dict]) -> dict:
         for m in METRICS:
             xs = [r[label][m]["mean"] if isinstance(r[label][m], dict) else r[label][m] for r in runs]
             xs = [x for x in xs if x is not None]
-            vals[m] = mean_std(xs)
+            vals[m] = spice_decay.mean_std(xs)
         out[label] = vals
     return out
 
@@ -163,15 +147,17 @@ def aggregate(runs: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="docs/results/spice_selectors")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = settings(args.smoke)
-    out = Path(args.out)
+    out = args.out
     t0 = time.perf_counter()
 
-    rows, G = pool_features(cfg["model"], cfg["dtype"], cfg["pool_rows"], cfg["feature_seed"], cfg["cache_dir"])
+    # Data: the same cached features as spice_decay.py (spice_select's feature path)
+    rows, G = spice_decay.pool_features(cfg["model"], cfg["dtype"], cfg["pool_rows"], cfg["feature_seed"],
+                                        cfg["cache_dir"])
     pool_info = {"n": len(rows), "d": G.shape[1], "frac_corrupted": sum(r["corrupted"] for r in rows) / len(rows),
                  "frac_duplicates": sum(r["duplicate_of"] is not None for r in rows) / len(rows),
                  "n_families": len(S.FAMILIES), "log_det_pool": S.log_det(G, cfg["alpha"])}
@@ -254,4 +240,4 @@ def plot(whole: dict, per_pool: dict, pool_info: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)
