@@ -98,10 +98,22 @@ def subset(batch: dict, G: int, g_max: int) -> tuple[torch.Tensor, torch.Tensor,
 
 # ---- measurement -------------------------------------------------------------------------------------------
 
+def grpo_gram(F: torch.Tensor, r: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K = F Fᵀ / B, GRPO advantages a) as salt_grpo builds them (per-group std, its default eps)."""
+    return common.gram(F) / F.shape[0], sg.group_advantages(r.double(), G, "group", sg.Config().adv_eps)
+
+
+def mean_std(xs: list[float]) -> dict:
+    """Mean, sample std and n; NaN (a batch with no mixed group, a quantity an arm lacks) is left out of all three.
+    Shared with salt_geometry.py and salt_training.py."""
+    xs = [x for x in xs if x == x]
+    return {"mean": statistics.fmean(xs) if xs else float("nan"),
+            "std": statistics.stdev(xs) if len(xs) > 1 else float("nan"), "n": len(xs)}
+
+
 def geometry(F: torch.Tensor, r: torch.Tensor, groups: torch.Tensor, G: int) -> dict:
-    """H1's statistics for one batch at one G (GRPO advantages, eps as in salt_grpo's default)."""
-    a = sg.group_advantages(r.double(), G, "group", sg.Config().adv_eps)
-    K = common.gram(F) / F.shape[0]
+    """H1's statistics for one batch at one G."""
+    K, a = grpo_gram(F, r, G)
     B, active = a.numel(), int((a != 0).sum())
     gg = common.group_geometry(K, a, groups)
     neff = common.signed_neff(K, a) if active else float("nan")
@@ -115,16 +127,8 @@ def geometry(F: torch.Tensor, r: torch.Tensor, groups: torch.Tensor, G: int) -> 
 
 
 def summarise(rows: list[dict], keys: list[str]) -> dict:
-    """Per G: mean, sample std and n over batches (NaN batches, with no mixed group, are left out and counted)."""
-    out = {}
-    for G in G_VALUES:
-        sel = [x for x in rows if x["G"] == G]
-        out[G] = {}
-        for k in keys:
-            vals = [x[k] for x in sel if x[k] == x[k]]
-            out[G][k] = {"mean": statistics.fmean(vals) if vals else float("nan"),
-                         "std": statistics.stdev(vals) if len(vals) > 1 else float("nan"), "n": len(vals)}
-    return out
+    """Per G: mean, sample std and n over batches."""
+    return {G: {k: mean_std([x[k] for x in rows if x["G"] == G]) for k in keys} for G in G_VALUES}
 
 
 KEYS = ["participation_ratio", "pr_over_B", "neff", "neff_over_B", "neff_over_B_active", "neff_within",

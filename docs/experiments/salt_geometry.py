@@ -50,10 +50,9 @@ def applied_geometry(K: torch.Tensor, a: torch.Tensor, a_new: torch.Tensor) -> d
 
 def measure(F: torch.Tensor, r: torch.Tensor, G: int, seed: int) -> dict:
     """Every mode on one (K, a); random_subspace is the mean over RANDOM_DRAWS seeded subspaces."""
-    a = sg.group_advantages(r.double(), G, "group", sg.Config().adv_eps)
+    K, a = exp1.grpo_gram(F, r, G)
     if not (a != 0).any():
         return {}
-    K = common.gram(F) / F.shape[0]
     out = {}
     for mode in MODES:
         cfg = dataclasses.replace(sg.Config(), salt=mode, num_generations=G)
@@ -91,13 +90,6 @@ def plot(summary: dict, path: Path) -> None:
     common.save_figure(fig, path, dpi=110)
 
 
-def stat(xs: list[float]) -> dict:
-    """Mean, sample std and n over batches, NaNs (a quantity a mode does not have) left out."""
-    xs = [x for x in xs if x == x]
-    return {"mean": statistics.fmean(xs) if xs else float("nan"),
-            "std": statistics.stdev(xs) if len(xs) > 1 else float("nan"), "n": len(xs)}
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "docs/results/salt_geometry"))
@@ -117,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     for G in exp1.G_VALUES:
         for mode in MODES:
             sel = [x for x in rows if x["G"] == G and x["mode"] == mode]
-            summary[f"G{G}/{mode}"] = {k: stat([x[k] for x in sel]) for k in ["neff", "pr", "cos_to_grpo", "k", "alpha"]}
+            summary[f"G{G}/{mode}"] = {k: exp1.mean_std([x[k] for x in sel]) for k in ["neff", "pr", "cos_to_grpo", "k", "alpha"]}
     out = Path(args.out)
     result = {"experiment": "salt_geometry", "settings": {**s, "G_values": exp1.G_VALUES, "modes": MODES,
               "random_draws": RANDOM_DRAWS}, "per_batch": rows, "summary": summary,

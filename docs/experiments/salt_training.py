@@ -34,8 +34,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import salt_grpo as sg  # noqa: E402
+from salt_cancellation import mean_std  # noqa: E402  (mean, std, n over seeds, NaN left out)
 
 ARMS = ["off", "official", "random_subspace", "positive_only"]
 SETTINGS = dict(seeds=[0, 1, 2, 3, 4], G_values=[4, 16], prompts_per_step=8, steps=80, eval_every=10, eval_size=256,
@@ -130,13 +132,6 @@ def one_run(s: dict, arm: str, G: int, seed: int, model_dir: Path, work: Path, a
 def series(run: dict, key: str) -> tuple[list[int], list[float]]:
     pts = [(m["step"], m[key]) for m in run["trace"] if key in m and m[key] is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def mean_std(xs: list[float]) -> dict:
-    """Mean, sample std and n over seeds; NaN (a quantity an arm does not have, e.g. α under GRPO) is left out."""
-    xs = [x for x in xs if x == x]
-    return {"mean": statistics.fmean(xs) if xs else float("nan"),
-            "std": statistics.stdev(xs) if len(xs) > 1 else float("nan"), "n": len(xs)}
 
 
 def summarise(runs: list[dict], arms: list[str], s: dict) -> dict:
