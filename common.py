@@ -158,12 +158,12 @@ def load_model(name: str = EMBEDDED, dtype: torch.dtype | str = torch.float32, t
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if isinstance(dtype, str):
+    if isinstance(dtype, str) and dtype != "auto":  # auto: the dtype the checkpoint was saved in
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     if name == TINY:
         model, tok = tiny_llama(seed=seed)
-        model = model.to(dtype)
+        model = model.to(torch.float32 if dtype == "auto" else dtype)
     else:
         path = str(embedded_model_dir()) if name == EMBEDDED else _resolve_model(name)
         kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
@@ -306,10 +306,45 @@ def _stable_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log π(y_t | y_<t) for next-token labels (B, T); logits (B, T, V) already aligned with labels. fp32."""
-    logits = logits.float() / temperature
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(z/τ)[y] and the entropy of softmax(z/τ), in fp32 over chunks of tokens. Beyond the logits
+    themselves only O(chunk·V) memory is used, in the forward and the backward (which recomputes softmax from the
+    saved logits and log-sum-exp); `logits.float().log_softmax(-1)` would keep a full fp32 (B, T, V) copy alive
+    for the backward, the largest tensor of a long-completion step."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, chunk):
+        z2, y = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        lse, ent = (torch.empty(y.shape, dtype=torch.float32, device=logits.device) for _ in range(2))
+        for s in range(0, len(y), chunk):
+            z = z2[s:s + chunk].float() / temperature
+            lse[s:s + chunk] = torch.logsumexp(z, -1)
+            ent[s:s + chunk] = lse[s:s + chunk] - (torch.softmax(z, -1) * z).sum(-1)  # H = lse − Σ p z
+        lp = z2.gather(-1, y[:, None]).squeeze(-1).float() / temperature - lse
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(ent)
+        return lp.view(labels.shape), ent.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, g, _):
+        logits, labels, lse = ctx.saved_tensors
+        z2, y, g = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), g.reshape(-1).float()
+        grad = torch.empty_like(z2)
+        for s in range(0, len(y), ctx.chunk):  # ∂ log p_y / ∂z = (e_y − softmax(z/τ)) / τ
+            d = -torch.exp(z2[s:s + ctx.chunk].float() / ctx.temperature - lse[s:s + ctx.chunk, None])
+            d[torch.arange(d.shape[0], device=d.device), y[s:s + ctx.chunk]] += 1
+            grad[s:s + ctx.chunk] = d * (g[s:s + ctx.chunk, None] / ctx.temperature)
+        return grad.view_as(logits), None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                   chunk_elems: int = 2**25):
+    """log π(y_t | y_<t) for next-token labels (B, T), fp32, from logits (B, T, V) already aligned with labels (any
+    dtype; never copied to fp32 as a whole). with_entropy: also the per-token entropy of softmax(z/τ) (no grad)."""
+    with torch.autocast(logits.device.type, enabled=False):
+        lp, ent = _SelectiveLogSoftmax.apply(logits, labels, float(temperature), max(1, chunk_elems // logits.shape[-1]))
+    return (lp, ent) if with_entropy else lp
 
 
 def sequence_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,

@@ -1,11 +1,11 @@
 """GRPO on Accelerate with the SALT plug-in (arXiv 2606.05800), one file, read top to bottom beside the paper.
 
     accelerate launch salt_grpo.py                    # SmolLM2-135M-Instruct, built-in arithmetic, SALT `official`
-    python salt_grpo.py --preset smoke                # tiny random model, seconds
+    python salt_grpo.py --preset smoke                # tiny random model, seconds, SALT acting (partial-credit reward)
     python salt_grpo.py --salt off                    # plain GRPO (the matched baseline)
     python salt_grpo.py plot outputs/salt_grpo        # draw metrics.jsonl to metrics.png
 
-GRPO: for each prompt draw G completions, score them with a verifiable reward, turn rewards into group-relative
+GRPO: for each prompt draw G completions, score them with verifiable rewards, turn rewards into group-relative
 advantages a_i = (r_i − mean_g r) / (std_g r + eps) and minimise the PPO clipped surrogate on token ratios.
 SALT replaces a (one scalar per rollout) by a′ computed from the Gram K of per-rollout gradient features:
     PR = (tr K)² / ‖K‖_F²,  k = clip(round(ρ·PR), k_min, min(k_max, B−1)),  P = V_k V_kᵀ (top-k eigenvectors of K),
@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
+import numbers
+import operator
 import os
 import random
 import re
@@ -37,69 +40,93 @@ import common
 from common import UserError
 
 # ----------------------------------------------------------------------------------------------------------
-# Config: one dataclass, every field a CLI flag; TRL's names where they overlap (anchors.md §2.2)
+# Config: one dataclass, every field a CLI flag with its checks; TRL's names and meanings where they overlap
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _f(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def _f(default, help, **checks):
+    """A field with its help and checks: choices=[...], ge/gt/le/lt bounds; floats must be finite unless nonfinite."""
+    return field(default=default, metadata={"help": help, **checks})
 
 
 @dataclass
 class Config:
     # model and run
     model: str = _f(common.EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a local folder or a hub id")
-    preset: str = _f("", "`smoke`: tiny random model and a few steps (seconds)", choices=["", "smoke"])
+    preset: str = _f("", "`smoke`: tiny random model, partial-credit reward, a few steps (seconds)",
+                     choices=["", "smoke"])
     config: str = _f("", "optional YAML/JSON file with any of these fields (CLI flags override it)")
     output_dir: str = _f("outputs/salt_grpo", "metrics.jsonl, checkpoints, final model, summary.json")
-    seed: int = _f(0, "seed of data order, rollouts, projections")
-    bf16: bool = _f(True, "bf16 autocast for forwards and generation (loss math stays fp32)")
+    overwrite_output_dir: bool = _f(False, "allow a non-empty output_dir (as HF Trainer); its old checkpoint-*/final "
+                                    "folders are removed so two runs never mix")
+    seed: int = _f(0, "seed of data order, rollouts, projections", ge=0)
+    dtype: str = _f("float32", "weights dtype (TRL's ModelConfig.dtype); auto: the checkpoint's own",
+                    choices=["auto", "float32", "bfloat16", "float16"])
+    bf16: bool = _f(True, "bf16 autocast for forwards and generation (log-probs, ratios and the loss stay fp32)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward: less memory, about a third more compute")
+    use_peft: bool = _f(False, "train a LoRA adapter (peft) instead of every weight; the KL reference is the base")
+    lora_r: int = _f(16, "LoRA rank", ge=1)
+    lora_alpha: int = _f(32, "LoRA α (the update is scaled by α/r)", ge=1)
+    lora_dropout: float = _f(0.05, "LoRA dropout (0 makes rollouts and training forwards the same function)", ge=0, lt=1)
+    lora_target_modules: str = _f("", "comma-separated module names or `all-linear`; empty: peft's default")
     trust_remote_code: bool = _f(False, "passed to from_pretrained")
-    # data
+    # data and rewards
     dataset: str = _f("", "empty: the built-in arithmetic task; else a hub id or a local .jsonl/.json/.parquet/.csv")
     dataset_config: Optional[str] = _f(None, "hub dataset config name (e.g. `main` for gsm8k)")
-    dataset_split: str = _f("train", "split to train on")
-    eval_split: str = _f("", "split to evaluate on (hub datasets); empty: hold out eval_size training rows")
+    dataset_split: str = _f("train", "split to train on (hub datasets; a local file is one split: `train`)")
+    eval_split: str = _f("", "split to evaluate on (hub datasets); empty: hold out eval_size distinct prompts")
     eval_dataset: str = _f("", "a separate evaluation file or hub id (same columns); overrides eval_split")
-    prompt_column: str = _f("question", "column holding the prompt text")
-    answer_column: str = _f("answer", "column holding the answer (a number, or text ending in `#### N`)")
-    prompt_suffix: str = _f("", "appended to every dataset prompt (e.g. an answer-format instruction)")
-    task_size: int = _f(4096, "built-in task: number of training problems")
-    task_min_terms: int = _f(2, "built-in task: fewest terms in a sum")
-    task_max_terms: int = _f(2, "built-in task: most terms in a sum")
-    task_digits: int = _f(1, "built-in task: digits per term")
-    task_word_frac: float = _f(0.25, "built-in task: fraction of short word problems")
-    eval_size: int = _f(64, "held-out problems for greedy evaluation")
+    prompt_column: str = _f("question", "column holding the prompt: text, or a [{role, content}] conversation")
+    answer_column: str = _f("answer", "column the built-in rewards read (a number, or text ending in `#### N`)")
+    prompt_suffix: str = _f("", "appended to every prompt (to the last message of a conversation)")
+    system_prompt: str = _f("", "system message before every prompt that has none")
+    max_prompt_length: int = _f(512, "prompt tokens kept; longer prompts are cut on the left (a warning says how "
+                                "many)", ge=1)
+    reward_funcs: str = _f("exact_match", "comma-separated: built-in `exact_match` / `closeness`, or "
+                           "`module:function` / `path/file.py:function` with TRL's signature "
+                           "f(completions, **columns) -> list[float]")
+    reward_weights: str = _f("", "comma-separated weights, one per reward function (default: 1 each)")
+    task_size: int = _f(4096, "built-in task: number of training problems", ge=1)
+    task_min_terms: int = _f(2, "built-in task: fewest terms in a sum", ge=1)
+    task_max_terms: int = _f(2, "built-in task: most terms in a sum", ge=1)
+    task_digits: int = _f(1, "built-in task: digits per term", ge=1, le=6)
+    task_word_frac: float = _f(0.25, "built-in task: fraction of short word problems", ge=0, le=1)
+    eval_size: int = _f(64, "held-out problems for greedy evaluation", ge=0)
     # GRPO (TRL names)
-    num_generations: int = _f(8, "G: completions per prompt")
-    prompts_per_step: int = _f(4, "prompts per generation round, all processes together")
-    micro_batch_size: int = _f(0, "rollouts per forward/backward per process; 0: all of them at once")
-    num_iterations: int = _f(1, "optimizer steps per generation round (μ); >1 uses stored old log-probs")
-    max_steps: int = _f(32, "optimizer steps")
-    max_completion_length: int = _f(24, "new tokens per completion")
-    temperature: float = _f(1.0, "sampling temperature (also used in the log-probs, as TRL does)")
-    top_p: float = _f(1.0, "nucleus sampling mass")
-    epsilon: float = _f(0.2, "lower clip ε of the ratio")
-    epsilon_high: Optional[float] = _f(None, "upper clip ε_high (DAPO: 0.28); default ε")
-    beta: float = _f(0.0, "KL coefficient to a frozen reference (k3 estimator); 0 loads no reference")
+    num_generations: int = _f(8, "G: completions per prompt", ge=2)
+    prompts_per_step: int = _f(4, "prompts per optimizer step, all processes together", ge=1)
+    steps_per_generation: int = _f(1, "optimizer steps per generation round (a round samples prompts_per_step × "
+                                   "this prompts once); TRL's name, counted here in optimizer steps", ge=1)
+    micro_batch_size: int = _f(0, "rollouts per forward/backward per process; 0: all of a step's at once (CPU demo; "
+                               "set it on GPUs)", ge=0)
+    num_iterations: int = _f(1, "μ: passes over each generation round; >1 uses stored old log-probs", ge=1)
+    max_steps: int = _f(32, "optimizer steps", ge=0)
+    max_completion_length: int = _f(24, "new tokens per completion", ge=1)
+    mask_truncated_completions: bool = _f(False, "leave completions that hit max_completion_length without EOS out "
+                                          "of the loss (TRL)")
+    temperature: float = _f(1.0, "sampling temperature (also used in the log-probs, as TRL does)", gt=0)
+    top_p: float = _f(1.0, "nucleus sampling mass", gt=0, le=1)
+    epsilon: float = _f(0.2, "lower clip ε of the ratio", gt=0, lt=1)
+    epsilon_high: Optional[float] = _f(None, "upper clip ε_high (DAPO: 0.28); default ε", gt=0)
+    beta: float = _f(0.0, "KL coefficient to a frozen reference (k3 estimator); 0 loads no reference", ge=0)
     scale_rewards: str = _f("group", "advantage std: per group, whole batch, or none",
                             choices=["group", "batch", "none"])
-    adv_eps: float = _f(1e-4, "eps in (r − mean)/(std + eps); TRL uses 1e-4, verl/official SALT 1e-6")
+    adv_eps: float = _f(1e-4, "eps in (r − mean)/(std + eps); TRL uses 1e-4, verl/official SALT 1e-6", ge=0)
     loss_type: str = _f("dapo", "aggregation: grpo (seq mean), dr_grpo (/ B·L), dapo = token-mean",
                         choices=["grpo", "dr_grpo", "dapo", "token-mean"])
-    learning_rate: float = _f(1e-5, "AdamW learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    adam_beta1: float = _f(0.9, "AdamW β1")
-    adam_beta2: float = _f(0.99, "AdamW β2")
-    max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
-    warmup_steps: int = _f(0, "linear warm-up steps")
+    learning_rate: float = _f(1e-5, "AdamW learning rate", ge=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    adam_beta1: float = _f(0.9, "AdamW β1", ge=0, lt=1)
+    adam_beta2: float = _f(0.99, "AdamW β2", ge=0, lt=1)
+    max_grad_norm: float = _f(1.0, "gradient clipping (0: off)", ge=0)
+    warmup_steps: int = _f(0, "linear warm-up steps", ge=0)
     lr_scheduler_type: str = _f("constant", "after warm-up", choices=["constant", "linear"])
     # evaluation, logging, checkpoints
-    eval_every: int = _f(0, "greedy held-out accuracy every N steps (0: only at start and end)")
-    eval_batch_size: int = _f(64, "prompts per greedy generate call")
-    save_every: int = _f(0, "checkpoint every N steps (0: only the final model)")
+    eval_every: int = _f(0, "greedy held-out evaluation every N steps (0: only at start and end)", ge=0)
+    eval_batch_size: int = _f(64, "prompts per greedy generate call", ge=1)
+    save_every: int = _f(0, "checkpoint every N steps (0: only the final model)", ge=0)
     resume_from: str = _f("", "checkpoint folder to continue from (output_dir/checkpoint-N)")
-    report_to: str = _f("none", "accelerate trackers, e.g. tensorboard (when installed)")
+    report_to: str = _f("none", "comma-separated accelerate trackers (tensorboard, wandb, ...) or none")
     # SALT
     salt: str = _f("official", "off = GRPO; official = released rule; identity = GRPO through SALT (self-check); "
                    "random_subspace / amplify / positive_only = research controls, not the authors' rule",
@@ -110,58 +137,93 @@ class Config:
                             "unprojected (small vocab); layers: projected per-sample grads of salt_layers",
                             choices=["lm_head", "lm_head_exact", "layers"])
     salt_layers: str = _f("last:1", "layer spec for salt_features=layers (lm_head, last:N, lora, all, regex)")
-    salt_k_out: int = _f(32, "projection rows on the output side (vocab for the LM head)")
-    salt_k_in: int = _f(32, "projection rows on the input side (hidden)")
-    salt_rho: float = _f(1.0, "ρ: k = round(ρ·PR) (release yaml 1.0; the code's dataclass says 0.5)")
-    salt_k_min: int = _f(1, "k_min")
-    salt_k_max: int = _f(64, "k_max")
+    salt_k_out: int = _f(32, "projection rows on the output side (vocab for the LM head)", ge=1)
+    salt_k_in: int = _f(32, "projection rows on the input side (hidden)", ge=1)
+    salt_rho: float = _f(1.0, "ρ: k = round(ρ·PR) (release yaml 1.0; the code's dataclass says 0.5)", gt=0)
+    salt_k_min: int = _f(1, "k_min", ge=1)
+    salt_k_max: int = _f(64, "k_max", ge=1)
     salt_alpha_min: float = _f(0.0, "α_min")
     salt_alpha_max: float = _f(1.0, "α_max")
     salt_relu: bool = _f(True, "φ = relu on the tail channel (official use_relu_exploration)")
     salt_renorm: str = _f("none", "rescale a′: std (official normalize_final), l2, or none",
                           choices=["none", "std", "l2"])
-    salt_lambda: float = _f(1.0, "λ of the `amplify` control: a′ = P a + (1 + λ·c)(I − P) a")
+    salt_lambda: float = _f(1.0, "λ of the `amplify` control: a′ = P a + (1 + λ·c)(I − P) a", ge=0)
 
 
 PRESETS = {
     "smoke": dict(model=common.TINY, bf16=False, max_steps=3, prompts_per_step=2, num_generations=4,
-                  max_completion_length=8, eval_size=8, task_size=64, learning_rate=1e-3,
+                  max_completion_length=8, eval_size=8, task_size=64, learning_rate=1e-3, reward_funcs="closeness",
                   salt_features="lm_head_exact", output_dir="outputs/salt_grpo_smoke"),
 }
+# fields a resumed run may change: they do not alter the training trajectory (a linear schedule follows max_steps)
+RESUMABLE = {"max_steps", "eval_every", "eval_size", "eval_batch_size", "save_every", "report_to", "output_dir",
+             "overwrite_output_dir", "resume_from", "config", "preset"}
+_BOUNDS = {"ge": (operator.ge, "≥"), "gt": (operator.gt, ">"), "le": (operator.le, "≤"), "lt": (operator.lt, "<")}
+
+
+def check_fields(cfg) -> None:
+    """Each field against the choices, bounds and finiteness declared in its metadata (config files bypass argparse)."""
+    for f in dataclasses.fields(cfg):
+        v, md = getattr(cfg, f.name), f.metadata
+        if v is None or isinstance(v, bool):
+            continue
+        if "choices" in md and v not in md["choices"]:
+            raise UserError(f"--{f.name} {v!r} is not one of {md['choices']}")
+        if isinstance(v, float) and not math.isfinite(v) and not md.get("nonfinite"):
+            raise UserError(f"--{f.name} {v}: must be a finite number")
+        for key, (op, word) in _BOUNDS.items():
+            if key in md and isinstance(v, (int, float)) and not op(v, md[key]):
+                raise UserError(f"--{f.name} {v}: must be {word} {md[key]}")
 
 
 def validate(cfg: Config, num_processes: int = 1) -> Config:
-    """Fail early, with the flag to change, on settings that cannot work."""
+    """Fail early, with the flag to change, on settings that cannot work (field bounds, then cross-field rules)."""
     def need(ok, msg, hint=None):
         if not ok:
             raise UserError(msg, hint=hint)
 
+    check_fields(cfg)
     need(cfg.num_generations >= 2, f"num_generations={cfg.num_generations}: GRPO needs at least 2 completions "
          "per prompt (a group of 1 has no baseline)", "pass --num_generations 2 or more")
-    need(cfg.prompts_per_step >= 1, "prompts_per_step must be ≥ 1")
     need(cfg.prompts_per_step % num_processes == 0,
          f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {num_processes} processes",
          "each process generates whole groups: make prompts_per_step a multiple of the process count")
-    need(cfg.micro_batch_size >= 0, "micro_batch_size must be ≥ 0 (0: all local rollouts at once)")
-    need(cfg.max_steps >= 0 and cfg.num_iterations >= 1, "max_steps must be ≥ 0 and num_iterations ≥ 1")
-    need(cfg.max_completion_length >= 1, "max_completion_length must be ≥ 1")
-    need(cfg.temperature > 0, "temperature must be > 0")
-    need(0 < cfg.top_p <= 1, "top_p must be in (0, 1]")
-    need(0 < cfg.epsilon < 1, "epsilon must be in (0, 1)")
-    need(cfg.epsilon_high is None or cfg.epsilon_high > 0, "epsilon_high must be > 0")
-    need(cfg.beta >= 0 and cfg.adv_eps >= 0, "beta and adv_eps must be ≥ 0")
-    need(cfg.eval_size >= 0 and cfg.eval_batch_size >= 1, "eval_size must be ≥ 0 and eval_batch_size ≥ 1")
-    need(1 <= cfg.task_min_terms <= cfg.task_max_terms, "need 1 ≤ task_min_terms ≤ task_max_terms")
-    need(1 <= cfg.task_digits <= 6 and 0 <= cfg.task_word_frac <= 1, "task_digits in 1..6, task_word_frac in [0, 1]")
-    need(cfg.salt_k_min >= 1 and cfg.salt_k_max >= cfg.salt_k_min, "need 1 ≤ salt_k_min ≤ salt_k_max")
+    need(cfg.task_min_terms <= cfg.task_max_terms, "need task_min_terms ≤ task_max_terms")
+    need(cfg.salt_k_min <= cfg.salt_k_max, "need salt_k_min ≤ salt_k_max")
     need(cfg.salt_alpha_min <= cfg.salt_alpha_max, "need salt_alpha_min ≤ salt_alpha_max")
-    need(cfg.salt_rho > 0 and cfg.salt_k_out >= 1 and cfg.salt_k_in >= 1, "salt_rho, salt_k_out, salt_k_in must be > 0")
     need(cfg.salt != "positive_only" or cfg.salt_scope == "mini",
          "salt=positive_only recentres within groups, which needs whole groups", "pass --salt_scope mini")
-    for f in dataclasses.fields(cfg):  # the choices declared on the field (config files bypass argparse's check)
-        if choices := f.metadata.get("choices"):
-            need(getattr(cfg, f.name) in choices, f"{f.name}={getattr(cfg, f.name)!r} is not one of {choices}")
+    local = cfg.prompts_per_step // num_processes * cfg.num_generations
+    need(cfg.salt == "off" or cfg.salt_scope == "mini" or min(cfg.micro_batch_size or local, local) >= 2,
+         f"--salt_scope micro with --micro_batch_size {cfg.micro_batch_size} gives SALT one rollout per micro-batch "
+         "(B = 1), so it could never act", "raise --micro_batch_size, use --salt_scope mini, or pass --salt off")
+    names, weights = reward_names(cfg), cfg.reward_weights.split(",") if cfg.reward_weights.strip() else []
+    need(names, "--reward_funcs is empty", "pass exact_match, closeness or module:function")
+    need(not weights or len(weights) == len(names), f"--reward_weights has {len(weights)} values for "
+         f"{len(names)} reward functions ({', '.join(names)})")
+    for w in weights:
+        with contextlib.suppress(ValueError):
+            if math.isfinite(float(w)):
+                continue
+        raise UserError(f"--reward_weights: {w.strip()!r} is not a finite number")
+    trackers = {"tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio"}
+    for name in report_to(cfg):
+        need(name in trackers, f"--report_to {name!r} is not an accelerate tracker ({', '.join(sorted(trackers))})")
+        mods = ["tensorboard", "tensorboardX"] if name == "tensorboard" else [name]
+        need(any(importlib.util.find_spec(m) for m in mods), f"--report_to {name}: {name} is not installed",
+             f"pip install {name}")
+    need(not cfg.dataset or cfg.dataset_split == "train" or not _is_local(cfg.dataset),
+         f"--dataset_split {cfg.dataset_split!r} does not apply to the local file {cfg.dataset} (a file is one split)",
+         "leave --dataset_split at train, or pass the file you mean with --dataset")
     return cfg
+
+
+def report_to(cfg: Config) -> list[str]:
+    return [s.strip() for s in cfg.report_to.split(",") if s.strip() and s.strip() != "none"]
+
+
+def reward_names(cfg: Config) -> list[str]:
+    return [s.strip() for s in cfg.reward_funcs.split(",") if s.strip()]
 
 
 def parse_config(argv: list[str]) -> Config:
@@ -181,7 +243,7 @@ def parse_config(argv: list[str]) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: the built-in verifiable arithmetic task, datasets from files or the hub, the answer checker
+# Data and rewards: the built-in verifiable arithmetic task, datasets from files or the hub, reward functions
 # ----------------------------------------------------------------------------------------------------------
 
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana"]
@@ -217,43 +279,127 @@ def arithmetic_task(n: int, seed: int, held_out: bool, min_terms=2, max_terms=2,
     return rows
 
 
-_NUM = re.compile(r"-?\d+(?:\.\d+)?")
+_N = r"-?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?(?:[eE][-+]?\d+)?"  # -1,234.5e3; a comma only before groups of three digits
+_NUM = re.compile(rf"\\d?frac\{{\s*({_N})\s*\}}\{{\s*({_N})\s*\}}|({_N})(?:\s*/\s*({_N}))?")
 
 
-def extract_final_number(text: str) -> Optional[float]:
-    """The last number in a text (after `####` when present, GSM8K style); None when there is none. Never eval()."""
+def extract_final_number(text) -> Optional[float]:
+    """The last number in a text (after `####` when present, GSM8K style): integers, decimals, 1e3, thousands
+    separators, fractions 3/4 and \\frac{3}{4} (as 0.75); None when there is none. Parsed, never eval()-ed."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
     if not isinstance(text, str):
         return None
     if "####" in text:
         text = text.rsplit("####", 1)[1]
-    nums = _NUM.findall(re.sub(r"(?<=\d),(?=\d{3}\b)", "", text))  # 1,234 -> 1234
-    return float(nums[-1]) if nums else None
+    m = None
+    for m in _NUM.finditer(text):
+        pass
+    if m is None:
+        return None
+    num, den = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
+    with contextlib.suppress(ZeroDivisionError, OverflowError):
+        x = float(num.replace(",", "")) / (float(den.replace(",", "")) if den else 1.0)
+        return x if math.isfinite(x) else None
+    return None
 
 
-def reward_fn(completion: str, answer: float) -> float:
+def _text(c) -> str:
+    """A completion as text: TRL passes conversational completions as [{"role": "assistant", "content": ...}]."""
+    return c[-1]["content"] if isinstance(c, list) else c
+
+
+def reward_fn(completion: str, answer) -> float:
     """Verifiable reward: 1 when the completion's final number equals the answer, else 0 (garbage → 0)."""
-    x = extract_final_number(completion)
-    return float(x is not None and math.isfinite(x) and abs(x - answer) < 1e-6)
+    x, y = extract_final_number(completion), extract_final_number(answer)
+    return float(x is not None and y is not None and abs(x - y) <= 1e-6 * max(1.0, abs(y)))
+
+
+def exact_match(completions, answer_column="answer", **columns) -> list[float]:
+    """Built-in reward (the default): 1 when the final number of the completion equals the answer, else 0."""
+    return [reward_fn(_text(c), a) for c, a in zip(completions, columns[answer_column])]
+
+
+def closeness(completions, answer_column="answer", **columns) -> list[float]:
+    """Built-in partial credit 1 / (1 + |x − answer|) for the completion's final number x (0 without a number). Dense,
+    so even a random model gets mixed groups: `--preset smoke` uses it to exercise SALT end to end."""
+    out = []
+    for c, a in zip(completions, columns[answer_column]):
+        x, y = extract_final_number(_text(c)), extract_final_number(a)
+        out.append(0.0 if x is None or y is None else 1.0 / (1.0 + min(abs(x - y), 1e300)))
+    return out
+
+
+BUILTIN_REWARDS = {"exact_match": exact_match, "closeness": closeness}
+
+
+def load_reward_funcs(cfg: Config) -> list[tuple[str, object]]:
+    """(name, function) for each --reward_funcs entry: a built-in, `module:function` (importable from the working
+    directory) or `path/to/file.py:function`. Each is called as TRL calls it (see `score`)."""
+    out = []
+    for spec in reward_names(cfg):
+        if spec in BUILTIN_REWARDS:
+            fn = BUILTIN_REWARDS[spec]
+            out.append((spec, lambda completions, _fn=fn, **kw: _fn(completions, cfg.answer_column, **kw)))
+            continue
+        mod_name, _, fn_name = spec.rpartition(":")
+        if not mod_name or not fn_name:
+            raise UserError(f"--reward_funcs {spec!r}: expected a built-in ({', '.join(BUILTIN_REWARDS)}) or "
+                            "module:function")
+        try:
+            if mod_name.endswith(".py"):
+                ispec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+                if ispec is None or not Path(mod_name).is_file():
+                    raise FileNotFoundError(mod_name)
+                mod = importlib.util.module_from_spec(ispec)
+                ispec.loader.exec_module(mod)
+            else:
+                if os.getcwd() not in sys.path:
+                    sys.path.insert(0, os.getcwd())
+                mod = importlib.import_module(mod_name)
+        except (ImportError, FileNotFoundError) as e:
+            raise UserError(f"--reward_funcs {spec!r}: cannot import {mod_name} ({e})") from None
+        fn = getattr(mod, fn_name, None)
+        if not callable(fn):
+            raise UserError(f"--reward_funcs {spec!r}: {mod_name} has no function {fn_name!r}")
+        out.append((fn_name, fn))
+    return out
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv") or Path(source).exists()
+
+
+def check_prompt(label: str, i: int, row: dict, cfg: Config):
+    """The prompt of a row: non-empty text, or a conversation [{role, content}, ...]; with the suffix appended."""
+    v = row.get(cfg.prompt_column)
+    if isinstance(v, list):
+        if not v or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                            for m in v):
+            raise UserError(f"{common.row_location(label, i, row)}: field {cfg.prompt_column!r} must be text or a "
+                            "non-empty list of {role, content} messages")
+        return v[:-1] + [dict(v[-1], content=v[-1]["content"] + cfg.prompt_suffix)] if cfg.prompt_suffix else v
+    return common.require_str(label, i, row, cfg.prompt_column) + cfg.prompt_suffix
 
 
 def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """(train, eval) rows {prompt, answer}; every row is validated up front, errors name file, row and field."""
+    """(train, eval) rows: every column of the dataset plus `prompt` (text or conversation), validated up front;
+    errors name file, row and field. The built-in rewards need a numeric answer in answer_column."""
     if not cfg.dataset:
         kw = dict(min_terms=cfg.task_min_terms, max_terms=cfg.task_max_terms, digits=cfg.task_digits,
                   word_frac=cfg.task_word_frac)
         return (arithmetic_task(cfg.task_size, cfg.seed, False, **kw),
                 arithmetic_task(cfg.eval_size, cfg.seed, True, **kw))
+    builtin = any(n in BUILTIN_REWARDS for n in reward_names(cfg))
 
     def convert(rows, label):
         out = []
         for i, row in enumerate(rows):
-            q = common.require_str(label, i, row, cfg.prompt_column)
-            a = common.require_str(label, i, row, cfg.answer_column)
-            num = extract_final_number(a)
-            if num is None:
+            if builtin and extract_final_number(common.require_str(label, i, row, cfg.answer_column)) is None:
                 raise UserError(f"{common.row_location(label, i, row)}: field {cfg.answer_column!r} holds no number "
-                                f"({a[:60]!r})", hint="answers must be a number or end in `#### N` (GSM8K)")
-            out.append({"prompt": q + cfg.prompt_suffix, "answer": num})
+                                f"({str(row[cfg.answer_column])[:60]!r})",
+                                hint="answers must be a number or end in `#### N` (GSM8K)")
+            out.append({**{k: v for k, v in row.items() if k != "_line"}, "prompt": check_prompt(label, i, row, cfg)})
         if not out:
             raise UserError(f"{label}: no rows")
         return out
@@ -262,25 +408,34 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     if cfg.eval_dataset:
         ev = convert(*common.read_rows(cfg.eval_dataset, cfg.eval_split or "test", cfg.dataset_config))[: cfg.eval_size]
     elif cfg.eval_split:
-        if Path(cfg.dataset).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv"):
+        if _is_local(cfg.dataset):
             raise UserError(f"--eval_split {cfg.eval_split!r} does not apply to the local file {cfg.dataset}",
                             hint="pass the evaluation file with --eval_dataset, or leave both empty to hold out rows")
         ev = convert(*common.read_rows(cfg.dataset, cfg.eval_split, cfg.dataset_config))[: cfg.eval_size]
-    else:  # hold out eval_size rows, chosen by a seeded permutation, never trained on
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        if cfg.eval_size >= len(train):
-            raise UserError(f"{cfg.dataset}: {len(train)} rows cannot hold out eval_size={cfg.eval_size}",
-                            hint="lower --eval_size or pass --eval_split")
-        ev = [train[i] for i in perm[: cfg.eval_size]]
-        train = [train[i] for i in sorted(perm[cfg.eval_size:])]
+    else:  # hold out eval_size distinct prompts (seeded); no row with a held-out prompt is trained on
+        keys = list(dict.fromkeys(json.dumps(r["prompt"]) for r in train))
+        if cfg.eval_size >= len(keys):
+            raise UserError(f"{cfg.dataset}: {len(keys)} distinct prompts cannot hold out eval_size={cfg.eval_size}",
+                            hint="lower --eval_size or pass --eval_dataset")
+        perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        held = {keys[i] for i in perm[: cfg.eval_size]}
+        first = {}
+        for r in train:
+            first.setdefault(json.dumps(r["prompt"]), r)
+        ev = [first[keys[i]] for i in perm[: cfg.eval_size]]
+        train = [r for r in train if json.dumps(r["prompt"]) not in held]
     return train, ev
 
 
-def format_prompt(tok, text: str) -> str:
-    """The chat template (with the generation prompt) when the tokenizer has one, else the raw text."""
+def format_prompt(tok, prompt, system_prompt: str = "") -> str:
+    """The chat template (with the generation prompt) when the tokenizer has one; else the messages' contents, one
+    per line. A text prompt is one user message; the system prompt goes first unless the prompt has its own."""
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return text + "\n"
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return "".join(m["content"] + "\n" for m in msgs)
 
 
 def prompts_for_round(n_rows: int, per_round: int, round_idx: int, seed: int) -> list[int]:
@@ -327,28 +482,45 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def eos_ids(model, tok) -> list[int]:
+    """Every id that ends a completion: generation_config.eos_token_id (an int or a list, e.g. Qwen2.5 and Llama-3
+    instruct models list two) and the tokenizer's EOS."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return list(dict.fromkeys(ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
+
+
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], cfg: Config, device, max_new_tokens: int, generators=None):
-    """Left-padded batched `generate` (EOS stops a row). Returns prompt ids, completion ids and the completion
-    mask (tokens up to and including the first EOS)."""
+def generate(model, tok, prompts: list[str], cfg: Config, device, max_new_tokens: int, generators=None,
+             eos: list[int] | None = None, synced: bool = False):
+    """Left-padded batched `generate`; any EOS id stops a row. Prompts keep their last max_prompt_length tokens.
+    synced: every process runs the same number of forwards (FSDP and ZeRO-3 gather weights inside each forward).
+    Returns prompt ids, prompt mask, completion ids and the completion mask (tokens up to and including EOS)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
+    eos = eos or [tok.eos_token_id]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None))
-    ids, am = enc.input_ids.to(device), enc.attention_mask.to(device)
+    ids, am = enc.input_ids[:, -cfg.max_prompt_length:].to(device), enc.attention_mask[:, -cfg.max_prompt_length:].to(device)
     # every sampling-related field explicit: generate fills unset ones from the model's generation_config (e.g. a
     # hub model's repetition_penalty), which would make the sampler differ from the policy being trained
     gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=None,
                           repetition_penalty=1.0, min_length=0, no_repeat_ngram_size=0, pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+                          eos_token_id=eos, bos_token_id=tok.bos_token_id)
     procs = LogitsProcessorList([GumbelSampler(generators, cfg.temperature, cfg.top_p)] if generators else [])
     with autocast(cfg, device):
-        out = model.generate(input_ids=ids, attention_mask=am, generation_config=gc, logits_processor=procs)
+        out = model.generate(input_ids=ids, attention_mask=am, generation_config=gc, logits_processor=procs,
+                             synced_gpus=synced)
     comp = out[:, ids.shape[1]:]
-    is_eos = comp == tok.eos_token_id
+    is_eos = torch.isin(comp, torch.tensor(eos, device=comp.device))
     after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     mask = (~after).long()
     comp = comp.masked_fill(after, tok.pad_token_id)
     return ids, am, comp, mask
+
+
+def truncated(comp: torch.Tensor, mask: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """Rows that used every new token without emitting an EOS."""
+    return (mask[:, -1] == 1) & ~torch.isin(comp[:, -1], torch.tensor(eos, device=comp.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -394,7 +566,8 @@ def capture_lm_head_input(head, store: dict):
 
 
 def policy_forward(model, head, batch: dict, cfg: Config, device, want_hidden: bool):
-    """Per-token log π(y_t) of the completion tokens (fp32) and, optionally, the LM-head inputs and logits.
+    """Per-token log π(y_t) of the completion tokens and the entropy of π (fp32), the logits and, optionally, the
+    LM-head inputs.
 
     Only the completion positions go through the LM head (logits_to_keep), which saves a V-wide matmul per
     prompt token. Position t of the kept logits predicts completion token t.
@@ -407,9 +580,9 @@ def policy_forward(model, head, batch: dict, cfg: Config, device, want_hidden: b
     with ctx, autocast(cfg, device):
         logits = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(1) - 1).clamp(min=0),
                        logits_to_keep=C + 1, use_cache=False).logits[:, :-1]
-    logp = common.token_logprobs(logits, batch["comp_ids"], cfg.temperature)
+    logp, entropy = common.token_logprobs(logits, batch["comp_ids"], cfg.temperature, with_entropy=True)
     hidden = store["h"][:, -(C + 1):-1] if want_hidden else None
-    return logp, hidden, logits
+    return logp, entropy, hidden, logits
 
 
 def lm_head_features(spec: FeatureSpec, hidden, logits, batch, cfg: Config) -> torch.Tensor:
@@ -423,7 +596,7 @@ def feature_pass(model, spec: FeatureSpec, batches: list[dict], cfg: Config, dev
     out = []
     for b in batches:
         if spec.from_forward:
-            _, hidden, logits = policy_forward(model, spec.head, b, cfg, device, want_hidden=True)
+            _, _, hidden, logits = policy_forward(model, spec.head, b, cfg, device, want_hidden=True)
             out.append(lm_head_features(spec, hidden, logits, b, cfg))
         else:
             ids = torch.cat([b["prompt_ids"], b["comp_ids"]], 1)
@@ -432,6 +605,9 @@ def feature_pass(model, spec: FeatureSpec, batches: list[dict], cfg: Config, dev
             with autocast(cfg, device):
                 out.append(spec.featurizer(ids, am, lm).float())
     return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -604,17 +780,24 @@ def aggregate_loss(per_tok, mask, loss_type: str, n_seq: int, n_tok: int, max_le
 class Trainer:
     cfg: Config
     acc: object
-    model: object        # as prepared by accelerate (DDP-wrapped when several processes)
+    model: object        # as prepared by accelerate (DDP / FSDP2 / DeepSpeed)
     raw: object          # the unwrapped model (generation, no-grad forwards, features)
-    ref: object
+    ref: object          # frozen reference for β > 0 (None: none, or the LoRA base with the adapter disabled)
     tok: object
     opt: object
     sched: object
     spec: FeatureSpec
     train_rows: list
     eval_rows: list
+    rewards: list        # (name, function) pairs
+    reward_weights: torch.Tensor
+    eos: list            # every EOS id
+    synced: bool         # generation must run the same number of forwards on every process (sharded weights)
     buffer: dict | None = None
     last_advantages: tuple | None = None  # (a, a′) of the last SALT scope, for inspection and tests
+    num_tokens: int = 0  # TRL's num_tokens: prompt + completion tokens generated so far (all processes)
+    history: list = field(default_factory=list)  # every logged row of the run, resumed runs included
+    resume: dict | None = None  # state.json of --resume_from, checked in build
 
 
 def slice_rows(batch: dict, lo: int, hi: int) -> dict:
@@ -627,48 +810,87 @@ def micro_batches(batch: dict, cfg: Config) -> list[dict]:
     return [slice_rows(batch, i, min(i + mb, n)) for i in range(0, n, mb)]
 
 
+def score(t: Trainer, rows: list[dict], comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rewards (n, n_funcs): each function called as TRL calls it, f(prompts=, completions=, completion_ids=,
+    **every other column), completions as text or, for conversational prompts, [{"role": "assistant", ...}]."""
+    texts = t.tok.batch_decode(comp, skip_special_tokens=True)
+    conv = isinstance(rows[0]["prompt"], list)
+    kw = dict(prompts=[r["prompt"] for r in rows], completion_ids=[c[m.bool()].tolist() for c, m in zip(comp, mask)],
+              completions=[[{"role": "assistant", "content": c}] for c in texts] if conv else texts,
+              **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
+    out = []
+    for name, fn in t.rewards:
+        v = fn(**kw)
+        if not isinstance(v, (list, tuple)) or len(v) != len(rows):
+            raise UserError(f"reward function {name!r} returned {type(v).__name__}"
+                            f"{f' of length {len(v)}' if isinstance(v, (list, tuple)) else ''}, expected a list "
+                            f"of {len(rows)} numbers (one per completion)")
+        bad = [x for x in v if not isinstance(x, numbers.Real) or not math.isfinite(x)]
+        if bad:
+            raise UserError(f"reward function {name!r} returned {bad[0]!r}; every reward must be a finite number")
+        out.append(v)
+    return torch.tensor(out, dtype=torch.float64).T
+
+
 def make_rollouts(t: Trainer, round_idx: int) -> dict:
-    """Generate this process's share of the round's groups, score them, and compute advantages from the
-    rewards of all processes (so `batch` scaling and the logged statistics are global)."""
+    """One generation round: prompts_per_step × steps_per_generation prompts, G rollouts each. Every process
+    generates its share of each step's groups (slice j is optimizer step j of the round), scores them, and the
+    advantages come from the rewards of all processes (so `batch` scaling and the logged statistics are global)."""
     cfg, acc = t.cfg, t.acc
-    G, per_proc = cfg.num_generations, cfg.prompts_per_step // acc.num_processes
-    idx = prompts_for_round(len(t.train_rows), cfg.prompts_per_step, round_idx, cfg.seed)
-    mine = idx[acc.process_index * per_proc:(acc.process_index + 1) * per_proc]
-    texts = [format_prompt(t.tok, t.train_rows[i]["prompt"]) for i in mine for _ in range(G)]
-    gens = [torch.Generator(device=acc.device).manual_seed(rollout_seed(cfg.seed, round_idx, i, g))
-            for i in mine for g in range(G)]
+    G, S, P, rank = cfg.num_generations, cfg.steps_per_generation, cfg.prompts_per_step, acc.process_index
+    per = P // acc.num_processes
+    idx = prompts_for_round(len(t.train_rows), P * S, round_idx, cfg.seed)
     t0 = time.perf_counter()
     t.raw.eval()
-    pids, pam, comp, cmask = generate(t.raw, t.tok, texts, cfg, acc.device, cfg.max_completion_length, gens)
+    slices = []
+    for j in range(S):  # one generate call per optimizer step's share: memory stays that of one step
+        pos = [j * P + rank * per + k for k in range(per)]  # positions in the round, as if on one process
+        rows = [t.train_rows[idx[p]] for p in pos for _ in range(G)]
+        gens = [torch.Generator(device=acc.device).manual_seed(rollout_seed(cfg.seed, round_idx, p, g))
+                for p in pos for g in range(G)]
+        pids, pam, comp, cmask = generate(t.raw, t.tok, [format_prompt(t.tok, r["prompt"], cfg.system_prompt)
+                                                         for r in rows], cfg, acc.device, cfg.max_completion_length,
+                                          gens, t.eos, t.synced)
+        slices.append({"prompt_ids": pids, "prompt_mask": pam, "comp_ids": comp, "comp_mask": cmask,
+                       "rewards": score(t, rows, comp, cmask)})
     t_gen = time.perf_counter() - t0
-    completions = t.tok.batch_decode(comp, skip_special_tokens=True)
-    rewards = torch.tensor([reward_fn(c, t.train_rows[i]["answer"]) for c, i in
-                            zip(completions, [i for i in mine for _ in range(G)])], dtype=torch.float64)
-    all_r = common.gather_rows(acc, rewards.to(acc.device)).cpu()
-    adv_all = group_advantages(all_r, G, cfg.scale_rewards, cfg.adv_eps)
-    n_loc = len(texts)
-    lo = acc.process_index * n_loc
-    batch = {"prompt_ids": pids, "prompt_mask": pam, "comp_ids": comp, "comp_mask": cmask,
-             "adv": adv_all[lo:lo + n_loc].float().to(acc.device), "round": round_idx}
-    with torch.no_grad():  # old log-probs only when the batch is reused (μ > 1); μ = 1 uses logp.detach() as TRL
-        if cfg.num_iterations > 1:
-            batch["old_logp"] = torch.cat([policy_forward(t.raw, t.spec.head, b, cfg, acc.device, False)[0]
-                                           for b in micro_batches(batch, cfg)])
-        if cfg.beta > 0:
-            batch["ref_logp"] = torch.cat([policy_forward(t.ref, t.spec.head, b, cfg, acc.device, False)[0]
-                                           for b in micro_batches(batch, cfg)])
-    lens = common.gather_rows(acc, cmask.sum(1).float()).cpu()
-    trunc = common.gather_rows(acc, (cmask[:, -1] == 1).float() * (comp[:, -1] != t.tok.eos_token_id).float()).cpu()
-    grp = all_r.view(-1, G)
-    batch["metrics"] = {
-        "reward": float(all_r.mean()), "reward_std": float(grp.std(1).mean()),
-        "frac_reward_zero_std": float((grp.std(1) == 0).double().mean()),
+    gather = lambda x: torch.cat([common.gather_rows(acc, x(s).to(acc.device)).cpu() for s in slices])  # noqa: E731
+    per_func = gather(lambda s: s["rewards"])               # global order: step by step, process by process
+    total = per_func @ t.reward_weights
+    adv = group_advantages(total, G, cfg.scale_rewards, cfg.adv_eps)
+    lens = gather(lambda s: s["comp_mask"].sum(1).float())
+    trunc = gather(lambda s: truncated(s["comp_ids"], s["comp_mask"], t.eos).float())
+    t.num_tokens += int(gather(lambda s: (s["prompt_mask"].sum(1) + s["comp_mask"].sum(1)).float()).sum())
+    n = per * G
+    reuse = S * cfg.num_iterations > 1  # a slice trained after an update needs the log-probs it was sampled with
+    for j, s in enumerate(slices):
+        s["adv"] = adv[j * P * G + rank * n:][:n].float().to(acc.device)
+        if cfg.mask_truncated_completions:  # TRL: such completions carry no EOS signal, leave them out of the loss
+            s["comp_mask"] = s["comp_mask"] * ~truncated(s["comp_ids"], s["comp_mask"], t.eos)[:, None]
+        with torch.no_grad():
+            if reuse:
+                s["old_logp"] = torch.cat([policy_forward(t.raw, t.spec.head, b, cfg, acc.device, False)[0]
+                                           for b in micro_batches(s, cfg)])
+            if cfg.beta > 0:
+                with t.raw.disable_adapter() if t.ref is None else contextlib.nullcontext():
+                    s["ref_logp"] = torch.cat([policy_forward(t.ref or t.raw, t.spec.head, b, cfg, acc.device,
+                                                              False)[0] for b in micro_batches(s, cfg)])
+    grp = total.view(-1, G)
+    metrics = {
+        "reward": float(total.mean()), "reward_std": float(total.std()),  # TRL: std over the whole batch
+        "reward_std_within_group": float(grp.std(1).mean()),
+        "frac_reward_zero_std": float(torch.isclose(grp.std(1), torch.zeros(())).double().mean()),
+        **{f"rewards/{name}/{k}": float(getattr(per_func[:, i], k)()) for i, (name, _) in enumerate(t.rewards)
+           for k in ("mean", "std")},
         "completions/mean_length": float(lens.mean()), "completions/max_length": float(lens.max()),
         "completions/min_length": float(lens.min()), "completions/clipped_ratio": float(trunc.mean()),
         "time/generation_s": t_gen,
     }
-    batch["sample"] = {"prompt": texts[0], "completion": completions[0], "reward": float(rewards[0])}
-    return batch
+    s0 = slices[0]
+    sample = {"prompt": format_prompt(t.tok, t.train_rows[idx[rank * per]]["prompt"], cfg.system_prompt),
+              "completion": t.tok.decode(s0["comp_ids"][0], skip_special_tokens=True),
+              "reward": float(s0["rewards"][0] @ t.reward_weights)}
+    return {"round": round_idx, "slices": slices, "metrics": metrics, "sample": sample}
 
 
 def salt_on_scope(t: Trainer, F_local: torch.Tensor, a_local: torch.Tensor, step: int, gather: bool):
@@ -684,13 +906,15 @@ def salt_on_scope(t: Trainer, F_local: torch.Tensor, a_local: torch.Tensor, step
 
 
 def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
-    """One optimizer step's forward/backward over the local rollouts; leaves the summed gradient in .grad.
+    """One optimizer step's forward/backward over the local rollouts, inside `accelerator.accumulate` (one
+    gradient sync, and one DeepSpeed step, per optimizer step); leaves the scope's summed gradient in .grad.
 
     With SALT in `mini` scope, features of all local rollouts are needed before the first backward: they come from
     the training forward itself when there is a single micro-batch (no extra cost), else from a no-grad pass.
     """
     cfg, acc = t.cfg, t.acc
     mbs = micro_batches(batch, cfg)
+    acc.gradient_accumulation_steps, acc.step = len(mbs), 0  # sync on the last micro-batch
     salt_on = cfg.salt != "off"
     # whole-scope normalisers (all processes), so the loss does not depend on the split
     n_tok = int(common.gather_rows(acc, batch["comp_mask"].sum().view(1).float()).sum())
@@ -708,16 +932,14 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
         timing["time/salt_s"] += time.perf_counter() - t0
         diags.append(d)
     t.model.train()
-    sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0}
+    sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "entropy": 0.0}
     off = 0
-    for j, b in enumerate(mbs):
+    for b in mbs:
         n = b["comp_ids"].shape[0]
-        sync = j == len(mbs) - 1
-        ctx = contextlib.nullcontext() if sync else acc.no_sync(t.model)
-        with ctx:
+        with acc.accumulate(t.model):
             t0 = time.perf_counter()
             want = salt_on and (inline or (cfg.salt_scope == "micro" and t.spec.from_forward))
-            logp, hidden, logits = policy_forward(t.model, t.spec.head, b, cfg, acc.device, want_hidden=want)
+            logp, ent, hidden, logits = policy_forward(t.model, t.spec.head, b, cfg, acc.device, want_hidden=want)
             a_b = adv[off:off + n]
             if salt_on and (inline or cfg.salt_scope == "micro"):
                 t1 = time.perf_counter()
@@ -736,18 +958,24 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
             old = b["old_logp"] if "old_logp" in b else logp.detach()
             per_tok, st = clipped_policy_loss(logp, old, a_b, b["comp_mask"], cfg, b.get("ref_logp"))
             loss = aggregate_loss(per_tok, b["comp_mask"], cfg.loss_type, n_seq, n_tok, cfg.max_completion_length)
-            acc.backward(loss * acc.num_processes)  # DDP averages over processes; we want the scope's sum
+            # DDP / FSDP / DeepSpeed average over processes and accelerate divides by the accumulation steps; undo
+            # both, so .grad is the scope's summed gradient whatever the split
+            acc.backward(loss * acc.num_processes * acc.gradient_accumulation_steps)
             timing["time/backward_s"] += time.perf_counter() - t0
         for k in ("clip_low", "clip_high", "kl"):
             sums[k] += float(st[k])
         sums["loss"] += float(loss.detach())
+        sums["entropy"] += float((ent * b["comp_mask"]).sum())
         off += n
     tot = common.gather_rows(acc, torch.tensor([[sums[k] for k in sums]], device=acc.device)).sum(0).tolist()
     sums = dict(zip(sums, tot))
     m = {"loss": sums["loss"], "clip_ratio/low_mean": sums["clip_low"] / max(n_tok, 1),
          "clip_ratio/high_mean": sums["clip_high"] / max(n_tok, 1),
          "clip_ratio/region_mean": (sums["clip_low"] + sums["clip_high"]) / max(n_tok, 1),
-         "num_tokens": n_tok, **timing}
+         "entropy": sums["entropy"] / max(n_tok, 1), **timing}  # entropy: TRL's, mean over completion tokens
+    if not math.isfinite(sums["loss"]):
+        raise UserError(f"step {step + 1}: the loss is {sums['loss']} (non-finite); stopped before saving anything of "
+                        "this step", hint="lower --learning_rate, check the rewards, or use --dtype float32")
     if cfg.beta > 0:
         m["kl"] = sums["kl"] / max(n_tok, 1)
     if diags:  # micro scope: mean over this process's micro-batches (a skipped one has fewer keys)
@@ -759,123 +987,225 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
     return m
 
 
-def optimizer_step(t: Trainer) -> float:
-    gn = t.acc.clip_grad_norm_(t.model.parameters(), t.cfg.max_grad_norm) if t.cfg.max_grad_norm > 0 else None
+def optimizer_step(t: Trainer, step: int = -1) -> float:
+    """Clip (max_grad_norm 0: only measure), refuse a non-finite gradient before the update and anything is saved
+    (DeepSpeed's engine has stepped inside the last backward already), step AdamW and the schedule."""
+    gn = t.acc.clip_grad_norm_(t.model.parameters(), t.cfg.max_grad_norm or math.inf)
+    if gn is not None and not math.isfinite(float(gn)):  # None: DeepSpeed reports no norm before its first step
+        raise UserError(f"step {step + 1}: the gradient norm is {float(gn)} (non-finite); stopped before the update and before "
+                        "saving anything of this step", hint="lower --learning_rate, check the rewards, or use "
+                        "--dtype float32")
     t.opt.step()
     t.sched.step()
     t.opt.zero_grad(set_to_none=True)
-    return float(gn) if gn is not None else float("nan")
+    return float("nan") if gn is None else float(gn)
+
+
+def eval_key(cfg: Config) -> str:
+    """eval/accuracy for the default exact-match reward (mean reward = accuracy), else eval/reward."""
+    return "eval/accuracy" if reward_names(cfg) == ["exact_match"] else "eval/reward"
 
 
 @torch.no_grad()
 def evaluate(t: Trainer) -> float:
-    """Greedy accuracy on the held-out rows (each process scores its slice, then the counts are summed)."""
+    """Mean total reward of greedy completions on the held-out rows. Every process runs the same number of generate
+    calls of the same size (its block padded with row 0, not counted), as FSDP and ZeRO-3 need; sums are gathered."""
     cfg, acc = t.cfg, t.acc
-    rows = t.eval_rows[acc.process_index::acc.num_processes]
+    per = -(-len(t.eval_rows) // acc.num_processes)
+    mine = t.eval_rows[acc.process_index * per:][:per]
+    rows = mine + t.eval_rows[:1] * (per - len(mine))
     t.raw.eval()
-    correct = 0.0
-    for s in range(0, len(rows), cfg.eval_batch_size):
+    total = 0.0
+    for s in range(0, per, cfg.eval_batch_size):
         chunk = rows[s:s + cfg.eval_batch_size]
-        _, _, comp, _ = generate(t.raw, t.tok, [format_prompt(t.tok, r["prompt"]) for r in chunk], cfg, acc.device,
-                                 cfg.max_completion_length)
-        texts = t.tok.batch_decode(comp, skip_special_tokens=True)
-        correct += sum(reward_fn(c, r["answer"]) for c, r in zip(texts, chunk))
-    tot = common.gather_rows(acc, torch.tensor([[correct, len(rows)]], device=acc.device, dtype=torch.float64)).sum(0)
+        _, _, comp, cmask = generate(t.raw, t.tok, [format_prompt(t.tok, r["prompt"], cfg.system_prompt) for r in chunk],
+                                     cfg, acc.device, cfg.max_completion_length, eos=t.eos, synced=t.synced)
+        total += float((score(t, chunk, comp, cmask) @ t.reward_weights)[: max(0, len(mine) - s)].sum())
+    tot = common.gather_rows(acc, torch.tensor([[total, len(mine)]], device=acc.device, dtype=torch.float64)).sum(0)
     return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints (safetensors model + optimizer, scheduler, RNG, step, the current rollout buffer)
+# Checkpoints: accelerate's save_state (model, optimizer, RNG; sharded under FSDP2 / DeepSpeed) + our state
 # ----------------------------------------------------------------------------------------------------------
 
 def save_checkpoint(t: Trainer, step: int, path: Path) -> None:
-    acc = t.acc
-    acc.wait_for_everyone()
-    sd = acc.get_state_dict(t.model)  # collective under FSDP/DeepSpeed: call it on every process
+    """save_state into a temporary folder, plus state.json (step, schedule, config), the run's metrics so far and,
+    mid-round, each process's rollouts; then renamed, so a checkpoint-N folder is always complete."""
+    acc, tmp = t.acc, path.parent / f".{path.name}.tmp"
     if acc.is_main_process:
-        tmp = path.parent / f".{path.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        common.save_safetensors(tmp / "model.safetensors", untie(sd))
-        torch.save({"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
-        common.write_json(tmp / "state.json", {"step": step, "config": dataclasses.asdict(t.cfg)})
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))  # collective: every process writes its part
+    if step % (t.cfg.steps_per_generation * t.cfg.num_iterations):  # mid-round: the rollouts are state too
+        tensors = {f"{j}.{k}": v for j, s in enumerate(t.buffer["slices"]) for k, v in s.items() if torch.is_tensor(v)}
+        common.save_safetensors(tmp / f"rollouts-{acc.process_index}.safetensors", tensors,
+                                {"round": str(t.buffer["round"])})
+    if acc.is_main_process:
+        common.write_jsonl(tmp / "metrics.jsonl", t.history)
+        common.write_json(tmp / "state.json", {"step": step, "num_tokens": t.num_tokens, "processes": acc.num_processes,
+                                               "scheduler": t.sched.state_dict(), "config": dataclasses.asdict(t.cfg)})
+    acc.wait_for_everyone()
+    if acc.is_main_process:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-    if t.buffer is not None and (step % t.cfg.num_iterations) != 0:  # mid-round: the rollouts are state too
-        tensors = {k: v for k, v in t.buffer.items() if torch.is_tensor(v)}
-        acc.wait_for_everyone()
-        common.save_safetensors(path / f"rollouts-{acc.process_index}.safetensors", tensors,
-                                {"round": str(t.buffer["round"])})
     acc.wait_for_everyone()
 
 
-def untie(sd: dict) -> dict:
-    """Drop tensors that share storage with an earlier one (tied embeddings): safetensors refuses shared memory."""
-    seen, out = set(), {}
-    for k, v in sd.items():
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
-            out[k] = v
-    return out
+def read_checkpoint(cfg: Config, num_processes: int) -> dict:
+    """state.json of --resume_from, checked before any work: the same hyper-parameters (only RESUMABLE fields may
+    change), the same process count, and max_steps not below the checkpoint's step."""
+    path = Path(cfg.resume_from)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        step, old = int(state["step"]), dict(state["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--resume_from {path}: not a readable checkpoint (state.json: {type(e).__name__})",
+                        hint="pass an output_dir/checkpoint-N folder written by salt_grpo.py") from None
+    now = dataclasses.asdict(cfg)
+    diff = [k for k in now if k in old and k not in RESUMABLE and old[k] != now[k]]
+    if diff:
+        raise UserError(f"--resume_from {path}: the checkpoint was trained with other settings: " +
+                        ", ".join(f"{k}={old[k]!r} (now {now[k]!r})" for k in diff),
+                        hint=f"resume with the same settings; only {', '.join(sorted(RESUMABLE))} may change")
+    if state.get("processes", num_processes) != num_processes:
+        raise UserError(f"--resume_from {path}: written by {state['processes']} processes, resumed with "
+                        f"{num_processes}", hint="resume with the same process count (each process saved its state)")
+    if cfg.max_steps < step:
+        raise UserError(f"--max_steps {cfg.max_steps} is below the checkpoint's step {step} ({path})",
+                        hint=f"pass --max_steps {step} or more to continue the run")
+    return state
 
 
-def load_checkpoint(t: Trainer, path: Path) -> int:
-    from safetensors.torch import load_file
+def load_checkpoint(t: Trainer, path: Path, state: dict) -> int:
+    """load_state (weights_only loading), then the schedule, token count, metrics and mid-round rollouts."""
+    from safetensors import safe_open
 
-    if not (path / "state.json").exists() or not (path / "model.safetensors").exists():
-        raise UserError(f"{path} is not a checkpoint (no state.json / model.safetensors)",
-                        hint="pass an output_dir/checkpoint-N folder to --resume_from")
-    state = json.loads((path / "state.json").read_text())
-    sd = load_file(str(path / "model.safetensors"), device=str(t.acc.device))
-    missing, unexpected = t.raw.load_state_dict(sd, strict=False)
-    tied = {k for k, v in t.raw.state_dict().items() if k not in sd and any(
-        v.data_ptr() == w.data_ptr() for n, w in t.raw.state_dict().items() if n in sd)}
-    if unexpected or set(missing) - tied:
-        raise UserError(f"{path}: checkpoint does not match the model ({len(missing)} missing, "
-                        f"{len(unexpected)} unexpected tensors)", hint="resume with the same --model")
-    ts = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
-    t.opt.load_state_dict(ts["optimizer"])
-    t.sched.load_state_dict(ts["scheduler"])
-    torch.set_rng_state(ts["torch_rng"])
-    step = int(state["step"])
-    rp = path / f"rollouts-{t.acc.process_index}.safetensors"
-    if step % t.cfg.num_iterations:
-        if not rp.exists():
-            raise UserError(f"{path}: saved mid-round but {rp.name} is missing (resume with the same process count)")
-        from safetensors import safe_open
-
-        with safe_open(str(rp), "pt", device=str(t.acc.device)) as f:
-            t.buffer = {k: f.get_tensor(k) for k in f.keys()}
-            t.buffer["round"] = int(f.metadata()["round"])
-        t.buffer["metrics"], t.buffer["sample"] = {}, {}
+    try:
+        t.acc.load_state(str(path))
+        t.history = common.read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
+        step, S = int(state["step"]), t.cfg.steps_per_generation
+        if step % (S * t.cfg.num_iterations):
+            with safe_open(str(path / f"rollouts-{t.acc.process_index}.safetensors"), "pt", device="cpu") as f:
+                slices = [{} for _ in range(S)]
+                for key in f.keys():
+                    j, k = key.split(".", 1)
+                    slices[int(j)][k] = f.get_tensor(key).to(t.acc.device)
+                t.buffer = {"round": int(f.metadata()["round"]), "slices": slices, "metrics": {}, "sample": {}}
+    except Exception as e:  # truncated or foreign files: safetensors, torch.load, load_state_dict, JSON errors
+        raise UserError(f"--resume_from {path}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+                        hint="the checkpoint is incomplete or from another model; pass an intact checkpoint-N") from None
+    t.sched.load_state_dict(state["scheduler"])
+    t.num_tokens = int(state["num_tokens"])
     return step
+
+
+def save_final(t: Trainer, final: Path) -> None:
+    """The trained model (all weights, or the LoRA adapter) and tokenizer, written to a temporary folder and renamed:
+    an interrupted save never leaves a `final/` without weights (a leftover .final.tmp is removed by the next save)."""
+    acc = t.acc
+    sd = acc.get_state_dict(t.model)  # collective under FSDP/DeepSpeed: call it on every process
+    if acc.is_main_process:
+        tmp, old = final.parent / ".final.tmp", final.parent / ".final.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            t.raw.save_pretrained(tmp, state_dict=sd)
+            t.tok.save_pretrained(tmp)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Setup, training run, summary
 # ----------------------------------------------------------------------------------------------------------
 
+def on_main(acc, fn) -> None:
+    """fn() on the main process only; a UserError it raises is raised on every process (none waits forever)."""
+    err = None
+    if acc.is_main_process:
+        try:
+            fn()
+        except UserError as e:
+            err = (str(e), e.hint)
+    err = common.broadcast_object(acc, err)
+    if err:
+        raise UserError(*err)
+
+
+def prepare_output_dir(cfg: Config) -> None:
+    """Before any work: refuse a file, an unwritable folder, or a non-empty one unless --overwrite_output_dir or
+    --resume_from (as HF Trainer). --overwrite_output_dir removes the old run's checkpoints and final model."""
+    import tempfile
+
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file, not a folder")
+    old = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if old and not (cfg.overwrite_output_dir or cfg.resume_from):
+        raise UserError(f"--output_dir {out} is not empty ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''})",
+                        hint="pass --overwrite_output_dir to replace that run, --resume_from to continue it, "
+                             "or another --output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UserError(f"--output_dir {out} is not writable ({e.strerror or e})") from None
+    if cfg.overwrite_output_dir and not cfg.resume_from:
+        for p in [*out.glob("checkpoint-*"), *out.glob(".checkpoint-*.tmp"), out / "final", out / ".final.tmp"]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def build(cfg: Config, accelerator=None) -> Trainer:
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
-    log_with = None if cfg.report_to in ("", "none") else cfg.report_to.split(",")
-    if log_with and "tensorboard" in log_with:
-        import importlib.util
-
-        if not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
-            raise UserError("--report_to tensorboard: tensorboard is not installed", hint="pip install tensorboard")
-    acc = accelerator or Accelerator(log_with=log_with, project_dir=cfg.output_dir)
+    if accelerator is not None:
+        accelerator.free_memory()  # a reused Accelerator must not save or load the previous run's model
+    acc = accelerator or Accelerator(log_with=report_to(cfg) or None, project_dir=cfg.output_dir)
     validate(cfg, acc.num_processes)
+    on_main(acc, lambda: prepare_output_dir(cfg))
+    resume = read_checkpoint(cfg, acc.num_processes) if cfg.resume_from else None
+    dt = acc.distributed_type
+    if dt == DistributedType.FSDP and not acc.is_fsdp2:
+        raise UserError("FSDP1 is not supported: generation needs FSDP2's per-forward gathering",
+                        hint="set fsdp_version: 2 in the accelerate config's fsdp_config")
+    n_local = cfg.prompts_per_step // acc.num_processes * cfg.num_generations
+    mb = min(cfg.micro_batch_size or n_local, n_local)
+    acc.gradient_accumulation_steps = -(-n_local // mb)
+    if dt == DistributedType.DEEPSPEED:  # our flags own the batch shape and the clipping
+        acc.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=acc.gradient_accumulation_steps,
+            train_batch_size=mb * acc.gradient_accumulation_steps * acc.num_processes, gradient_clipping=cfg.max_grad_norm)
+    rewards = load_reward_funcs(cfg)
     train_rows, eval_rows = load_rows(cfg)
-    dtype = torch.float32
-    model, tok = common.load_model(cfg.model, dtype, cfg.trust_remote_code, seed=cfg.seed)
+    model, tok = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = None
-    if cfg.beta > 0:
-        ref, _ = common.load_model(cfg.model, dtype, cfg.trust_remote_code, seed=cfg.seed)
+    if cfg.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
+        zero3 = dt == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+            target_modules="all-linear" if targets == ["all-linear"] else targets or None),
+            autocast_adapter_dtype=not zero3)  # ZeRO-3 gathers in one dtype (as TRL does)
+    elif cfg.beta > 0:
+        ref, _ = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
         ref.requires_grad_(False).eval().to(acc.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.weight_decay)
+    texts = [format_prompt(tok, r["prompt"], cfg.system_prompt) for r in train_rows + eval_rows]
+    long = sum(len(x) > cfg.max_prompt_length for x in tok(texts, add_special_tokens=not tok.chat_template).input_ids)
+    if long and acc.is_main_process:
+        print(f"warning: {long} of {len(texts)} prompts are longer than --max_prompt_length {cfg.max_prompt_length} "
+              "tokens; they are cut on the left (TRL's rule)", file=sys.stderr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
 
     def lr_lambda(s):
         if s < cfg.warmup_steps:
@@ -888,7 +1218,10 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     prepared, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(prepared)
     spec = FeatureSpec(raw, cfg)  # after prepare: projections live on the model's device
-    return Trainer(cfg, acc, prepared, raw, ref, tok, opt, sched, spec, train_rows, eval_rows)
+    w = [float(x) for x in cfg.reward_weights.split(",")] if cfg.reward_weights.strip() else [1.0] * len(rewards)
+    synced = acc.num_processes > 1 and dt in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return Trainer(cfg, acc, prepared, raw, ref, tok, opt, sched, spec, train_rows, eval_rows, rewards,
+                   torch.tensor(w, dtype=torch.float64), eos_ids(raw, tok), synced, resume=resume)
 
 
 def train(cfg: Config, accelerator=None) -> dict:
@@ -897,37 +1230,41 @@ def train(cfg: Config, accelerator=None) -> dict:
 
     t_start = time.perf_counter()
     t = build(cfg, accelerator)
-    acc, out = t.acc, Path(cfg.output_dir)
-    start = load_checkpoint(t, Path(cfg.resume_from)) if cfg.resume_from else 0
-    if log_with := (None if cfg.report_to in ("", "none") else cfg.report_to):
+    acc, out, key = t.acc, Path(cfg.output_dir), eval_key(cfg)
+    start = load_checkpoint(t, Path(cfg.resume_from), t.resume) if cfg.resume_from else 0
+    if report_to(cfg):
         acc.init_trackers("salt_grpo", config={k: v for k, v in dataclasses.asdict(cfg).items()
                                                if isinstance(v, (int, float, str, bool))})
     logger = common.MetricsLogger(acc, out, resume=bool(cfg.resume_from))
-    if cfg.resume_from and acc.is_main_process and logger.path.exists():  # drop steps the resumed run will redo
-        common.write_jsonl(logger.path, [r for r in common.read_metrics(logger.path) if r["step"] <= start])
-    acc0 = evaluate(t) if start == 0 and cfg.eval_size else None
-    if acc0 is not None:
-        logger.log({"eval/accuracy": acc0}, step=0)
-    history, evals = [], ([(0, acc0)] if acc0 is not None else [])
+    if cfg.resume_from and acc.is_main_process:  # the run so far from the checkpoint, not a killed run's later lines
+        common.write_jsonl(logger.path, t.history)
+
+    def log(m: dict, step: int):
+        logger.log(m, step=step)
+        t.history.append({"step": step, **m})
+
+    if start == 0 and cfg.eval_size:
+        log({key: evaluate(t)}, 0)
+    per_round, S = cfg.steps_per_generation * cfg.num_iterations, cfg.steps_per_generation
     bar = tqdm(range(start, cfg.max_steps), desc=f"GRPO+SALT[{cfg.salt}]", disable=not acc.is_main_process,
                initial=start, total=cfg.max_steps, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
-        round_idx = step // cfg.num_iterations
+        round_idx, pos = divmod(step, per_round)
         if t.buffer is None or t.buffer["round"] != round_idx:
             t.buffer = make_rollouts(t, round_idx)
-        m = dict(t.buffer["metrics"]) if step % cfg.num_iterations == 0 else {}
-        m.update(accumulate_gradients(t, t.buffer, step))
+        m = dict(t.buffer["metrics"]) if pos == 0 else {}
+        m.update(accumulate_gradients(t, t.buffer["slices"][pos % S], step))
         m["learning_rate"] = t.sched.get_last_lr()[0]  # the rate this step uses
         t1 = time.perf_counter()
-        m["grad_norm"] = optimizer_step(t)
-        m["time/optimizer_s"] = time.perf_counter() - t1
-        m["step_time"] = time.perf_counter() - t0
+        m["grad_norm"] = optimizer_step(t, step)
+        m.update({"time/optimizer_s": time.perf_counter() - t1, "step_time": time.perf_counter() - t0,
+                  "num_tokens": t.num_tokens})
+        if torch.cuda.is_available():
+            m["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            m["eval/accuracy"] = evaluate(t)
-            evals.append((step + 1, m["eval/accuracy"]))
-        logger.log(m, step=step + 1)
-        history.append(m)
+            m[key] = evaluate(t)
+        log(m, step + 1)
         if acc.is_main_process and t.buffer.get("sample"):
             common.write_json(out / "last_sample.json", t.buffer["sample"])
         bar.set_postfix(reward=f"{m.get('reward', float('nan')):.2f}",
@@ -935,42 +1272,37 @@ def train(cfg: Config, accelerator=None) -> dict:
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_checkpoint(t, step + 1, out / f"checkpoint-{step + 1}")
     bar.close()
-    acc_end = evaluate(t) if cfg.eval_size else None
-    final = out / "final"
-    acc.wait_for_everyone()
-    sd = acc.get_state_dict(t.model)
-    if acc.is_main_process:
-        if cfg.max_steps > start:
-            logger.log({"eval/accuracy": acc_end}, step=cfg.max_steps)
-        t.raw.save_pretrained(final, state_dict=sd)
-        t.tok.save_pretrained(final)
-        if getattr(t, "last_advantages", None) is not None:  # the last SALT scope: a and a′ (whole scope)
-            a, a_new = t.last_advantages
-            common.save_safetensors(out / "last_advantages.safetensors", {"a": a, "a_new": a_new})
-    rewards = [h["reward"] for h in history if "reward" in h]
+    end = evaluate(t) if cfg.eval_size else None
+    if end is not None and acc.is_main_process:
+        log({key: end}, cfg.max_steps)
+    save_final(t, out / "final")
+    if acc.is_main_process and t.last_advantages is not None:  # the last SALT scope: a and a′ (whole scope)
+        common.save_safetensors(out / "last_advantages.safetensors", dict(zip(("a", "a_new"), t.last_advantages)))
+    rewards = [h["reward"] for h in t.history if "reward" in h]
+    evals = [(h["step"], h[key]) for h in t.history if key in h]
     k = max(1, min(8, len(rewards) // 4))  # reward is noisy per step: average the first / last quarter
     summary = {
         "salt": cfg.salt, "model": cfg.model, "steps": cfg.max_steps, "resumed_from_step": start,
-        "processes": acc.num_processes,
+        "processes": acc.num_processes, "eval_metric": key,
         "reward_start": sum(rewards[:k]) / k if rewards else None, "reward_end": sum(rewards[-k:]) / k if rewards else None,
-        "eval_accuracy_start": acc0, "eval_accuracy_end": acc_end, "eval_size": len(t.eval_rows),
-        "eval_history": evals + ([(cfg.max_steps, acc_end)] if acc_end is not None else []), "reward_steps_averaged": k,
+        "eval_accuracy_start": evals[0][1] if evals and evals[0][0] == 0 else None, "eval_accuracy_end": end,
+        "eval_size": len(t.eval_rows), "eval_history": evals, "reward_steps_averaged": k,
         "wall_time_s": time.perf_counter() - t_start,
-        "outputs": {"dir": str(out), "metrics": str(out / "metrics.jsonl"), "final_model": str(final),
+        "outputs": {"dir": str(out), "metrics": str(out / "metrics.jsonl"), "final_model": str(out / "final"),
                     "summary": str(out / "summary.json")},
     }
     if acc.is_main_process:
         common.write_json(out / "summary.json", summary)
-    if log_with:
+    if report_to(cfg):
         acc.end_training()
     acc.wait_for_everyone()
     return summary
 
 
-PLOT_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "eval/accuracy", "loss", "grad_norm",
-             "completions/mean_length", "clip_ratio/region_mean", "kl", "step_time", "salt/participation_ratio",
-             "salt/pr_over_B", "salt/neff", "salt/neff_after", "salt/alpha", "salt/k", "salt/main_contrib_ratio",
-             "salt/cos_grpo_salt", "salt/zero_adv_mass"]
+PLOT_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "eval/accuracy", "eval/reward", "loss", "entropy",
+             "grad_norm", "completions/mean_length", "clip_ratio/region_mean", "kl", "step_time",
+             "salt/participation_ratio", "salt/pr_over_B", "salt/neff", "salt/neff_after", "salt/alpha", "salt/k",
+             "salt/main_contrib_ratio", "salt/cos_grpo_salt", "salt/zero_adv_mass"]
 
 
 def plot(run_dir: str) -> Path:
@@ -995,12 +1327,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg = parse_config(argv)
     s = train(cfg)
     if s["processes"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+        acc_ = s["eval_metric"] == "eval/accuracy"
         print(f"SALT[{s['salt']}] GRPO on {s['model']}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
               f"({s['processes']} process{'es' if s['processes'] > 1 else ''})")
         print(f"  train reward        {_fmt(s['reward_start'])} -> {_fmt(s['reward_end'])} "
               f"(sampled; mean over the first / last {s['reward_steps_averaged']} step(s))")
-        print(f"  held-out accuracy   {_fmt(s['eval_accuracy_start'], True)} -> {_fmt(s['eval_accuracy_end'], True)} "
-              f"(greedy, {s['eval_size']} problems)")
+        print(f"  held-out {'accuracy  ' if acc_ else 'reward    '} {_fmt(s['eval_accuracy_start'], acc_)} -> "
+              f"{_fmt(s['eval_accuracy_end'], acc_)} (greedy, {s['eval_size']} problems)")
         print(f"  outputs             {s['outputs']['dir']}/ (metrics.jsonl, summary.json, final/; "
               f"plot: python salt_grpo.py plot {s['outputs']['dir']})")
     return s
