@@ -27,22 +27,18 @@ import shutil
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 import common
-from common import UserError
+from common import UserError, option as _f
 
 # ----------------------------------------------------------------------------------------------------------
-# Config: one dataclass, every field a CLI flag; TRL's names where they overlap (anchors.md §2.2)
+# Config: one dataclass, every field a CLI flag with its checks; TRL's names where TRL has the concept
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _f(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -52,7 +48,7 @@ class Config:
     preset: str = _f("", "`smoke`: tiny random model and a few steps (seconds)", choices=["", "smoke"])
     config: str = _f("", "optional YAML/JSON file with any of these fields (CLI flags override it)")
     output_dir: str = _f("outputs/salt_grpo", "metrics.jsonl, checkpoints, final model, summary.json")
-    seed: int = _f(0, "seed of data order, rollouts, projections")
+    seed: int = _f(0, "seed of data order, rollouts, projections", ge=0)
     bf16: bool = _f(True, "bf16 autocast for forwards and generation (loss math stays fp32)")
     trust_remote_code: bool = _f(False, "passed to from_pretrained")
     # data
@@ -64,40 +60,40 @@ class Config:
     prompt_column: str = _f("question", "column holding the prompt text")
     answer_column: str = _f("answer", "column holding the answer (a number, or text ending in `#### N`)")
     prompt_suffix: str = _f("", "appended to every dataset prompt (e.g. an answer-format instruction)")
-    task_size: int = _f(4096, "built-in task: number of training problems")
-    task_min_terms: int = _f(2, "built-in task: fewest terms in a sum")
-    task_max_terms: int = _f(2, "built-in task: most terms in a sum")
-    task_digits: int = _f(1, "built-in task: digits per term")
-    task_word_frac: float = _f(0.25, "built-in task: fraction of short word problems")
-    eval_size: int = _f(64, "held-out problems for greedy evaluation")
+    task_size: int = _f(4096, "built-in task: number of training problems", ge=1)
+    task_min_terms: int = _f(2, "built-in task: fewest terms in a sum", ge=1)
+    task_max_terms: int = _f(2, "built-in task: most terms in a sum", ge=1)
+    task_digits: int = _f(1, "built-in task: digits per term", ge=1, le=6)
+    task_word_frac: float = _f(0.25, "built-in task: fraction of short word problems", ge=0, le=1)
+    eval_size: int = _f(64, "held-out problems for greedy evaluation", ge=0)
     # GRPO (TRL names)
     num_generations: int = _f(8, "G: completions per prompt")
-    prompts_per_step: int = _f(4, "prompts per generation round, all processes together")
-    micro_batch_size: int = _f(0, "rollouts per forward/backward per process; 0: all of them at once")
-    num_iterations: int = _f(1, "optimizer steps per generation round (μ); >1 uses stored old log-probs")
-    max_steps: int = _f(32, "optimizer steps")
-    max_completion_length: int = _f(24, "new tokens per completion")
-    temperature: float = _f(1.0, "sampling temperature (also used in the log-probs, as TRL does)")
-    top_p: float = _f(1.0, "nucleus sampling mass")
-    epsilon: float = _f(0.2, "lower clip ε of the ratio")
-    epsilon_high: Optional[float] = _f(None, "upper clip ε_high (DAPO: 0.28); default ε")
-    beta: float = _f(0.0, "KL coefficient to a frozen reference (k3 estimator); 0 loads no reference")
+    prompts_per_step: int = _f(4, "prompts per generation round, all processes together", ge=1)
+    micro_batch_size: int = _f(0, "rollouts per forward/backward per process; 0: all of them at once", ge=0)
+    num_iterations: int = _f(1, "optimizer steps per generation round (μ); >1 uses stored old log-probs", ge=1)
+    max_steps: int = _f(32, "optimizer steps", ge=0)
+    max_completion_length: int = _f(24, "new tokens per completion", ge=1)
+    temperature: float = _f(1.0, "sampling temperature (also used in the log-probs, as TRL does)", gt=0)
+    top_p: float = _f(1.0, "nucleus sampling mass", gt=0, le=1)
+    epsilon: float = _f(0.2, "lower clip ε of the ratio", gt=0, lt=1)
+    epsilon_high: Optional[float] = _f(None, "upper clip ε_high (DAPO: 0.28); default ε", gt=0)
+    beta: float = _f(0.0, "KL coefficient to a frozen reference (k3 estimator); 0 loads no reference", ge=0)
     scale_rewards: str = _f("group", "advantage std: per group, whole batch, or none",
                             choices=["group", "batch", "none"])
-    adv_eps: float = _f(1e-4, "eps in (r − mean)/(std + eps); TRL uses 1e-4, verl/official SALT 1e-6")
+    adv_eps: float = _f(1e-4, "eps in (r − mean)/(std + eps); TRL uses 1e-4, verl/official SALT 1e-6", ge=0)
     loss_type: str = _f("dapo", "aggregation: grpo (seq mean), dr_grpo (/ B·L), dapo = token-mean",
                         choices=["grpo", "dr_grpo", "dapo", "token-mean"])
-    learning_rate: float = _f(1e-5, "AdamW learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    adam_beta1: float = _f(0.9, "AdamW β1")
-    adam_beta2: float = _f(0.99, "AdamW β2")
-    max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
-    warmup_steps: int = _f(0, "linear warm-up steps")
+    learning_rate: float = _f(1e-5, "AdamW learning rate", ge=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    adam_beta1: float = _f(0.9, "AdamW β1", ge=0, lt=1)
+    adam_beta2: float = _f(0.99, "AdamW β2", ge=0, lt=1)
+    max_grad_norm: float = _f(1.0, "gradient clipping (0: off)", ge=0)
+    warmup_steps: int = _f(0, "linear warm-up steps", ge=0)
     lr_scheduler_type: str = _f("constant", "after warm-up", choices=["constant", "linear"])
     # evaluation, logging, checkpoints
-    eval_every: int = _f(0, "greedy held-out accuracy every N steps (0: only at start and end)")
-    eval_batch_size: int = _f(64, "prompts per greedy generate call")
-    save_every: int = _f(0, "checkpoint every N steps (0: only the final model)")
+    eval_every: int = _f(0, "greedy held-out accuracy every N steps (0: only at start and end)", ge=0)
+    eval_batch_size: int = _f(64, "prompts per greedy generate call", ge=1)
+    save_every: int = _f(0, "checkpoint every N steps (0: only the final model)", ge=0)
     resume_from: str = _f("", "checkpoint folder to continue from (output_dir/checkpoint-N)")
     report_to: str = _f("none", "accelerate trackers, e.g. tensorboard (when installed)")
     # SALT
@@ -110,17 +106,17 @@ class Config:
                             "unprojected (small vocab); layers: projected per-sample grads of salt_layers",
                             choices=["lm_head", "lm_head_exact", "layers"])
     salt_layers: str = _f("last:1", "layer spec for salt_features=layers (lm_head, last:N, lora, all, regex)")
-    salt_k_out: int = _f(32, "projection rows on the output side (vocab for the LM head)")
-    salt_k_in: int = _f(32, "projection rows on the input side (hidden)")
-    salt_rho: float = _f(1.0, "ρ: k = round(ρ·PR) (release yaml 1.0; the code's dataclass says 0.5)")
-    salt_k_min: int = _f(1, "k_min")
-    salt_k_max: int = _f(64, "k_max")
+    salt_k_out: int = _f(32, "projection rows on the output side (vocab for the LM head)", ge=1)
+    salt_k_in: int = _f(32, "projection rows on the input side (hidden)", ge=1)
+    salt_rho: float = _f(1.0, "ρ: k = round(ρ·PR) (release yaml 1.0; the code's dataclass says 0.5)", gt=0)
+    salt_k_min: int = _f(1, "k_min", ge=1)
+    salt_k_max: int = _f(64, "k_max", ge=1)
     salt_alpha_min: float = _f(0.0, "α_min")
     salt_alpha_max: float = _f(1.0, "α_max")
     salt_relu: bool = _f(True, "φ = relu on the tail channel (official use_relu_exploration)")
     salt_renorm: str = _f("none", "rescale a′: std (official normalize_final), l2, or none",
                           choices=["none", "std", "l2"])
-    salt_lambda: float = _f(1.0, "λ of the `amplify` control: a′ = P a + (1 + λ·c)(I − P) a")
+    salt_lambda: float = _f(1.0, "λ of the `amplify` control: a′ = P a + (1 + λ·c)(I − P) a", ge=0)
 
 
 PRESETS = {
@@ -131,53 +127,30 @@ PRESETS = {
 
 
 def validate(cfg: Config, num_processes: int = 1) -> Config:
-    """Fail early, with the flag to change, on settings that cannot work."""
+    """Fail early, with the flag to change: every field's declared checks, then the settings that cannot work
+    together."""
+    common.check_config(cfg)
+
     def need(ok, msg, hint=None):
         if not ok:
             raise UserError(msg, hint=hint)
 
     need(cfg.num_generations >= 2, f"num_generations={cfg.num_generations}: GRPO needs at least 2 completions "
          "per prompt (a group of 1 has no baseline)", "pass --num_generations 2 or more")
-    need(cfg.prompts_per_step >= 1, "prompts_per_step must be ≥ 1")
     need(cfg.prompts_per_step % num_processes == 0,
          f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {num_processes} processes",
          "each process generates whole groups: make prompts_per_step a multiple of the process count")
-    need(cfg.micro_batch_size >= 0, "micro_batch_size must be ≥ 0 (0: all local rollouts at once)")
-    need(cfg.max_steps >= 0 and cfg.num_iterations >= 1, "max_steps must be ≥ 0 and num_iterations ≥ 1")
-    need(cfg.max_completion_length >= 1, "max_completion_length must be ≥ 1")
-    need(cfg.temperature > 0, "temperature must be > 0")
-    need(0 < cfg.top_p <= 1, "top_p must be in (0, 1]")
-    need(0 < cfg.epsilon < 1, "epsilon must be in (0, 1)")
-    need(cfg.epsilon_high is None or cfg.epsilon_high > 0, "epsilon_high must be > 0")
-    need(cfg.beta >= 0 and cfg.adv_eps >= 0, "beta and adv_eps must be ≥ 0")
-    need(cfg.eval_size >= 0 and cfg.eval_batch_size >= 1, "eval_size must be ≥ 0 and eval_batch_size ≥ 1")
-    need(1 <= cfg.task_min_terms <= cfg.task_max_terms, "need 1 ≤ task_min_terms ≤ task_max_terms")
-    need(1 <= cfg.task_digits <= 6 and 0 <= cfg.task_word_frac <= 1, "task_digits in 1..6, task_word_frac in [0, 1]")
-    need(cfg.salt_k_min >= 1 and cfg.salt_k_max >= cfg.salt_k_min, "need 1 ≤ salt_k_min ≤ salt_k_max")
+    need(cfg.task_min_terms <= cfg.task_max_terms, "need task_min_terms ≤ task_max_terms")
+    need(cfg.salt_k_min <= cfg.salt_k_max, "need salt_k_min ≤ salt_k_max")
     need(cfg.salt_alpha_min <= cfg.salt_alpha_max, "need salt_alpha_min ≤ salt_alpha_max")
-    need(cfg.salt_rho > 0 and cfg.salt_k_out >= 1 and cfg.salt_k_in >= 1, "salt_rho, salt_k_out, salt_k_in must be > 0")
     need(cfg.salt != "positive_only" or cfg.salt_scope == "mini",
          "salt=positive_only recentres within groups, which needs whole groups", "pass --salt_scope mini")
-    for f in dataclasses.fields(cfg):  # the choices declared on the field (config files bypass argparse's check)
-        if choices := f.metadata.get("choices"):
-            need(getattr(cfg, f.name) in choices, f"{f.name}={getattr(cfg, f.name)!r} is not one of {choices}")
     return cfg
 
 
 def parse_config(argv: list[str]) -> Config:
-    """Dataclass defaults < --preset < --config file < CLI flags."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(Config)
-    pre, _ = parser.parse_known_args(argv)
-    layers: dict = dict(PRESETS.get(pre.preset, {}))
-    if pre.config:
-        data = common.read_config_file(pre.config, Config)
-        layers.update(PRESETS.get(data.get("preset", ""), {}) if "preset" in data and not pre.preset else {})
-        layers.update(data)
-    parser.set_defaults(**layers)
-    (cfg,) = parser.parse_args_into_dataclasses(argv)
-    return cfg
+    """Dataclass defaults < --preset < --config file < CLI flags, each value checked (common.parse_config)."""
+    return common.parse_config(Config, argv, PRESETS)
 
 
 # ----------------------------------------------------------------------------------------------------------
