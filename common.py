@@ -679,14 +679,70 @@ def _read_jsonl(p: Path) -> list[dict]:
     return rows
 
 
-def read_config_file(path: str | Path, cls) -> dict:
-    """The fields of a YAML or JSON config file for dataclass `cls`, checked: it exists, parses, is a mapping,
-    and names only fields of `cls` (a typo must not be silently ignored)."""
+# ---- Config: one dataclass per script, every field a flag, its checks declared on the field ------------------
+
+def option(default: Any, help: str, **checks) -> Any:
+    """A config field with its help text and checks: `choices=[...]`, bounds `ge/gt/le/lt=x` (floats must also be
+    finite unless `nonfinite=True`). `check_config` enforces them, whatever set the value (flag, file, code)."""
     import dataclasses
 
+    return dataclasses.field(default=default, metadata={"help": help, **checks})
+
+
+def _field_type(tp) -> tuple[type, bool]:
+    """(base type, None allowed) of an annotation: int, float, str, bool, or Optional of one of them."""
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return (args[0], True) if args and len(args) < len(typing.get_args(tp)) else (tp, False)
+
+
+def _typed(name: str, value: Any, tp: type, optional: bool) -> Any:
+    """value as the field's type, or a UserError naming the field: 2.5 is not an int, "x" not a float, a list
+    nothing; an int is a valid float."""
+    if value is None and optional:
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    want = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, tp.__name__)
+    raise UserError(f"{name} must be {want}{' or null' if optional else ''}, got {value!r}")
+
+
+def check_config(cfg):
+    """Check every field of a config dataclass against its type and the checks declared on it; returns cfg."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        tp, optional = _field_type(hints[f.name])
+        v = _typed(f"--{f.name}", getattr(cfg, f.name), tp, optional)
+        setattr(cfg, f.name, v)
+        if v is None:
+            continue
+        m = f.metadata
+        if tp is float and not m.get("nonfinite") and not math.isfinite(v):
+            raise UserError(f"--{f.name} must be a finite number, got {v}")
+        if "choices" in m and v not in m["choices"]:
+            raise UserError(f"--{f.name}={v!r} is not one of {', '.join(map(str, m['choices']))}")
+        for key, op, word in (("ge", float.__ge__, "≥"), ("gt", float.__gt__, ">"), ("le", float.__le__, "≤"),
+                              ("lt", float.__lt__, "<")):
+            if key in m and not op(float(v), float(m[key])):
+                raise UserError(f"--{f.name} must be {word} {m[key]}, got {v}")
+    return cfg
+
+
+def read_config_file(path: str | Path, cls) -> dict:
+    """The fields of a YAML or JSON config file for dataclass `cls`, checked: it exists, parses, is a mapping,
+    names only fields of `cls` (a typo must not be silently ignored), and each value has the field's type."""
+    import dataclasses
+    import typing
+
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"config file {p} does not exist")
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist" if not p.exists() else f"config file {p} is not a file")
     try:
         text = p.read_text(encoding="utf-8")
         if p.suffix.lower() == ".json":
@@ -699,10 +755,63 @@ def read_config_file(path: str | Path, cls) -> dict:
         raise UserError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{p}: expected a mapping of config fields, got {type(data).__name__}")
-    bad = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    bad = sorted(set(map(str, data)) - {f.name for f in dataclasses.fields(cls)})
     if bad:
         raise UserError(f"{p}: unknown field(s) {', '.join(bad)}", hint="fields are the script's flag names (--help)")
-    return data
+    hints = typing.get_type_hints(cls)
+    return {k: _typed(f"{p}: field {k}", v, *_field_type(hints[k])) for k, v in data.items()}
+
+
+def parse_config(cls, argv: Sequence[str], presets: dict[str, dict] | None = None):
+    """A checked `cls` from defaults < preset (field `preset`) < config file (field `config`) < CLI flags.
+
+    Every field is a flag `--name` (also `--name-with-dashes`); bools take `--flag`, `--flag false`, `--no_flag`;
+    Optional fields take `none`. Unknown flags, stray arguments, abbreviations and unparsable values are one-line
+    UserErrors; `--help` lists every field with its help text and default.
+    """
+    import argparse
+    import dataclasses
+    import typing
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UserError(message, hint=f"{self.prog} --help lists every flag")
+
+    def convert(name, tp, optional):
+        def fn(s: str):
+            if optional and s.lower() in ("none", "null"):
+                return None
+            if tp is bool:
+                if s.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+                return s.lower() in ("true", "yes", "1")
+            try:
+                return tp(s)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected {'an integer' if tp is int else 'a number'}, "
+                                                 f"got {s!r}") from None
+        return fn
+
+    hints = typing.get_type_hints(cls)
+    parser = Parser(prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else cls.__module__,
+                    description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0], allow_abbrev=False,
+                    argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(cls):
+        tp, optional = _field_type(hints[f.name])
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        extra = dict(nargs="?", const=True) if tp is bool else {}
+        choices = f" {{{', '.join(map(str, f.metadata['choices']))}}}" if "choices" in f.metadata else ""
+        parser.add_argument(*names, dest=f.name, type=convert(f.name, tp, optional), metavar=tp.__name__.upper(),
+                            help=f"{f.metadata.get('help', '')}{choices} (default: {f.default})", **extra)
+        if tp is bool:
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
+    cli = vars(parser.parse_args(list(argv)))
+    config = cli.get("config") or getattr(cls, "config", None)
+    from_file = read_config_file(config, cls) if config else {}
+    preset = cli.get("preset", from_file.get("preset", getattr(cls, "preset", None)))
+    if preset and preset not in (presets or {}):
+        raise UserError(f"--preset={preset!r} is not one of {', '.join(presets or {}) or '(none defined)'}")
+    return check_config(cls(**{**(presets or {}).get(preset, {}), **from_file, **cli}))
 
 
 def row_location(label: str, i: int, row: dict) -> str:

@@ -22,7 +22,6 @@ import importlib.util
 import json
 import math
 import numbers
-import operator
 import os
 import random
 import re
@@ -37,16 +36,11 @@ from typing import Optional
 import torch
 
 import common
-from common import UserError
+from common import UserError, option as _f
 
 # ----------------------------------------------------------------------------------------------------------
 # Config: one dataclass, every field a CLI flag with its checks; TRL's names and meanings where they overlap
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _f(default, help, **checks):
-    """A field with its help and checks: choices=[...], ge/gt/le/lt bounds; floats must be finite unless nonfinite."""
-    return field(default=default, metadata={"help": help, **checks})
 
 
 @dataclass
@@ -63,11 +57,12 @@ class Config:
     dtype: str = _f("float32", "weights dtype (TRL's ModelConfig.dtype); auto: the checkpoint's own",
                     choices=["auto", "float32", "bfloat16", "float16"])
     bf16: bool = _f(True, "bf16 autocast for forwards and generation (log-probs, ratios and the loss stay fp32)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward: less memory, about a third more compute")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward: less memory, more compute")
     use_peft: bool = _f(False, "train a LoRA adapter (peft) instead of every weight; the KL reference is the base")
     lora_r: int = _f(16, "LoRA rank", ge=1)
     lora_alpha: int = _f(32, "LoRA α (the update is scaled by α/r)", ge=1)
-    lora_dropout: float = _f(0.05, "LoRA dropout (0 makes rollouts and training forwards the same function)", ge=0, lt=1)
+    lora_dropout: float = _f(0.05, "LoRA dropout (TRL's default; 0: rollouts and training use one function)",
+                             ge=0, lt=1)
     lora_target_modules: str = _f("", "comma-separated module names or `all-linear`; empty: peft's default")
     trust_remote_code: bool = _f(False, "passed to from_pretrained")
     # data and rewards
@@ -93,7 +88,7 @@ class Config:
     task_word_frac: float = _f(0.25, "built-in task: fraction of short word problems", ge=0, le=1)
     eval_size: int = _f(64, "held-out problems for greedy evaluation", ge=0)
     # GRPO (TRL names)
-    num_generations: int = _f(8, "G: completions per prompt", ge=2)
+    num_generations: int = _f(8, "G: completions per prompt")
     prompts_per_step: int = _f(4, "prompts per optimizer step, all processes together", ge=1)
     steps_per_generation: int = _f(1, "optimizer steps per generation round (a round samples prompts_per_step × "
                                    "this prompts once); TRL's name, counted here in optimizer steps", ge=1)
@@ -158,31 +153,17 @@ PRESETS = {
 # fields a resumed run may change: they do not alter the training trajectory (a linear schedule follows max_steps)
 RESUMABLE = {"max_steps", "eval_every", "eval_size", "eval_batch_size", "save_every", "report_to", "output_dir",
              "overwrite_output_dir", "resume_from", "config", "preset"}
-_BOUNDS = {"ge": (operator.ge, "≥"), "gt": (operator.gt, ">"), "le": (operator.le, "≤"), "lt": (operator.lt, "<")}
-
-
-def check_fields(cfg) -> None:
-    """Each field against the choices, bounds and finiteness declared in its metadata (config files bypass argparse)."""
-    for f in dataclasses.fields(cfg):
-        v, md = getattr(cfg, f.name), f.metadata
-        if v is None or isinstance(v, bool):
-            continue
-        if "choices" in md and v not in md["choices"]:
-            raise UserError(f"--{f.name} {v!r} is not one of {md['choices']}")
-        if isinstance(v, float) and not math.isfinite(v) and not md.get("nonfinite"):
-            raise UserError(f"--{f.name} {v}: must be a finite number")
-        for key, (op, word) in _BOUNDS.items():
-            if key in md and isinstance(v, (int, float)) and not op(v, md[key]):
-                raise UserError(f"--{f.name} {v}: must be {word} {md[key]}")
 
 
 def validate(cfg: Config, num_processes: int = 1) -> Config:
-    """Fail early, with the flag to change, on settings that cannot work (field bounds, then cross-field rules)."""
+    """Fail early, with the flag to change: every field's declared checks, then the settings that cannot work
+    together."""
+    common.check_config(cfg)
+
     def need(ok, msg, hint=None):
         if not ok:
             raise UserError(msg, hint=hint)
 
-    check_fields(cfg)
     need(cfg.num_generations >= 2, f"num_generations={cfg.num_generations}: GRPO needs at least 2 completions "
          "per prompt (a group of 1 has no baseline)", "pass --num_generations 2 or more")
     need(cfg.prompts_per_step % num_processes == 0,
@@ -227,19 +208,8 @@ def reward_names(cfg: Config) -> list[str]:
 
 
 def parse_config(argv: list[str]) -> Config:
-    """Dataclass defaults < --preset < --config file < CLI flags."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(Config)
-    pre, _ = parser.parse_known_args(argv)
-    layers: dict = dict(PRESETS.get(pre.preset, {}))
-    if pre.config:
-        data = common.read_config_file(pre.config, Config)
-        layers.update(PRESETS.get(data.get("preset", ""), {}) if "preset" in data and not pre.preset else {})
-        layers.update(data)
-    parser.set_defaults(**layers)
-    (cfg,) = parser.parse_args_into_dataclasses(argv)
-    return cfg
+    """Dataclass defaults < --preset < --config file < CLI flags, each value checked (common.parse_config)."""
+    return common.parse_config(Config, argv, PRESETS)
 
 
 # ----------------------------------------------------------------------------------------------------------

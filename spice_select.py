@@ -28,7 +28,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from common import UserError
+from common import UserError, option
 
 METHODS = ("spice", "greedy", "top_norm", "random", "official_diag")
 
@@ -47,107 +47,82 @@ METHODS = ("spice", "greedy", "top_norm", "random", "official_diag")
 
 @dataclass
 class Config:
-    config: Optional[str] = field(default=None, metadata={"help": "YAML/JSON file of these fields (flags override)"})
+    config: Optional[str] = option(None, "YAML/JSON file of these fields (flags override it)")
     # pool
-    pool: Optional[str] = field(default=None, metadata={"help": "HF dataset id or local .jsonl/.json/.parquet/.csv; "
-                                                                "none: the embedded instruction pool"})
-    split: str = "train"
-    dataset_config: Optional[str] = None
-    instruction_field: Optional[str] = field(default=None, metadata={"help": "default: auto (instruction, input)"})
-    input_field: Optional[str] = field(default=None, metadata={"help": "optional context appended to the "
-                                                                       "instruction (default: auto, `input` when "
-                                                                       "the instruction is `instruction`)"})
-    response_field: Optional[str] = field(default=None, metadata={"help": "default: auto (response, output)"})
-    messages_field: Optional[str] = field(default=None, metadata={"help": "chat rows; default: auto (messages)"})
-    skip_malformed: bool = field(default=False, metadata={"help": "skip malformed rows and report their count "
-                                                                  "(default: stop with an error naming the row)"})
-    embedded_pool_size: int = 1000
-    embedded_corrupt_frac: float = 0.15
-    embedded_dup_frac: float = 0.15
+    pool: Optional[str] = option(None, "HF dataset id or local .jsonl/.json/.parquet/.csv; none: the embedded pool")
+    split: str = option("train", "dataset split (hub datasets)")
+    dataset_config: Optional[str] = option(None, "hub dataset config name")
+    instruction_field: Optional[str] = option(None, "column of the instruction; default: auto (instruction, input)")
+    input_field: Optional[str] = option(None, "optional context appended to the instruction (default: auto, "
+                                              "`input` when the instruction is `instruction`)")
+    response_field: Optional[str] = option(None, "column of the response; default: auto (response, output)")
+    messages_field: Optional[str] = option(None, "column of chat rows; default: auto (messages)")
+    skip_malformed: bool = option(False, "skip malformed rows and report their count (default: stop with an "
+                                         "error naming the row)")
+    embedded_pool_size: int = option(1000, "rows of the embedded pool", ge=1)
+    embedded_corrupt_frac: float = option(0.15, "embedded pool: fraction of corrupted responses", ge=0, le=1)
+    embedded_dup_frac: float = option(0.15, "embedded pool: fraction of near-duplicates", ge=0, le=1)
     # proxy model and features
-    model: str = field(default=common.EMBEDDED, metadata={"help": "`embedded` (SmolLM2-135M-Instruct), `tiny`, "
-                                                                 "a folder or a HF id"})
-    dtype: str = "bfloat16"
-    layers: Optional[str] = field(default=None, metadata={"help": "layer spec (common.select_linear_layers); "
-                                                                  "default `last:2`, or `lora` with --lora"})
-    lora: bool = field(default=False, metadata={"help": "wrap the proxy with peft LoRA (always on in online mode)"})
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    k_out: Optional[int] = field(default=16, metadata={"help": "projection rows per layer on the output side"})
-    k_in: Optional[int] = field(default=16, metadata={"help": "projection rows per layer on the input side"})
-    reduction: str = field(default="mean", metadata={"help": "per-sample loss over scored tokens: mean (SFT) | sum"})
-    mask_prompt: bool = field(default=True, metadata={"help": "score response tokens only; false = official code "
-                                                              "(loss on the whole text)"})
-    prompt_format: str = field(default="plain", metadata={"help": "plain (`Instruction:\\n…\\n\\nResponse:\\n`, the "
-                                                                  "official code's) | chat (tokenizer template)"})
-    max_length: int = 96
-    batch_size: int = 16
-    shard_batches: int = 8
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "feature cache (default <output_dir>/"
-                                                                     "feature_cache); `none` disables it"})
+    model: str = option(common.EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a folder or a HF id")
+    dtype: str = option("bfloat16", "proxy weights dtype", choices=["float32", "bfloat16", "float16"])
+    layers: Optional[str] = option(None, "layer spec (common.select_linear_layers); default `last:2`, or `lora` "
+                                         "with --lora")
+    lora: bool = option(False, "wrap the proxy with peft LoRA (always on in online mode)")
+    lora_r: int = option(8, "LoRA rank", ge=1)
+    lora_alpha: int = option(16, "LoRA alpha", ge=1)
+    lora_dropout: float = option(0.05, "LoRA dropout (used when the proxy trains; features are taken in eval mode)",
+                                 ge=0, lt=1)
+    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "LoRA target modules")
+    k_out: Optional[int] = option(16, "projection rows per layer on the output side (none: unprojected)", ge=1)
+    k_in: Optional[int] = option(16, "projection rows per layer on the input side (none: unprojected)", ge=1)
+    reduction: str = option("mean", "per-sample loss over scored tokens: mean (SFT) or sum", choices=["mean", "sum"])
+    mask_prompt: bool = option(True, "score response tokens only; false = official code (loss on the whole text)")
+    prompt_format: str = option("plain", "plain (`Instruction:\\n…\\n\\nResponse:\\n`, the official code's) or "
+                                         "chat (tokenizer template)", choices=["plain", "chat"])
+    max_length: int = option(96, "tokens per row (prompt + response), longer rows are cut", ge=2)
+    batch_size: int = option(16, "rows per featurization forward", ge=1)
+    shard_batches: int = option(8, "batches per cached feature shard", ge=1)
+    cache_dir: Optional[str] = option(None, "feature cache (default <output_dir>/feature_cache); `none` disables it")
     # selection
-    method: str = field(default="spice", metadata={"help": "spice | greedy (λ=0) | top_norm (official default) | "
-                                                           "random | official_diag (den += α·g⁴)"})
-    compare: bool = field(default=True, metadata={"help": "also run every other method on the same features "
-                                                          "and print the comparison table (offline)"})
-    alpha: float = field(default=1.0, metadata={"help": "α in log det(I + α F_S) (official alpha_fisher 1.0)"})
-    lam: float = field(default=0.1, metadata={"help": "λ, conflict weight (paper default 0.1)"})
-    eta: float = 1e-8
-    omega: Optional[float] = field(default=None, metadata={"help": "SPICE+ early stop: Δ_t ≤ ω·Δ_1 (paper 0.5); "
-                                                                   "off by default"})
-    budget: float = field(default=0.1, metadata={"help": "total picks: a fraction (< 1) of the pool or a count"})
-    form: str = field(default="auto", metadata={"help": "auto | kernel (incremental Cholesky) | feature "
-                                                        "(rank-one updates of (I+αF_S)⁻¹)"})
-    mode: str = field(default="offline", metadata={"help": "offline | online (proxy trained on the picks)"})
-    pool_size: Optional[int] = field(default=None, metadata={"help": "candidates per pool (paper 120); default: "
-                                                                     "the whole pool at once (offline)"})
-    select_k: Optional[float] = field(default=None, metadata={"help": "picks per pool, count or fraction "
-                                                                      "(paper 12 of 120); default: budget fraction"})
+    method: str = option("spice", "spice | greedy (λ=0) | top_norm (official default) | random | official_diag "
+                                  "(den += α·g⁴)", choices=list(METHODS))
+    compare: bool = option(True, "also run every other method on the same features and print the comparison "
+                                 "table (offline)")
+    alpha: float = option(1.0, "α in log det(I + α F_S) (official alpha_fisher 1.0)", gt=0)
+    lam: float = option(0.1, "λ, conflict weight (paper default 0.1)", ge=0)
+    eta: float = option(1e-8, "η in the conflict cosine's denominator", gt=0)
+    omega: Optional[float] = option(None, "SPICE+ early stop: Δ_t ≤ ω·Δ_1 (paper 0.5); off by default", ge=0, lt=1)
+    budget: float = option(0.1, "total picks: a fraction (< 1) of the pool or a count", gt=0)
+    form: str = option("auto", "auto | kernel (incremental Cholesky) | feature (rank-one updates of (I+αF_S)⁻¹)",
+                       choices=["auto", "kernel", "feature"])
+    mode: str = option("offline", "offline | online (proxy trained on the picks)", choices=["offline", "online"])
+    pool_size: Optional[int] = option(None, "candidates per pool (paper 120); default: the whole pool at once "
+                                            "(offline)", ge=1)
+    select_k: Optional[float] = option(None, "picks per pool, count or fraction (paper 12 of 120); default: budget "
+                                             "fraction", gt=0)
     # online proxy loop (paper §2.2: AdamW step on the buffer every T pools, features recomputed)
-    update_every: int = field(default=10, metadata={"help": "T: pools between proxy updates (paper 10)"})
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    online_loss: str = field(default="mean", metadata={"help": "mean over the buffer | official_sum (sum of "
-                                                               "micro-batch means, as Chang-pw/SPICE train.py)"})
-    online_micro_batch: int = 4
+    update_every: int = option(10, "T: pools between proxy updates (paper 10)", ge=1)
+    lr: float = option(2e-4, "proxy AdamW learning rate (online mode)", gt=0)
+    weight_decay: float = option(0.01, "proxy AdamW weight decay", ge=0)
+    online_loss: str = option("mean", "mean over the buffer | official_sum (sum of micro-batch means, as "
+                                      "Chang-pw/SPICE train.py)", choices=["mean", "official_sum"])
+    online_micro_batch: int = option(4, "rows per proxy forward in online mode", ge=1)
     # run
-    seed: int = 0
-    output_dir: str = "outputs/spice"
-    save_to_disk: Optional[str] = field(default=None, metadata={"help": "also save the picks as a HF dataset here"})
+    seed: int = option(0, "seed of the pool order, LoRA init, projections and random baselines", ge=0)
+    output_dir: str = option("outputs/spice", "selected.jsonl, picks.jsonl, summary.json, feature cache")
+    save_to_disk: Optional[str] = option(None, "also save the picks as a HF datasets folder here")
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Config from CLI flags (every field) over an optional YAML/JSON file given by --config."""
-    from transformers import HfArgumentParser
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(Config)
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**common.read_config_file(pre.config, Config))
-    cfg, rest = parser.parse_known_args(argv)
-    if rest:
-        raise UserError(f"unknown arguments {rest}", hint="python spice_select.py --help")
-    return validate(Config(**vars(cfg)))
+    """Defaults < --config file < CLI flags, each value checked (common.parse_config), then cross-field checks."""
+    return validate(common.parse_config(Config, sys.argv[1:] if argv is None else argv))
 
 
 def validate(cfg: Config) -> Config:
-    checks = [(cfg.method in METHODS, f"--method must be one of {METHODS}"),
-              (cfg.mode in ("offline", "online"), "--mode must be offline or online"),
-              (cfg.form in ("auto", "kernel", "feature"), "--form must be auto, kernel or feature"),
-              (cfg.reduction in ("mean", "sum"), "--reduction must be mean or sum"),
-              (cfg.prompt_format in ("plain", "chat"), "--prompt_format must be plain or chat"),
-              (cfg.online_loss in ("mean", "official_sum"), "--online_loss must be mean or official_sum"),
-              (cfg.alpha > 0, "--alpha must be > 0"), (cfg.lam >= 0, "--lam must be ≥ 0"),
-              (cfg.budget > 0, "--budget must be > 0"), (cfg.omega is None or cfg.omega >= 0, "--omega must be ≥ 0"),
-              (cfg.batch_size > 0 and cfg.shard_batches > 0 and cfg.max_length > 1, "batch sizes must be positive"),
-              (cfg.pool_size is None or cfg.pool_size > 0, "--pool_size must be > 0"),
-              (cfg.mode == "offline" or cfg.pool_size, "online mode needs --pool_size (paper: 120)")]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
+    """Every field's declared checks (common.check_config), then the settings that cannot work together."""
+    common.check_config(cfg)
+    if cfg.mode == "online" and not cfg.pool_size:
+        raise UserError("online mode needs --pool_size (paper: 120)")
     return cfg
 
 

@@ -404,3 +404,45 @@ def test_read_config_file(tmp_path):
         C.read_config_file(tmp_path / "broken.json", Cfg)
     with pytest.raises(C.UserError, match="does not exist"):
         C.read_config_file(tmp_path / "nope.yaml", Cfg)
+
+
+def test_parse_config_checks_every_field_in_one_line(tmp_path):
+    import dataclasses
+    from typing import Optional
+
+    @dataclasses.dataclass
+    class Cfg:
+        config: str = C.option("", "file")
+        preset: str = C.option("", "preset", choices=["", "fast"])
+        steps: int = C.option(3, "steps", ge=0)
+        lr: float = C.option(1e-3, "lr", gt=0, lt=1)
+        scale: float = C.option(1.0, "may be infinite", nonfinite=True)
+        mode: str = C.option("a", "mode", choices=["a", "b"])
+        flag: bool = C.option(True, "flag")
+        k: Optional[int] = C.option(None, "k", ge=1)
+
+    parse = lambda *a: C.parse_config(Cfg, list(a), {"fast": {"steps": 1, "mode": "b"}})  # noqa: E731
+    c = parse("--steps", "5", "--no_flag", "--k", "none", "--scale", "inf")
+    assert (c.steps, c.flag, c.k, c.scale, c.lr) == (5, False, None, float("inf"), 1e-3)
+    assert parse("--flag", "false").flag is False and parse("--flag").flag is True and parse("--k", "2").k == 2
+    (tmp_path / "c.yaml").write_text("preset: fast\nsteps: 7\nlr: 1\n")  # an int is a valid float
+    c = parse("--config", str(tmp_path / "c.yaml"), "--lr", "0.5")
+    assert (c.preset, c.steps, c.mode, c.lr) == ("fast", 7, "b", 0.5)  # defaults < preset < file < flags
+    bad = {("--steps", "-1"): r"--steps must be ≥ 0, got -1", ("--lr", "nan"): "--lr must be a finite number",
+           ("--lr", "1.5"): "--lr must be < 1", ("--mode", "c"): r"--mode='c' is not one of a, b",
+           ("--steps", "2.5"): "expected an integer, got '2.5'", ("--stepz", "1"): "unrecognized arguments",
+           ("--step", "1"): "unrecognized arguments", ("stray",): "unrecognized", ("--flag", "maybe"): "true or false",
+           ("--preset", "slow"): "is not one of", ("--k", "0"): "--k must be ≥ 1"}
+    for args, msg in bad.items():
+        with pytest.raises(C.UserError, match=msg):
+            parse(*args)
+    for text, msg in [("steps: 2.5\n", "field steps must be an integer"), ("steps: null\n", "must be an integer"),
+                      ("mode: [a]\n", "field mode must be a string"), ("flag: 1\n", "true or false"),
+                      ("k: 1.0\n", "must be an integer or null")]:
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(C.UserError, match=msg):
+            parse("--config", str(tmp_path / "bad.yaml"))
+    with pytest.raises(C.UserError, match="is not a file"):
+        parse("--config", str(tmp_path))
+    with pytest.raises(C.UserError, match="--lr must be > 0"):
+        C.check_config(Cfg(lr=0.0))  # configs built in code are checked the same way
