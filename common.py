@@ -344,7 +344,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     dtype; never copied to fp32 as a whole). with_entropy: also the per-token entropy of softmax(z/τ) (no grad)."""
     with torch.autocast(logits.device.type, enabled=False):
         lp, ent = _SelectiveLogSoftmax.apply(logits, labels, float(temperature), max(1, chunk_elems // logits.shape[-1]))
-    return (lp, ent) if with_entropy else lp
+    return (lp, ent.detach()) if with_entropy else lp
 
 
 def sequence_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,

@@ -849,7 +849,7 @@ def make_rollouts(t: Trainer, round_idx: int) -> dict:
     metrics = {
         "reward": float(total.mean()), "reward_std": float(total.std()),  # TRL: std over the whole batch
         "reward_std_within_group": float(grp.std(1).mean()),
-        "frac_reward_zero_std": float(torch.isclose(grp.std(1), torch.zeros(())).double().mean()),
+        "frac_reward_zero_std": float(torch.isclose(grp.std(1), torch.zeros((), dtype=grp.dtype)).double().mean()),
         **{f"rewards/{name}/{k}": float(getattr(per_func[:, i], k)()) for i, (name, _) in enumerate(t.rewards)
            for k in ("mean", "std")},
         "completions/mean_length": float(lens.mean()), "completions/max_length": float(lens.max()),
@@ -1079,8 +1079,9 @@ def save_final(t: Trainer, final: Path) -> None:
         tmp, old = final.parent / ".final.tmp", final.parent / ".final.old"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            t.raw.save_pretrained(tmp, state_dict=sd)
-            t.tok.save_pretrained(tmp)
+            with common._quiet_transformers():
+                t.raw.save_pretrained(tmp, state_dict=sd)
+                t.tok.save_pretrained(tmp)
             if final.exists():
                 os.replace(final, old)
             os.replace(tmp, final)

@@ -397,7 +397,8 @@ def test_dataset_rows_errors_name_file_row_field(tmp_path):
                     json.dumps({"question": "3+3?", "answer": "#### 6"}) + "\n" * 2 +
                     json.dumps({"question": "1+1?", "answer": 2}) + "\n")
     tr, ev = sg.load_rows(cfg(dataset=str(good), eval_size=1))
-    assert sorted(r["answer"] for r in tr + ev) == [2.0, 4.0, 6.0]
+    assert sorted(sg.extract_final_number(r["answer"]) for r in tr + ev) == [2.0, 4.0, 6.0]
+    assert {r["prompt"] for r in tr + ev} == {"2+2?", "3+3?", "1+1?"}
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n" + json.dumps({"question": "x"}) + "\n")
     with pytest.raises(UserError, match=r"bad.jsonl:2: missing field 'answer'"):

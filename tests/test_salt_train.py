@@ -2,10 +2,10 @@
 2 processes == 1 process, resume == uninterrupted, the script end to end, and one SmolLM2 step (slow)."""
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -19,19 +19,13 @@ import salt_grpo as sg  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parity_reward(completion, answer):
-    """A test reward with mixed groups for a random model (the real checker gives it 0): a hash bit."""
-    return float(zlib.crc32(completion.encode()) % 2)
-
-
-@pytest.fixture
-def mixed_reward(monkeypatch):
-    monkeypatch.setattr(sg, "reward_fn", parity_reward)
+PARITY = f"{ROOT / 'tests' / 'salt_rewards.py'}:parity"  # a hash bit: mixed groups for a random model
 
 
 def smoke(tmp_path, name="run", **kw):
     base = dict(sg.PRESETS["smoke"], output_dir=str(tmp_path / name), eval_size=0, max_steps=2,
-                prompts_per_step=2, num_generations=4, max_completion_length=6)
+                prompts_per_step=2, num_generations=4, max_completion_length=6, reward_funcs=PARITY,
+                overwrite_output_dir=True)
     base.update(kw)
     return dataclasses.replace(sg.Config(), **base)
 
@@ -70,11 +64,11 @@ def test_rollouts_are_exact_samples_of_the_trained_policy():
             ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
 
 
-def test_identity_equals_off_for_loss_and_gradients(tmp_path, mixed_reward):
+def test_identity_equals_off_for_loss_and_gradients(tmp_path):
     reset_accelerate()
     off = sg.build(smoke(tmp_path, salt="off"))
     ident = sg.build(smoke(tmp_path, salt="identity"))
-    batch = sg.make_rollouts(off, 0)
+    batch = sg.make_rollouts(off, 0)["slices"][0]
     assert batch["adv"].abs().sum() > 0  # mixed groups
     m_off = sg.accumulate_gradients(off, batch, 0)
     m_id = sg.accumulate_gradients(ident, batch, 0)
@@ -86,10 +80,10 @@ def test_identity_equals_off_for_loss_and_gradients(tmp_path, mixed_reward):
         assert (g_off[n] - g_id[n]).abs().max() <= 1e-6, n
 
 
-def test_salt_changes_the_update_when_neff_below_one(tmp_path, mixed_reward):
+def test_salt_changes_the_update_when_neff_below_one(tmp_path):
     reset_accelerate()
     runs = {m: sg.build(smoke(tmp_path, salt=m)) for m in ("off", "official")}
-    batch = sg.make_rollouts(runs["off"], 0)
+    batch = sg.make_rollouts(runs["off"], 0)["slices"][0]
     # advantages along K's smallest eigenvector: strong signed cancellation, n_eff < 1
     t = runs["official"]
     F = sg.feature_pass(t.raw, t.spec, [batch], t.cfg, t.acc.device)
@@ -111,14 +105,14 @@ def test_salt_changes_the_update_when_neff_below_one(tmp_path, mixed_reward):
     assert moved > 0 and diff > 1e-3 * moved
 
 
-def test_micro_scope_and_several_micro_batches_run(tmp_path, mixed_reward):
+def test_micro_scope_and_several_micro_batches_run(tmp_path):
     """mini scope with 2 micro-batches (no-grad feature pass) equals mini scope in one micro-batch; micro scope runs."""
     reset_accelerate()
     one = sg.build(smoke(tmp_path, salt_features="lm_head", salt_k_out=8, salt_k_in=8))
     two = sg.build(smoke(tmp_path, micro_batch_size=4, salt_features="lm_head", salt_k_out=8, salt_k_in=8))
     micro = sg.build(smoke(tmp_path, micro_batch_size=4, salt_scope="micro"))
     layers = sg.build(smoke(tmp_path, salt_features="layers", salt_layers="last:1", salt_k_out=4, salt_k_in=4))
-    batch = sg.make_rollouts(one, 0)
+    batch = sg.make_rollouts(one, 0)["slices"][0]
     m1, m2 = sg.accumulate_gradients(one, batch, 0), sg.accumulate_gradients(two, batch, 0)
     assert abs(m1["salt/neff"] - m2["salt/neff"]) < 1e-5 and m1["salt/B"] == m2["salt/B"] == 8
     assert torch.allclose(one.last_advantages[1], two.last_advantages[1], atol=1e-5)
@@ -136,7 +130,6 @@ def test_micro_scope_and_several_micro_batches_run(tmp_path, mixed_reward):
 
 def _job(cfg_dict):
     reset_accelerate()
-    sg.reward_fn = parity_reward
     from accelerate import Accelerator
 
     sg.train(sg.Config(**cfg_dict), Accelerator(cpu=True))
@@ -170,7 +163,7 @@ def test_two_processes_equal_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("iters,resume_at", [(1, 2), (2, 3)])
-def test_resume_matches_uninterrupted(tmp_path, mixed_reward, iters, resume_at):
+def test_resume_matches_uninterrupted(tmp_path, iters, resume_at):
     """num_iterations=2 resumed at step 3 restarts mid-round, from the rollouts saved in the checkpoint."""
     reset_accelerate()
     kw = dict(max_steps=4, num_iterations=iters, lr_scheduler_type="linear", warmup_steps=1, beta=0.05)
@@ -184,8 +177,14 @@ def test_resume_matches_uninterrupted(tmp_path, mixed_reward, iters, resume_at):
     for k in w1:
         assert torch.equal(w1[k], w2[k]), k
     tail = [r for r in common.read_metrics(Path(full.output_dir) / "metrics.jsonl") if r["step"] > resume_at and "loss" in r]
-    again = [r for r in common.read_metrics(Path(res.output_dir) / "metrics.jsonl") if "loss" in r]
+    rows = common.read_metrics(Path(res.output_dir) / "metrics.jsonl")
+    again = [r for r in rows if r["step"] > resume_at and "loss" in r]
     assert [r["loss"] for r in tail] == [r["loss"] for r in again]
+    # the resumed run's metrics and summary describe the whole run, from step 0
+    full_rows = common.read_metrics(Path(full.output_dir) / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in full_rows]
+    s_full = json.loads((Path(full.output_dir) / "summary.json").read_text())
+    assert s["reward_start"] == s_full["reward_start"] and s["reward_end"] == s_full["reward_end"]
 
 
 def run_script(args, tmp_path, **env):
@@ -200,14 +199,19 @@ def test_script_end_to_end_smoke_and_plot(tmp_path):
     r = run_script(["--config", str(cfgfile), "--max_steps", "3", "--eval_size", "4"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "out"
-    assert "held-out accuracy" in r.stdout and str(out) in r.stdout and "train reward" in r.stdout
+    assert "held-out reward" in r.stdout and str(out) in r.stdout and "train reward" in r.stdout
     rows = common.read_metrics(out / "metrics.jsonl")
     steps = [x for x in rows if "loss" in x]
     assert [x["step"] for x in steps] == [1, 2, 3]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "clip_ratio/region_mean",
                 "step_time", "grad_norm", "salt/B", "time/generation_s", "time/backward_s"):
         assert key in steps[0], key
-    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
+    assert "eval/reward" in rows[0] and "eval/reward" in rows[-1]  # the smoke preset's closeness reward
+    for x in steps:  # the smoke preset exercises SALT: mixed groups, α and k computed (not skipped), all finite
+        assert x["salt/skipped"] == 0 and x["salt/k"] >= 1 and x["frac_reward_zero_std"] < 1, x
+        for key in ("salt/alpha", "salt/neff", "salt/participation_ratio", "loss", "entropy", "grad_norm"):
+            assert math.isfinite(x[key]), key
+    assert steps[0]["num_tokens"] < steps[1]["num_tokens"] < steps[2]["num_tokens"]  # TRL's: cumulative
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["eval_size"] == 4
     assert (out / "final" / "model.safetensors").exists() and (out / "final" / "config.json").exists()

@@ -1,0 +1,29 @@
+"""Reward functions for the salt_grpo tests, loaded as `--reward_funcs tests/salt_rewards.py:NAME` (TRL's signature)."""
+import zlib
+
+
+def parity(completions, **_):
+    """Mixed groups for a random model (the exact-match checker gives it 0): a hash bit of the completion."""
+    return [float(zlib.crc32((c[-1]["content"] if isinstance(c, list) else c).encode()) % 2) for c in completions]
+
+
+def length_bonus(completions, completion_ids, prompts, **columns):
+    """Uses TRL's keyword arguments and a dataset column (`bonus`), to check they arrive as TRL passes them."""
+    assert len(completion_ids) == len(prompts) == len(completions) == len(columns["bonus"])
+    return [len(ids) / 10 + float(b) for ids, b in zip(completion_ids, columns["bonus"])]
+
+
+def text(completions, **_):
+    return ["1.0"] * len(completions)
+
+
+def short(completions, **_):
+    return [1.0] * (len(completions) - 1)
+
+
+def nan(completions, **_):
+    return [float("nan")] * len(completions)
+
+
+def none(completions, **_):
+    return None
