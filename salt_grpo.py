@@ -1163,10 +1163,12 @@ def build(cfg: Config, accelerator=None) -> Trainer:
 
         targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
         zero3 = dt == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-            target_modules="all-linear" if targets == ["all-linear"] else targets or None),
-            autocast_adapter_dtype=not zero3)  # ZeRO-3 gathers in one dtype (as TRL does)
+        with torch.random.fork_rng(devices=[]):  # seeded adapter init, whatever ran before
+            torch.manual_seed(cfg.seed)
+            model = get_peft_model(model, LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                target_modules="all-linear" if targets == ["all-linear"] else targets or None),
+                autocast_adapter_dtype=not zero3)  # ZeRO-3 gathers in one dtype (as TRL does)
     elif cfg.beta > 0:
         ref, _ = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
         ref.requires_grad_(False).eval().to(acc.device)

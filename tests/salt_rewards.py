@@ -27,3 +27,10 @@ def nan(completions, **_):
 
 def none(completions, **_):
     return None
+
+
+def conversational(completions, prompts, **_):
+    """Checks TRL's conversational format (prompts and completions as message lists), then scores like parity."""
+    assert all(isinstance(p, list) and p[-1]["role"] == "user" for p in prompts), prompts[0]
+    assert all(isinstance(c, list) and c[0]["role"] == "assistant" for c in completions), completions[0]
+    return parity(completions)

@@ -135,16 +135,32 @@ def _job(cfg_dict):
     sg.train(sg.Config(**cfg_dict), Accelerator(cpu=True))
 
 
+def launch(n: int, c, tmp_path) -> None:
+    """Train c with n processes. debug_launcher runs in a fresh interpreter (see __main__ below): forking a pytest
+    process whose OpenMP pool is already running can deadlock the children."""
+    f = tmp_path / f"cfg-{Path(c.output_dir).name}.json"
+    f.write_text(json.dumps(dataclasses.asdict(c)))
+    r = subprocess.run([sys.executable, __file__, str(n), str(f)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def chat_model(path: Path, eos_extra: str = "!") -> Path:
+    """The tiny model saved with a chat template and two EOS ids in its generation_config (as Qwen2.5 / Llama-3)."""
+    model, tok = common.tiny_llama(seed=0)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids(eos_extra)]
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def test_two_processes_equal_one_process(tmp_path):
-    """debug_launcher runs in a fresh interpreter (see __main__ below): forking a pytest process whose OpenMP pool is
-    already running can deadlock the children."""
     kw = dict(max_steps=2, prompts_per_step=2, num_generations=4, max_completion_length=6, seed=1)
     one, two = smoke(tmp_path, "p1", **kw), smoke(tmp_path, "p2", **kw)
     for n, c in ((1, one), (2, two)):
-        (tmp_path / f"cfg{n}.json").write_text(json.dumps(dataclasses.asdict(c)))
-        r = subprocess.run([sys.executable, __file__, str(n), str(tmp_path / f"cfg{n}.json")], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+        launch(n, c, tmp_path)
     s1, s2 = (json.loads((Path(c.output_dir) / "summary.json").read_text()) for c in (one, two))
     assert s1["processes"] == 1 and s2["processes"] == 2
     a1, a2 = (load_file(str(Path(c.output_dir) / "last_advantages.safetensors")) for c in (one, two))
@@ -162,11 +178,57 @@ def test_two_processes_equal_one_process(tmp_path):
                 assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("iters,resume_at", [(1, 2), (2, 3)])
-def test_resume_matches_uninterrupted(tmp_path, iters, resume_at):
-    """num_iterations=2 resumed at step 3 restarts mid-round, from the rollouts saved in the checkpoint."""
+def test_two_processes_equal_one_process_with_every_new_option(tmp_path):
+    """LoRA + gradient checkpointing + steps_per_generation + two reward functions (one reading a dataset column) with
+    weights + conversational prompts + system prompt + prompt truncation + truncated-completion masking + several EOS
+    ids + micro-batches (gradient accumulation) + an eval set that does not split evenly over the processes."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What is {i} + {i % 3}?"}],
+                                        "answer": str(i + i % 3), "bonus": i % 2}) + "\n" for i in range(12)))
+    kw = dict(model=str(chat_model(tmp_path / "chat_model")), dataset=str(data), prompt_column="prompt",
+              use_peft=True, lora_dropout=0.0, lora_r=4, gradient_checkpointing=True, steps_per_generation=2,
+              max_steps=3, reward_funcs=f"{PARITY.rsplit(':', 1)[0]}:length_bonus,{PARITY}", reward_weights="0.5,1",
+              system_prompt="Be brief.", max_prompt_length=24, mask_truncated_completions=True, micro_batch_size=2,
+              eval_size=3, eval_batch_size=2, seed=2, learning_rate=3e-3)
+    one, two = smoke(tmp_path, "o1", **kw), smoke(tmp_path, "o2", **kw)
+    for n, c in ((1, one), (2, two)):
+        launch(n, c, tmp_path)
+    w1, w2 = (load_file(str(Path(c.output_dir) / "final" / "adapter_model.safetensors")) for c in (one, two))
+    assert w1.keys() == w2.keys() and any("lora_B" in k for k in w1)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=2e-5, rtol=1e-4), k
+    assert any(w1[k].abs().sum() > 0 for k in w1 if "lora_B" in k)  # the adapter trained (lora_B starts at 0)
+    m1, m2 = (common.read_metrics(Path(c.output_dir) / "metrics.jsonl") for c in (one, two))
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [0, 1, 2, 3, 3]
+    for r1, r2 in zip(m1, m2):
+        assert r1.keys() == r2.keys()
+        for key in ("reward", "rewards/length_bonus/mean", "loss", "entropy", "num_tokens", "salt/neff",
+                    "eval/reward", "completions/clipped_ratio"):
+            if key in r1:
+                assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-6), key
+    assert "reward" in m1[1] and "reward" not in m1[2] and "reward" in m1[3]  # one generation per 2 steps
+
+
+def test_resume_under_two_processes_matches_uninterrupted(tmp_path):
+    """Resumed mid-round (steps_per_generation=2) under 2 processes: the same weights as the uninterrupted run."""
+    kw = dict(max_steps=3, steps_per_generation=2, beta=0.05, lr_scheduler_type="linear", seed=3)
+    full = smoke(tmp_path, "full", save_every=1, **kw)
+    launch(2, full, tmp_path)
+    res = smoke(tmp_path, "res", resume_from=str(Path(full.output_dir) / "checkpoint-1"), **kw)
+    launch(2, res, tmp_path)
+    w1, w2 = (load_file(str(Path(c.output_dir) / "final" / "model.safetensors")) for c in (full, res))
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k
+    s = json.loads((Path(res.output_dir) / "summary.json").read_text())
+    assert s["resumed_from_step"] == 1 and s["processes"] == 2
+
+
+@pytest.mark.parametrize("iters,resume_at,spg", [(1, 2, 1), (2, 3, 1), (1, 3, 2)])
+def test_resume_matches_uninterrupted(tmp_path, iters, resume_at, spg):
+    """num_iterations=2 or steps_per_generation=2 resumed at step 3 restarts mid-round, from the saved rollouts."""
     reset_accelerate()
-    kw = dict(max_steps=4, num_iterations=iters, lr_scheduler_type="linear", warmup_steps=1, beta=0.05)
+    kw = dict(max_steps=4, num_iterations=iters, steps_per_generation=spg, lr_scheduler_type="linear", warmup_steps=1,
+              beta=0.05)
     full = smoke(tmp_path, "full", save_every=1, **kw)
     sg.train(full)
     reset_accelerate()
