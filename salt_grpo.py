@@ -1156,7 +1156,7 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     train_rows, eval_rows = load_rows(cfg)
     model, tok = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = None
     if cfg.use_peft:
         from peft import LoraConfig, get_peft_model

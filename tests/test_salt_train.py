@@ -146,11 +146,12 @@ def launch(n: int, c, tmp_path) -> None:
 
 
 def chat_model(path: Path, eos_extra: str = "!") -> Path:
-    """The tiny model saved with a chat template and two EOS ids in its generation_config (as Qwen2.5 / Llama-3)."""
+    """The tiny model saved with a chat template and several EOS ids in its generation_config (as Qwen2.5 / Llama-3
+    have two): the tokenizer's and each character of eos_extra."""
     model, tok = common.tiny_llama(seed=0)
     tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
-    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids(eos_extra)]
+    model.generation_config.eos_token_id = [tok.eos_token_id] + [tok.convert_tokens_to_ids(ch) for ch in eos_extra]
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
