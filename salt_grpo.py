@@ -875,6 +875,15 @@ def salt_on_scope(t: Trainer, F_local: torch.Tensor, a_local: torch.Tensor, step
     return a_new[lo:lo + F_local.shape[0]].float().to(a_local.device), diag, (a.cpu(), a_new)
 
 
+def guarded_salt(t: Trainer, F, a, step: int, gather: bool):
+    """salt_on_scope; non-finite features (the weights diverged) leave a unchanged and are reported, so that every
+    process reaches the step's gathered check below and stops there together."""
+    try:
+        return salt_on_scope(t, F, a, step, gather=gather)
+    except FloatingPointError:
+        return a, {"nonfinite": 1.0}, None
+
+
 def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
     """One optimizer step's forward/backward over the local rollouts, inside `accelerator.accumulate` (one
     gradient sync, and one DeepSpeed step, per optimizer step); leaves the scope's summed gradient in .grad.
@@ -898,11 +907,11 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
         F = feature_pass(t.raw, t.spec, mbs, cfg, acc.device)
         timing["time/features_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        adv, d, a_pair = salt_on_scope(t, F, adv, step, gather=True)
+        adv, d, a_pair = guarded_salt(t, F, adv, step, True)
         timing["time/salt_s"] += time.perf_counter() - t0
         diags.append(d)
     t.model.train()
-    sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "entropy": 0.0}
+    sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "entropy": 0.0, "nonfinite": 0.0}
     off = 0
     for b in mbs:
         n = b["comp_ids"].shape[0]
@@ -918,7 +927,7 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
                 else:
                     F = feature_pass(t.raw, t.spec, [b], cfg, acc.device)
                 t2 = time.perf_counter()
-                a_b, d, pair = salt_on_scope(t, F, a_b, step, gather=inline)
+                a_b, d, pair = guarded_salt(t, F, a_b, step, inline)
                 t3 = time.perf_counter()
                 timing["time/features_s"] += t2 - t1
                 timing["time/salt_s"] += t3 - t2
@@ -937,15 +946,17 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
         sums["loss"] += float(loss.detach())
         sums["entropy"] += float((ent * b["comp_mask"]).sum())
         off += n
+    sums["nonfinite"] = float(sum(d.get("nonfinite", 0) for d in diags))
     tot = common.gather_rows(acc, torch.tensor([[sums[k] for k in sums]], device=acc.device)).sum(0).tolist()
     sums = dict(zip(sums, tot))
     m = {"loss": sums["loss"], "clip_ratio/low_mean": sums["clip_low"] / max(n_tok, 1),
          "clip_ratio/high_mean": sums["clip_high"] / max(n_tok, 1),
          "clip_ratio/region_mean": (sums["clip_low"] + sums["clip_high"]) / max(n_tok, 1),
          "entropy": sums["entropy"] / max(n_tok, 1), **timing}  # entropy: TRL's, mean over completion tokens
-    if not math.isfinite(sums["loss"]):
-        raise UserError(f"step {step + 1}: the loss is {sums['loss']} (non-finite); stopped before saving anything of "
-                        "this step", hint="lower --learning_rate, check the rewards, or use --dtype float32")
+    if not math.isfinite(sums["loss"]) or sums["nonfinite"]:
+        raise UserError(f"step {step + 1}: the loss is {sums['loss']} or the SALT features are non-finite; stopped "
+                        "before saving anything of this step",
+                        hint="lower --learning_rate, check the rewards, or use --dtype float32")
     if cfg.beta > 0:
         m["kl"] = sums["kl"] / max(n_tok, 1)
     if diags:  # micro scope: mean over this process's micro-batches (a skipped one has fewer keys)
@@ -1132,15 +1143,18 @@ def prepare_output_dir(cfg: Config) -> None:
 
 
 def build(cfg: Config, accelerator=None) -> Trainer:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType
 
     if accelerator is not None:
         accelerator.free_memory()  # a reused Accelerator must not save or load the previous run's model
+    n_proc = accelerator.num_processes if accelerator else PartialState().num_processes
+    validate(cfg, n_proc)  # everything that can be checked before any work, in this order
+    rewards = load_reward_funcs(cfg)
+    resume = read_checkpoint(cfg, n_proc) if cfg.resume_from else None
+    train_rows, eval_rows = load_rows(cfg)
     acc = accelerator or Accelerator(log_with=report_to(cfg) or None, project_dir=cfg.output_dir)
-    validate(cfg, acc.num_processes)
     on_main(acc, lambda: prepare_output_dir(cfg))
-    resume = read_checkpoint(cfg, acc.num_processes) if cfg.resume_from else None
     dt = acc.distributed_type
     if dt == DistributedType.FSDP and not acc.is_fsdp2:
         raise UserError("FSDP1 is not supported: generation needs FSDP2's per-forward gathering",
@@ -1152,8 +1166,6 @@ def build(cfg: Config, accelerator=None) -> Trainer:
         acc.state.deepspeed_plugin.deepspeed_config.update(
             train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=acc.gradient_accumulation_steps,
             train_batch_size=mb * acc.gradient_accumulation_steps * acc.num_processes, gradient_clipping=cfg.max_grad_norm)
-    rewards = load_reward_funcs(cfg)
-    train_rows, eval_rows = load_rows(cfg)
     model, tok = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
