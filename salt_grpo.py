@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -178,15 +179,8 @@ def validate(cfg: Config, num_processes: int = 1) -> Config:
     need(cfg.salt == "off" or cfg.salt_scope == "mini" or min(cfg.micro_batch_size or local, local) >= 2,
          f"--salt_scope micro with --micro_batch_size {cfg.micro_batch_size} gives SALT one rollout per micro-batch "
          "(B = 1), so it could never act", "raise --micro_batch_size, use --salt_scope mini, or pass --salt off")
-    names, weights = reward_names(cfg), cfg.reward_weights.split(",") if cfg.reward_weights.strip() else []
-    need(names, "--reward_funcs is empty", "pass exact_match, closeness or module:function")
-    need(not weights or len(weights) == len(names), f"--reward_weights has {len(weights)} values for "
-         f"{len(names)} reward functions ({', '.join(names)})")
-    for w in weights:
-        with contextlib.suppress(ValueError):
-            if math.isfinite(float(w)):
-                continue
-        raise UserError(f"--reward_weights: {w.strip()!r} is not a finite number")
+    need(reward_names(cfg), "--reward_funcs is empty", "pass exact_match, closeness or module:function")
+    reward_weights(cfg)
     trackers = {"tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio"}
     for name in report_to(cfg):
         need(name in trackers, f"--report_to {name!r} is not an accelerate tracker ({', '.join(sorted(trackers))})")
@@ -205,6 +199,19 @@ def report_to(cfg: Config) -> list[str]:
 
 def reward_names(cfg: Config) -> list[str]:
     return [s.strip() for s in cfg.reward_funcs.split(",") if s.strip()]
+
+
+def reward_weights(cfg: Config) -> list[float]:
+    """--reward_weights as numbers, one per reward function (default: 1 each)."""
+    names = reward_names(cfg)
+    try:
+        w = [float(x) for x in cfg.reward_weights.split(",")] if cfg.reward_weights.strip() else [1.0] * len(names)
+    except ValueError:
+        w = [math.nan]
+    if len(w) != len(names) or not all(map(math.isfinite, w)):
+        raise UserError(f"--reward_weights {cfg.reward_weights!r}: need {len(names)} finite numbers, one per reward "
+                        f"function ({', '.join(names)})")
+    return w
 
 
 def parse_config(argv: list[str]) -> Config:
@@ -309,8 +316,7 @@ def load_reward_funcs(cfg: Config) -> list[tuple[str, object]]:
     out = []
     for spec in reward_names(cfg):
         if spec in BUILTIN_REWARDS:
-            fn = BUILTIN_REWARDS[spec]
-            out.append((spec, lambda completions, _fn=fn, **kw: _fn(completions, cfg.answer_column, **kw)))
+            out.append((spec, functools.partial(BUILTIN_REWARDS[spec], answer_column=cfg.answer_column)))
             continue
         mod_name, _, fn_name = spec.rpartition(":")
         if not mod_name or not fn_name:
@@ -319,15 +325,12 @@ def load_reward_funcs(cfg: Config) -> list[tuple[str, object]]:
         try:
             if mod_name.endswith(".py"):
                 ispec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
-                if ispec is None or not Path(mod_name).is_file():
-                    raise FileNotFoundError(mod_name)
                 mod = importlib.util.module_from_spec(ispec)
                 ispec.loader.exec_module(mod)
             else:
-                if os.getcwd() not in sys.path:
-                    sys.path.insert(0, os.getcwd())
+                sys.path[:0] = [] if os.getcwd() in sys.path else [os.getcwd()]
                 mod = importlib.import_module(mod_name)
-        except (ImportError, FileNotFoundError) as e:
+        except (ImportError, OSError) as e:
             raise UserError(f"--reward_funcs {spec!r}: cannot import {mod_name} ({e})") from None
         fn = getattr(mod, fn_name, None)
         if not callable(fn):
@@ -1203,10 +1206,9 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     prepared, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(prepared)
     spec = FeatureSpec(raw, cfg)  # after prepare: projections live on the model's device
-    w = [float(x) for x in cfg.reward_weights.split(",")] if cfg.reward_weights.strip() else [1.0] * len(rewards)
     synced = acc.num_processes > 1 and dt in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     return Trainer(cfg, acc, prepared, raw, ref, tok, opt, sched, spec, train_rows, eval_rows, rewards,
-                   torch.tensor(w, dtype=torch.float64), eos_ids(raw, tok), synced, resume=resume)
+                   torch.tensor(reward_weights(cfg), dtype=torch.float64), eos_ids(raw, tok), synced, resume=resume)
 
 
 def train(cfg: Config, accelerator=None) -> dict:
@@ -1258,7 +1260,7 @@ def train(cfg: Config, accelerator=None) -> dict:
             save_checkpoint(t, step + 1, out / f"checkpoint-{step + 1}")
     bar.close()
     end = evaluate(t) if cfg.eval_size else None
-    if end is not None and acc.is_main_process:
+    if end is not None:
         log({key: end}, cfg.max_steps)
     save_final(t, out / "final")
     if acc.is_main_process and t.last_advantages is not None:  # the last SALT scope: a and a′ (whole scope)

@@ -29,9 +29,9 @@ PARTS = ["time/generation_s", "time/features_s", "time/salt_s", "time/backward_s
 
 def one_step(t, step):
     t0 = time.perf_counter()
-    batch = sg.make_rollouts(t, step)
-    m = dict(batch["metrics"])
-    m.update(sg.accumulate_gradients(t, batch, step))
+    rnd = sg.make_rollouts(t, step)
+    m = dict(rnd["metrics"])
+    m.update(sg.accumulate_gradients(t, rnd["slices"][0], step))
     t1 = time.perf_counter()
     sg.optimizer_step(t)
     m["time/optimizer_s"] = time.perf_counter() - t1
@@ -86,7 +86,8 @@ def main():
     a = ap.parse_args()
     base = dataclasses.replace(sg.Config(), model=a.model, prompts_per_step=a.prompts_per_step,
                                num_generations=a.num_generations, max_completion_length=a.max_completion_length,
-                               bf16=a.bf16, eval_size=0, output_dir="/tmp/salt_overhead")
+                               bf16=a.bf16, eval_size=0, output_dir="/tmp/salt_overhead",
+                               overwrite_output_dir=True)
     trainers = {m: sg.build(dataclasses.replace(base, salt=m)) for m in ("off", "official")}
     rows = {m: [] for m in trainers}
     for step in range(a.steps + 1):  # interleaved; step 0 is the warm-up

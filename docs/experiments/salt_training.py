@@ -102,7 +102,7 @@ def run_config(s: dict, arm: str, G: int, seed: int, model_dir: Path, out: Path)
                      eval_every=s["eval_every"], eval_size=s["eval_size"], eval_batch_size=256,
                      learning_rate=s["lr"], max_completion_length=s["max_completion_length"], bf16=False,
                      task_min_terms=s["task_min_terms"], task_max_terms=s["task_max_terms"], task_word_frac=0.0,
-                     output_dir=str(out))
+                     output_dir=str(out), overwrite_output_dir=True)  # the folder is this run's cache
 
 
 TRACE = ["reward", "eval/accuracy", "frac_reward_zero_std", "salt/neff", "salt/neff_after", "salt/participation_ratio",
