@@ -188,7 +188,7 @@ def _resolve_model(name: str) -> str:
     """A local folder as is; a hub id from the local cache, or a clear error instead of a long retry loop."""
     p = Path(name).expanduser()
     if p.exists():
-        if not (p / "config.json").exists():
+        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():  # a peft adapter: on its base
             raise UserError(f"{p} is not a model folder (no config.json)",
                             hint="pass a folder written by save_pretrained, a hub id, or `embedded`")
         return str(p)

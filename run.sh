@@ -46,7 +46,7 @@ case "$cmd" in
   setup) setup ;;
   main)
     setup
-    launch salt_grpo.py "$@"
+    launch salt_grpo.py --overwrite_output_dir "$@"  # the demo replaces its previous run
     [ -f spice_select.py ] && launch spice_select.py
     ;;
   salt) setup; launch salt_grpo.py "$@" ;;

@@ -193,3 +193,13 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert all(x["ok"] and x["finite"] and x["salt_acted"] for x in rows)
     assert "ratio" in r.stdout and "peak GiB" in r.stdout
     assert load_file(str(tmp_path / "lora_official" / "final" / "adapter_model.safetensors"))
+
+
+def test_lora_final_model_is_an_adapter_that_loads_on_its_base(tmp_path):
+    base = chat_model(tmp_path / "base")
+    reset_accelerate()
+    s = sg.train(smoke(tmp_path, model=str(base), use_peft=True, max_steps=1))
+    final = Path(s["outputs"]["final_model"])
+    assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
+    model, tok = common.load_model(str(final))  # transformers puts the adapter on base_model_name_or_path
+    assert hasattr(model, "peft_config") and tok.chat_template
