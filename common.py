@@ -624,6 +624,19 @@ def broadcast_object(accelerator, obj: Any = None) -> Any:
     return box[0]
 
 
+def on_main(accelerator, fn: Callable[[], Any]) -> None:
+    """fn() on the main process only; a UserError it raises is raised on every process (none waits forever)."""
+    err = None
+    if accelerator.is_main_process:
+        try:
+            fn()
+        except UserError as e:
+            err = (str(e), e.hint)
+    err = broadcast_object(accelerator, err)
+    if err:
+        raise UserError(*err)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. I/O: rows in, atomic files out, metrics
 # ----------------------------------------------------------------------------------------------------------
@@ -848,6 +861,29 @@ def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w
             os.unlink(tmp)
         raise
     return path
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: str = "", stale: Sequence[str] = ()) -> Path:
+    """Before any work, as HF Trainer: refuse a file, an unwritable folder, or a non-empty one unless `overwrite` or
+    `resume`. With `overwrite` (and no resume) the old run's outputs matching the `stale` globs are removed, so two
+    runs never mix."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file, not a folder")
+    old = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if old and not (overwrite or resume):
+        raise UserError(f"--output_dir {out} is not empty ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''})",
+                        hint="pass --overwrite_output_dir to replace that run, --resume_from to continue it, "
+                             "or another --output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UserError(f"--output_dir {out} is not writable ({e.strerror or e})") from None
+    if overwrite and not resume:
+        for p in [q for g in stale for q in out.glob(g)]:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return out
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

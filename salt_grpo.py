@@ -473,7 +473,8 @@ def generate(model, tok, prompts: list[str], cfg: Config, device, max_new_tokens
 
     eos = eos or [tok.eos_token_id]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None))
-    ids, am = enc.input_ids[:, -cfg.max_prompt_length:].to(device), enc.attention_mask[:, -cfg.max_prompt_length:].to(device)
+    L = cfg.max_prompt_length  # left padding: the last L columns keep every prompt's end
+    ids, am = enc.input_ids[:, -L:].to(device), enc.attention_mask[:, -L:].to(device)
     # every sampling-related field explicit: generate fills unset ones from the model's generation_config (e.g. a
     # hub model's repetition_penalty), which would make the sampler differ from the policy being trained
     gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=None,
@@ -976,9 +977,9 @@ def optimizer_step(t: Trainer, step: int = -1) -> float:
     (DeepSpeed's engine has stepped inside the last backward already), step AdamW and the schedule."""
     gn = t.acc.clip_grad_norm_(t.model.parameters(), t.cfg.max_grad_norm or math.inf)
     if gn is not None and not math.isfinite(float(gn)):  # None: DeepSpeed reports no norm before its first step
-        raise UserError(f"step {step + 1}: the gradient norm is {float(gn)} (non-finite); stopped before the update and before "
-                        "saving anything of this step", hint="lower --learning_rate, check the rewards, or use "
-                        "--dtype float32")
+        raise UserError(f"step {step + 1}: the gradient norm is {float(gn)} (non-finite); stopped before the update "
+                        "and before saving anything of this step",
+                        hint="lower --learning_rate, check the rewards, or use --dtype float32")
     t.opt.step()
     t.sched.step()
     t.opt.zero_grad(set_to_none=True)
@@ -1002,8 +1003,9 @@ def evaluate(t: Trainer) -> float:
     total = 0.0
     for s in range(0, per, cfg.eval_batch_size):
         chunk = rows[s:s + cfg.eval_batch_size]
-        _, _, comp, cmask = generate(t.raw, t.tok, [format_prompt(t.tok, r["prompt"], cfg.system_prompt) for r in chunk],
-                                     cfg, acc.device, cfg.max_completion_length, eos=t.eos, synced=t.synced)
+        texts = [format_prompt(t.tok, r["prompt"], cfg.system_prompt) for r in chunk]
+        _, _, comp, cmask = generate(t.raw, t.tok, texts, cfg, acc.device, cfg.max_completion_length, eos=t.eos,
+                                     synced=t.synced)
         total += float((score(t, chunk, comp, cmask) @ t.reward_weights)[: max(0, len(mine) - s)].sum())
     tot = common.gather_rows(acc, torch.tensor([[total, len(mine)]], device=acc.device, dtype=torch.float64)).sum(0)
     return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
@@ -1078,7 +1080,7 @@ def load_checkpoint(t: Trainer, path: Path, state: dict) -> int:
                 t.buffer = {"round": int(f.metadata()["round"]), "slices": slices, "metrics": {}, "sample": {}}
     except Exception as e:  # truncated or foreign files: safetensors, torch.load, load_state_dict, JSON errors
         raise UserError(f"--resume_from {path}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
-                        hint="the checkpoint is incomplete or from another model; pass an intact checkpoint-N") from None
+                        hint="it is incomplete or from another model; pass an intact checkpoint-N") from None
     t.sched.load_state_dict(state["scheduler"])
     t.num_tokens = int(state["num_tokens"])
     return step
@@ -1109,42 +1111,6 @@ def save_final(t: Trainer, final: Path) -> None:
 # Setup, training run, summary
 # ----------------------------------------------------------------------------------------------------------
 
-def on_main(acc, fn) -> None:
-    """fn() on the main process only; a UserError it raises is raised on every process (none waits forever)."""
-    err = None
-    if acc.is_main_process:
-        try:
-            fn()
-        except UserError as e:
-            err = (str(e), e.hint)
-    err = common.broadcast_object(acc, err)
-    if err:
-        raise UserError(*err)
-
-
-def prepare_output_dir(cfg: Config) -> None:
-    """Before any work: refuse a file, an unwritable folder, or a non-empty one unless --overwrite_output_dir or
-    --resume_from (as HF Trainer). --overwrite_output_dir removes the old run's checkpoints and final model."""
-    import tempfile
-
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file, not a folder")
-    old = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if old and not (cfg.overwrite_output_dir or cfg.resume_from):
-        raise UserError(f"--output_dir {out} is not empty ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''})",
-                        hint="pass --overwrite_output_dir to replace that run, --resume_from to continue it, "
-                             "or another --output_dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise UserError(f"--output_dir {out} is not writable ({e.strerror or e})") from None
-    if cfg.overwrite_output_dir and not cfg.resume_from:
-        for p in [*out.glob("checkpoint-*"), *out.glob(".checkpoint-*.tmp"), out / "final", out / ".final.tmp"]:
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def build(cfg: Config, accelerator=None) -> Trainer:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType
@@ -1157,7 +1123,9 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     resume = read_checkpoint(cfg, n_proc) if cfg.resume_from else None
     train_rows, eval_rows = load_rows(cfg)
     acc = accelerator or Accelerator(log_with=report_to(cfg) or None, project_dir=cfg.output_dir)
-    on_main(acc, lambda: prepare_output_dir(cfg))
+    stale = ["checkpoint-*", ".checkpoint-*.tmp", "final", ".final.tmp"]  # what --overwrite_output_dir replaces
+    common.on_main(acc, lambda: common.prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from,
+                                                          stale))
     dt = acc.distributed_type
     if dt == DistributedType.FSDP and not acc.is_fsdp2:
         raise UserError("FSDP1 is not supported: generation needs FSDP2's per-forward gathering",
@@ -1168,7 +1136,8 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     if dt == DistributedType.DEEPSPEED:  # our flags own the batch shape and the clipping
         acc.state.deepspeed_plugin.deepspeed_config.update(
             train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=acc.gradient_accumulation_steps,
-            train_batch_size=mb * acc.gradient_accumulation_steps * acc.num_processes, gradient_clipping=cfg.max_grad_norm)
+            train_batch_size=mb * acc.gradient_accumulation_steps * acc.num_processes,
+            gradient_clipping=cfg.max_grad_norm)
     model, tok = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -1254,8 +1223,8 @@ def train(cfg: Config, accelerator=None) -> dict:
         log(m, step + 1)
         if acc.is_main_process and t.buffer.get("sample"):
             common.write_json(out / "last_sample.json", t.buffer["sample"])
-        bar.set_postfix(reward=f"{m.get('reward', float('nan')):.2f}",
-                        neff=f"{m.get('salt/neff', float('nan')):.2f}", alpha=f"{m.get('salt/alpha', float('nan')):.2f}")
+        bar.set_postfix({k: f"{m.get(key, math.nan):.2f}" for k, key in
+                         (("reward", "reward"), ("neff", "salt/neff"), ("alpha", "salt/alpha"))})
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_checkpoint(t, step + 1, out / f"checkpoint-{step + 1}")
     bar.close()
@@ -1271,7 +1240,8 @@ def train(cfg: Config, accelerator=None) -> dict:
     summary = {
         "salt": cfg.salt, "model": cfg.model, "steps": cfg.max_steps, "resumed_from_step": start,
         "processes": acc.num_processes, "eval_metric": key,
-        "reward_start": sum(rewards[:k]) / k if rewards else None, "reward_end": sum(rewards[-k:]) / k if rewards else None,
+        "reward_start": sum(rewards[:k]) / k if rewards else None,
+        "reward_end": sum(rewards[-k:]) / k if rewards else None,
         "eval_accuracy_start": evals[0][1] if evals and evals[0][0] == 0 else None, "eval_accuracy_end": end,
         "eval_size": len(t.eval_rows), "eval_history": evals, "reward_steps_averaged": k,
         "wall_time_s": time.perf_counter() - t_start,
