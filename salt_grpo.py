@@ -151,8 +151,9 @@ PRESETS = {
                   max_completion_length=8, eval_size=8, task_size=64, learning_rate=1e-3, reward_funcs="closeness",
                   salt_features="lm_head_exact", output_dir="outputs/salt_grpo_smoke"),
 }
-# fields a resumed run may change: they do not alter the training trajectory (a linear schedule follows max_steps)
-RESUMABLE = {"max_steps", "eval_every", "eval_size", "eval_batch_size", "save_every", "report_to", "output_dir",
+# fields a resumed run may change: they do not alter the training trajectory (a linear schedule follows max_steps;
+# eval_size is not one of them: it decides which prompts of a dataset are held out)
+RESUMABLE = {"max_steps", "eval_every", "eval_batch_size", "save_every", "report_to", "output_dir",
              "overwrite_output_dir", "resume_from", "config", "preset"}
 
 

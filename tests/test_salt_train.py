@@ -210,14 +210,18 @@ def test_two_processes_equal_one_process_with_every_new_option(tmp_path):
     assert "reward" in m1[1] and "reward" not in m1[2] and "reward" in m1[3]  # one generation per 2 steps
 
 
-def test_resume_under_two_processes_matches_uninterrupted(tmp_path):
-    """Resumed mid-round (steps_per_generation=2) under 2 processes: the same weights as the uninterrupted run."""
-    kw = dict(max_steps=3, steps_per_generation=2, beta=0.05, lr_scheduler_type="linear", seed=3)
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_under_two_processes_matches_uninterrupted(tmp_path, lora):
+    """Resumed mid-round (steps_per_generation=2) under 2 processes, with a KL reference (for LoRA: the base with the
+    adapter disabled): the same weights as the uninterrupted run."""
+    kw = dict(max_steps=3, steps_per_generation=2, beta=0.05, lr_scheduler_type="linear", seed=3, use_peft=lora,
+              lora_dropout=0.0)
     full = smoke(tmp_path, "full", save_every=1, **kw)
     launch(2, full, tmp_path)
     res = smoke(tmp_path, "res", resume_from=str(Path(full.output_dir) / "checkpoint-1"), **kw)
     launch(2, res, tmp_path)
-    w1, w2 = (load_file(str(Path(c.output_dir) / "final" / "model.safetensors")) for c in (full, res))
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    w1, w2 = (load_file(str(Path(c.output_dir) / "final" / name)) for c in (full, res))
     for k in w1:
         assert torch.equal(w1[k], w2[k]), k
     s = json.loads((Path(res.output_dir) / "summary.json").read_text())
