@@ -233,7 +233,8 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
 
     train = convert(*common.read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config))
     if cfg.eval_dataset:
-        ev = convert(*common.read_rows(cfg.eval_dataset, cfg.eval_split or "test", cfg.dataset_config))[: cfg.eval_size]
+        ev = convert(*common.read_rows(cfg.eval_dataset, cfg.eval_split or None, cfg.dataset_config,
+                                       default_split="test"))[: cfg.eval_size]
     elif cfg.eval_split:
         if Path(cfg.dataset).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv"):
             raise UserError(f"--eval_split {cfg.eval_split!r} does not apply to the local file {cfg.dataset}",
