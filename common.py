@@ -746,8 +746,8 @@ def require_str(label: str, i: int, row: dict, field: str, allow_empty: bool = F
         raise UserError(f"{row_location(label, i, row)}: missing field {field!r} (row has: {', '.join(row)})",
                         hint="choose the columns with the script's field flags")
     v = row[field]
-    if isinstance(v, float) and not math.isfinite(v):
-        v = ""  # a blank CSV/parquet cell read as NaN
+    if v is None or isinstance(v, float) and not math.isfinite(v):
+        v = ""  # null, or a blank CSV cell (None or NaN by the reader), is an empty field in every format
     elif isinstance(v, (int, float)) and not isinstance(v, bool):
         v = str(v)
     if not isinstance(v, str):
@@ -760,7 +760,11 @@ def require_str(label: str, i: int, row: dict, field: str, allow_empty: bool = F
 # ---- Config: one dataclass per script, every field a flag, its checks declared on the field ------------------
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse whose errors are UserErrors (one line and a hint through run_main), not a usage block."""
+    """argparse whose errors are UserErrors (one line and a hint through run_main), not a usage block, and that
+    takes no abbreviations (`--smok` must not silently mean `--smoke`)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **{"allow_abbrev": False, **kw})
 
     def error(self, message):
         raise UserError(message, hint=f"{self.prog} --help lists every flag")
@@ -887,7 +891,7 @@ def parse_config(cls, argv: Sequence[str], presets: dict[str, dict] | None = Non
 
     hints = typing.get_type_hints(cls)
     parser = ArgParser(prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else cls.__module__,
-                       description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0], allow_abbrev=False,
+                       description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0],
                        argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         tp, optional = _field_type(hints[f.name])
