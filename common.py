@@ -714,20 +714,25 @@ def _read_table(p: Path) -> tuple[list[dict], list[int] | None]:
 
     import datasets
 
-    fmt = p.suffix.lower()[1:]
-    text = _text(p) if fmt == "csv" else None  # UTF-8 checked with the line named
+    fmt, lines = p.suffix.lower()[1:], None
+    if fmt == "csv":  # UTF-8 and the field counts checked first, so that an error names the row and line
+        reader, lines, start, width = csv.reader(io.StringIO(_text(p), newline="")), [], 1, None
+        try:
+            for rec in reader:
+                if rec and width is None:
+                    width = len(rec)  # the header
+                elif rec:  # blank lines are not rows
+                    lines.append(start)
+                    if len(rec) != width:
+                        raise UserError(f"{_where(p, len(lines), start)}: {len(rec)} fields, the header has {width}")
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise UserError(f"{p} line {reader.line_num}: {e}") from None
     try:
         rows = datasets.load_dataset(fmt, data_files=str(p), split="train").to_list()
     except Exception as e:
         raise UserError(f"{p}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
-    if text is None:
-        return rows, None
-    reader, lines, start = csv.reader(io.StringIO(text, newline="")), [], 1
-    for i, rec in enumerate(reader):
-        if rec and i:  # the header and blank lines are not rows
-            lines.append(start)
-        start = reader.line_num + 1
-    return rows, lines if len(lines) == len(rows) else None
+    return rows, lines if lines and len(lines) == len(rows) else None
 
 
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}
@@ -823,6 +828,8 @@ def check_config(cfg):
         if v is None:
             continue
         m = f.metadata
+        if isinstance(v, int) and not -2**63 <= v < 2**63:  # what torch and numpy seeds and sizes take
+            raise UserError(f"--{f.name} {v} is out of range (a 64-bit integer)")
         if isinstance(v, float) and not m.get("nonfinite") and not math.isfinite(v):
             raise UserError(f"--{f.name} must be a finite number, got {v}")
         if "choices" in m and v not in m["choices"]:

@@ -135,6 +135,8 @@ def validate(cfg: Config) -> Config:
     common.check_config(cfg)
     if cfg.mode == "online" and not cfg.pool_size:
         raise UserError("online mode needs --pool_size (paper: 120)")
+    if cfg.dataset_config and cfg.pool and Path(cfg.pool).is_file():
+        raise UserError(f"--dataset_config {cfg.dataset_config!r} applies to hub datasets, not the file {cfg.pool}")
     return cfg
 
 
