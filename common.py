@@ -5,7 +5,8 @@
    forward + backward, never materialising a per-sample gradient. Exact reference paths for tests.
 3. Geometry: Gram matrix, participation ratio, signed-update n_eff, cancellation, cosine statistics.
 4. Distributed: gather rows of variable-size batches across Accelerate processes; broadcast a result.
-5. I/O: rows from a dataset id or local JSONL/JSON/parquet with clear errors; atomic writes; metrics + plots.
+5. I/O: rows from a file, folder or dataset id with errors naming file and row; the config layer (checks declared
+   on the fields); atomic writes (JSON without bare NaN); metrics + plots.
 """
 
 from __future__ import annotations
@@ -610,8 +611,6 @@ def read_rows(source: str, split: str | None = None, config: str | None = None,
     A local file is the one split `train`, so asking it for another is an error, never ignored. Text files must
     be UTF-8; every error names the file and the row (row_location).
     """
-    import datasets
-
     p = Path(source).expanduser()
     if p.is_file() or p.suffix.lower() in _READERS:
         if not p.exists():
@@ -621,6 +620,8 @@ def read_rows(source: str, split: str | None = None, config: str | None = None,
                             hint="use .jsonl, .json, .parquet or .csv, or a folder written by save_to_disk")
         rows, lines = _READERS[p.suffix.lower()](p)
         return _split(Source(p), {"train": rows}, split or "train", lines)
+    import datasets
+
     spec = split or default_split
     if p.is_dir() and any((p / f).exists() for f in ("state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(str(p))
@@ -640,6 +641,9 @@ def read_rows(source: str, split: str | None = None, config: str | None = None,
 
 def _split(label: Source, parts: dict, spec: str, lines: list[int] | None = None) -> tuple[list[dict], Source]:
     """The rows of `spec` (a split name or slice, datasets.ReadInstruction syntax), their file rows and lines."""
+    if list(parts) == [spec] and isinstance(parts[spec], list):  # a whole file: no slicing, no datasets import
+        label.lines = lines
+        return parts[spec], label
     import datasets
 
     try:

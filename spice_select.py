@@ -16,6 +16,7 @@ Order: config → pool (and the embedded pool) → features (cached shards) → 
 selection driver (offline, pool by pool, online) → outputs → main().
 
     python spice_select.py                      # embedded pool + embedded SmolLM2 proxy, 10 %, comparison table
+    python spice_select.py --preset smoke       # tiny random model, 64-row pool: seconds
     accelerate launch spice_select.py --pool data.jsonl --budget 1000 --output_dir out/
 """
 
@@ -65,7 +66,7 @@ class Config:
     messages_field: Optional[str] = option(None, "column of chat rows; default: auto (messages)")
     skip_malformed: bool = option(False, "skip malformed rows and report their count (default: stop with an "
                                          "error naming the row)")
-    embedded_pool_size: int = option(1000, "rows of the embedded pool", ge=1)
+    embedded_pool_size: int = option(1000, "rows of the embedded pool", ge=1, le=10**6)
     embedded_corrupt_frac: float = option(0.15, "embedded pool: fraction of corrupted responses", ge=0, le=1)
     embedded_dup_frac: float = option(0.15, "embedded pool: fraction of near-duplicates", ge=0, le=1)
     # proxy model and features
@@ -300,7 +301,7 @@ def columns(rows: list) -> list[str]:
 def load_pool(cfg: Config) -> tuple[list[dict], list[Example], str, list[dict]]:
     """(rows kept, as read; examples; label; skipped: {index, error}) — malformed rows raise, or are skipped
     and reported if asked."""
-    if cfg.pool is None:
+    if not cfg.pool:
         rows = embedded_pool(cfg.embedded_pool_size, cfg.embedded_corrupt_frac, cfg.embedded_dup_frac, cfg.seed)
         label = "embedded pool"
     else:
@@ -808,9 +809,8 @@ def budget_count(budget: Union[int, float], n: int, what: str = "--budget", of: 
     written `0.1` or `1.0` versus `100` or `1`, as datasets' train_test_split reads test_size."""
     if isinstance(budget, float):
         if not 0 < budget <= 1:
-            raise UserError(f"{what} {budget} is a fraction (it has a point) above 1",
-                            hint=f"write a count without a point ({what} {int(budget)}) or a fraction ≤ 1.0"
-                            if budget.is_integer() else f"a fraction is ≤ 1.0, a count a whole number")
+            raise UserError(f"{what} {budget} is a fraction (written with a point) above 1",
+                            hint="a fraction is at most 1.0; a count is written without a point, e.g. 100")
         return max(1, round(budget * n))
     if budget > n:
         raise UserError(f"{what} {budget} is larger than {of} ({n} rows)", hint="use a fraction, e.g. 0.1")
@@ -988,26 +988,23 @@ def write_outputs(cfg: Config, sel: Selection, rows: list[dict], examples: list[
     common.write_jsonl(out / "selected.jsonl", picked)
     common.write_jsonl(out / "picks.jsonl", [{**rec, "index": positions[rec["index"]]} for rec in sel.records])
     common.write_json(out / "summary.json", summary)
+    if cfg.mode == "offline":  # an earlier online run's log would not describe these outputs
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     if cfg.save_to_disk:
         save_dataset(picked, Path(cfg.save_to_disk))
     return msgs
 
 
 def save_dataset(rows: list[dict], path: Path) -> None:
-    """rows as a datasets folder (datasets.load_from_disk), written beside `path` and renamed into place; every
-    column of every row kept (Dataset.from_list alone takes row 0's columns)."""
+    """rows as a datasets folder (load_from_disk), written beside `path` and renamed into place; every column of
+    every row kept (Dataset.from_list alone takes row 0's), a column of mixed types stored as JSON."""
     import datasets
 
     keys = columns(rows)
-    try:
-        ds = datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in rows])
-    except Exception as e:  # pyarrow: a column holding values of different types
-        raise UserError(f"--save_to_disk: the selected rows do not fit one table ({str(e).splitlines()[0]})",
-                        hint="selected.jsonl has them; make each column one type") from None
+    ds = datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in rows], on_mixed_types="use_json")
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     ds.save_to_disk(str(tmp))
-    if path.exists():
-        shutil.rmtree(path)
+    shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
 

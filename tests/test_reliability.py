@@ -208,7 +208,10 @@ def test_selected_keeps_every_pool_column(tmp_path):
              "messages": f"a note {i}"} for i in range(12)]
     cfg = tiny(tmp_path, pool=write(tmp_path / "p.jsonl", rows), instruction_field="instruction",
                response_field="response", budget=4, save_to_disk=str(tmp_path / "ds"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/metrics.jsonl").write_text('{"step": 0}\n')  # an earlier online run's log
     res = S.run(cfg, Accelerator(cpu=True))
+    assert not (tmp_path / "run/metrics.jsonl").exists()  # the outputs describe one run
     got = [json.loads(x) for x in (tmp_path / "run/selected.jsonl").read_text().splitlines()]
     assert [g["spice_index"] for g in got] == res["indices"] and len(got) == 4
     for g in got:  # the user's score/delta/pool_index/messages untouched; ours prefixed; the chat beside theirs
