@@ -5,11 +5,13 @@
    forward + backward, never materialising a per-sample gradient. Exact reference paths for tests.
 3. Geometry: Gram matrix, participation ratio, signed-update n_eff, cancellation, cosine statistics.
 4. Distributed: gather rows of variable-size batches across Accelerate processes; broadcast a result.
-5. I/O: rows from a dataset id or local JSONL/JSON/parquet with clear errors; atomic writes; metrics + plots.
+5. I/O: rows from a file, folder or dataset id with errors naming file and row; the config layer (checks declared
+   on the fields); atomic writes (JSON without bare NaN); metrics + plots.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import json
@@ -641,58 +643,189 @@ def on_main(accelerator, fn: Callable[[], Any]) -> None:
 # 5. I/O: rows in, atomic files out, metrics
 # ----------------------------------------------------------------------------------------------------------
 
-_LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+class Source(str):
+    """A dataset's label (its path or id) that also knows where each row came from: `rows[i]`, its number in the
+    file counted from 1, and `lines[i]`, its line in a text file (None where the format has no lines)."""
+    rows: list[int] | None = None
+    lines: list[int] | None = None
 
 
-def read_rows(source: str, split: str = "train", config: str | None = None) -> tuple[list[dict], str]:
-    """Rows (list of dicts) from a local JSONL/JSON/parquet/CSV file or a Hugging Face dataset id, and a label.
+def read_rows(source: str, split: str | None = None, config: str | None = None,
+              default_split: str = "train") -> tuple[list[dict], Source]:
+    """Rows (dicts) and their label from a local .jsonl/.json/.parquet/.csv file, a folder (written by datasets'
+    `save_to_disk`, or holding data files as a hub dataset repo does) or a Hugging Face dataset id.
 
-    Local JSON Lines files are checked line by line first, so a broken line is reported as `file:line`.
+    split: a split or a slice (`train[:1000]`, `test[:10%]`); None means `default_split` (for a file, `train`).
+    A local file is the one split `train`, so asking it for another is an error, never ignored. Text files must
+    be UTF-8; every error names the file and the row (row_location).
     """
     p = Path(source).expanduser()
-    if p.suffix.lower() in _LOCAL_FORMATS or p.exists():
+    if p.is_file() or p.suffix.lower() in _READERS:
         if not p.exists():
             raise UserError(f"dataset file {p} does not exist")
-        if p.suffix.lower() == ".jsonl":
-            return _read_jsonl(p), str(p)
-        fmt = _LOCAL_FORMATS.get(p.suffix.lower())
-        if fmt is None:
-            raise UserError(f"{p}: unknown dataset format {p.suffix!r}", hint="use .jsonl, .json, .parquet or .csv")
-        import datasets
+        if p.suffix.lower() not in _READERS:
+            raise UserError(f"{p}: unknown dataset format {p.suffix!r}",
+                            hint="use .jsonl, .json, .parquet or .csv, or a folder written by save_to_disk")
+        rows, lines = _READERS[p.suffix.lower()](p)
+        return _split(Source(p), {"train": rows}, split or "train", lines)
+    import datasets
 
-        try:
-            ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
-        except Exception as e:
-            raise UserError(f"{p}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
-        return ds.to_list(), str(p)
+    spec = split or default_split
+    if p.is_dir() and any((p / f).exists() for f in ("state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(str(p))
+        parts = dict(ds) if isinstance(ds, datasets.DatasetDict) else {str(ds.split or "train"): ds}
+        spec = split or (next(iter(parts)) if len(parts) == 1 else spec)
+        return _split(Source(f"{p}[{spec}]"), parts, spec)
+    try:
+        ds = datasets.load_dataset(str(p) if p.is_dir() else source, config, split=spec)
+    except Exception as e:
+        hint = ("a folder must hold data files (.jsonl/.json/.parquet/.csv, named as in a hub dataset repo) or be "
+                "written by datasets' save_to_disk" if p.is_dir() else
+                "pass a local .jsonl/.json/.parquet/.csv file, or unset HF_DATASETS_OFFLINE for hub ids")
+        raise UserError(f"cannot load dataset {source!r} (split {spec!r}): {str(e).splitlines()[0]}",
+                        hint=hint) from None
+    return ds.to_list(), Source(f"{source}[{spec}]")
+
+
+def _split(label: Source, parts: dict, spec: str, lines: list[int] | None = None) -> tuple[list[dict], Source]:
+    """The rows of `spec` (a split name or slice, datasets.ReadInstruction syntax), their file rows and lines."""
+    if list(parts) == [spec] and isinstance(parts[spec], list):  # a whole file: no slicing, no datasets import
+        label.lines = lines
+        return parts[spec], label
     import datasets
 
     try:
-        ds = datasets.load_dataset(source, config, split=split)
+        todo = datasets.ReadInstruction.from_spec(spec).to_absolute({k: len(v) for k, v in parts.items()})
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"{label}: split {spec!r}: {str(e).splitlines()[0]}",
+                        hint="a local file is the one split `train`; slices such as train[:1000] or train[:10%] "
+                             "work") from None
+    rows, label.rows, label.lines = [], [], [] if lines else None
+    for a in todo:
+        part = parts[a.splitname]
+        rows += part[a.from_:a.to] if isinstance(part, list) else part.select(range(a.from_, a.to)).to_list()
+        label.rows += range(a.from_ + 1, a.to + 1)
+        if lines:
+            label.lines += lines[a.from_:a.to]
+    return rows, label
+
+
+def _text(p: Path) -> str:
+    """A text file's contents; a byte that is not UTF-8 is a UserError naming the file, line and column."""
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {p}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line, col = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise UserError(f"{p} line {line}: not UTF-8 (byte 0x{data[e.start]:02x} at column {col})",
+                        hint="save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _where(label: str, n: int, line: int | None = None) -> str:
+    return f"{label} row {n}" + (f" (line {line})" if line and line != n else "")
+
+
+def _read_jsonl(p: Path, text: str | None = None) -> tuple[list[dict], list[int]]:
+    rows, lines = [], []
+    for lineno, line in enumerate((_text(p) if text is None else text).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{_where(p, len(rows) + 1, lineno)}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{_where(p, len(rows) + 1, lineno)}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        lines.append(lineno)
+    return rows, lines
+
+
+def _read_json(p: Path) -> tuple[list[dict], list[int] | None]:
+    """A JSON array of objects, or JSON Lines under a .json name (as datasets' json loader accepts)."""
+    text = _text(p)
+    if text.lstrip()[:1] != "[":
+        return _read_jsonl(p, text)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{_where(p, i + 1)}: expected a JSON object, got {type(row).__name__}")
+    return rows, None
+
+
+def _read_table(p: Path) -> tuple[list[dict], list[int] | None]:
+    """parquet or CSV through datasets (its column types); a CSV row's line found by the csv module."""
+    import csv
+    import io
+
+    import datasets
+
+    fmt, lines = p.suffix.lower()[1:], None
+    if fmt == "csv":  # UTF-8 and the field counts checked first, so that an error names the row and line
+        reader, lines, start, width = csv.reader(io.StringIO(_text(p), newline="")), [], 1, None
+        try:
+            for rec in reader:
+                if rec and width is None:
+                    width = len(rec)  # the header
+                elif rec:  # blank lines are not rows
+                    lines.append(start)
+                    if len(rec) != width:
+                        raise UserError(f"{_where(p, len(lines), start)}: {len(rec)} fields, the header has {width}")
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise UserError(f"{p} line {reader.line_num}: {e}") from None
+    try:
+        rows = datasets.load_dataset(fmt, data_files=str(p), split="train").to_list()
     except Exception as e:
-        raise UserError(f"cannot load dataset {source!r} (split {split!r}): {str(e).splitlines()[0]}",
-                        hint="pass a local .jsonl/.json/.parquet file, or unset HF_DATASETS_OFFLINE for hub ids") from None
-    return ds.to_list(), f"{source}[{split}]"
+        raise UserError(f"{p}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+    return rows, lines if lines and len(lines) == len(rows) else None
 
 
-def _read_jsonl(p: Path) -> list[dict]:
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            row["_line"] = lineno
-            rows.append(row)
-    return rows
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}
+
+
+def row_location(label: str, i: int, row: dict | None = None) -> str:
+    """Where rows[i] of read_rows is, one convention for every format: `SOURCE row N`, N counted from 1 in the
+    file's order (a CSV header and blank lines are not rows), plus `(line L)` where a text file's line differs."""
+    rows, lines = getattr(label, "rows", None), getattr(label, "lines", None)
+    return _where(label, rows[i] if rows else i + 1, lines[i] if lines else None)
+
+
+def require_str(label: str, i: int, row: dict, field: str, allow_empty: bool = False) -> str:
+    """row[field] as a string, or a UserError naming file, row and field."""
+    if field not in row:
+        raise UserError(f"{row_location(label, i, row)}: missing field {field!r} (row has: {', '.join(row)})",
+                        hint="choose the columns with the script's field flags")
+    v = row[field]
+    if v is None or isinstance(v, float) and not math.isfinite(v):
+        v = ""  # null, or a blank CSV cell (None or NaN by the reader), is an empty field in every format
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise UserError(f"{row_location(label, i, row)}: field {field!r} must be a string, got {type(v).__name__}")
+    if not allow_empty and not v.strip():
+        raise UserError(f"{row_location(label, i, row)}: field {field!r} is empty")
+    return v
 
 
 # ---- Config: one dataclass per script, every field a flag, its checks declared on the field ------------------
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors (one line and a hint through run_main), not a usage block, and that
+    takes no abbreviations (`--smok` must not silently mean `--smoke`)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **{"allow_abbrev": False, **kw})
+
+    def error(self, message):
+        raise UserError(message, hint=f"{self.prog} --help lists every flag")
+
 
 def option(default: Any, help: str, **checks) -> Any:
     """A config field with its help text and checks: `choices=[...]`, bounds `ge/gt/le/lt=x` (floats must also be
@@ -702,25 +835,36 @@ def option(default: Any, help: str, **checks) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **checks})
 
 
-def _field_type(tp) -> tuple[type, bool]:
-    """(base type, None allowed) of an annotation: int, float, str, bool, or Optional of one of them."""
+NUMBER = (int, float)  # the base type of an `int | float` field: a count or a fraction, kept as written
+_YAML_EXP = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # YAML 1.1 reads 1e-5 (no point) as a string
+
+
+def _field_type(tp) -> tuple[Any, bool]:
+    """(base type, None allowed) of an annotation: int, float, str, bool, int | float (NUMBER), or Optional of one."""
     import typing
 
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return (args[0], True) if args and len(args) < len(typing.get_args(tp)) else (tp, False)
+    all_args = typing.get_args(tp)
+    args = tuple(a for a in all_args if a is not type(None))
+    return (NUMBER if set(args) == set(NUMBER) else args[0] if args else tp), len(args) < len(all_args)
 
 
-def _typed(name: str, value: Any, tp: type, optional: bool) -> Any:
+def _typed(name: str, value: Any, tp, optional: bool) -> Any:
     """value as the field's type, or a UserError naming the field: 2.5 is not an int, "x" not a float, a list
-    nothing; an int is a valid float."""
+    nothing; an int is a valid float; an `int | float` field keeps the type it was written with."""
     if value is None and optional:
         return None
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+    if tp in (float, NUMBER) and isinstance(value, str) and _YAML_EXP.fullmatch(value):
+        value = float(value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is NUMBER and number:
         return value
-    want = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, tp.__name__)
-    raise UserError(f"{name} must be {want}{' or null' if optional else ''}, got {value!r}")
+    if tp is float and number:
+        return float(value)
+    if tp is not NUMBER and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    want = {int: "an integer", float: "a number", NUMBER: "a number", str: "a string", bool: "true or false"}
+    raise UserError(f"{name} must be {want.get(tp, getattr(tp, '__name__', tp))}{' or null' if optional else ''}, "
+                    f"got {value!r}")
 
 
 def check_config(cfg):
@@ -736,7 +880,9 @@ def check_config(cfg):
         if v is None:
             continue
         m = f.metadata
-        if tp is float and not m.get("nonfinite") and not math.isfinite(v):
+        if isinstance(v, int) and not -2**63 <= v < 2**63:  # what torch and numpy seeds and sizes take
+            raise UserError(f"--{f.name} {v} is out of range (a 64-bit integer)")
+        if isinstance(v, float) and not m.get("nonfinite") and not math.isfinite(v):
             raise UserError(f"--{f.name} must be a finite number, got {v}")
         if "choices" in m and v not in m["choices"]:
             raise UserError(f"--{f.name}={v!r} is not one of {', '.join(map(str, m['choices']))}")
@@ -756,8 +902,8 @@ def read_config_file(path: str | Path, cls) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {p} does not exist" if not p.exists() else f"config file {p} is not a file")
+    text = _text(p)
     try:
-        text = p.read_text(encoding="utf-8")
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
@@ -779,18 +925,14 @@ def parse_config(cls, argv: Sequence[str], presets: dict[str, dict] | None = Non
     """A checked `cls` from defaults < preset (field `preset`) < config file (field `config`) < CLI flags.
 
     Every field is a flag `--name` (also `--name-with-dashes`); bools take `--flag`, `--flag false`, `--no_flag`;
-    Optional fields take `none`. Unknown flags, stray arguments, abbreviations and unparsable values are one-line
-    UserErrors; `--help` lists every field with its help text and default.
+    Optional fields take `none`; `int | float` fields keep what was written (`1` a count, `1.0` a fraction).
+    Unknown flags, stray arguments, abbreviations and unparsable values are one-line UserErrors; `--help` lists
+    every field with its help text and default.
     """
-    import argparse
     import dataclasses
     import typing
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise UserError(message, hint=f"{self.prog} --help lists every flag")
-
-    def convert(name, tp, optional):
+    def convert(tp, optional):
         def fn(s: str):
             if optional and s.lower() in ("none", "null"):
                 return None
@@ -799,22 +941,24 @@ def parse_config(cls, argv: Sequence[str], presets: dict[str, dict] | None = Non
                     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
                 return s.lower() in ("true", "yes", "1")
             try:
-                return tp(s)
+                return (int if tp is int or tp is NUMBER and re.fullmatch(r"[-+]?\d+", s) else
+                        float if tp in (float, NUMBER) else tp)(s)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"expected {'an integer' if tp is int else 'a number'}, "
                                                  f"got {s!r}") from None
         return fn
 
     hints = typing.get_type_hints(cls)
-    parser = Parser(prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else cls.__module__,
-                    description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0], allow_abbrev=False,
-                    argument_default=argparse.SUPPRESS)
+    parser = ArgParser(prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else cls.__module__,
+                       description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0],
+                       argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         tp, optional = _field_type(hints[f.name])
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         extra = dict(nargs="?", const=True) if tp is bool else {}
         choices = f" {{{', '.join(map(str, f.metadata['choices']))}}}" if "choices" in f.metadata else ""
-        parser.add_argument(*names, dest=f.name, type=convert(f.name, tp, optional), metavar=tp.__name__.upper(),
+        parser.add_argument(*names, dest=f.name, type=convert(tp, optional),
+                            metavar="NUMBER" if tp is NUMBER else tp.__name__.upper(),
                             help=f"{f.metadata.get('help', '')}{choices} (default: {f.default})", **extra)
         if tp is bool:
             parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
@@ -827,73 +971,99 @@ def parse_config(cls, argv: Sequence[str], presets: dict[str, dict] | None = Non
     return check_config(cls(**{**(presets or {}).get(preset, {}), **from_file, **cli}))
 
 
-def row_location(label: str, i: int, row: dict) -> str:
-    """`file:line` for JSONL rows, else `source row i` (0-based index into the dataset)."""
-    return f"{label}:{row['_line']}" if "_line" in row else f"{label} row {i}"
+# ---- Outputs: atomic files with the usual mode, JSON without bare NaN, metrics ----------------------------------
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: mkstemp makes 0600 files, outputs get the mode of any other file (0644 usually)
 
 
-def require_str(label: str, i: int, row: dict, field: str, allow_empty: bool = False) -> str:
-    """row[field] as a string, or a UserError naming file, row and field."""
-    if field not in row:
-        have = ", ".join(k for k in row if k != "_line")
-        raise UserError(f"{row_location(label, i, row)}: missing field {field!r} (row has: {have})",
-                        hint="choose the columns with the script's field flags")
-    v = row[field]
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        v = str(v)
-    if not isinstance(v, str):
-        raise UserError(f"{row_location(label, i, row)}: field {field!r} must be a string, got {type(v).__name__}")
-    if not allow_empty and not v.strip():
-        raise UserError(f"{row_location(label, i, row)}: field {field!r} is empty")
-    return v
+def writable_dir(path: str | Path, flag: str) -> Path:
+    """`path` as a folder this process can write, created if missing: checked before any work, not at the end."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} is a file, not a folder", hint=f"pass another {flag}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=p).close()
+    except OSError as e:
+        raise UserError(f"{flag} {p} is not writable: {e.strerror or e}", hint=f"pass another {flag}") from None
+    return p
+
+
+def results_dir(name: str, smoke: bool) -> Path:
+    """An experiment's default output folder: docs/results/NAME, but outputs/experiments-smoke/NAME for --smoke,
+    so that a smoke run never overwrites the published results."""
+    return Path(__file__).resolve().parent / ("outputs/experiments-smoke" if smoke else "docs/results") / name
 
 
 def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file. OSError → UserError."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
         raise
     return path
 
 
 def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: str = "", stale: Sequence[str] = ()) -> Path:
-    """Before any work, as HF Trainer: refuse a file, an unwritable folder, or a non-empty one unless `overwrite` or
+    """Before any work, as HF Trainer: a writable folder (`writable_dir`) that is empty unless `overwrite` or
     `resume`. With `overwrite` (and no resume) the old run's outputs matching the `stale` globs are removed, so two
     runs never mix."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file, not a folder")
+    out = Path(path).expanduser()
     old = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if old and not (overwrite or resume):
         raise UserError(f"--output_dir {out} is not empty ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''})",
                         hint="pass --overwrite_output_dir to replace that run, --resume_from to continue it, "
                              "or another --output_dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise UserError(f"--output_dir {out} is not writable ({e.strerror or e})") from None
+    writable_dir(out, "--output_dir")
     if overwrite and not resume:
         for p in [q for g in stale for q in out.glob(g)]:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     return out
 
 
+def jsonable(o: Any) -> Any:
+    """o as plain JSON values: NaN and ±inf become null (a bare NaN is not JSON for most parsers), tensors and
+    numpy values become numbers and lists, paths strings."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [jsonable(v) for v in o]
+    if o is None or isinstance(o, (str, int)):
+        return o
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):  # tensors, numpy arrays and scalars
+        return jsonable(o.tolist())
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _dumps(o: Any, **kw) -> str:
+    return json.dumps(jsonable(o), allow_nan=False, ensure_ascii=False, **kw)
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically (temporary file + rename)."""
-    return _atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=_json_default))
+    """Write JSON atomically (temporary file + rename); NaN → null."""
+    text = _dumps(obj, indent=2)  # before the file is touched: an unserialisable value leaves the old file
+    return _atomic_write(path, lambda f: f.write(text))
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    """Write JSON Lines atomically (temporary file + rename)."""
-    return _atomic_write(path, lambda f: f.writelines(json.dumps(r, default=_json_default) + "\n" for r in rows))
+    """Write JSON Lines atomically (temporary file + rename); NaN → null."""
+    return _atomic_write(path, lambda f: f.writelines(_dumps(r) + "\n" for r in rows))
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -919,18 +1089,8 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
     return _atomic_write(path, lambda f: f.write(blob), mode="wb")
 
 
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 class MetricsLogger:
-    """Per-step metrics to `<out_dir>/metrics.jsonl` (append, flushed) and to accelerate's trackers.
+    """Per-step metrics to `<out_dir>/metrics.jsonl` (append, flushed; NaN → null) and to accelerate's trackers.
 
     Only the main process writes. Trackers (e.g. TensorBoard) are used when the Accelerator was created
     with `log_with=...` and `init_trackers` was called.
@@ -948,7 +1108,7 @@ class MetricsLogger:
             return
         clean = {k: (float(v) if hasattr(v, "item") or isinstance(v, (int, float)) else v) for k, v in metrics.items()}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
+            f.write(_dumps({"step": step, **clean}) + "\n")
         if self.acc is not None and self.acc.trackers:
             self.acc.log({k: v for k, v in clean.items() if isinstance(v, float) and math.isfinite(v)}, step=step)
 

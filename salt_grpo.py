@@ -69,7 +69,7 @@ class Config:
     # data and rewards
     dataset: str = _f("", "empty: the built-in arithmetic task; else a hub id or a local .jsonl/.json/.parquet/.csv")
     dataset_config: Optional[str] = _f(None, "hub dataset config name (e.g. `main` for gsm8k)")
-    dataset_split: str = _f("train", "split to train on (hub datasets; a local file is one split: `train`)")
+    dataset_split: str = _f("train", "split or slice to train on (train[:1000]); a local file is the one split train")
     eval_split: str = _f("", "split to evaluate on (hub datasets); empty: hold out eval_size distinct prompts")
     eval_dataset: str = _f("", "a separate evaluation file or hub id (same columns); overrides eval_split")
     prompt_column: str = _f("question", "column holding the prompt: text, or a [{role, content}] conversation")
@@ -188,9 +188,6 @@ def validate(cfg: Config, num_processes: int = 1) -> Config:
         mods = ["tensorboard", "tensorboardX"] if name == "tensorboard" else [name]
         need(any(importlib.util.find_spec(m) for m in mods), f"--report_to {name}: {name} is not installed",
              f"pip install {name}")
-    need(not cfg.dataset or cfg.dataset_split == "train" or not _is_local(cfg.dataset),
-         f"--dataset_split {cfg.dataset_split!r} does not apply to the local file {cfg.dataset} (a file is one split)",
-         "leave --dataset_split at train, or pass the file you mean with --dataset")
     return cfg
 
 
@@ -380,7 +377,8 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
 
     train = convert(*common.read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config))
     if cfg.eval_dataset:
-        ev = convert(*common.read_rows(cfg.eval_dataset, cfg.eval_split or "test", cfg.dataset_config))[: cfg.eval_size]
+        ev = convert(*common.read_rows(cfg.eval_dataset, cfg.eval_split or None, cfg.dataset_config,
+                                       default_split="test"))[: cfg.eval_size]
     elif cfg.eval_split:
         if _is_local(cfg.dataset):
             raise UserError(f"--eval_split {cfg.eval_split!r} does not apply to the local file {cfg.dataset}",

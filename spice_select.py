@@ -16,6 +16,7 @@ Order: config → pool (and the embedded pool) → features (cached shards) → 
 selection driver (offline, pool by pool, online) → outputs → main().
 
     python spice_select.py                      # embedded pool + embedded SmolLM2 proxy, 10 %, comparison table
+    python spice_select.py --preset smoke       # tiny random model, 64-row pool: seconds
     accelerate launch spice_select.py --pool data.jsonl --budget 1000 --output_dir out/
 """
 
@@ -25,12 +26,15 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -48,9 +52,12 @@ METHODS = ("spice", "greedy", "top_norm", "random", "official_diag")
 @dataclass
 class Config:
     config: Optional[str] = option(None, "YAML/JSON file of these fields (flags override it)")
+    preset: str = option("", "`smoke`: tiny random model, small pool (seconds)", choices=["", "smoke"])
     # pool
-    pool: Optional[str] = option(None, "HF dataset id or local .jsonl/.json/.parquet/.csv; none: the embedded pool")
-    split: str = option("train", "dataset split (hub datasets)")
+    pool: Optional[str] = option(None, "local .jsonl/.json/.parquet/.csv, a folder (save_to_disk or data files) or "
+                                       "a HF dataset id; none: the embedded pool")
+    split: Optional[str] = option(None, "split or slice, e.g. test or train[:1000]; default train (a local file "
+                                        "is the one split train)")
     dataset_config: Optional[str] = option(None, "hub dataset config name")
     instruction_field: Optional[str] = option(None, "column of the instruction; default: auto (instruction, input)")
     input_field: Optional[str] = option(None, "optional context appended to the instruction (default: auto, "
@@ -59,7 +66,7 @@ class Config:
     messages_field: Optional[str] = option(None, "column of chat rows; default: auto (messages)")
     skip_malformed: bool = option(False, "skip malformed rows and report their count (default: stop with an "
                                          "error naming the row)")
-    embedded_pool_size: int = option(1000, "rows of the embedded pool", ge=1)
+    embedded_pool_size: int = option(1000, "rows of the embedded pool", ge=1, le=10**6)
     embedded_corrupt_frac: float = option(0.15, "embedded pool: fraction of corrupted responses", ge=0, le=1)
     embedded_dup_frac: float = option(0.15, "embedded pool: fraction of near-duplicates", ge=0, le=1)
     # proxy model and features
@@ -92,14 +99,15 @@ class Config:
     lam: float = option(0.1, "λ, conflict weight (paper default 0.1)", ge=0)
     eta: float = option(1e-8, "η in the conflict cosine's denominator", gt=0)
     omega: Optional[float] = option(None, "SPICE+ early stop: Δ_t ≤ ω·Δ_1 (paper 0.5); off by default", ge=0, lt=1)
-    budget: float = option(0.1, "total picks: a fraction (< 1) of the pool or a count", gt=0)
+    budget: Union[int, float] = option(0.1, "total picks: a fraction in (0, 1] of the pool, written with a point "
+                                            "(0.1; 1.0 = all rows, ranked), or a whole count (100)", gt=0)
     form: str = option("auto", "auto | kernel (incremental Cholesky) | feature (rank-one updates of (I+αF_S)⁻¹)",
                        choices=["auto", "kernel", "feature"])
     mode: str = option("offline", "offline | online (proxy trained on the picks)", choices=["offline", "online"])
     pool_size: Optional[int] = option(None, "candidates per pool (paper 120); default: the whole pool at once "
                                             "(offline)", ge=1)
-    select_k: Optional[float] = option(None, "picks per pool, count or fraction (paper 12 of 120); default: budget "
-                                             "fraction", gt=0)
+    select_k: Optional[Union[int, float]] = option(None, "picks per pool: a count (paper 12 of 120) or a fraction "
+                                                         "(0.1) of pool_size; default: the --budget fraction", gt=0)
     # online proxy loop (paper §2.2: AdamW step on the buffer every T pools, features recomputed)
     update_every: int = option(10, "T: pools between proxy updates (paper 10)", ge=1)
     lr: float = option(2e-4, "proxy AdamW learning rate (online mode)", gt=0)
@@ -110,12 +118,17 @@ class Config:
     # run
     seed: int = option(0, "seed of the pool order, LoRA init, projections and random baselines", ge=0)
     output_dir: str = option("outputs/spice", "selected.jsonl, picks.jsonl, summary.json, feature cache")
-    save_to_disk: Optional[str] = option(None, "also save the picks as a HF datasets folder here")
+    save_to_disk: Optional[str] = option(None, "also save selected.jsonl's rows as a HF datasets folder here")
+    column_prefix: str = option("spice_", "prefix of the columns selected.jsonl adds to the pool's own")
+
+
+PRESETS = {"smoke": dict(model=common.TINY, dtype="float32", embedded_pool_size=64, max_length=48,
+                         output_dir="outputs/spice_smoke")}
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Defaults < --config file < CLI flags, each value checked (common.parse_config), then cross-field checks."""
-    return validate(common.parse_config(Config, sys.argv[1:] if argv is None else argv))
+    """Defaults < --preset < --config file < CLI flags, each checked (common.parse_config), then cross-field checks."""
+    return validate(common.parse_config(Config, sys.argv[1:] if argv is None else argv, PRESETS))
 
 
 def validate(cfg: Config) -> Config:
@@ -123,6 +136,8 @@ def validate(cfg: Config) -> Config:
     common.check_config(cfg)
     if cfg.mode == "online" and not cfg.pool_size:
         raise UserError("online mode needs --pool_size (paper: 120)")
+    if cfg.dataset_config and cfg.pool and Path(cfg.pool).is_file():
+        raise UserError(f"--dataset_config {cfg.dataset_config!r} applies to hub datasets, not the file {cfg.pool}")
     return cfg
 
 
@@ -235,24 +250,26 @@ class Example:
     response: str
 
 
-def resolve_fields(cfg: Config, first: dict) -> dict[str, Optional[str]]:
-    """Which columns hold what: explicit flags win; otherwise messages, instruction/response,
-    instruction(/input)/output (Alpaca) or input/output, in that order."""
-    if cfg.messages_field or (not cfg.instruction_field and not cfg.response_field and "messages" in first):
+def resolve_fields(cfg: Config, columns) -> dict[str, Optional[str]]:
+    """Which columns hold what, decided from the columns of ALL rows (never from row 0 alone: a row that lacks
+    `input` must not hide every other row's): explicit flags win; otherwise messages, instruction/response,
+    instruction(/input)/output (Alpaca) or input/output, in that order. `input`, when present and not the
+    instruction, is appended to the instruction of every row that has it."""
+    if cfg.messages_field or (not cfg.instruction_field and not cfg.response_field and "messages" in columns):
         return {"messages": cfg.messages_field or "messages"}
-    instr = cfg.instruction_field or ("instruction" if "instruction" in first else "input" if "input" in first
+    instr = cfg.instruction_field or ("instruction" if "instruction" in columns else "input" if "input" in columns
                                       else "instruction")
-    resp = cfg.response_field or ("response" if "response" in first else "output" if "output" in first
+    resp = cfg.response_field or ("response" if "response" in columns else "output" if "output" in columns
                                   else "response")
-    inp = cfg.input_field or ("input" if instr == "instruction" and "input" in first else None)
+    inp = cfg.input_field or ("input" if "input" in columns and "input" not in (instr, resp) else None)
     return {"instruction": instr, "input": inp, "response": resp}
 
 
 def row_to_example(label: str, i: int, row: Any, fields: dict) -> Example:
     """Validate one row (UserError naming file, row and field) and turn it into an Example."""
-    if not isinstance(row, dict):
-        raise UserError(f"{label} row {i}: expected an object with fields, got {type(row).__name__}")
     where = common.row_location(label, i, row)
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected an object with fields, got {type(row).__name__}")
     if "messages" in fields:
         f = fields["messages"]
         msgs = row.get(f)
@@ -276,16 +293,22 @@ def row_to_example(label: str, i: int, row: Any, fields: dict) -> Example:
     return Example(instruction, response)
 
 
+def columns(rows: list) -> list[str]:
+    """Every column of the pool, in order of first appearance (rows of a JSON Lines file may differ)."""
+    return list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
+
+
 def load_pool(cfg: Config) -> tuple[list[dict], list[Example], str, list[dict]]:
-    """(rows kept, examples, label, skipped) — malformed rows raise, or are skipped and reported if asked."""
-    if cfg.pool is None:
+    """(rows kept, as read; examples; label; skipped: {index, error}) — malformed rows raise, or are skipped
+    and reported if asked."""
+    if not cfg.pool:
         rows = embedded_pool(cfg.embedded_pool_size, cfg.embedded_corrupt_frac, cfg.embedded_dup_frac, cfg.seed)
         label = "embedded pool"
     else:
         rows, label = common.read_rows(cfg.pool, cfg.split, cfg.dataset_config)
     if not rows:
         raise UserError(f"{label}: the pool is empty", hint="pass a file with at least one row")
-    fields = resolve_fields(cfg, rows[0] if isinstance(rows[0], dict) else {})
+    fields = resolve_fields(cfg, columns(rows))
     kept, examples, skipped = [], [], []
     for i, row in enumerate(rows):
         try:
@@ -293,9 +316,9 @@ def load_pool(cfg: Config) -> tuple[list[dict], list[Example], str, list[dict]]:
         except UserError as e:
             if not cfg.skip_malformed:
                 raise
-            skipped.append({"row": i, "error": str(e)})
+            skipped.append({"index": i, "error": str(e)})
             continue
-        kept.append({**row, "pool_index": i} if isinstance(row, dict) else row)
+        kept.append(row)
         examples.append(ex)
     if not examples:
         raise UserError(f"{label}: every row is malformed ({len(skipped)} skipped)", hint=skipped[0]["error"])
@@ -390,6 +413,21 @@ def feature_cache_key(cfg: Config, model, tokens: list[tuple[list[int], int]]) -
     return h.hexdigest()[:20]
 
 
+def load_shard(path: Path, idx: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
+    """A cached shard's features, or None (compute it) when it is absent, for other rows, or unreadable — a
+    truncated or corrupt file is recomputed and overwritten, and the run says so."""
+    if not path.exists():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        blob = load_file(str(path))
+        return blob["features"] if torch.equal(blob["index"], idx) and blob["features"].shape[1] == dim else None
+    except Exception as e:  # safetensors raises its own error types for a damaged header or body
+        tqdm.write(f"feature cache: {path} is unreadable ({str(e).splitlines()[0]}); recomputing it", file=sys.stderr)
+        return None
+
+
 class Interrupted(Exception):
     """Raised by compute_features(max_new_shards=…) to simulate a run killed midway (tests)."""
 
@@ -415,15 +453,12 @@ def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, 
     for s in mine:
         idx = torch.tensor([i for b in shards[s] for i in b])
         path = cache / f"shard_{s:05d}.safetensors" if cache else None
-        if path is not None and path.exists():
-            from safetensors.torch import load_file
-
-            blob = load_file(str(path))
-            if torch.equal(blob["index"], idx) and blob["features"].shape[1] == fz.dim:
-                feats.append(blob["features"].to(device))
-                index.append(idx)
-                bar.update(len(idx))
-                continue
+        cached = load_shard(path, idx, fz.dim) if path is not None else None
+        if cached is not None:
+            feats.append(cached.to(device))
+            index.append(idx)
+            bar.update(len(idx))
+            continue
         if max_new_shards is not None and new >= max_new_shards:
             raise Interrupted(f"stopped after {new} new shards")
         out = []
@@ -593,12 +628,19 @@ class Selection:
     seconds: float = 0.0
 
 
-def check_features(G: torch.Tensor, k: int) -> None:
+def check_features(G: torch.Tensor, k: int, alpha: float = 1.0) -> None:
+    """Features the gains can use, and 1 ≤ k ≤ n. Finite entries are not enough: every Gram entry, α‖g‖² and
+    ‖Σ_S g‖² ≤ n Σ‖g‖² must be finite in float64 too (features near 1e160 pass isfinite and give NaN gains)."""
     if G.ndim != 2 or G.shape[0] == 0:
         raise UserError("no candidates to select from (empty pool)")
     if not torch.isfinite(G).all():
         bad = (~torch.isfinite(G).all(1)).nonzero().flatten().tolist()
         raise UserError(f"features of rows {bad[:10]} are NaN or infinite", hint="check the proxy model and dtype")
+    sq = (G.double() ** 2).sum(1)
+    if not math.isfinite(alpha * G.shape[0] * float(sq.sum())):
+        raise UserError(f"features too large for float64: α·n·Σ‖g‖² overflows (largest ‖g‖² {float(sq.max()):.3g}, "
+                        f"row {int(sq.argmax())})", hint="rescale the features (U(S) depends on α·scale², so "
+                                                         "dividing g by c equals α/c²)")
     if not 1 <= k <= G.shape[0]:
         raise UserError(f"budget k={k} must be between 1 and the number of candidates ({G.shape[0]})")
 
@@ -614,7 +656,7 @@ def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, 
     `auto`/`kernel`/`feature` (exact) or `official_diag` (the official code's surrogate, a baseline).
     """
     t0 = time.perf_counter()
-    check_features(G, k)
+    check_features(G, k, alpha)
     G = G.double()
     n, d = G.shape
     form = choose_form(n, d, k, form)
@@ -659,7 +701,7 @@ def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, 
 def random_select(G: torch.Tensor, k: int, alpha: float = 1.0, seed: int = 0) -> Selection:
     """random: k rows uniformly without replacement (seeded)."""
     t0 = time.perf_counter()
-    check_features(G, k)
+    check_features(G, k, alpha)
     idx = torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(seed))[:k].tolist()
     return _fixed_selection("random", G, idx, alpha, t0)
 
@@ -668,7 +710,7 @@ def top_norm_select(G: torch.Tensor, k: int, alpha: float = 1.0, omega: Optional
     """top_norm: the official code's default `top_k` selector — rank by base_x = log(1 + α‖g_x‖²), i.e. by
     gradient norm, no interaction and no conflict term. With ω: keep rows with base_x > ω·max base (as there)."""
     t0 = time.perf_counter()
-    check_features(G, k)
+    check_features(G, k, alpha)
     base = base_gain((G.double() ** 2).sum(1), alpha)
     order = sorted(range(len(base)), key=lambda i: (-float(base[i]), i))[:k]  # ties to the lowest index
     if omega is not None:
@@ -762,15 +804,33 @@ def selection_stats(sel: Selection, G: torch.Tensor, rows: list[dict] | None = N
 # Selection drivers: offline (whole pool or pool by pool) and online (proxy trained on its picks)
 # ----------------------------------------------------------------------------------------------------------
 
-def budget_count(budget: float, n: int, what: str = "--budget") -> int:
-    """A fraction (< 1) of n, at least 1, or an integer count."""
-    if budget < 1:
+def budget_count(budget: Union[int, float], n: int, what: str = "--budget", of: str = "the pool") -> int:
+    """Picks out of n: a float is a fraction in (0, 1] (1.0 = all n; at least 1 pick), an int a count ≤ n —
+    written `0.1` or `1.0` versus `100` or `1`, as datasets' train_test_split reads test_size."""
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise UserError(f"{what} {budget} is a fraction (written with a point) above 1",
+                            hint="a fraction is at most 1.0; a count is written without a point, e.g. 100")
         return max(1, round(budget * n))
-    if budget != int(budget):
-        raise UserError(f"{what} {budget} must be a fraction below 1 or a whole count")
-    if int(budget) > n:
-        raise UserError(f"{what} {int(budget)} is larger than the pool ({n} rows)", hint="use a fraction, e.g. 0.1")
-    return int(budget)
+    if budget > n:
+        raise UserError(f"{what} {budget} is larger than {of} ({n} rows)", hint="use a fraction, e.g. 0.1")
+    return budget
+
+
+def check_budget(cfg: Config, n: int) -> None:
+    """--budget / --select_k against the pool, before any feature is computed (the drivers use the same rule)."""
+    if cfg.mode == "offline" and (not cfg.pool_size or cfg.pool_size >= n):
+        budget_count(cfg.budget, n)
+        return
+    if cfg.select_k is None and isinstance(cfg.budget, int):
+        raise UserError(f"--budget {cfg.budget} counts rows of the whole pool; pool by pool the picks per pool are "
+                        f"--select_k", hint="pass --select_k (a count per pool or a fraction), or a fractional --budget")
+    budget_count(per_pool(cfg), cfg.pool_size, "--select_k" if cfg.select_k is not None else "--budget",
+                 f"--pool_size {cfg.pool_size}")
+
+
+def per_pool(cfg: Config) -> Union[int, float]:
+    return cfg.select_k if cfg.select_k is not None else cfg.budget
 
 
 def per_pool_k(per: float, size: int, pool_size: int) -> int:
@@ -792,7 +852,7 @@ def select_offline(G: torch.Tensor, cfg: Config, method: str, progress: bool = F
     if not cfg.pool_size or cfg.pool_size >= n:
         return run_method(method, G, budget_count(cfg.budget, n), cfg, progress)
     t0 = time.perf_counter()
-    per = cfg.select_k if cfg.select_k is not None else cfg.budget
+    per = per_pool(cfg)
     picks, records, stops = [], [], 0
     for w, win in enumerate(tqdm(pool_windows(n, cfg.pool_size, cfg.seed), desc=method, disable=not progress,
                                  leave=False)):
@@ -841,7 +901,7 @@ def select_online(cfg: Config, accelerator, model, tok, fz, tokens, method: str,
     t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per = cfg.select_k if cfg.select_k is not None else cfg.budget
+    per = per_pool(cfg)
     picks, records, buffer, stops = [], [], [], 0
     windows = pool_windows(len(tokens), cfg.pool_size, cfg.seed)
     for w, win in enumerate(tqdm(windows, desc=f"online {method}", disable=not accelerator.is_main_process)):
@@ -881,24 +941,71 @@ def format_table(stats: list[dict]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-def write_outputs(cfg: Config, sel: Selection, rows: list[dict], summary: dict) -> None:
-    """selected.jsonl (original fields + pool_index + score), picks.jsonl (per-pick records), summary.json."""
-    out = Path(cfg.output_dir)
+SPICE_COLUMNS = ("index", "t", "delta", "score")  # what selected.jsonl adds to each row, after --column_prefix
+
+
+def messages_column(cfg: Config, pool_columns: list[str]) -> Optional[str]:
+    """Where selected.jsonl puts the conversation (TRL SFTTrainer's and LLaMA-Factory's `messages`): `messages`,
+    unless the pool has that column — kept as is when it is the conversation read (None: nothing to add), else
+    ours goes to `<prefix>messages`. A pool column that one of ours would overwrite stops the run here, early."""
+    fields = resolve_fields(cfg, pool_columns)
+    msgs = (None if fields.get("messages") == "messages" else
+            "messages" if "messages" not in pool_columns else cfg.column_prefix + "messages")
+    clash = [c for c in [cfg.column_prefix + c for c in SPICE_COLUMNS] + [msgs] if c in pool_columns]
+    if clash:
+        raise UserError(f"the pool already has column(s) {', '.join(clash)}, which selected.jsonl would overwrite",
+                        hint="pass another --column_prefix, e.g. spice2_")
+    return msgs
+
+
+def check_outputs(cfg: Config) -> None:
+    """Every output folder writable, and --save_to_disk never replacing a folder that is not a saved dataset."""
+    common.writable_dir(cfg.output_dir, "--output_dir")
+    if cfg.cache_dir and cfg.cache_dir.lower() != "none":
+        common.writable_dir(cfg.cache_dir, "--cache_dir")
+    if cfg.save_to_disk:
+        p = Path(cfg.save_to_disk)
+        if p.exists() and not (p / "state.json").exists() and (p.is_file() or any(p.iterdir())):
+            raise UserError(f"--save_to_disk {p} exists and is not a saved dataset: it would be replaced",
+                            hint="pass a new folder")
+        common.writable_dir(p.parent, "--save_to_disk's parent")
+
+
+def write_outputs(cfg: Config, sel: Selection, rows: list[dict], examples: list[Example], positions: list[int],
+                  summary: dict) -> Optional[str]:
+    """selected.jsonl: each picked row with all its own columns, the conversation as `messages` (messages_column)
+    and <prefix>index/t/delta/score; picks.jsonl (per-pick records); summary.json; --save_to_disk. Indices are
+    0-based positions in the pool as read (row N of an error message is index N − 1)."""
+    out, pre, msgs = Path(cfg.output_dir), cfg.column_prefix, messages_column(cfg, columns(rows))
     rec_by_index = {rec["index"]: rec for rec in sel.records}
     picked = []
     for i in sel.indices:
-        row = {k: v for k, v in rows[i].items() if k != "_line"}
-        rec = rec_by_index.get(i, {})
-        picked.append({**row, "pool_index": row.get("pool_index", i), "score": rec.get("score"),
-                       "delta": rec.get("delta")})
+        row, rec, ex = dict(rows[i]), rec_by_index.get(i, {}), examples[i]
+        if msgs:
+            prompt = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
+            row[msgs] = prompt + [{"role": "assistant", "content": ex.response}]
+        picked.append({**row, **{pre + c: positions[i] if c == "index" else rec.get(c) for c in SPICE_COLUMNS}})
     common.write_jsonl(out / "selected.jsonl", picked)
-    common.write_jsonl(out / "picks.jsonl", [{**rec, "pool_index": rows[rec["index"]].get("pool_index", rec["index"])}
-                                             for rec in sel.records])
+    common.write_jsonl(out / "picks.jsonl", [{**rec, "index": positions[rec["index"]]} for rec in sel.records])
     common.write_json(out / "summary.json", summary)
+    if cfg.mode == "offline":  # an earlier online run's log would not describe these outputs
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     if cfg.save_to_disk:
-        import datasets
+        save_dataset(picked, Path(cfg.save_to_disk))
+    return msgs
 
-        datasets.Dataset.from_list(picked).save_to_disk(cfg.save_to_disk)
+
+def save_dataset(rows: list[dict], path: Path) -> None:
+    """rows as a datasets folder (load_from_disk), written beside `path` and renamed into place; every column of
+    every row kept (Dataset.from_list alone takes row 0's), a column of mixed types stored as JSON."""
+    import datasets
+
+    keys = columns(rows)
+    ds = datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in rows], on_mixed_types="use_json")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    ds.save_to_disk(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -912,17 +1019,21 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
     acc = accelerator or Accelerator()
     timings, t0 = {}, time.perf_counter()
     rows, examples, label, skipped = load_pool(cfg)
+    check_budget(cfg, len(rows))  # every check that needs the pool, before the proxy and its features
+    messages_column(cfg, columns(rows))
+    check_outputs(cfg)
+    gone = {s["index"] for s in skipped}
+    positions = [i for i in range(len(rows) + len(skipped)) if i not in gone]  # kept row → index in the pool
     lora = cfg.lora or cfg.mode == "online"
     model, tok, fz = build_proxy(cfg, lora)
     model.to(acc.device)
     tokens = tokenize(examples, tok, cfg)
     timings["load"] = time.perf_counter() - t0
-    logger = common.MetricsLogger(acc, cfg.output_dir)
     summary: dict[str, Any] = {"pool": label, "n_pool": len(rows), "n_skipped": len(skipped), "skipped": skipped[:50],
                                "feature_dim": fz.dim, "layers": list(fz.layers), "config": dataclasses.asdict(cfg)}
     if cfg.mode == "online":
         t1 = time.perf_counter()
-        sel = select_online(cfg, acc, model, tok, fz, tokens, cfg.method, logger)
+        sel = select_online(cfg, acc, model, tok, fz, tokens, cfg.method, common.MetricsLogger(acc, cfg.output_dir))
         timings["online"] = time.perf_counter() - t1
         G, stats = None, []
     else:
@@ -945,19 +1056,19 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
         sel = common.broadcast_object(acc, sel)
         timings["selection"] = time.perf_counter() - t1 - timings["features"]
     if not acc.is_main_process:
-        return {"indices": [rows[i].get("pool_index", i) for i in sel.indices]}
+        return {"indices": [positions[i] for i in sel.indices]}
     conf = [r["conflict"] for r in sel.records if math.isfinite(r["conflict"])]
     timings["total"] = time.perf_counter() - t0
     summary.update({
         "method": sel.method, "k": len(sel.indices), "log_det": sel.log_det, "stopped_early": sel.stopped_early,
-        "form": sel.form, "indices": [rows[i].get("pool_index", i) for i in sel.indices],
+        "form": sel.form, "indices": [positions[i] for i in sel.indices],
         "gains": [r["delta"] for r in sel.records],
         "conflict": {"mean": sum(conf) / len(conf) if conf else 0.0, "max": max(conf, default=0.0),
                      "frac_positive": sum(c > 0 for c in conf) / len(conf) if conf else 0.0},
         "comparison": stats, "timings": timings})
     if stats:
         summary["curvature_selected"] = stats[0].get("curvature_selected")
-    write_outputs(cfg, sel, rows, summary)
+    msgs = write_outputs(cfg, sel, rows, examples, positions, summary)
     if stats:
         print(f"\nSPICE selection from {label}: {len(rows)} rows, features d={fz.dim} ({', '.join(fz.layers)[:60]}"
               f"{'…' if len(', '.join(fz.layers)) > 60 else ''}), α={cfg.alpha}, λ={cfg.lam}")
@@ -968,6 +1079,8 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
         print(format_table(stats))
     if skipped:
         print(f"skipped {len(skipped)} malformed rows (--skip_malformed); the first: {skipped[0]['error']}")
+    if msgs and msgs != "messages":
+        print(f"the pool's own `messages` column is kept; the conversations read are in `{msgs}`")
     print(f"wrote {Path(cfg.output_dir) / 'selected.jsonl'} ({len(sel.indices)} rows, method {sel.method}) "
           f"in {timings['total']:.1f} s")
     return summary

@@ -319,18 +319,18 @@ def test_run_main_prints_one_line(tmp_path):
 def test_read_rows_reports_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"q": "1+1", "a": "2"}\n\n{"q": "2+2", "a": 4}\n{"q": oops}\n')
-    with pytest.raises(C.UserError, match=r"d\.jsonl:4: invalid JSON"):
+    with pytest.raises(C.UserError, match=r"d\.jsonl row 3 \(line 4\): invalid JSON"):
         C.read_rows(str(p))
     p.write_text('{"q": "1+1", "a": "2"}\n["not", "an", "object"]\n')
-    with pytest.raises(C.UserError, match=r"d\.jsonl:2: expected a JSON object"):
+    with pytest.raises(C.UserError, match=r"d\.jsonl row 2: expected a JSON object"):
         C.read_rows(str(p))
     p.write_text('{"q": "1+1", "a": "2"}\n\n{"q": "2+2", "a": 4}\n{"a": "5"}\n{"q": ["x"], "a": "1"}\n')
     rows, label = C.read_rows(str(p))
     assert len(rows) == 4
     assert C.require_str(label, 1, rows[1], "a") == "4"
-    with pytest.raises(C.UserError, match=r"d\.jsonl:4: missing field 'q'"):
+    with pytest.raises(C.UserError, match=r"d\.jsonl row 3 \(line 4\): missing field 'q'"):
         C.require_str(label, 2, rows[2], "q")
-    with pytest.raises(C.UserError, match=r"d\.jsonl:5: field 'q' must be a string, got list"):
+    with pytest.raises(C.UserError, match=r"d\.jsonl row 4 \(line 5\): field 'q' must be a string, got list"):
         C.require_str(label, 3, rows[3], "q")
     with pytest.raises(C.UserError, match="does not exist"):
         C.read_rows(str(tmp_path / "nope.jsonl"))
@@ -342,7 +342,7 @@ def test_read_rows_parquet_and_json(tmp_path):
     datasets.Dataset.from_list([{"q": "a", "a": "1"}, {"q": "b", "a": "2"}]).to_parquet(tmp_path / "d.parquet")
     rows, label = C.read_rows(str(tmp_path / "d.parquet"))
     assert [r["q"] for r in rows] == ["a", "b"]
-    assert C.row_location(label, 1, rows[1]).endswith("d.parquet row 1")
+    assert C.row_location(label, 1, rows[1]).endswith("d.parquet row 2")  # counted from 1, as in every format
     (tmp_path / "d.json").write_text(json.dumps([{"q": "c", "a": "3"}]))
     assert C.read_rows(str(tmp_path / "d.json"))[0] == [{"q": "c", "a": "3"}]
     with pytest.raises(C.UserError, match="cannot load dataset"):

@@ -81,17 +81,21 @@ BAD = [  # (flags, names the error line must contain)
     (["--reward_funcs", "bogus"], ["--reward_funcs", "bogus"]),
     (["--reward_funcs", "no_such_module_xyz:f"], ["--reward_funcs", "no_such_module_xyz"]),
     (["--reward_funcs", f"{REWARDS}:missing"], ["--reward_funcs", "missing"]),
-    (["--dataset", str(ROOT / "tests" / "nothing.jsonl"), "--dataset_split", "test"], ["--dataset_split"]),
+    (["--dataset", "{data}", "--dataset_split", "test"], ["d.jsonl", "split 'test'"]),
+    (["--dataset", "{data}", "--eval_split", "test"], ["--eval_split", "d.jsonl"]),
     (["--num_generations", "1"], ["num_generations=1"]),
     (["--bogus_flag", "1"], ["--bogus_flag"]),
 ]
 
 
 @pytest.mark.parametrize("flags,names", BAD, ids=[" ".join(f) for f, _ in BAD])
-def test_bad_settings_fail_before_any_work_and_touch_nothing(run_dir, capsys, flags, names):
+def test_bad_settings_fail_before_any_work_and_touch_nothing(run_dir, tmp_path, capsys, flags, names):
     """Even with --overwrite_output_dir, a bad setting is refused before the old run is touched."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
     before = snapshot(run_dir)
-    code, err = main(SMOKE + ["--output_dir", str(run_dir), "--overwrite_output_dir"] + flags, capsys)
+    code, err = main(SMOKE + ["--output_dir", str(run_dir), "--overwrite_output_dir"] +
+                     [f.format(data=data) for f in flags], capsys)
     assert code == 2
     one_error(err, *names)
     assert snapshot(run_dir) == before
@@ -188,10 +192,10 @@ def test_non_finite_training_stops_before_saving(tmp_path, capsys):
 
 
 BAD_ROWS = [
-    ({"question": [{"role": "user"}], "answer": "1"}, ["d.jsonl:2", "'question'", "role, content"]),
-    ({"question": "", "answer": "1"}, ["d.jsonl:2", "'question'", "empty"]),
-    ({"question": "2+2?", "answer": "four"}, ["d.jsonl:2", "'answer'", "no number"]),
-    ({"q": "2+2?", "answer": "4"}, ["d.jsonl:2", "missing field 'question'"]),
+    ({"question": [{"role": "user"}], "answer": "1"}, ["d.jsonl row 2", "'question'", "role, content"]),
+    ({"question": "", "answer": "1"}, ["d.jsonl row 2", "'question'", "empty"]),
+    ({"question": "2+2?", "answer": "four"}, ["d.jsonl row 2", "'answer'", "no number"]),
+    ({"q": "2+2?", "answer": "4"}, ["d.jsonl row 2", "missing field 'question'"]),
 ]
 
 

@@ -401,13 +401,13 @@ def test_dataset_rows_errors_name_file_row_field(tmp_path):
     assert {r["prompt"] for r in tr + ev} == {"2+2?", "3+3?", "1+1?"}
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n" + json.dumps({"question": "x"}) + "\n")
-    with pytest.raises(UserError, match=r"bad.jsonl:2: missing field 'answer'"):
+    with pytest.raises(UserError, match=r"bad.jsonl row 2: missing field 'answer'"):
         sg.load_rows(cfg(dataset=str(bad), eval_size=0))
     with pytest.raises(UserError, match=r"missing field 'prompt_text'"):
         sg.load_rows(cfg(dataset=str(good), prompt_column="prompt_text", eval_size=1))
     junk = tmp_path / "junk.jsonl"
     junk.write_text(json.dumps({"question": "2+2?", "answer": "four"}) + "\n")
-    with pytest.raises(UserError, match=r"junk.jsonl:1: field 'answer' holds no number"):
+    with pytest.raises(UserError, match=r"junk.jsonl row 1: field 'answer' holds no number"):
         sg.load_rows(cfg(dataset=str(junk), eval_size=0))
     tr, ev = sg.load_rows(cfg(dataset=str(good), eval_dataset=str(good), eval_size=2))
     assert len(tr) == 3 and len(ev) == 2
@@ -415,7 +415,7 @@ def test_dataset_rows_errors_name_file_row_field(tmp_path):
         sg.load_rows(cfg(dataset=str(good), eval_split="test"))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "2+2?", "answer": "4"}\n{"question": \n')
-    with pytest.raises(UserError, match=r"broken.jsonl:2: invalid JSON"):
+    with pytest.raises(UserError, match=r"broken.jsonl row 2: invalid JSON"):
         sg.load_rows(cfg(dataset=str(broken), eval_size=0))
 
 

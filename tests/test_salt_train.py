@@ -292,7 +292,7 @@ def test_script_bad_input_is_one_line(tmp_path):
     r = run_script(["--preset", "smoke", "--dataset", str(bad), "--eval_size", "0",
                     "--output_dir", str(tmp_path / "o")], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"{bad}:2: missing field 'question'" in r.stderr
+    assert f"{bad} row 2: missing field 'question'" in r.stderr
     r = run_script(["--preset", "smoke", "--num_generations", "1", "--output_dir", str(tmp_path / "o")], tmp_path)
     assert r.returncode == 2 and "num_generations=1" in r.stderr and "Traceback" not in r.stderr
 

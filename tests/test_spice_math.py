@@ -337,8 +337,10 @@ def test_bad_features_and_budgets():
     assert S.budget_count(0.1, 1000) == 100 and S.budget_count(25, 1000) == 25 and S.budget_count(0.001, 10) == 1
     with pytest.raises(UserError, match="larger than the pool"):
         S.budget_count(11, 10)
-    with pytest.raises(UserError, match="whole count"):
-        S.budget_count(2.5, 10)
+    assert S.budget_count(1.0, 10) == 10 and S.budget_count(1, 10) == 1  # 1.0 is all rows, 1 is one row
+    for bad in (2.5, 100.0):  # a fraction above 1: a count is written without a point
+        with pytest.raises(UserError, match="fraction .* above 1"):
+            S.budget_count(bad, 1000)
     Z = torch.zeros(5, 3, dtype=torch.float64)  # zero gradients: zero gains, no crash, ties to lowest index
     assert S.spice_select(Z, 3, lam=0.1).indices == [0, 1, 2]
 

@@ -68,15 +68,15 @@ def test_field_conventions(tmp_path):
 
 
 @pytest.mark.parametrize("rows, match", [
-    ([{"instruction": "a", "response": "b"}, {"instruction": "c"}], r"p\.jsonl:2: missing field 'response'"),
+    ([{"instruction": "a", "response": "b"}, {"instruction": "c"}], r"p\.jsonl row 2: missing field 'response'"),
     ([{"instruction": "a", "response": "b"}, {"instruction": "c", "response": ["x"]}],
-     r"p\.jsonl:2: field 'response' must be a string, got list"),
-    ([{"instruction": "a", "response": "b"}, {"instruction": "c", "response": "  "}], r"p\.jsonl:2: field 'response' is empty"),
-    ([{"messages": [{"role": "user", "content": "a"}]}], r"p\.jsonl:1: .*last message must be .*assistant"),
-    ([{"messages": "hello"}], r"p\.jsonl:1: field 'messages' must be a non-empty list"),
+     r"p\.jsonl row 2: field 'response' must be a string, got list"),
+    ([{"instruction": "a", "response": "b"}, {"instruction": "c", "response": "  "}], r"p\.jsonl row 2: field 'response' is empty"),
+    ([{"messages": [{"role": "user", "content": "a"}]}], r"p\.jsonl row 1: .*last message must be .*assistant"),
+    ([{"messages": "hello"}], r"p\.jsonl row 1: field 'messages' must be a non-empty list"),
     ([{"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}], r"needs string `role` and `content`"),
-    (["[1, 2]"], r"p\.jsonl:1: expected a JSON object"),
-    (["{broken"], r"p\.jsonl:1: invalid JSON"),
+    (["[1, 2]"], r"p\.jsonl row 1: expected a JSON object"),
+    (["{broken"], r"p\.jsonl row 1: invalid JSON"),
 ])
 def test_malformed_rows_name_file_row_field(tmp_path, rows, match):
     cfg = S.Config(pool=write_jsonl(tmp_path / "p.jsonl", rows))
@@ -90,8 +90,8 @@ def test_empty_pool_and_skip_malformed(tmp_path):
         S.load_pool(S.Config(pool=str(tmp_path / "e.jsonl")))
     rows = [{"instruction": "a", "response": "b"}, {"instruction": "c"}, {"instruction": "d", "response": "e"}]
     kept, ex, _, skipped = S.load_pool(S.Config(pool=write_jsonl(tmp_path / "p.jsonl", rows), skip_malformed=True))
-    assert [r["pool_index"] for r in kept] == [0, 2] and len(skipped) == 1 and skipped[0]["row"] == 1
-    assert "p.jsonl:2" in skipped[0]["error"]
+    assert kept == [rows[0], rows[2]] and len(skipped) == 1 and skipped[0]["index"] == 1
+    assert "p.jsonl row 2" in skipped[0]["error"]
     with pytest.raises(UserError, match="every row is malformed"):
         S.load_pool(S.Config(pool=write_jsonl(tmp_path / "m.jsonl", [{"x": 1}]), skip_malformed=True))
 
@@ -101,7 +101,7 @@ def test_parquet_rows_of_the_wrong_type(tmp_path):
 
     datasets.Dataset.from_list([{"instruction": "a", "response": 3.5}, {"instruction": "b", "response": None}]) \
         .to_parquet(str(tmp_path / "p.parquet"))
-    with pytest.raises(UserError, match=r"p\.parquet row 1: field 'response' must be a string, got NoneType"):
+    with pytest.raises(UserError, match=r"p\.parquet row 2: field 'response' is empty"):
         S.load_pool(S.Config(pool=str(tmp_path / "p.parquet")))
 
 
@@ -207,8 +207,8 @@ def test_cli_end_to_end(tmp_path):
     assert "frac_corrupted" in p.stdout and "families_covered" in p.stdout
     picked = [json.loads(x) for x in (out / "selected.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(picked) == summary["k"] == 6 and [r["pool_index"] for r in picked] == summary["indices"]
-    assert {"instruction", "response", "family", "corrupted", "score", "pool_index"} <= set(picked[0])
+    assert len(picked) == summary["k"] == 6 and [r["spice_index"] for r in picked] == summary["indices"]
+    assert {"instruction", "response", "family", "corrupted", "messages", "spice_score", "spice_t"} <= set(picked[0])
     assert summary["log_det"] == pytest.approx(sum(summary["gains"]), abs=1e-9)
     assert {s["method"] for s in summary["comparison"]} == set(S.METHODS)
     assert 0 <= summary["curvature_pool"] <= 1 and summary["config"]["lam"] == 0.1
@@ -219,7 +219,7 @@ def test_cli_end_to_end(tmp_path):
                           write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a"}]), "--output_dir", str(out)],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "bad.jsonl:1: missing field 'response'" in bad.stderr
+    assert "bad.jsonl row 1: missing field 'response'" in bad.stderr
 
 
 def test_pool_by_pool_and_budget_errors(tmp_path):

@@ -18,7 +18,6 @@ The rollouts and features are cached under outputs/experiments/ and reused by sa
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -159,11 +158,13 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "docs/results/salt_cancellation"))
+    ap = common.ArgParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="default: docs/results/salt_cancellation; with --smoke "
+                    "outputs/experiments-smoke/salt_cancellation (never the published results)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 small batches (seconds)")
     ap.add_argument("--cache_dir", default=str(ROOT / "outputs/experiments"))
     args = ap.parse_args(argv)
+    args.out = args.out or common.results_dir("salt_cancellation", args.smoke)
     t0 = time.perf_counter()
     s = SMOKE if args.smoke else SETTINGS
     out = Path(args.out)

@@ -20,7 +20,6 @@ the random-subspace control, with the same k and the same α rule, shows how muc
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -91,11 +90,13 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "docs/results/salt_geometry"))
+    ap = common.ArgParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="default: docs/results/salt_geometry; with --smoke "
+                    "outputs/experiments-smoke/salt_geometry (never the published results)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 small batches (seconds)")
     ap.add_argument("--cache_dir", default=str(ROOT / "outputs/experiments"))
     args = ap.parse_args(argv)
+    args.out = args.out or common.results_dir("salt_geometry", args.smoke)
     t0 = time.perf_counter()
     s = exp1.SMOKE if args.smoke else exp1.SETTINGS
     batches = exp1.collect_batches(s, Path(args.cache_dir))

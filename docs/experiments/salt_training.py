@@ -20,7 +20,6 @@ budget on a calibration seed (100) that is not among the reported seeds (lr 1e-3
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -195,13 +194,15 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "docs/results/salt_training"))
+    ap = common.ArgParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="default: docs/results/salt_training; with --smoke "
+                    "outputs/experiments-smoke/salt_training (never the published results)")
     ap.add_argument("--smoke", action="store_true", help="2 arms, 1 seed, 2 steps (seconds)")
     ap.add_argument("--cache_dir", default=str(ROOT / "outputs/experiments"))
     ap.add_argument("--seeds", type=int, nargs="*", help="override the seeds (e.g. a calibration seed)")
     ap.add_argument("--arms", nargs="*", choices=ARMS, help="override the arms")
     args = ap.parse_args(argv)
+    args.out = args.out or common.results_dir("salt_training", args.smoke)
     t0 = time.perf_counter()
     s = dict(SMOKE if args.smoke else SETTINGS)
     if args.seeds:

@@ -35,7 +35,6 @@ Protocol fixed before looking at any number:
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -61,7 +60,6 @@ PAPER = {"spearman_conflict_delta": -0.792, "spearman_conflict_abs_eps": 0.901, 
 # Settings
 # ----------------------------------------------------------------------------------------------------------
 
-DEFAULT_OUT = ROOT / "docs/results/spice_decay"
 
 
 def settings(smoke: bool) -> dict:
@@ -443,10 +441,12 @@ def plot(per_seed: list[dict], part_c: dict, cfg: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap = common.ArgParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="default: docs/results/spice_decay; with --smoke "
+                    "outputs/experiments-smoke/spice_decay (never the published results)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
+    args.out = args.out or common.results_dir("spice_decay", args.smoke)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = settings(args.smoke)
     t0 = time.perf_counter()

@@ -43,7 +43,6 @@ per-row mean NLL on response tokens. Selections (features 157 s, online loop 293
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -83,7 +82,6 @@ HELDOUT_SEED = 1                    # the training pool is seed 0
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 WARMUP = 0.1                        # linear warmup fraction, then cosine decay to 0 (paper: cosine)
 EVAL_BATCH = 32
-DEFAULT_OUT = ROOT / "docs/results/spice_downstream"
 CACHE = ROOT / "outputs/experiments/spice_downstream"
 _DUP_PREFIX = re.compile(r"^(Please answer: |Quick question\. |Q: |Tell me: )")
 
@@ -379,13 +377,15 @@ def fmt_family_table(table: list[dict], groups: list[str], result: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap = common.ArgParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="default: docs/results/spice_downstream; with --smoke "
+                    "outputs/experiments-smoke/spice_downstream (never the published results)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 80-row pool, 2 seeds: seconds")
     ap.add_argument("--seeds", type=int, nargs="*", help="override the seeds")
     ap.add_argument("--epochs", type=int, help="override the epochs (same for every selection)")
     ap.add_argument("--select_only", action="store_true", help="compute and cache the selections, then stop")
     args = ap.parse_args(argv)
+    args.out = args.out or common.results_dir("spice_downstream", args.smoke)
     S = dict(SMOKE if args.smoke else FULL)
     if args.seeds:
         S["seeds"] = tuple(args.seeds)

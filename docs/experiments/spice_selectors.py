@@ -23,7 +23,6 @@ Scaled down from the paper (Qwen2-7B SFT on real data, downstream accuracy) to t
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -50,7 +49,6 @@ METRICS = ("log_det", "frac_corrupted", "frac_duplicates", "n_families_covered",
 # Settings
 # ----------------------------------------------------------------------------------------------------------
 
-DEFAULT_OUT = ROOT / "docs/results/spice_selectors"
 
 
 def settings(smoke: bool) -> dict:
@@ -146,10 +144,12 @@ def aggregate(runs: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap = common.ArgParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="default: docs/results/spice_selectors; with --smoke "
+                    "outputs/experiments-smoke/spice_selectors (never the published results)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
+    args.out = args.out or common.results_dir("spice_selectors", args.smoke)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = settings(args.smoke)
     out = args.out
