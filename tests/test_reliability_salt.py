@@ -223,3 +223,20 @@ def test_the_script_exits_2_with_one_line(tmp_path):
                         "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: --dtype") and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_an_interrupted_final_save_keeps_the_old_final_and_leaves_no_temp(run_dir, capsys, monkeypatch):
+    """A kill (here KeyboardInterrupt) in the middle of writing final/ (weights written, tokenizer not yet): the
+    previous final/ stays whole and no temporary folder is left behind."""
+    from transformers import PreTrainedTokenizerBase
+
+    before = {p: (run_dir / "final" / p).read_bytes() for p in ("model.safetensors", "config.json")}
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(SMOKE + ["--output_dir", str(run_dir), "--resume_from", str(run_dir / "checkpoint-1")], capsys)
+    assert {p: (run_dir / "final" / p).read_bytes() for p in before} == before
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".final")]
