@@ -1222,7 +1222,7 @@ def train(cfg: Config, accelerator=None) -> dict:
         log(m, step + 1)
         if acc.is_main_process and t.buffer.get("sample"):
             common.write_json(out / "last_sample.json", t.buffer["sample"])
-        bar.set_postfix({k: f"{m.get(key, math.nan):.2f}" for k, key in
+        bar.set_postfix({k: f"{m.get(name, math.nan):.2f}" for k, name in
                          (("reward", "reward"), ("neff", "salt/neff"), ("alpha", "salt/alpha"))})
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_checkpoint(t, step + 1, out / f"checkpoint-{step + 1}")
