@@ -819,7 +819,7 @@ def make_rollouts(t: Trainer, round_idx: int) -> dict:
     for j in range(S):  # one generate call per optimizer step's share: memory stays that of one step
         pos = [j * P + rank * per + k for k in range(per)]  # positions in the round, as if on one process
         rows = [t.train_rows[idx[p]] for p in pos for _ in range(G)]
-        gens = [torch.Generator(device=acc.device).manual_seed(rollout_seed(cfg.seed, round_idx, p, g))
+        gens = [torch.Generator(device=acc.device).manual_seed(rollout_seed(cfg.seed, round_idx, idx[p], g))
                 for p in pos for g in range(G)]
         pids, pam, comp, cmask = generate(t.raw, t.tok, [format_prompt(t.tok, r["prompt"], cfg.system_prompt)
                                                          for r in rows], cfg, acc.device, cfg.max_completion_length,
