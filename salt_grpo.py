@@ -1160,6 +1160,9 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     if long and acc.is_main_process:
         print(f"warning: {long} of {len(texts)} prompts are longer than --max_prompt_length {cfg.max_prompt_length} "
               "tokens; they are cut on the left (TRL's rule)", file=sys.stderr)
+    if cfg.micro_batch_size == 0 and acc.device.type != "cpu" and acc.is_main_process:
+        print(f"warning: --micro_batch_size 0 puts all {n_local} rollouts of a step through one forward/backward per "
+              "process; set it (e.g. 16) if memory runs out", file=sys.stderr)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                             betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
 
