@@ -694,14 +694,15 @@ def group_geometry(K: torch.Tensor, a: torch.Tensor, groups: Sequence[int] | tor
     """Within- and across-group statistics of a Gram K (B × B) with advantages a and group ids (one per row).
 
     cos_within: mean pairwise cosine between rollouts of the same group (r_in without clipping);
-    cos_within_pos: the same with negatives clipped at 0 (the official code's r_in);
+    cos_within_pos: the same with negatives clipped at 0 (the official code's r_in); cos_within_abs: mean |cosine|
+    (the signed mean is ≈ 0 whatever the geometry, by the score identity E[∇log π] = 0);
     cos_across: mean cosine between different groups' mean features (r_out without clipping);
     neff_within: mean over groups of n_eff of that group's signed updates;
     pr_within: mean over groups of the group's participation ratio.
     """
     groups = torch.as_tensor(groups)
     C = cosine_matrix(K)
-    within, within_pos, neffs, prs = [], [], [], []
+    within, within_pos, within_abs, neffs, prs = [], [], [], [], []
     ids = groups.unique().tolist()
     onehot = torch.stack([(groups == g).to(K.dtype) for g in ids])  # (P, B)
     for j, g in enumerate(ids):
@@ -711,6 +712,7 @@ def group_geometry(K: torch.Tensor, a: torch.Tensor, groups: Sequence[int] | tor
             off = c[~torch.eye(len(idx), dtype=torch.bool)]
             within.append(off.mean())
             within_pos.append(off.clamp(min=0).mean())
+            within_abs.append(off.abs().mean())
         Kg = K[idx][:, idx]
         if (a[idx] != 0).any():
             neffs.append(signed_neff(Kg, a[idx]))
@@ -723,7 +725,7 @@ def group_geometry(K: torch.Tensor, a: torch.Tensor, groups: Sequence[int] | tor
     def mean(xs):
         return float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in xs]).mean()) if len(xs) else float("nan")
 
-    return {"cos_within": mean(within), "cos_within_pos": mean(within_pos),
+    return {"cos_within": mean(within), "cos_within_pos": mean(within_pos), "cos_within_abs": mean(within_abs),
             "cos_across": float(across.mean()) if across.numel() else float("nan"),
             "neff_within": mean(neffs), "pr_within": mean(prs)}
 
