@@ -129,16 +129,14 @@ class Config:
                    choices=["off", "official", "identity", "random_subspace", "amplify", "positive_only"])
     salt_scope: str = _f("mini", "mini: all rollouts of an optimizer step (whole groups); "
                          "micro: each micro-batch on each process (the official code)", choices=["mini", "micro"])
-    salt_features: str = _f("lm_head", "lm_head: exact Gram of the full LM-head score gradients (official), the "
-                            "sketch above salt_exact_budget; sketch: their TensorSketch (salt_sketch_dim); kronecker: "
-                            "factored projection (salt_k_out × salt_k_in); layers: exact Gram of salt_layers' "
-                            "gradients, kronecker-projected above the budget",
+    salt_features: str = _f("lm_head", "lm_head: exact Gram of the LM-head score gradients (official; sketch above "
+                            "salt_exact_budget); sketch: TensorSketch; kronecker: factored projection; layers: exact "
+                            "Gram of salt_layers' gradients (kronecker above the budget)",
                             choices=["lm_head", "sketch", "kronecker", "layers"])
     salt_layers: str = _f("last:1", "layer spec for salt_features=layers (lm_head, last:N, lora, all, regex)")
     salt_exact_budget: float = _f(1e11, "largest exact Gram, N²·Σ(d_out + d_in) multiply-adds over the N tokens of "
                                   "a SALT scope (LM head: V + H); above it lm_head uses the sketch", gt=0)
-    salt_sketch_dim: int = _f(4096, "TensorSketch dimension d (salt_features=sketch, or lm_head above the budget)",
-                              ge=2)
+    salt_sketch_dim: int = _f(4096, "TensorSketch dimension d (sketch, or lm_head above the budget)", ge=2)
     salt_k_out: int = _f(32, "kronecker projection rows on the output side (vocab for the LM head)", ge=1)
     salt_k_in: int = _f(32, "kronecker projection rows on the input side (hidden)", ge=1)
     salt_rho: float = _f(1.0, "ρ: k = round(ρ·PR) (release yaml 1.0; the code's dataclass says 0.5)", gt=0)
@@ -532,13 +530,12 @@ class FeatureSpec:
     def from_forward(self) -> bool:  # LM-head features come free with the policy forward's hidden states and logits
         return self.kind != "layers"
 
-    def tokens(self, b: dict) -> int:
-        """Tokens an exact Gram sums over: scored completion tokens (LM head), every non-padding token (layers)."""
-        return int(b["comp_mask"].sum() + (b["prompt_mask"].sum() if self.kind == "layers" else 0))
-
-    def exact(self, n_tokens: int) -> bool:
-        """Exact Gram for this scope: its cost N²·Σ(d_out + d_in) is within salt_exact_budget."""
-        return self.kind in ("lm_head", "layers") and n_tokens ** 2 * self.width <= self.cfg.salt_exact_budget
+    def exact(self, acc, batches: list[dict], gather: bool) -> bool:
+        """Exact Gram for this scope: N²·Σ(d_out + d_in) ≤ salt_exact_budget, N its scored completion tokens (LM
+        head) or non-padding tokens (layers), summed over processes when `gather` (the same answer on each)."""
+        n = sum(float(b["comp_mask"].sum() + (b["prompt_mask"].sum() if self.kind == "layers" else 0)) for b in batches)
+        n = float(common.gather_rows(acc, torch.tensor([n], device=acc.device)).sum()) if gather else n
+        return self.kind in ("lm_head", "layers") and n ** 2 * self.width <= self.cfg.salt_exact_budget
 
 
 @contextlib.contextmanager
@@ -596,7 +593,7 @@ def feature_pass(model, spec: FeatureSpec, batches: list[dict], cfg: Config, dev
         hidden = logits = None
         if spec.from_forward:
             _, _, hidden, logits = policy_forward(model, spec.head, b, cfg, device, want_hidden=True)
-        with autocast(cfg, device):
+        with autocast(cfg, device) if spec.kind == "layers" else contextlib.nullcontext():  # LM head: fp32 matmuls
             out.append(gram_part(model, spec, b, hidden, logits, cfg, exact))
     return out
 
@@ -946,9 +943,7 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
     diags, a_pair = [], None
     adv = batch["adv"]
     inline = salt_on and cfg.salt_scope == "mini" and len(mbs) == 1 and t.spec.from_forward
-    if salt_on and cfg.salt_scope == "mini":  # one exact-or-sketch decision for the whole scope, on every process
-        exact = t.spec.exact(int(common.gather_rows(acc, torch.tensor([float(t.spec.tokens(batch))],
-                                                                      device=acc.device)).sum()))
+    exact = salt_on and cfg.salt_scope == "mini" and t.spec.exact(acc, [batch], True)  # one decision per scope
     if salt_on and cfg.salt_scope == "mini" and not inline:
         t0 = time.perf_counter()
         parts = feature_pass(t.raw, t.spec, mbs, cfg, acc.device, exact)
@@ -969,7 +964,7 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
             a_b = adv[off:off + n]
             if salt_on and (inline or cfg.salt_scope == "micro"):
                 t1 = time.perf_counter()
-                exact = exact if inline else t.spec.exact(t.spec.tokens(b))
+                exact = exact if inline else t.spec.exact(acc, [b], False)
                 if t.spec.from_forward:
                     with torch.no_grad():
                         parts = [gram_part(t.raw, t.spec, b, hidden, logits.detach(), cfg, exact)]
