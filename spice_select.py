@@ -429,7 +429,7 @@ def feature_cache_key(cfg: Config, fz, tokens: list[tuple[list[int], int]]) -> s
     meta = {k: getattr(cfg, k) for k in ("model", "dtype", "layers", "lora", "lora_r", "lora_alpha", "lora_targets",
                                          "seed", "reduction", "mask_prompt", "batch_size", "shard_batches")}
     # the resolved mode (auto's choice depends on the pool and the budget) and only the dims that mode reads
-    meta.update(mode=fz.mode, dim=fz.dim, dtype=fz.dtype, **({"k": [cfg.k_out, cfg.k_in]} if fz.mode == "kronecker" else {}))
+    meta.update(mode=fz.mode, dim=fz.dim, dtype=fz.dtype, k=[cfg.k_out, cfg.k_in] if fz.mode == "kronecker" else None)
     h.update(json.dumps(meta, sort_keys=True).encode())
     h.update(model_fingerprint(fz.model).encode())
     for ids, n_prompt in tokens:
