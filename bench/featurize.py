@@ -110,6 +110,8 @@ def spice_frontier(args) -> list[dict]:
         model.eval().requires_grad_(False)
         layers = C.select_linear_layers(model, spec)
         D = sum(m.weight.numel() for m in layers.values())
+        for p in C.linear_params(layers).values():  # the loop differentiates these; the Featurizer never reads .grad
+            p.requires_grad_(True)
         h0 = _hwm_reset()
         t = time.perf_counter()
         G = C.exact_per_sample_grads(model, C.linear_params(layers), ids, am, lm, reduction="mean")
