@@ -1,7 +1,8 @@
 """SPICE data selection (Submodular Penalized Information–Conflict sElection, arXiv 2601.23155), one file.
 
-Read beside the paper. Per-sample gradients g_i of the response loss on a proxy model are projected by
-common.py's factored random projection; then, greedily,
+Read beside the paper. Per-sample gradients g_i of the response loss on a proxy model (by default the LoRA
+adapters of q,k,v,o,gate,up,down, the authors' parameter set: exact, or CountSketched to 8192 dims when the pool's
+exact features would not fit --feature_memory_gb); then, greedily,
 
     U(S)          = log det(I + α Σ_{i∈S} g_i g_iᵀ)                              (Fisher utility, §3)
     Δ_x(S)        = log(1 + α g_xᵀ (I + α F_S)⁻¹ g_x)                            (marginal gain)
@@ -66,22 +67,29 @@ class Config:
     messages_field: Optional[str] = option(None, "column of chat rows; default: auto (messages)")
     skip_malformed: bool = option(False, "skip malformed rows and report their count (default: stop with an "
                                          "error naming the row)")
-    embedded_pool_size: int = option(1000, "rows of the embedded pool", ge=1, le=10**6)
+    embedded_pool_size: int = option(500, "rows of the embedded pool", ge=1, le=10**6)
     embedded_corrupt_frac: float = option(0.15, "embedded pool: fraction of corrupted responses", ge=0, le=1)
     embedded_dup_frac: float = option(0.15, "embedded pool: fraction of near-duplicates", ge=0, le=1)
     # proxy model and features
     model: str = option(common.EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a folder or a HF id")
-    dtype: str = option("bfloat16", "proxy weights dtype", choices=["float32", "bfloat16", "float16"])
-    layers: Optional[str] = option(None, "layer spec (common.select_linear_layers); default `last:2`, or `lora` "
-                                         "with --lora")
-    lora: bool = option(False, "wrap the proxy with peft LoRA (always on in online mode)")
+    dtype: str = option("auto", "proxy weights dtype; auto: bfloat16 on CUDA, float32 on CPU (no native bf16 matmul "
+                                "there: 6× slower measured)", choices=["auto", "float32", "bfloat16", "float16"])
+    layers: Optional[str] = option(None, "layer spec (common.select_linear_layers); default `lora`, or `last:2` "
+                                         "with --lora false")
+    lora: bool = option(True, "wrap the proxy with peft LoRA; features are the adapters' gradients (official code)")
     lora_r: int = option(8, "LoRA rank", ge=1)
     lora_alpha: int = option(16, "LoRA alpha", ge=1)
     lora_dropout: float = option(0.05, "LoRA dropout (used when the proxy trains; features are taken in eval mode)",
                                  ge=0, lt=1)
     lora_targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "LoRA target modules")
-    k_out: Optional[int] = option(16, "projection rows per layer on the output side (none: unprojected)", ge=1)
-    k_in: Optional[int] = option(16, "projection rows per layer on the input side (none: unprojected)", ge=1)
+    features: str = option("auto", "exact per-sample gradients | sketch (CountSketch to --sketch_dim) | kronecker "
+                                   "(k_out × k_in per layer) | auto: exact when rows × D × 4 bytes fit "
+                                   "--feature_memory_gb, else sketch", choices=["auto", "exact", "sketch", "kronecker"])
+    sketch_dim: int = option(8192, "sketch dimension d (the official projection size)", ge=1)
+    feature_memory_gb: float = option(2.0, "auto: the largest exact feature block (pool or --pool_size online rows)",
+                                      gt=0)
+    k_out: Optional[int] = option(16, "kronecker: projection rows per layer, output side (none: unprojected)", ge=1)
+    k_in: Optional[int] = option(16, "kronecker: projection rows per layer, input side (none: unprojected)", ge=1)
     reduction: str = option("mean", "per-sample loss over scored tokens: mean (SFT) or sum", choices=["mean", "sum"])
     mask_prompt: bool = option(True, "score response tokens only; false = official code (loss on the whole text)")
     prompt_format: str = option("plain", "plain (`Instruction:\\n…\\n\\nResponse:\\n`, the official code's) or "
@@ -368,9 +376,18 @@ def collate(batch: list[tuple[list[int], int]], pad_id: int, mask_prompt: bool):
 # Features: per-sample projected gradients, batched, sharded across processes, cached as safetensors shards
 # ----------------------------------------------------------------------------------------------------------
 
-def build_proxy(cfg: Config, lora: bool):
-    """The proxy model (frozen base; LoRA adapters trainable when asked), its tokenizer and the Featurizer."""
-    model, tok = common.load_model(cfg.model, cfg.dtype, seed=cfg.seed)
+def feature_mode(cfg: Config, D: int, rows: int) -> str:
+    """--features auto: exact when the rows × D float32 features held at once fit --feature_memory_gb, else sketch."""
+    if cfg.features != "auto":
+        return cfg.features
+    return "exact" if 4 * rows * D <= cfg.feature_memory_gb * 2**30 else "sketch"
+
+
+def build_proxy(cfg: Config, lora: bool, rows: int = 0):
+    """The proxy model (frozen base; LoRA adapters trainable when asked), its tokenizer and the Featurizer
+    (`fz.mode`: the feature mode for `rows` candidates held at once)."""
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if torch.cuda.is_available() else "float32"
+    model, tok = common.load_model(cfg.model, dtype, seed=cfg.seed)
     model.requires_grad_(False)  # the features need ∂ℓ/∂y of the chosen layers only, never parameter .grad
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -386,7 +403,12 @@ def build_proxy(cfg: Config, lora: bool):
                                                                     "model") from None
     model.eval()  # features without dropout (the official code keeps LoRA dropout on: train mode)
     layers = cfg.layers or ("lora" if lora else "last:2")
-    fz = common.Featurizer(model, layers, cfg.k_out, cfg.k_in, seed=cfg.seed, reduction=cfg.reduction)
+    D = common.FactoredProjector(common.select_linear_layers(model, layers), None, None).dim  # no matrices drawn
+    mode = feature_mode(cfg, D, rows)
+    k_out, k_in = (cfg.k_out, cfg.k_in) if mode == "kronecker" else (None, None)
+    fz = common.Featurizer(model, layers, k_out, k_in, seed=cfg.seed, reduction=cfg.reduction,
+                           sketch_dim=cfg.sketch_dim if mode == "sketch" else None)
+    fz.mode, fz.full_dim, fz.dtype = mode, D, dtype
     return model, tok, fz
 
 
@@ -400,14 +422,16 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def feature_cache_key(cfg: Config, model, tokens: list[tuple[list[int], int]]) -> str:
-    """Hash of everything the features depend on: model, layers, dims, seed, loss, pool tokens, batching."""
+def feature_cache_key(cfg: Config, fz, tokens: list[tuple[list[int], int]]) -> str:
+    """Hash of everything the features depend on: model, layers, feature mode and dims, seed, loss, pool tokens,
+    batching."""
     h = hashlib.sha1()
     meta = {k: getattr(cfg, k) for k in ("model", "dtype", "layers", "lora", "lora_r", "lora_alpha", "lora_targets",
-                                         "k_out", "k_in", "seed", "reduction", "mask_prompt", "batch_size",
-                                         "shard_batches")}
+                                         "seed", "reduction", "mask_prompt", "batch_size", "shard_batches")}
+    # the resolved mode (auto's choice depends on the pool and the budget) and only the dims that mode reads
+    meta.update(mode=fz.mode, dim=fz.dim, dtype=fz.dtype, k=[cfg.k_out, cfg.k_in] if fz.mode == "kronecker" else None)
     h.update(json.dumps(meta, sort_keys=True).encode())
-    h.update(model_fingerprint(model).encode())
+    h.update(model_fingerprint(fz.model).encode())
     for ids, n_prompt in tokens:
         h.update(f"{n_prompt}:{','.join(map(str, ids))};".encode())
     return h.hexdigest()[:20]
@@ -488,6 +512,11 @@ def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, 
 # ----------------------------------------------------------------------------------------------------------
 # The objective and the greedy
 # ----------------------------------------------------------------------------------------------------------
+
+def sq_norms(G: torch.Tensor) -> torch.Tensor:
+    """‖g_i‖² in float64, a block of rows at a time (no float64 copy of a wide G)."""
+    return torch.cat([b.double().pow(2).sum(1) for b in G.split(256)]) if len(G) else G.new_zeros(0).double()
+
 
 def log_det(G: torch.Tensor, alpha: float) -> float:
     """U(S) = log det(I_d + α G_Sᵀ G_S) = log det(I_|S| + α G_S G_Sᵀ) (Sylvester), the smaller side, float64."""
@@ -636,7 +665,7 @@ def check_features(G: torch.Tensor, k: int, alpha: float = 1.0) -> None:
     if not torch.isfinite(G).all():
         bad = (~torch.isfinite(G).all(1)).nonzero().flatten().tolist()
         raise UserError(f"features of rows {bad[:10]} are NaN or infinite", hint="check the proxy model and dtype")
-    sq = (G.double() ** 2).sum(1)
+    sq = sq_norms(G)
     if not math.isfinite(alpha * G.shape[0] * float(sq.sum())):
         raise UserError(f"features too large for float64: α·n·Σ‖g‖² overflows (largest ‖g‖² {float(sq.max()):.3g}, "
                         f"row {int(sq.argmax())})", hint="rescale the features (U(S) depends on α·scale², so "
@@ -657,16 +686,16 @@ def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, 
     """
     t0 = time.perf_counter()
     check_features(G, k, alpha)
-    G = G.double()
     n, d = G.shape
     form = choose_form(n, d, k, form)
-    if form == "official_diag":
-        eng = OfficialDiagGains(G, alpha)
-    elif form == "kernel":
-        eng = KernelGains(G, alpha, k, precompute=8 * n * n < 4e9)
+    if form == "kernel" and 8 * n * n < 4e9:  # the float64 Gram alone: no float64 copy of G (D = 2.4 M for LoRA)
+        eng = KernelGains(G, alpha, k)
+        sq = torch.diagonal(eng.K).clone()
     else:
-        eng = FeatureGains(G, alpha)
-    sq = (G * G).sum(1)
+        G = G.double()
+        eng = (OfficialDiagGains(G, alpha) if form == "official_diag" else FeatureGains(G, alpha) if form == "feature"
+               else KernelGains(G, alpha, k, precompute=False))
+        sq = (G * G).sum(1)
     norms, base = sq.sqrt(), base_gain(sq, alpha)
     r, ss = torch.zeros(n, dtype=torch.float64, device=G.device), 0.0  # Σ_S g_xᵀg_y, ‖Σ_S g_y‖²
     taken = torch.zeros(n, dtype=torch.bool, device=G.device)
@@ -711,7 +740,7 @@ def top_norm_select(G: torch.Tensor, k: int, alpha: float = 1.0, omega: Optional
     gradient norm, no interaction and no conflict term. With ω: keep rows with base_x > ω·max base (as there)."""
     t0 = time.perf_counter()
     check_features(G, k, alpha)
-    base = base_gain((G.double() ** 2).sum(1), alpha)
+    base = base_gain(sq_norms(G), alpha)
     order = sorted(range(len(base)), key=lambda i: (-float(base[i]), i))[:k]  # ties to the lowest index
     if omega is not None:
         order = [i for i in order if base[i] > omega * base[order[0]]]
@@ -731,19 +760,19 @@ def official_diag_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float
 
 def _fixed_selection(method: str, G: torch.Tensor, idx: list[int], alpha: float, t0: float) -> Selection:
     """Records with the exact Δ of each pick given the earlier ones (so the same analysis applies)."""
-    G = G.double()
-    records, prev = [], 0.0
+    G = G[idx].double()
+    records = []
     sq = (G * G).sum(1)
     if len(idx) <= 2000:  # per-pick exact gains; beyond that only the final log-det
-        eng = KernelGains(G[idx], alpha, len(idx))
+        eng = KernelGains(G, alpha, len(idx))
         for t, j in enumerate(idx):
             dlt = float(eng.gains()[t])
-            records.append({"t": t, "index": j, "delta": dlt, "base": float(base_gain(sq[j], alpha)),
-                            "eps": dlt - float(base_gain(sq[j], alpha)), "conflict": float("nan"),
+            records.append({"t": t, "index": j, "delta": dlt, "base": float(base_gain(sq[t], alpha)),
+                            "eps": dlt - float(base_gain(sq[t], alpha)), "conflict": float("nan"),
                             "score": float("nan")})
             if t + 1 < len(idx):
                 eng.add(t, eng.row(t))
-    return Selection(method, idx, records, log_det(G[idx], alpha), False, "", time.perf_counter() - t0)
+    return Selection(method, idx, records, log_det(G, alpha), False, "", time.perf_counter() - t0)
 
 
 def run_method(method: str, G: torch.Tensor, k: int, cfg: Config, progress: bool = False) -> Selection:
@@ -768,12 +797,12 @@ def curvature(G: torch.Tensor, alpha: float) -> float:
     With M = I + αK, the leave-one-out gain is Δ_x(D∖{x}) = −log[M⁻¹]_xx (matrix determinant lemma), so one
     inverse gives every x. Rows with g_x = 0 have no gain either way and are left out.
     """
-    G = G.double()
     if G.shape[0] > 4000:  # n × n inverse; estimate on a deterministic subsample for large pools
         G = G[torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(0))[:4000]]
-    M = torch.eye(G.shape[0], dtype=torch.float64) + alpha * common.gram(G)
+    K = common.gram(G)
+    M = torch.eye(G.shape[0], dtype=torch.float64) + alpha * K
     loo = -torch.log(torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(M))))
-    base = base_gain((G * G).sum(1), alpha)
+    base = base_gain(torch.diagonal(K), alpha)
     ok = base > 1e-12
     return float(1 - (loo[ok] / base[ok]).min()) if ok.any() else 0.0
 
@@ -1025,12 +1054,13 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
     gone = {s["index"] for s in skipped}
     positions = [i for i in range(len(rows) + len(skipped)) if i not in gone]  # kept row → index in the pool
     lora = cfg.lora or cfg.mode == "online"
-    model, tok, fz = build_proxy(cfg, lora)
+    model, tok, fz = build_proxy(cfg, lora, cfg.pool_size if cfg.mode == "online" else len(rows))
     model.to(acc.device)
     tokens = tokenize(examples, tok, cfg)
     timings["load"] = time.perf_counter() - t0
     summary: dict[str, Any] = {"pool": label, "n_pool": len(rows), "n_skipped": len(skipped), "skipped": skipped[:50],
-                               "feature_dim": fz.dim, "layers": list(fz.layers), "config": dataclasses.asdict(cfg)}
+                               "features": fz.mode, "feature_dim": fz.dim, "gradient_dim": fz.full_dim,
+                               "layers": list(fz.layers), "config": dataclasses.asdict(cfg)}
     if cfg.mode == "online":
         t1 = time.perf_counter()
         sel = select_online(cfg, acc, model, tok, fz, tokens, cfg.method, common.MetricsLogger(acc, cfg.output_dir))
@@ -1040,7 +1070,7 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
         t1 = time.perf_counter()
         cache = None
         if (cfg.cache_dir or "").lower() != "none":
-            key = feature_cache_key(cfg, model, tokens)
+            key = feature_cache_key(cfg, fz, tokens)
             cache = Path(cfg.cache_dir or Path(cfg.output_dir) / "feature_cache") / key
             summary["feature_cache"] = str(cache)
         G = compute_features(fz, tok, tokens, cfg, acc, cache, max_new_shards)
@@ -1070,7 +1100,7 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
         summary["curvature_selected"] = stats[0].get("curvature_selected")
     msgs = write_outputs(cfg, sel, rows, examples, positions, summary)
     if stats:
-        print(f"\nSPICE selection from {label}: {len(rows)} rows, features d={fz.dim} ({', '.join(fz.layers)[:60]}"
+        print(f"\nSPICE selection from {label}: {len(rows)} rows, features {fz.mode} d={fz.dim} of D={fz.full_dim} ({', '.join(fz.layers)[:60]}"
               f"{'…' if len(', '.join(fz.layers)) > 60 else ''}), α={cfg.alpha}, λ={cfg.lam}")
         if "family" in rows[0]:
             base_c = sum(bool(r.get("corrupted")) for r in rows) / len(rows)

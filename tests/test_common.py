@@ -184,6 +184,95 @@ def test_lora_layers_with_peft(tiny):
     assert rel(F, G) <= 1e-5
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_tiny(init):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # peft draws lora_A from the global RNG
+    pm = get_peft_model(C.tiny_llama(seed=0)[0], LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
+                                                         init_lora_weights=init))
+    return pm.double().eval()
+
+
+@pytest.mark.parametrize("init", [True, False])  # peft default (B = 0) and random B
+def test_lora_per_sample_grads_all_targets_equal_one_backward_per_sample(tiny, init):
+    """The authors' parameter set (LoRA on q,k,v,o,gate,up,down): one batched fwd + bwd = B backwards, fp64."""
+    _, _, ids, am, lm = tiny
+    pm = _lora_tiny(init)
+    layers = C.select_linear_layers(pm, "lora")
+    assert len(layers) == 2 * 7 * 2
+    F = C.Featurizer(pm, "lora", None, None, reduction="mean")(ids, am, lm)
+    G = C.exact_per_sample_grads(pm, C.linear_params(layers), ids, am, lm, reduction="mean")
+    assert F.dtype == torch.float32 and rel(F.double(), G.double()) <= 1e-6  # features are stored in fp32
+    assert G.norm(dim=1).min() > 0
+    sizes = [m.weight.numel() for m in layers.values()]
+    blocks = dict(zip(layers, G.split(sizes, 1)))
+    a_norm = sum(float(b.norm()) for n, b in blocks.items() if ".lora_A." in n)
+    if init is True:  # peft's default B = 0: ∂ℓ/∂A = B^T(…) = 0, only ∂/∂B carries signal at init
+        assert a_norm == 0
+    else:
+        assert a_norm > 0
+
+
+def test_left_padded_row_equals_row_alone_with_absolute_positions(tiny):
+    """position_ids from the attention mask (sequence_nll): a left-padded row's features equal the row's alone.
+
+    GPT-2 has learned absolute positions, so without them padding shifts every position (error ≈ 0.9). The rest
+    is fp32 rounding of attention over the extra masked keys (≤ 3e-7 measured, not bit for bit; Llama's RoPE is
+    relative, so it differs by that rounding only, with or without position_ids)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tok, ids, am, lm = tiny
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64,
+                                      bos_token_id=None, eos_token_id=None)).eval()
+    fz = C.Featurizer(gpt2, "lm_head", None, None)
+    F = fz(ids, am, lm)
+    assert (am == 0).any(1).sum() >= 2  # rows with padding in front
+    for i in range(len(ids)):
+        keep = am[i].bool()
+        assert rel(F[i:i + 1], fz(ids[i:i + 1, keep], am[i:i + 1, keep], lm[i:i + 1, keep])) <= 1e-6, i
+
+
+def _token_sum_grads(n, shapes, tokens, seed):
+    """Synthetic per-sample layer gradients Σ_t δ_t x_tᵀ (rank-1 token terms, as real ones), vec'd per layer."""
+    g = torch.Generator().manual_seed(seed)
+    return {f"l{j}": torch.einsum("bto,bti->boi", torch.randn(n, tokens, o, generator=g),
+                                  torch.randn(n, tokens, i, generator=g)).flatten(1)
+            for j, (o, i) in enumerate(shapes)}
+
+
+def test_count_sketch_is_unbiased_and_within_its_bound():
+    blocks = _token_sum_grads(6, [(32, 48), (16, 64), (8, 96)], 32, 0)
+    X = torch.cat(list(blocks.values()), 1)
+    K = C.gram(X)
+    d = 256
+
+    def sketch(seed):
+        sk = C.CountSketch(blocks, d, seed)
+        return sum(sk(n, b) for n, b in blocks.items())
+
+    Ks = [C.gram(sketch(s)) for s in range(300)]
+    single = sum(rel(k, K) for k in Ks[:40]) / 40
+    dense = sum(rel(C.gram(C.dense_jl(X, d, seed=s)), K) for s in range(40)) / 40
+    bound = float(((K ** 2 + torch.outer(K.diag(), K.diag())).sum() / d).sqrt() / K.norm())  # dense JL's rms
+    assert single <= 1.3 * bound and single <= 1.3 * dense  # CountSketch variance ≤ dense JL's, term by term
+    assert single > 0.02  # a single sketch is noisy (the test is not vacuous) ...
+    assert rel(torch.stack(Ks).mean(0), K) < single / 8  # ... its mean converges: E⟨Sx, Sy⟩ = ⟨x, y⟩
+    assert torch.equal(sketch(3), sketch(3)) and not torch.equal(sketch(3), sketch(4))
+
+
+def test_sketch_features_equal_the_sketch_of_exact_gradients(tiny):
+    _, _, ids, am, lm = tiny
+    pm = _lora_tiny(False).float()
+    fz = C.Featurizer(pm, "lora", sketch_dim=512, seed=2)
+    G = C.exact_per_sample_grads(pm, C.linear_params(fz.layers), ids, am, lm)
+    blocks = G.split([m.weight.numel() for m in fz.layers.values()], 1)
+    ref = sum(fz.projector(n, b) for n, b in zip(fz.layers, blocks))
+    assert fz.dim == 512 and rel(fz(ids, am, lm), ref) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------- geometry
 
 def test_participation_ratio_bounds():

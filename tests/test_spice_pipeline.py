@@ -1,5 +1,6 @@
 """spice_select.py end to end on the tiny model: pool loading and errors, masks, config, cache resume,
 2 processes == 1 process, the CLI, pool-by-pool and online modes; one slow run on the embedded SmolLM2."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -150,9 +151,41 @@ def test_cache_resume_gives_the_same_selection(tmp_path):
     assert resumed["indices"] == fresh["indices"] and resumed["log_det"] == pytest.approx(fresh["log_det"], abs=1e-9)
     assert shards[0].stat().st_mtime_ns == stamp  # loaded, not recomputed
     assert len(list((tmp_path / "cache").glob("*/shard_*.safetensors"))) == 3  # 48 rows / (8 × 2)
-    other = tiny_cfg(tmp_path / "c", cache_dir=str(tmp_path / "cache"), k_out=8)  # another key, another folder
+    other = tiny_cfg(tmp_path / "c", cache_dir=str(tmp_path / "cache"), features="kronecker")  # another key, another folder
     S.run(other, Accelerator(cpu=True))
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+@pytest.mark.parametrize("flags, mode, dim", [
+    ([], "exact", "D"), (["--feature_memory_gb", "1e-6"], "sketch", 512), (["--features", "exact"], "exact", "D"),
+    (["--features", "sketch"], "sketch", 512), (["--features", "kronecker", "--k_out", "2", "--k_in", "3"],
+                                                "kronecker", 28 * 2 * 3)])
+def test_feature_modes_end_to_end(tmp_path, flags, mode, dim):
+    """--features on the smoke preset: auto takes exact while rows × D × 4 bytes fit the budget, else the sketch."""
+    res = S.main(["--preset", "smoke", "--output_dir", str(tmp_path), "--cache_dir", "none", "--sketch_dim", "512",
+                  "--compare", "false"] + flags)
+    model = S.build_proxy(S.parse_config(["--preset", "smoke"]), True)[0]
+    D = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)  # every adapter weight, once
+    assert res["gradient_dim"] == D
+    assert res["features"] == mode and res["feature_dim"] == (D if dim == "D" else dim)
+    assert res["layers"] and all(".lora_" in n for n in res["layers"]) and len(res["layers"]) == 2 * 7 * 2
+    assert len(res["indices"]) == round(0.1 * 64)
+
+
+def test_cache_key_covers_the_feature_options(tmp_path):
+    cfg = tiny_cfg(tmp_path, embedded_pool_size=8)
+    rows, ex, _, _ = S.load_pool(cfg)
+
+    def key(**kw):
+        c = S.validate(S.Config(**{**dataclasses.asdict(cfg), **kw}))
+        model, tok, fz = S.build_proxy(c, c.lora, 8)
+        return S.feature_cache_key(c, fz, S.tokenize(ex, tok, c))
+
+    base = key()
+    assert base == key() == key(features="exact") == key(k_out=4)  # auto → exact; k_out unused by exact
+    keys = [base, key(features="sketch"), key(features="sketch", sketch_dim=64), key(features="kronecker"),
+            key(features="kronecker", k_out=4), key(feature_memory_gb=1e-9), key(lora=False), key(lora_r=4)]
+    assert len(set(keys[:-3] + keys[-2:])) == 7 and keys[-3] == keys[1]  # a tiny budget makes auto the sketch
 
 
 def test_features_do_not_depend_on_batch_neighbours():
@@ -261,6 +294,7 @@ def test_embedded_smollm2_small_run(tmp_path):
     cfg = S.validate(S.Config(embedded_pool_size=32, budget=0.25, output_dir=str(tmp_path), cache_dir="none",
                               batch_size=16))
     res = S.run(cfg, Accelerator(cpu=True))
-    assert res["k"] == 8 and res["feature_dim"] == 14 * 16 * 16  # last:2 → 2 blocks × 7 Linear × 16 × 16
+    assert res["k"] == 8 and res["features"] == "exact"  # 32 rows × D fit the 2 GB budget
+    assert res["feature_dim"] == res["gradient_dim"] == 30 * 8 * (2 * 1152 + 2 * 768 + 3 * 2112)  # LoRA r = 8, 30 blocks
     by = {s["method"]: s for s in res["comparison"]}
     assert by["spice"]["log_det"] >= by["random"]["log_det"]

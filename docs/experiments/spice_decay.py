@@ -87,11 +87,11 @@ def pool_features(model: str, dtype: str, rows: int, seed: int, cache_dir: str) 
 
     cache_root = ROOT / cache_dir
     cfg = S.validate(S.Config(model=model, dtype=dtype, embedded_pool_size=rows, seed=seed,
-                              cache_dir=str(cache_root)))
+                              lora=False, features="kronecker", cache_dir=str(cache_root)))
     pool, examples, _, _ = S.load_pool(cfg)
     proxy, tok, fz = S.build_proxy(cfg, lora=False)
     tokens = S.tokenize(examples, tok, cfg)
-    cache = cache_root / S.feature_cache_key(cfg, proxy, tokens)
+    cache = cache_root / S.feature_cache_key(cfg, fz, tokens)
     G = S.compute_features(fz, tok, tokens, cfg, Accelerator(cpu=True), cache)
     return pool, G
 

@@ -119,6 +119,7 @@ def make_selections(S: dict, cache: Path, rows: list[dict]) -> dict:
     from accelerate import Accelerator
 
     cfg = ss.Config(model=S["model"], embedded_pool_size=S["pool_n"], budget=BUDGET, lam=LAMBDA, seed=0,
+                    lora=False, features="kronecker", dtype="bfloat16",  # what these results were measured on
                     cache_dir=str(cache / "feature_cache"), output_dir=str(cache / "select"))
     # The key sees the paths relative to ROOT, so it does not depend on where the checkout lives.
     key_cfg = dataclasses.replace(cfg, cache_dir=os.path.relpath(cfg.cache_dir, ROOT),
@@ -134,7 +135,7 @@ def make_selections(S: dict, cache: Path, rows: list[dict]) -> dict:
     _, examples, _, _ = ss.load_pool(cfg)
     model, tok, fz = ss.build_proxy(cfg, lora=False)
     tokens = ss.tokenize(examples, tok, cfg)
-    fcache = Path(cfg.cache_dir) / ss.feature_cache_key(cfg, model, tokens)
+    fcache = Path(cfg.cache_dir) / ss.feature_cache_key(cfg, fz, tokens)
     G = ss.compute_features(fz, tok, tokens, cfg, acc, fcache)
     t_feat = time.perf_counter() - t0
     sel, stats = {}, {}
