@@ -51,9 +51,9 @@ ARMS = {
     "tail_on": dict(salt="official", salt_scope="mini", salt_alpha_min=1.0),
     "positive_only": dict(salt="positive_only", salt_scope="mini"),
 }
-SETTINGS = dict(TRAINING, steps=60, eval_every=10)  # 60 steps: sized to the CPU budget (docs/RESULTS.md, exp 7)
+SETTINGS = dict(TRAINING, steps=30, eval_every=10)  # 30 steps (round 1: 80): sized to the CPU budget, RESULTS.md
 # smoke: partial-credit rewards, so that even a barely trained model has mixed groups and SALT acts
-SMOKE = dict(SETTINGS, seeds=[0], G_values=[4], prompts_per_step=2, steps=2, eval_every=1, eval_size=8, warm_steps=5,
+SMOKE = dict(SETTINGS, seeds=[0], G_values=[4], prompts_per_step=2, steps=2, eval_every=0, eval_size=8, warm_steps=5,
              reward_funcs="closeness")
 TRACE = ["reward", "eval/accuracy", "eval/reward", "frac_reward_zero_std", "salt/B", "salt/k", "salt/alpha", "salt/neff",
          "salt/neff_after", "salt/pos_mass_kept", "salt/neg_mass_kept", "salt/pos_mass_after", "salt/neg_mass_after",
