@@ -33,7 +33,7 @@ FEATURES = dict(lora=True)
 SELECTORS = ("spice", "greedy", "random", "top_norm", "official_diag")
 SETTINGS = dict(model="embedded", proxy_dtype="bfloat16", pool_n=1000, heldout_per_family=40, seeds=(0, 1, 2),
                 batch=4, lr=5e-4, target_dtype="bfloat16", budget=0.1, lam=0.1)
-SMOKE = dict(SETTINGS, model="tiny", proxy_dtype="float32", pool_n=80, heldout_per_family=3, seeds=(0,),
+SMOKE = dict(SETTINGS, model="tiny", proxy_dtype="float32", pool_n=40, heldout_per_family=2, seeds=(0,),
              target_dtype="float32")
 CACHE = ROOT / "outputs/experiments/spice_clean"
 
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     ap = common.ArgParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="default: docs/results/spice_clean; with --smoke "
                     "outputs/experiments-smoke/spice_clean (never the published results)")
-    ap.add_argument("--smoke", action="store_true", help="tiny model, 80-row pool, 1 seed (seconds)")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 40-row pool, 1 seed (seconds)")
     args = ap.parse_args(argv)
     out = args.out or common.results_dir("spice_clean", args.smoke)
     S = SMOKE if args.smoke else SETTINGS

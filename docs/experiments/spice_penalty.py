@@ -35,8 +35,8 @@ from salt_mechanism import paired  # noqa: E402  (the pre-registered paired rule
 
 LAMBDAS = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 SETTINGS = dict(CLEAN, instructions=500, pool_size=120, select_k=12)
-SMOKE = dict(SETTINGS, model="tiny", proxy_dtype="float32", pool_n=80, instructions=40, heldout_per_family=3,
-             seeds=(0,), target_dtype="float32", pool_size=40, select_k=4)
+SMOKE = dict(SETTINGS, model="tiny", proxy_dtype="float32", pool_n=40, instructions=20, heldout_per_family=2,
+             seeds=(0,), target_dtype="float32", pool_size=20, select_k=2)
 SMOKE_LAMBDAS = (0.0, 0.1, 5.0)
 CACHE = ROOT / "outputs/experiments/spice_penalty"
 
