@@ -397,41 +397,63 @@ def _capture_linear_io(layers: dict[str, nn.Linear], store: dict[str, list]):
             h.remove()
 
 
-def per_sample_features(model: nn.Module, layers: dict[str, nn.Linear], projector: FactoredProjector,
-                        input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                        reduction: str = "sum", temperature: float = 1.0) -> torch.Tensor:
-    """Projected per-sample gradient features F (B × d, fp32) from ONE batched forward + backward.
+def linear_io_grads(model: nn.Module, layers: dict[str, nn.Linear], input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, loss_mask: torch.Tensor, reduction: str = "sum",
+                    temperature: float = 1.0) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each chosen layer's inputs x (B, T, d_in [+1 ones column for a bias], padding zeroed) and output gradients
+    δ = ∂(Σ_i ℓ_i)/∂y (B, T, d_out), fp32, one pair per call, from ONE batched forward + backward.
 
-    Per-sample losses are independent, so ∂(Σ_i ℓ_i)/∂y_{i,t} is sample i's own δ_{i,t}. Parameter .grad is
-    never touched (autograd.grad w.r.t. the captured layer outputs only), so this can run mid-training.
-    Padding positions are zeroed in x (their δ is 0 anyway); prompt tokens contribute through attention
-    exactly as in the true gradient. With identity projections F equals the flattened per-sample gradient.
+    Per-sample losses are independent, so δ_{i,t} is sample i's own. Parameter .grad is never touched
+    (autograd.grad w.r.t. the captured layer outputs only), so this can run mid-training. Prompt tokens
+    contribute through attention exactly as in the true gradient. G_i = Σ_t δ_{i,t} x_{i,t}ᵀ per layer.
     """
     store: dict[str, list] = {n: [] for n in layers}
     with torch.enable_grad(), _frozen(model), _capture_linear_io(layers, store):
         loss = sequence_nll(model, input_ids, attention_mask, loss_mask, reduction, temperature).sum()
         outs = [y for n in layers for _, y in store[n]]
-        deltas = torch.autograd.grad(loss, outs, allow_unused=True)
-    feats, pad = [], attention_mask.unsqueeze(-1)
-    it = iter(deltas)
+        deltas = iter(torch.autograd.grad(loss, outs, allow_unused=True))
+    pad, out = attention_mask.unsqueeze(-1).float(), {}
     for name, lin in layers.items():
-        p_out, p_in = projector.mats[name]
-        acc = 0
-        for x, y in store[name]:  # a module called twice (e.g. shared weights) sums its contributions
-            d = next(it)
-            if d is None:
-                continue
-            x = x.detach().float() * pad.to(torch.float32)
+        out[name] = []
+        for x, _ in store[name]:  # a module called twice (e.g. shared weights) sums its contributions
+            d = next(deltas)
+            x = x.detach().float() * pad
             if lin.bias is not None:
                 x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
-            d = d.float()
+            if d is not None:
+                out[name].append((x, d.float()))
+    return out
+
+
+def per_sample_features(model: nn.Module, layers: dict[str, nn.Linear], projector: FactoredProjector,
+                        input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                        reduction: str = "sum", temperature: float = 1.0) -> torch.Tensor:
+    """Projected per-sample gradient features F (B × d, fp32): f_i = Σ_t (P_out δ_t)(P_in x_t)ᵀ per layer, from the
+    `linear_io_grads` of one batched forward + backward. With identity projections F is the flattened per-sample
+    gradient."""
+    io = linear_io_grads(model, layers, input_ids, attention_mask, loss_mask, reduction, temperature)
+    feats = []
+    for name in layers:
+        p_out, p_in = projector.mats[name]
+        acc = torch.zeros(input_ids.shape[0], projector.dims[name], device=input_ids.device)
+        for x, d in io[name]:
             xp = x if p_in is None else x @ p_in.T
             dp = d if p_out is None else d @ p_out.T
-            acc = acc + torch.einsum("bto,bti->boi", dp, xp).flatten(1)
-        if isinstance(acc, int):
-            acc = torch.zeros(input_ids.shape[0], projector.dims[name], device=input_ids.device)
+            acc += torch.einsum("bto,bti->boi", dp, xp).flatten(1)
         feats.append(acc)
     return torch.cat(feats, 1)
+
+
+def linear_tokens(io: dict[str, list], attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`linear_io_grads` flattened over the non-padding tokens of every call: {x:name, d:name, r:name} (row ids)."""
+    sel = attention_mask.bool()
+    rows = torch.arange(sel.shape[0], device=sel.device)[:, None].expand_as(sel)[sel]
+    out = {}
+    for name, pairs in io.items():
+        out[f"x:{name}"] = torch.cat([x[sel] for x, _ in pairs]) if pairs else torch.zeros(0, 1)
+        out[f"d:{name}"] = torch.cat([d[sel] for _, d in pairs]) if pairs else torch.zeros(0, 1)
+        out[f"r:{name}"] = rows.repeat(len(pairs))
+    return out
 
 
 class Featurizer:
@@ -462,7 +484,11 @@ def lm_head_score_features(hidden: torch.Tensor, logits: torch.Tensor, labels: t
     global feature scale), h_t the LM-head input. Equals `Featurizer(model, "lm_head")` with reduction `sum`.
     hidden (B, T, H), logits (B, T, V) and labels/mask (B, T) must already be aligned (position t predicts
     labels[:, t]). Tokens are processed in chunks, so memory stays O(chunk·V) however large V is; the V×H
-    per-sample gradient is never formed. Returns (B, k_o·k_i) fp32.
+    per-sample gradient is never formed. Returns (B, k_o·k_i) fp32. SALT's `--salt_features kronecker` (LoGra-style).
+
+    Measured against the exact Gram (`bench/featurize.py --consumer salt`, SmolLM2, 32 demo rollouts, 5 seeds):
+    Gram relative Frobenius error 0.77 / 0.48 / 0.33 at k = 16 / 32 / 64 (d = k²), PR 16.1 / 20.1 / 22.6 instead of
+    25.1, SALT a′ off by 54 / 35 / 27 % (relative L2); a dense JL or TensorSketch of d = 1k has 0.16–0.17.
     """
     B, T, H = hidden.shape
     feats = torch.zeros(B, (p_out.shape[0] if p_out is not None else logits.shape[-1]) *
@@ -472,14 +498,123 @@ def lm_head_score_features(hidden: torch.Tensor, logits: torch.Tensor, labels: t
     h, z, y, r = hidden.detach()[sel], logits.detach()[sel], labels[sel], rows[sel]
     for s in range(0, h.shape[0], chunk_tokens):
         hs, zs, ys, rs = (v[s:s + chunk_tokens] for v in (h, z, y, r))
-        p = torch.softmax(zs.float() / temperature, -1)
         if p_out is None:
-            dp = p.index_put_((torch.arange(len(ys), device=p.device), ys), torch.tensor(-1.0), accumulate=True)
+            dp = score_delta(zs, ys, temperature)
         else:
-            dp = p @ p_out.T - p_out.T[ys]  # P_out (p − e_y)
+            dp = torch.softmax(zs.float() / temperature, -1) @ p_out.T - p_out.T[ys]  # P_out (p − e_y)
         xp = hs.float() if p_in is None else hs.float() @ p_in.T
         feats.index_add_(0, rs, torch.einsum("no,ni->noi", dp, xp).flatten(1))
     return feats
+
+
+def lm_head_tokens(hidden, logits, labels, mask) -> dict[str, torch.Tensor]:
+    """The scored tokens of a batch, flattened: h (N, H), z (N, V), y (N,) and their row ids r (N,), detached."""
+    sel = mask.bool()
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(sel)
+    return {"h": hidden.detach()[sel], "z": logits.detach()[sel], "y": labels[sel], "r": rows[sel]}
+
+
+def score_delta(z: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """δ_t = softmax(z_t/τ) − e_{y_t} (N, V) fp32: ∂(−log π(y_t))/∂z_t up to the dropped global factor 1/τ."""
+    p = torch.softmax(z.float() / temperature, -1)
+    return p.index_put_((torch.arange(len(y), device=p.device), y), torch.tensor(-1.0, device=p.device),
+                        accumulate=True)
+
+
+def ghost_gram(x: torch.Tensor, delta, rows: torch.Tensor, n_rows: int, chunk_tokens: int = 512) -> torch.Tensor:
+    """Exact Gram of per-sample gradients G_i = Σ_{t∈i} δ_t x_tᵀ without forming any G_i ("ghost" inner products,
+    Li et al. 2021): K_ij = ⟨G_i, G_j⟩ = Σ_{t∈i, s∈j} (δ_t·δ_s)(x_t·x_s) = R_aᵀ (D ∘ X) R_b summed over token blocks
+    a ≤ b, D = Δ_a Δ_bᵀ, X = X_a X_bᵀ, R the token → row one-hot matrix. (B, B) float64.
+
+    x (N, d_in); delta (N, d_out) or a function (start, stop) → δ of those tokens (so δ is formed one block at a
+    time, memory O(chunk·d_out)); rows (N,) the row of each token. Cost N²(d_in + d_out)/2 multiply-adds.
+    """
+    get = delta if callable(delta) else (lambda s, e: delta[s:e].float())
+    N = x.shape[0]
+    R = torch.nn.functional.one_hot(rows.long(), n_rows).double()
+    K = torch.zeros(n_rows, n_rows, dtype=torch.float64, device=x.device)
+    starts = range(0, N, chunk_tokens)
+    for a in starts:
+        da, xa = get(a, a + chunk_tokens), x[a:a + chunk_tokens].float()
+        for b in starts:
+            if b < a:
+                continue
+            db = da if b == a else get(b, b + chunk_tokens)
+            M = ((da @ db.T) * (xa @ x[b:b + chunk_tokens].float().T)).double()
+            blk = R[a:a + chunk_tokens].T @ M @ R[b:b + chunk_tokens]
+            K += blk if a == b else blk + blk.T
+    return (K + K.T) / 2
+
+
+def lm_head_gram(hidden: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                 temperature: float = 1.0, chunk_tokens: int = 512) -> torch.Tensor:
+    """Exact Gram K_ij = ⟨g_i, g_j⟩ of the LM-head score gradients g_i = Σ_{t∈i} δ_t h_tᵀ (V × H, the official
+    ManualLmHeadProxy feature), δ_t = softmax(z_t/τ) − e_{y_t}: K_ij = Σ_{t∈i,s∈j} (δ_t·δ_s)(h_t·h_s), where
+    δ_t·δ_s = p_t·p_s − p_t[y_s] − p_s[y_t] + [y_t = y_s] (computed as Δ_a Δ_bᵀ, which is that sum without its
+    cancellation). The 1/τ factor is dropped as in `lm_head_score_features`. Shapes as there; (B, B) float64.
+
+    Never forms V×H; memory O(chunk·V) beyond the logits; cost N²(V + H)/2 multiply-adds for N scored tokens.
+    Equal to the Gram of the materialised gradients to ≤ 1e-5 relative in fp32 (tests/test_gram.py); 0.7 s for the
+    32 rollouts × 651 tokens of a SmolLM2 demo batch on one CPU core (`bench/featurize.py --consumer salt`).
+    """
+    tok = lm_head_tokens(hidden, logits, labels, mask)
+    return lm_head_gram_tokens(tok, mask.shape[0], temperature, chunk_tokens)
+
+
+def lm_head_gram_tokens(tok: dict, n_rows: int, temperature: float = 1.0, chunk_tokens: int = 512) -> torch.Tensor:
+    """`lm_head_gram` from flattened tokens {h, z, y, r} (`lm_head_tokens`, possibly gathered across processes)."""
+    z, y = tok["z"], tok["y"]
+    return ghost_gram(tok["h"], lambda s, e: score_delta(z[s:e], y[s:e], temperature), tok["r"], n_rows,
+                      chunk_tokens)
+
+
+def linear_gram(x: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor, n_rows: int,
+                chunk_tokens: int = 512) -> torch.Tensor:
+    """Exact Gram of a Linear layer's per-sample weight gradients from its captured inputs x (N, d_in; append a ones
+    column for the bias) and output gradients δ (N, d_out): ⟨G_i, G_j⟩ = Σ_{t∈i,s∈j} (δ_t·δ_s)(x_t·x_s)."""
+    return ghost_gram(x, delta, rows, n_rows, chunk_tokens)
+
+
+def _count_sketch_params(n: int, d: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    bins = torch.randint(d, (n,), generator=g)
+    signs = torch.randint(2, (n,), generator=g).float() * 2 - 1
+    return bins.to(device), signs.to(device)
+
+
+def tensor_sketch(x: torch.Tensor, delta, rows: torch.Tensor, n_rows: int, d: int, seed: int = 0,
+                  chunk_tokens: int = 512) -> torch.Tensor:
+    """TensorSketch (Pham & Pagh 2013) of per-sample gradients G_i = Σ_{t∈i} δ_t x_tᵀ: (B, d) fp32 features f_i with
+    E[f_i·f_j] = ⟨G_i, G_j⟩ over the seeded hashes. f_i = IFFT(Σ_{t∈i} FFT(C_1 δ_t) ∘ FFT(C_2 x_t)), C_1, C_2
+    CountSketches (hash h: [n] → [d], sign s: [n] → ±1) of the δ and x sides; the circular convolution of the two
+    CountSketches is the CountSketch of δ_t ⊗ x_t with hash (h_1 + h_2) mod d and sign s_1 s_2, so it is linear in
+    the tensor and the sum over tokens happens in the Fourier domain. Cost O(N(d_out + d_in + d log d)).
+
+    Measured (`bench/featurize.py --consumer salt`: SmolLM2 LM head, one demo batch of 32 rollouts, mean of 5
+    seeds): Gram relative Frobenius error 0.175 / 0.083 / 0.039 at d = 1k / 4k / 16k, 0.98–1.06× that of a dense
+    Gaussian JL of the same d (0.165 / 0.080 / 0.040); 0.48 s at d = 4k against ~1800 s for materialise + dense JL.
+    x (N, d_in), delta (N, d_out) or a function (start, stop) → δ of those tokens, rows (N,).
+    """
+    get = delta if callable(delta) else (lambda s, e: delta[s:e].float())
+    N = x.shape[0]
+    d_out = get(0, 1).shape[1] if N else 1
+    h1, s1 = _count_sketch_params(d_out, d, seed * 2 + 1, x.device)
+    h2, s2 = _count_sketch_params(x.shape[1], d, seed * 2 + 2, x.device)
+    acc = torch.zeros(n_rows, d // 2 + 1, dtype=torch.complex64, device=x.device)
+    for s in range(0, N, chunk_tokens):
+        dl, xs = get(s, s + chunk_tokens), x[s:s + chunk_tokens].float()
+        cd = torch.zeros(dl.shape[0], d, device=x.device).index_add_(1, h1, dl * s1)
+        cx = torch.zeros(xs.shape[0], d, device=x.device).index_add_(1, h2, xs * s2)
+        acc.index_add_(0, rows[s:s + chunk_tokens].long(), torch.fft.rfft(cd) * torch.fft.rfft(cx))
+    return torch.fft.irfft(acc, n=d)
+
+
+def lm_head_sketch(tok: dict, n_rows: int, d: int, seed: int = 0, temperature: float = 1.0,
+                   chunk_tokens: int = 512) -> torch.Tensor:
+    """`tensor_sketch` of the LM-head score gradients from flattened tokens {h, z, y, r} (`lm_head_tokens`)."""
+    z, y = tok["z"], tok["y"]
+    return tensor_sketch(tok["h"], lambda s, e: score_delta(z[s:e], y[s:e], temperature), tok["r"], n_rows, d,
+                         seed, chunk_tokens)
 
 
 def exact_per_sample_grads(model: nn.Module, params: dict[str, nn.Parameter], input_ids, attention_mask, loss_mask,
@@ -565,14 +700,15 @@ def group_geometry(K: torch.Tensor, a: torch.Tensor, groups: Sequence[int] | tor
     """Within- and across-group statistics of a Gram K (B × B) with advantages a and group ids (one per row).
 
     cos_within: mean pairwise cosine between rollouts of the same group (r_in without clipping);
-    cos_within_pos: the same with negatives clipped at 0 (the official code's r_in);
+    cos_within_pos: the same with negatives clipped at 0 (the official code's r_in); cos_within_abs: mean |cosine|
+    (the signed mean is ≈ 0 whatever the geometry, by the score identity E[∇log π] = 0);
     cos_across: mean cosine between different groups' mean features (r_out without clipping);
     neff_within: mean over groups of n_eff of that group's signed updates;
     pr_within: mean over groups of the group's participation ratio.
     """
     groups = torch.as_tensor(groups)
     C = cosine_matrix(K)
-    within, within_pos, neffs, prs = [], [], [], []
+    within, within_pos, within_abs, neffs, prs = [], [], [], [], []
     ids = groups.unique().tolist()
     onehot = torch.stack([(groups == g).to(K.dtype) for g in ids])  # (P, B)
     for j, g in enumerate(ids):
@@ -582,6 +718,7 @@ def group_geometry(K: torch.Tensor, a: torch.Tensor, groups: Sequence[int] | tor
             off = c[~torch.eye(len(idx), dtype=torch.bool)]
             within.append(off.mean())
             within_pos.append(off.clamp(min=0).mean())
+            within_abs.append(off.abs().mean())
         Kg = K[idx][:, idx]
         if (a[idx] != 0).any():
             neffs.append(signed_neff(Kg, a[idx]))
@@ -594,7 +731,7 @@ def group_geometry(K: torch.Tensor, a: torch.Tensor, groups: Sequence[int] | tor
     def mean(xs):
         return float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in xs]).mean()) if len(xs) else float("nan")
 
-    return {"cos_within": mean(within), "cos_within_pos": mean(within_pos),
+    return {"cos_within": mean(within), "cos_within_pos": mean(within_pos), "cos_within_abs": mean(within_abs),
             "cos_across": float(across.mean()) if across.numel() else float("nan"),
             "neff_within": mean(neffs), "pr_within": mean(prs)}
 

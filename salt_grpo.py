@@ -129,12 +129,16 @@ class Config:
                    choices=["off", "official", "identity", "random_subspace", "amplify", "positive_only"])
     salt_scope: str = _f("mini", "mini: all rollouts of an optimizer step (whole groups); "
                          "micro: each micro-batch on each process (the official code)", choices=["mini", "micro"])
-    salt_features: str = _f("lm_head", "lm_head: LM-head score feature, factored projection; lm_head_exact: "
-                            "unprojected (small vocab); layers: projected per-sample grads of salt_layers",
-                            choices=["lm_head", "lm_head_exact", "layers"])
+    salt_features: str = _f("lm_head", "lm_head: exact Gram of the LM-head score gradients (official; sketch above "
+                            "salt_exact_budget); sketch: TensorSketch; kronecker: factored projection; layers: exact "
+                            "Gram of salt_layers' gradients (kronecker above the budget)",
+                            choices=["lm_head", "sketch", "kronecker", "layers"])
     salt_layers: str = _f("last:1", "layer spec for salt_features=layers (lm_head, last:N, lora, all, regex)")
-    salt_k_out: int = _f(32, "projection rows on the output side (vocab for the LM head)", ge=1)
-    salt_k_in: int = _f(32, "projection rows on the input side (hidden)", ge=1)
+    salt_exact_budget: float = _f(1e11, "largest exact Gram, N²·Σ(d_out + d_in) multiply-adds over the N tokens of "
+                                  "a SALT scope (LM head: V + H); above it lm_head uses the sketch", gt=0)
+    salt_sketch_dim: int = _f(4096, "TensorSketch dimension d (sketch, or lm_head above the budget)", ge=2)
+    salt_k_out: int = _f(32, "kronecker projection rows on the output side (vocab for the LM head)", ge=1)
+    salt_k_in: int = _f(32, "kronecker projection rows on the input side (hidden)", ge=1)
     salt_rho: float = _f(1.0, "ρ: k = round(ρ·PR) (release yaml 1.0; the code's dataclass says 0.5)", gt=0)
     salt_k_min: int = _f(1, "k_min", ge=1)
     salt_k_max: int = _f(64, "k_max", ge=1)
@@ -149,7 +153,7 @@ class Config:
 PRESETS = {
     "smoke": dict(model=common.TINY, bf16=False, max_steps=3, prompts_per_step=2, num_generations=4,
                   max_completion_length=8, eval_size=8, task_size=64, learning_rate=1e-3, reward_funcs="closeness",
-                  salt_features="lm_head_exact", output_dir="outputs/salt_grpo_smoke"),
+                  output_dir="outputs/salt_grpo_smoke"),
 }
 # fields a resumed run may change: they do not alter the training trajectory (a linear schedule follows max_steps;
 # eval_size is not one of them: it decides which prompts of a dataset are held out)
@@ -497,35 +501,41 @@ def truncated(comp: torch.Tensor, mask: torch.Tensor, eos: list[int]) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Featurization: per-rollout gradient features g_i (salt.md §1.2, §3.4)
+# Featurization: the Gram K_ij = <g_i, g_j> of per-rollout gradients (salt.md §1.2, §3.4)
 # ----------------------------------------------------------------------------------------------------------
 #
 # Official: g_i = ∂ℓ_i/∂W_lm = Σ_t (softmax(z_t) − e_{y_t}) h_tᵀ with ℓ_i = −Σ_t log π(y_t), the full V×H matrix.
-# Default here: the same feature through a factored projection (P_out δ_t)(P_in h_t)ᵀ, E<f_i,f_j> = <g_i,g_j>,
-# computed analytically from the hidden states and logits of a forward we already run (no extra backward).
+# Default here: its exact Gram from the hidden states and logits of a forward we already run, by token-pair
+# ("ghost") inner products (common.lm_head_gram), never forming V×H. A scope part is either features F (rows ×
+# d: sketch, kronecker) or the scope's flattened tokens (a dict) for an exact Gram.
 
 class FeatureSpec:
-    """What a feature needs: the LM head and its projection pair, or a common.Featurizer for other layers."""
+    """What the Gram needs: the LM head (and a kronecker projection pair), or the salt_layers and a Featurizer."""
 
     def __init__(self, model, cfg: Config):
-        self.kind = cfg.salt_features if cfg.salt != "off" else "none"
-        head = common.select_linear_layers(model, "lm_head")
-        self.head, self.p_out, self.p_in, self.featurizer = next(iter(head.values())), None, None, None
+        self.kind, self.cfg = (cfg.salt_features if cfg.salt != "off" else "none"), cfg
+        self.head = next(iter(common.select_linear_layers(model, "lm_head").values()))
+        self.p_out = self.p_in = self.featurizer = None
+        self.width = self.head.out_features + self.head.in_features  # Σ (d_out + d_in) of an exact Gram
         if self.kind == "layers":
             self.featurizer = common.Featurizer(model, cfg.salt_layers, cfg.salt_k_out, cfg.salt_k_in,
                                                 seed=cfg.seed, reduction="sum", temperature=cfg.temperature)
-        elif self.kind == "lm_head_exact":
-            V, H = self.head.out_features, self.head.in_features
-            if V * H > 4_000_000:
-                raise UserError(f"salt_features=lm_head_exact would store V·H = {V}×{H} floats per rollout",
-                                hint="use --salt_features lm_head (projected) for large vocabularies")
-        elif self.kind == "lm_head":
-            proj = common.FactoredProjector(head, cfg.salt_k_out, cfg.salt_k_in, seed=cfg.seed)
-            self.p_out, self.p_in = next(iter(proj.mats.values()))
+            self.width = sum(m.out_features + m.in_features + (m.bias is not None)
+                             for m in self.featurizer.layers.values())
+        elif self.kind == "kronecker":
+            proj = common.FactoredProjector({"lm_head": self.head}, cfg.salt_k_out, cfg.salt_k_in, seed=cfg.seed)
+            self.p_out, self.p_in = proj.mats["lm_head"]
 
     @property
     def from_forward(self) -> bool:  # LM-head features come free with the policy forward's hidden states and logits
         return self.kind != "layers"
+
+    def exact(self, acc, batches: list[dict], gather: bool) -> bool:
+        """Exact Gram for this scope: N²·Σ(d_out + d_in) ≤ salt_exact_budget, N its scored completion tokens (LM
+        head) or non-padding tokens (layers), summed over processes when `gather` (the same answer on each)."""
+        n = sum(float(b["comp_mask"].sum() + (b["prompt_mask"].sum() if self.kind == "layers" else 0)) for b in batches)
+        n = float(common.gather_rows(acc, torch.tensor([n], device=acc.device)).sum()) if gather else n
+        return self.kind in ("lm_head", "layers") and n ** 2 * self.width <= self.cfg.salt_exact_budget
 
 
 @contextlib.contextmanager
@@ -558,26 +568,54 @@ def policy_forward(model, head, batch: dict, cfg: Config, device, want_hidden: b
     return logp, entropy, hidden, logits
 
 
-def lm_head_features(spec: FeatureSpec, hidden, logits, batch, cfg: Config) -> torch.Tensor:
-    return common.lm_head_score_features(hidden, logits, batch["comp_ids"], batch["comp_mask"], spec.p_out,
-                                         spec.p_in, cfg.temperature)
+def gram_part(model, spec: FeatureSpec, b: dict, hidden, logits, cfg: Config, exact: bool):
+    """One micro-batch's share of the scope: its tokens (exact) or its features (sketch, kronecker, projected)."""
+    n = b["comp_ids"].shape[0]
+    if spec.kind == "layers":
+        ids, am = torch.cat([b["prompt_ids"], b["comp_ids"]], 1), torch.cat([b["prompt_mask"], b["comp_mask"]], 1)
+        lm = torch.cat([torch.zeros_like(b["prompt_mask"]), b["comp_mask"]], 1)
+        if exact:
+            io = common.linear_io_grads(model, spec.featurizer.layers, ids, am, lm, "sum", cfg.temperature)
+            return {"n": n, **common.linear_tokens(io, am)}
+        return spec.featurizer(ids, am, lm).float()
+    if spec.kind == "kronecker":
+        return common.lm_head_score_features(hidden, logits, b["comp_ids"], b["comp_mask"], spec.p_out, spec.p_in,
+                                             cfg.temperature)
+    tok = common.lm_head_tokens(hidden, logits, b["comp_ids"], b["comp_mask"])
+    return {"n": n, **tok} if exact else common.lm_head_sketch(tok, n, cfg.salt_sketch_dim, cfg.seed, cfg.temperature)
 
 
 @torch.no_grad()
-def feature_pass(model, spec: FeatureSpec, batches: list[dict], cfg: Config, device) -> torch.Tensor:
-    """Features of every local rollout before any backward (mini scope with several micro-batches, or layers)."""
+def feature_pass(model, spec: FeatureSpec, batches: list[dict], cfg: Config, device, exact: bool = False) -> list:
+    """Gram parts of every local rollout before any backward (mini scope with several micro-batches, or layers)."""
     out = []
     for b in batches:
+        hidden = logits = None
         if spec.from_forward:
             _, _, hidden, logits = policy_forward(model, spec.head, b, cfg, device, want_hidden=True)
-            out.append(lm_head_features(spec, hidden, logits, b, cfg))
-        else:
-            ids = torch.cat([b["prompt_ids"], b["comp_ids"]], 1)
-            am = torch.cat([b["prompt_mask"], b["comp_mask"]], 1)
-            lm = torch.cat([torch.zeros_like(b["prompt_mask"]), b["comp_mask"]], 1)
-            with autocast(cfg, device):
-                out.append(spec.featurizer(ids, am, lm).float())
-    return torch.cat(out)
+        with autocast(cfg, device) if spec.kind == "layers" else contextlib.nullcontext():  # LM head: fp32 matmuls
+            out.append(gram_part(model, spec, b, hidden, logits, cfg, exact))
+    return out
+
+
+def scope_gram(acc, spec: FeatureSpec, parts: list, gather: bool) -> torch.Tensor:
+    """K (float64, CPU) of the scope from its parts; `gather`: the scope spans every process (rows in rank order)."""
+    if torch.is_tensor(parts[0]):
+        F = torch.cat(parts)
+        return common.gram((common.gather_rows(acc, F) if gather else F).detach().cpu().double())
+    n, tok, off = sum(p["n"] for p in parts), {}, 0
+    for p in parts:  # rows of later micro-batches (and processes) follow the earlier ones
+        for k, v in p.items():
+            if k != "n":
+                tok.setdefault(k, []).append(v + off if k.startswith("r") else v)
+        off += p["n"]
+    tok = {k: torch.cat(v) for k, v in tok.items()}
+    if gather:
+        tok = {k: common.gather_rows(acc, v + acc.process_index * n if k.startswith("r") else v) for k, v in tok.items()}
+        n *= acc.num_processes
+    if "z" in tok:
+        return common.lm_head_gram_tokens(tok, n, spec.cfg.temperature).cpu()
+    return sum(common.linear_gram(tok[f"x:{m}"], tok[f"d:{m}"], tok[f"r:{m}"], n) for m in spec.featurizer.layers).cpu()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -874,23 +912,23 @@ def make_rollouts(t: Trainer, round_idx: int) -> dict:
     return {"round": round_idx, "slices": slices, "metrics": metrics, "sample": sample}
 
 
-def salt_on_scope(t: Trainer, F_local: torch.Tensor, a_local: torch.Tensor, step: int, gather: bool):
+def salt_on_scope(t: Trainer, parts: list, a_local: torch.Tensor, step: int, gather: bool, exact: bool):
     """Gram over the scope (gathered across processes for `mini`), SALT, and this process's slice of a′."""
     acc = t.acc
-    F = common.gather_rows(acc, F_local) if gather else F_local
     a = common.gather_rows(acc, a_local) if gather else a_local
-    K = common.gram(F.detach().cpu().double()) / F.shape[0]  # K = G Gᵀ / B (the 1/B is immaterial: scale-invariant)
+    K = scope_gram(acc, t.spec, parts, gather) / a.shape[0]  # K = G Gᵀ / B (the 1/B is immaterial: scale-invariant)
     gen = torch.Generator().manual_seed(rollout_seed(t.cfg.seed, step, -1, -1))
     a_new, diag = salt_reweight(K, a.detach().cpu().double(), t.cfg, gen)
-    lo = acc.process_index * F_local.shape[0] if gather else 0
-    return a_new[lo:lo + F_local.shape[0]].float().to(a_local.device), diag, (a.cpu(), a_new)
+    diag["gram"] = float(exact)  # salt/gram: 1 exact Gram, 0 an approximation (sketch, kronecker, projected layers)
+    lo = acc.process_index * a_local.shape[0] if gather else 0
+    return a_new[lo:lo + a_local.shape[0]].float().to(a_local.device), diag, (a.cpu(), a_new)
 
 
-def guarded_salt(t: Trainer, F, a, step: int, gather: bool):
+def guarded_salt(t: Trainer, parts, a, step: int, gather: bool, exact: bool):
     """salt_on_scope; non-finite features (the weights diverged) leave a unchanged and are reported, so that every
     process reaches the step's gathered check below and stops there together."""
     try:
-        return salt_on_scope(t, F, a, step, gather=gather)
+        return salt_on_scope(t, parts, a, step, gather, exact)
     except FloatingPointError:
         return a, {"nonfinite": 1.0}, None
 
@@ -913,12 +951,13 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
     diags, a_pair = [], None
     adv = batch["adv"]
     inline = salt_on and cfg.salt_scope == "mini" and len(mbs) == 1 and t.spec.from_forward
+    exact = salt_on and cfg.salt_scope == "mini" and t.spec.exact(acc, [batch], True)  # one decision per scope
     if salt_on and cfg.salt_scope == "mini" and not inline:
         t0 = time.perf_counter()
-        F = feature_pass(t.raw, t.spec, mbs, cfg, acc.device)
+        parts = feature_pass(t.raw, t.spec, mbs, cfg, acc.device, exact)
         timing["time/features_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        adv, d, a_pair = guarded_salt(t, F, adv, step, True)
+        adv, d, a_pair = guarded_salt(t, parts, adv, step, True, exact)
         timing["time/salt_s"] += time.perf_counter() - t0
         diags.append(d)
     t.model.train()
@@ -933,12 +972,14 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
             a_b = adv[off:off + n]
             if salt_on and (inline or cfg.salt_scope == "micro"):
                 t1 = time.perf_counter()
+                exact = exact if inline else t.spec.exact(acc, [b], False)
                 if t.spec.from_forward:
-                    F = lm_head_features(t.spec, hidden, logits.detach(), b, cfg)
+                    with torch.no_grad():
+                        parts = [gram_part(t.raw, t.spec, b, hidden, logits.detach(), cfg, exact)]
                 else:
-                    F = feature_pass(t.raw, t.spec, [b], cfg, acc.device)
+                    parts = feature_pass(t.raw, t.spec, [b], cfg, acc.device, exact)
                 t2 = time.perf_counter()
-                a_b, d, pair = guarded_salt(t, F, a_b, step, inline)
+                a_b, d, pair = guarded_salt(t, parts, a_b, step, inline, exact)
                 t3 = time.perf_counter()
                 timing["time/features_s"] += t2 - t1
                 timing["time/salt_s"] += t3 - t2

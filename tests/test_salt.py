@@ -253,9 +253,9 @@ def test_12_fp32_matches_fp64_on_well_conditioned_K():
 
 def test_13_determinism_of_projection_and_reweighting():
     model, _ = common.tiny_llama(seed=0)
-    s1, s2 = sg.FeatureSpec(model, cfg(salt_k_out=8, salt_k_in=4)), sg.FeatureSpec(model, cfg(salt_k_out=8, salt_k_in=4))
+    s1, s2 = sg.FeatureSpec(model, cfg(salt_features="kronecker", salt_k_out=8, salt_k_in=4)), sg.FeatureSpec(model, cfg(salt_features="kronecker", salt_k_out=8, salt_k_in=4))
     assert torch.equal(s1.p_out, s2.p_out) and torch.equal(s1.p_in, s2.p_in)
-    assert not torch.equal(s1.p_out, sg.FeatureSpec(model, cfg(salt_k_out=8, salt_k_in=4, seed=1)).p_out)
+    assert not torch.equal(s1.p_out, sg.FeatureSpec(model, cfg(salt_features="kronecker", salt_k_out=8, salt_k_in=4, seed=1)).p_out)
     F, a = rand_feats(12, 7, 18), grpo_adv(12, 4, 18)
     assert torch.equal(sg.salt_reweight(K_of(F), a, cfg())[0], sg.salt_reweight(K_of(F), a, cfg())[0])
     r = [sg.salt_reweight(K_of(F), a, cfg(salt="random_subspace"), torch.Generator().manual_seed(3))[0] for _ in "ab"]

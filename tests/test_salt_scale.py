@@ -61,7 +61,7 @@ def test_each_flag_trains_the_parameters_it_should(tmp_path, flags):
 
 def test_gradient_checkpointing_and_micro_batches_give_the_same_gradients(tmp_path):
     reset_accelerate()
-    ts = [sg.build(smoke(tmp_path, salt_features="lm_head", **kw))
+    ts = [sg.build(smoke(tmp_path, **kw))
           for kw in ({}, {"gradient_checkpointing": True}, {"gradient_checkpointing": True, "micro_batch_size": 3})]
     batch = sg.make_rollouts(ts[0], 0)["slices"][0]
     grads = []

@@ -86,8 +86,7 @@ def test_salt_changes_the_update_when_neff_below_one(tmp_path):
     batch = sg.make_rollouts(runs["off"], 0)["slices"][0]
     # advantages along K's smallest eigenvector: strong signed cancellation, n_eff < 1
     t = runs["official"]
-    F = sg.feature_pass(t.raw, t.spec, [batch], t.cfg, t.acc.device)
-    K = common.gram(F) / F.shape[0]
+    K = sg.scope_gram(t.acc, t.spec, sg.feature_pass(t.raw, t.spec, [batch], t.cfg, t.acc.device, True), False)
     v = torch.linalg.eigh(K)[1][:, 0]
     batch["adv"] = (v / v.abs().max()).float()
     before = {n: p.detach().clone() for n, p in t.raw.named_parameters()}
@@ -108,8 +107,8 @@ def test_salt_changes_the_update_when_neff_below_one(tmp_path):
 def test_micro_scope_and_several_micro_batches_run(tmp_path):
     """mini scope with 2 micro-batches (no-grad feature pass) equals mini scope in one micro-batch; micro scope runs."""
     reset_accelerate()
-    one = sg.build(smoke(tmp_path, salt_features="lm_head", salt_k_out=8, salt_k_in=8))
-    two = sg.build(smoke(tmp_path, micro_batch_size=4, salt_features="lm_head", salt_k_out=8, salt_k_in=8))
+    one = sg.build(smoke(tmp_path, salt_features="kronecker", salt_k_out=8, salt_k_in=8))
+    two = sg.build(smoke(tmp_path, micro_batch_size=4, salt_features="kronecker", salt_k_out=8, salt_k_in=8))
     micro = sg.build(smoke(tmp_path, micro_batch_size=4, salt_scope="micro"))
     layers = sg.build(smoke(tmp_path, salt_features="layers", salt_layers="last:1", salt_k_out=4, salt_k_in=4))
     batch = sg.make_rollouts(one, 0)["slices"][0]
@@ -126,6 +125,7 @@ def test_micro_scope_and_several_micro_batches_run(tmp_path):
     assert mz["salt/skipped"] == 0.5 and mz["salt/k"] >= 1
     ml = sg.accumulate_gradients(layers, batch, 0)
     assert ml["salt/B"] == 8 and ml["salt/participation_ratio"] >= 1
+    assert ml["salt/gram"] == mm["salt/gram"] == 1.0 and m1["salt/gram"] == 0.0  # layers, lm_head exact; kronecker
 
 
 def _job(cfg_dict):
@@ -157,8 +157,9 @@ def chat_model(path: Path, eos_extra: str = "!") -> Path:
     return path
 
 
-def test_two_processes_equal_one_process(tmp_path):
-    kw = dict(max_steps=2, prompts_per_step=2, num_generations=4, max_completion_length=6, seed=1)
+@pytest.mark.parametrize("gram", [{}, {"salt_exact_budget": 1.0}])  # exact Gram (tokens gathered), the sketch
+def test_two_processes_equal_one_process(tmp_path, gram):
+    kw = dict(max_steps=2, prompts_per_step=2, num_generations=4, max_completion_length=6, seed=1, **gram)
     one, two = smoke(tmp_path, "p1", **kw), smoke(tmp_path, "p2", **kw)
     for n, c in ((1, one), (2, two)):
         launch(n, c, tmp_path)
@@ -174,6 +175,7 @@ def test_two_processes_equal_one_process(tmp_path):
     m1, m2 = (common.read_metrics(Path(c.output_dir) / "metrics.jsonl") for c in (one, two))
     assert len(m1) == len(m2)
     for r1, r2 in zip(m1, m2):
+        assert r1.get("salt/gram", 0.0) == (0.0 if gram else 1.0) or "salt/neff" not in r1
         for key in ("reward", "num_tokens", "salt/k", "salt/neff", "loss"):
             if key in r1:
                 assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-6), key

@@ -2,19 +2,20 @@
 
 The paper's premise: more rollouts per prompt add redundant, partly cancelling gradient directions, so the
 per-rollout efficiency of a GRPO update falls as G grows. We measure it on the embedded SmolLM2-135M-Instruct
-and the built-in arithmetic task (the demo's task), with GRPO advantages and SALT's own features (the LM-head score
-feature, factored projection 32×32 = 1024 dimensions, `salt_grpo.feature_pass`).
+and the built-in arithmetic task (the demo's task), with GRPO advantages and SALT's default Gram: the exact Gram of
+the full LM-head score gradients (`common.lm_head_gram`, as the authors' code; `salt_grpo.scope_gram`).
 
 Protocol: each batch draws P prompts and samples G_max = 16 rollouts per prompt (seeded, temperature 1). For every
 G ∈ {2, 4, 8, 16} the batch keeps the FIRST G rollouts of each prompt (the same prompts, nested rollouts), computes
-the group-relative advantages a and the Gram K = F Fᵀ / B, and records
+the group-relative advantages a and the Gram K = G Gᵀ / B (a sub-matrix of the batch's Gram), and records
   PR = (tr K)²/‖K‖_F² and PR/B;  n_eff = aᵀKa / Σ a_i² K_ii and n_eff/B;  n_eff / B_active (rows with a ≠ 0);
-  the mean per-group n_eff (mixed groups only) and n_eff_in / G; the mean within-group cosine; the fraction
-  of zero-variance groups.
+  the mean per-group n_eff (mixed groups only) and n_eff_in / G; the mean within-group |cosine| (the signed mean
+  is ≈ 0 by the score identity E[∇log π] = 0 whatever the geometry, so it is recorded but says nothing); the
+  fraction of zero-variance groups.
 Spread: over batches (disjoint prompt sets). Nothing is trained.
 
 Scaled down: P = 16 prompts × 6 batches (the paper's recipe uses 512 prompts × 16 rollouts per step on a 7B model).
-The rollouts and features are cached under outputs/experiments/ and reused by salt_geometry.py (experiment 3).
+The rollouts' Grams are cached under outputs/experiments/ and reused by salt_geometry.py (experiment 3).
 """
 from __future__ import annotations
 
@@ -41,23 +42,23 @@ SMOKE = dict(model=common.TINY, prompts=4, batches=2, g_max=16, seed=0, micro_ba
 # ---- rollouts and features (shared with salt_geometry.py) ----------------------------------------------------
 
 def rollout_config(s: dict) -> sg.Config:
-    """The demo's task and SALT's default features; smoke: the tiny model with exact LM-head features."""
+    """The demo's task and SALT's default (exact LM-head) Gram; smoke: the tiny model, 8 new tokens."""
     cfg = sg.Config(model=s["model"], seed=s["seed"], num_generations=s["g_max"], prompts_per_step=s["prompts"],
                     micro_batch_size=s["micro_batch"], bf16=False, salt="official")
     if s["model"] == common.TINY:
-        cfg = dataclasses.replace(cfg, salt_features="lm_head_exact", max_completion_length=8)
+        cfg = dataclasses.replace(cfg, max_completion_length=8)
     return cfg
 
 
 def collect_batches(s: dict, cache_dir: Path) -> list[dict]:
-    """[{F (B×d), r (B,), prompts}] per batch, rows ordered prompt-major (G_max rollouts per prompt); cached."""
-    key = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:12]
+    """[{K (B×B exact Gram, unnormalised), r (B,)}] per batch, rows prompt-major (G_max rollouts per prompt); cached."""
+    key = hashlib.sha1(json.dumps({**s, "gram": "exact"}, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir / f"salt_batches_{key}.safetensors"
     if path.exists():
         from safetensors.torch import load_file
 
         t = load_file(str(path))
-        return [{"F": t[f"F{b}"], "r": t[f"r{b}"]} for b in range(s["batches"])]
+        return [{"K": t[f"K{b}"], "r": t[f"r{b}"]} for b in range(s["batches"])]
     from tqdm.auto import tqdm
 
     cfg = rollout_config(s)
@@ -80,26 +81,26 @@ def collect_batches(s: dict, cache_dir: Path) -> list[dict]:
             r_parts.append(torch.tensor([sg.reward_fn(c, train_rows[i]["answer"])
                                          for c, i in zip(done, [i for i in chunk for _ in range(G)])]))
             batch = {"prompt_ids": pids, "prompt_mask": pam, "comp_ids": comp, "comp_mask": cmask}
-            F_parts.append(sg.feature_pass(model, spec, [batch], cfg, device))
-        F, r = torch.cat(F_parts).float(), torch.cat(r_parts).float()
-        out.append({"F": F, "r": r})
-        tensors[f"F{b}"], tensors[f"r{b}"] = F, r
+            F_parts += sg.feature_pass(model, spec, [batch], cfg, device, exact=True)  # tokens of these rollouts
+        K, r = sg.scope_gram(None, spec, F_parts, gather=False), torch.cat(r_parts).float()
+        out.append({"K": K, "r": r})
+        tensors[f"K{b}"], tensors[f"r{b}"] = K, r
     common.save_safetensors(path, tensors)
     return out
 
 
 def subset(batch: dict, G: int, g_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first G rollouts of every prompt: (F, rewards, group ids)."""
+    """The first G rollouts of every prompt: (their Gram K, rewards, group ids)."""
     P = batch["r"].numel() // g_max
     keep = torch.cat([torch.arange(p * g_max, p * g_max + G) for p in range(P)])
-    return batch["F"][keep], batch["r"][keep], torch.arange(P).repeat_interleave(G)
+    return batch["K"][keep][:, keep], batch["r"][keep], torch.arange(P).repeat_interleave(G)
 
 
 # ---- measurement -------------------------------------------------------------------------------------------
 
-def grpo_gram(F: torch.Tensor, r: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K = F Fᵀ / B, GRPO advantages a) as salt_grpo builds them (per-group std, its default eps)."""
-    return common.gram(F) / F.shape[0], sg.group_advantages(r.double(), G, "group", sg.Config().adv_eps)
+def grpo_gram(K: torch.Tensor, r: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K / B, GRPO advantages a) as salt_grpo builds them (per-group std, its default eps)."""
+    return K / K.shape[0], sg.group_advantages(r.double(), G, "group", sg.Config().adv_eps)
 
 
 def mean_std(xs: list[float]) -> dict:
@@ -110,9 +111,9 @@ def mean_std(xs: list[float]) -> dict:
             "std": statistics.stdev(xs) if len(xs) > 1 else float("nan"), "n": len(xs)}
 
 
-def geometry(F: torch.Tensor, r: torch.Tensor, groups: torch.Tensor, G: int) -> dict:
+def geometry(K: torch.Tensor, r: torch.Tensor, groups: torch.Tensor, G: int) -> dict:
     """H1's statistics for one batch at one G."""
-    K, a = grpo_gram(F, r, G)
+    K, a = grpo_gram(K, r, G)
     B, active = a.numel(), int((a != 0).sum())
     gg = common.group_geometry(K, a, groups)
     neff = common.signed_neff(K, a) if active else float("nan")
@@ -120,7 +121,7 @@ def geometry(F: torch.Tensor, r: torch.Tensor, groups: torch.Tensor, G: int) -> 
     return {"G": G, "B": B, "B_active": active, "participation_ratio": pr, "pr_over_B": pr / B,
             "neff": neff, "neff_over_B": neff / B, "neff_over_B_active": neff / active if active else float("nan"),
             "neff_within": gg["neff_within"], "neff_within_over_G": gg["neff_within"] / G,
-            "pr_within": gg["pr_within"], "cos_within": gg["cos_within"],
+            "pr_within": gg["pr_within"], "cos_within": gg["cos_within"], "cos_within_abs": gg["cos_within_abs"],
             "frac_zero_std_groups": float((r.view(-1, G).std(1) == 0).double().mean()),
             "reward": float(r.mean())}
 
@@ -131,7 +132,7 @@ def summarise(rows: list[dict], keys: list[str]) -> dict:
 
 
 KEYS = ["participation_ratio", "pr_over_B", "neff", "neff_over_B", "neff_over_B_active", "neff_within",
-        "neff_within_over_G", "pr_within", "cos_within", "frac_zero_std_groups"]
+        "neff_within_over_G", "pr_within", "cos_within_abs", "cos_within", "frac_zero_std_groups"]
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
             for G in G_VALUES]
     summary = summarise(rows, KEYS)
     result = {"experiment": "salt_cancellation", "settings": {**s, "G_values": G_VALUES,
-              "features": "lm_head (factored 32x32)" if s["model"] != common.TINY else "lm_head_exact",
+              "features": "lm_head (exact Gram of the full LM-head score gradients)",
               "task": "built-in arithmetic (salt_grpo defaults)"},
               "per_batch": rows, "summary": {str(G): v for G, v in summary.items()},
               "wall_time_s": time.perf_counter() - t0}

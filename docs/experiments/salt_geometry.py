@@ -47,9 +47,9 @@ def applied_geometry(K: torch.Tensor, a: torch.Tensor, a_new: torch.Tensor) -> d
             "cos_to_grpo": aKb / max((aKa * bKb) ** 0.5, 1e-300)}
 
 
-def measure(F: torch.Tensor, r: torch.Tensor, G: int, seed: int) -> dict:
+def measure(K: torch.Tensor, r: torch.Tensor, G: int, seed: int) -> dict:
     """Every mode on one (K, a); random_subspace is the mean over RANDOM_DRAWS seeded subspaces."""
-    K, a = exp1.grpo_gram(F, r, G)
+    K, a = exp1.grpo_gram(K, r, G)
     if not (a != 0).any():
         return {}
     out = {}
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for b, batch in enumerate(batches):
         for G in exp1.G_VALUES:
-            F, r, _ = exp1.subset(batch, G, s["g_max"])
-            m = measure(F, r, G, b)
+            K, r, _ = exp1.subset(batch, G, s["g_max"])
+            m = measure(K, r, G, b)
             rows += [{"batch": b, "G": G, "mode": mode, **v} for mode, v in m.items()]
     summary = {}
     for G in exp1.G_VALUES:
