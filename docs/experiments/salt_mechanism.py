@@ -18,7 +18,7 @@ the positive and of the negative advantage mass kept by P a (pos/neg_mass_kept =
 and by a′, α, k, n_eff before and after, the mean within-group |cos| of the features.
 
 Model, task, optimiser and warm start: experiment 2's (salt_training.SETTINGS, the same cached warm starts).
-Features: FEATURES below, the exact LM-head score feature (V × H = 104 × 64, unprojected).
+Features: FEATURES below, the exact Gram of the LM-head score feature (V × H = 104 × 64).
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ import salt_grpo as sg  # noqa: E402
 from salt_cancellation import mean_std  # noqa: E402
 from salt_training import SETTINGS as TRAINING, series, warm_start  # noqa: E402
 
-# The per-rollout feature every SALT arm uses. Exact for this 104-token vocabulary; after issue 9 `lm_head` is the
-# exact LM-head Gram at any vocabulary and can replace it.
-FEATURES = "lm_head_exact"
+# The per-rollout feature every SALT arm uses: the exact LM-head Gram (issue 9). The published results were measured
+# with its predecessor `lm_head_exact` (the unprojected feature, the same exact Gram for this 104-token vocabulary).
+FEATURES = "lm_head"
 ARMS = {
     "grpo": dict(salt="off"),
     "mini": dict(salt="official", salt_scope="mini"),

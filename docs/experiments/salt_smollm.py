@@ -3,8 +3,8 @@
 The embedded SmolLM2-135M-Instruct on salt_grpo's built-in task with the demo's settings (G = 8, 4 prompts per step,
 32 steps, lr 1e-5, 24 new tokens, bf16), held-out greedy accuracy every 8 steps on 64 problems, seeds 0–2. Arms:
 `grpo` (--salt off) and `micro4` (the released rule on each micro-batch of 4 rollouts, the official code's scope).
-The features must be the exact LM-head Gram: FEATURES = `lm_head`, which is exact once issue 9 is on main (before it,
-`lm_head` is a factored projection; this experiment's protocol waits for the exact one).
+The features are the exact LM-head Gram: FEATURES = `lm_head` (exact since issue 9; before it `lm_head` was a
+factored projection, which is why this experiment was not run in round 2).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from salt_cancellation import mean_std  # noqa: E402
 from salt_mechanism import TRACE, auc, paired, run_cached, step_mean  # noqa: E402
 from salt_training import series  # noqa: E402
 
-FEATURES = "lm_head"  # exact LM-head Gram after issue 9
+FEATURES = "lm_head"  # the exact LM-head Gram (issue 9)
 ARMS = {"grpo": dict(salt="off"), "micro4": dict(salt="official", salt_scope="micro", micro_batch_size=4)}
 SETTINGS = dict(model=common.EMBEDDED, seeds=[0, 1, 2], steps=32, eval_every=8, eval_size=64)
 SMOKE = dict(model=common.TINY, seeds=[0], steps=2, eval_every=0, eval_size=4, bf16=False, prompts_per_step=2,
