@@ -722,6 +722,10 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
     e_dom, e_tail = float(a_dom @ a_dom), alpha ** 2 * float(a_tail @ a_tail)
     aKa, bKb, aKb = float(a64 @ K @ a64), float(a_new @ K @ a_new), float(a64 @ K @ a_new)
     zero = a64 == 0
+    # advantage mass kept on the positive (negative) rows: Σ_{a_i>0} v_i / Σ_{a_i>0} a_i for v = P a and v = a′
+    kept = lambda v, m: float(v[m].sum() / a64[m].sum()) if m.any() else float("nan")  # noqa: E731
+    G = cfg.num_generations  # groups: G consecutive rows; a scope holds whole groups or lies inside one
+    same = (torch.arange(B)[:, None] // G == torch.arange(B)[None, :] // G) & ~torch.eye(B, dtype=torch.bool)
     diag = {
         "B": B, "participation_ratio": pr, "pr_over_B": pr / B, "k": k, "alpha": alpha,
         "neff": n_eff, "neff_over_B": n_eff / B, "neff_after": common.signed_neff(K, a_new), "cancellation": c,
@@ -729,6 +733,10 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
         "cos_grpo_salt": aKb / math.sqrt(max(aKa * bKb, 1e-300)),  # cos(Gᵀa, Gᵀa′) from K alone
         "zero_adv_mass": float(a_new[zero].abs().sum() / a_new.abs().sum().clamp(min=1e-30)),
         "positive_adv_ratio": float((a64 > 0).double().mean()),
+        "pos_mass_kept": kept(a_dom, a64 > 0), "neg_mass_kept": kept(a_dom, a64 < 0),
+        "pos_mass_after": kept(a_new, a64 > 0), "neg_mass_after": kept(a_new, a64 < 0),
+        "cos_within_abs": float(common.cosine_matrix(K)[same].abs().mean())  # mean |cos(g_i, g_j)|, i ≠ j in a group
+        if (B % G == 0 or G % B == 0) and same.any() else float("nan"),
         "eigenvalue_max": float(top.max()), "eigenvalue_min": float(top.min()),
         "adv_change_norm": float((a_new - a64).norm() / a64.norm().clamp(min=1e-30)),
         "time_s": time.perf_counter() - t0,
@@ -1003,10 +1011,10 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
                         hint="lower --learning_rate, check the rewards, or use --dtype float32")
     if cfg.beta > 0:
         m["kl"] = sums["kl"] / max(n_tok, 1)
-    if diags:  # micro scope: mean over this process's micro-batches (a skipped one has fewer keys)
+    if diags:  # micro scope: mean over this process's micro-batches where defined (a skipped one has fewer keys)
         for key in dict.fromkeys(k for d in diags for k in d):
-            vals = [d[key] for d in diags if key in d]
-            m[f"salt/{key}"] = sum(vals) / len(vals)
+            vals = [d[key] for d in diags if key in d and d[key] == d[key]]
+            m[f"salt/{key}"] = sum(vals) / len(vals) if vals else float("nan")
         m["salt/skipped"] = sum(d.get("skipped", 0.0) for d in diags) / len(diags)
     t.last_advantages = a_pair
     return m

@@ -294,6 +294,27 @@ def test_positive_only_control_is_recentred_relu_per_group():
         sg.validate(cfg(salt="positive_only", salt_scope="micro"))
 
 
+def test_mass_kept_and_within_group_cos_diagnostics():
+    """pos/neg_mass_kept = Σ_{a_i ≷ 0} (P a)_i / Σ_{a_i ≷ 0} a_i by hand; identity keeps all of it; cos_within_abs is
+    the mean |cos| over same-group pairs (groups of G consecutive rows) and NaN when the rows are not whole groups."""
+    F, a = rand_feats(12, 5, 3, rank=4), grpo_adv(12, 4, 3)
+    K = K_of(F)
+    _, d = sg.salt_reweight(K, a, cfg(num_generations=4))
+    ref, k, _, alpha = numpy_salt(K.numpy(), a.numpy())
+    w, V = np.linalg.eigh(K.numpy())
+    Pa = V[:, -k:] @ V[:, -k:].T @ a.numpy()
+    pos, neg = a.numpy() > 0, a.numpy() < 0
+    assert d["pos_mass_kept"] == pytest.approx(Pa[pos].sum() / a.numpy()[pos].sum(), abs=1e-12)
+    assert d["neg_mass_kept"] == pytest.approx(Pa[neg].sum() / a.numpy()[neg].sum(), abs=1e-12)
+    assert d["pos_mass_after"] == pytest.approx(ref[pos].sum() / a.numpy()[pos].sum(), abs=1e-12)
+    C = np.abs(sg.common.cosine_matrix(K).numpy())
+    want = np.mean([C[i, j] for i in range(12) for j in range(12) if i != j and i // 4 == j // 4])
+    assert d["cos_within_abs"] == pytest.approx(want, abs=1e-12)
+    _, d = sg.salt_reweight(K, a, cfg(num_generations=4, salt="identity"))
+    assert d["pos_mass_after"] == pytest.approx(1.0) and d["neg_mass_after"] == pytest.approx(1.0)
+    assert math.isnan(sg.salt_reweight(K, a, cfg(num_generations=5))[1]["cos_within_abs"])
+
+
 def test_renorm_std_matches_official_normalize_final():
     F, a = rand_feats(12, 5, 21), grpo_adv(12, 4, 21)
     plain, _ = sg.salt_reweight(K_of(F), a, cfg())

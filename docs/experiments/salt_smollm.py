@@ -1,0 +1,85 @@
+"""SALT experiment 8 (issue 12, round 2): GRPO vs official SALT at micro scope on SmolLM2, the demo setting.
+
+The embedded SmolLM2-135M-Instruct on salt_grpo's built-in task with the demo's settings (G = 8, 4 prompts per step,
+32 steps, lr 1e-5, 24 new tokens, bf16), held-out greedy accuracy every 8 steps on 64 problems, seeds 0–2. Arms:
+`grpo` (--salt off) and `micro4` (the released rule on each micro-batch of 4 rollouts, the official code's scope).
+The features are the exact LM-head Gram: FEATURES = `lm_head` (exact since issue 9; before it `lm_head` was a
+factored projection, which is why this experiment was not run in round 2).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import salt_grpo as sg  # noqa: E402
+from salt_cancellation import mean_std  # noqa: E402
+from salt_mechanism import TRACE, auc, paired, run_cached, step_mean  # noqa: E402
+from salt_training import series  # noqa: E402
+
+FEATURES = "lm_head"  # the exact LM-head Gram (issue 9)
+ARMS = {"grpo": dict(salt="off"), "micro4": dict(salt="official", salt_scope="micro", micro_batch_size=4)}
+SETTINGS = dict(model=common.EMBEDDED, seeds=[0, 1, 2], steps=32, eval_every=8, eval_size=64)
+SMOKE = dict(model=common.TINY, seeds=[0], steps=2, eval_every=0, eval_size=4, bf16=False, prompts_per_step=2,
+             num_generations=4, max_completion_length=6, reward_funcs="closeness")
+
+
+def config(s: dict, arm: dict, seed: int, out: Path) -> sg.Config:
+    """The demo's Config (salt_grpo's defaults) with the arm's SALT flags, FEATURES and the evaluation schedule."""
+    kw = {k: v for k, v in s.items() if k not in ("seeds", "steps")}
+    return sg.Config(seed=seed, max_steps=s["steps"], salt_features=FEATURES, output_dir=str(out),
+                     overwrite_output_dir=True, **kw, **arm)
+
+
+def summarise(runs: list[dict]) -> dict:
+    base = {r["seed"]: r for r in runs if r["arm"] == "grpo"}
+    out = {}
+    for arm in ARMS:
+        rs = [r for r in runs if r["arm"] == arm]
+        row = {"eval_end": mean_std([r["eval_end"] for r in rs]), "eval_auc": mean_std([auc(r) for r in rs]),
+               **{k.split("/")[1]: mean_std([step_mean(r, k) for r in rs]) for k in TRACE[4:-1]}}
+        if arm != "grpo":
+            row["auc_minus_grpo"] = paired([auc(r) - auc(base[r["seed"]]) for r in rs])
+            row["end_minus_grpo"] = paired([r["eval_end"] - base[r["seed"]]["eval_end"] for r in rs])
+            row["alpha_positive_share"] = mean_std([sum(a > 0 for a in series(r, "salt/alpha")[1]) /
+                                                    max(1, len(series(r, "salt/alpha")[1])) for r in rs])
+        out[arm] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    ap = common.ArgParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="default: docs/results/salt_smollm; with --smoke "
+                    "outputs/experiments-smoke/salt_smollm (never the published results)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, 1 seed, 2 steps, both arms (seconds)")
+    ap.add_argument("--cache_dir", default=str(ROOT / "outputs/experiments"))
+    args = ap.parse_args(argv)
+    out, cache = args.out or common.results_dir("salt_smollm", args.smoke), Path(args.cache_dir)
+    t0 = time.perf_counter()
+    s = SMOKE if args.smoke else SETTINGS
+    accelerator = Accelerator(cpu=True)
+    runs = []
+    for seed, arm in tqdm([(a, b) for a in s["seeds"] for b in ARMS], desc="runs"):
+        cfg = config(s, ARMS[arm], seed, cache / f"salt_smollm_runs/{arm}_s{seed}")
+        runs.append({"arm": arm, "seed": seed, **run_cached(cfg, accelerator, TRACE)})
+    result = {"experiment": "salt_smollm", "settings": {**s, "features": FEATURES, "arms": ARMS},
+              "summary": summarise(runs), "runs": runs, "wall_time_s": time.perf_counter() - t0,
+              "runs_wall_time_s": sum(r["wall_time_s"] for r in runs)}
+    common.write_json(out / "results.json", result)
+    for arm, v in result["summary"].items():
+        d = v.get("auc_minus_grpo")
+        print(f"{arm:<8} auc {v['eval_auc']['mean']:.3f} end {v['eval_end']['mean']:.3f} α {v['alpha']['mean']:.3f}"
+              + (f" auc−grpo {d['mean']:+.3f} ({d['outcome']})" if d else ""))
+    print(f"wrote {out}/results.json in {result['wall_time_s']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    common.run_main(main)
