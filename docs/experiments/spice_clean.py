@@ -46,10 +46,10 @@ def pool_features(S: dict, cfg_kw: dict, cache: Path) -> tuple[list[dict], torch
                                 budget=S["budget"], lam=S["lam"], seed=0, cache_dir=str(cache / "features"),
                                 output_dir=str(cache / "select"), **FEATURES, **cfg_kw))
     rows, examples, _, _ = ss.load_pool(cfg)
-    model, tok, fz = ss.build_proxy(cfg, lora=cfg.lora)
+    _, tok, fz = ss.build_proxy(cfg, lora=cfg.lora, rows=len(examples))  # whole pool at once: auto → sketch if large
     tokens = ss.tokenize(examples, tok, cfg)
     G = ss.compute_features(fz, tok, tokens, cfg, Accelerator(cpu=True),
-                            Path(cfg.cache_dir) / ss.feature_cache_key(cfg, model, tokens))
+                            Path(cfg.cache_dir) / ss.feature_cache_key(cfg, fz, tokens))
     return rows, G, cfg
 
 
