@@ -203,3 +203,14 @@ def test_lora_final_model_is_an_adapter_that_loads_on_its_base(tmp_path):
     assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
     model, tok = common.load_model(str(final))  # transformers puts the adapter on base_model_name_or_path
     assert hasattr(model, "peft_config") and tok.chat_template
+
+
+def test_bf16_autocast_only_with_native_bf16(monkeypatch):
+    """--bf16 on a CPU without bf16 matmuls would be emulated (~15× slower): autocast is skipped there, kept elsewhere."""
+    cpu = torch.device("cpu")
+    for native in (False, True):
+        monkeypatch.setattr(sg, "bf16_native", lambda device, n=native: n)
+        with sg.autocast(sg.Config(bf16=True), cpu):
+            assert torch.is_autocast_enabled("cpu") == native
+    with sg.autocast(sg.Config(bf16=False), cpu):
+        assert not torch.is_autocast_enabled("cpu")
