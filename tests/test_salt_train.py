@@ -301,7 +301,7 @@ def test_script_bad_input_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_one_step(tmp_path):
-    """The embedded model: one SALT step with the default (projected LM-head) features, bf16 autocast."""
+    """The embedded model: one SALT step with the default (exact LM-head Gram) features, bf16 autocast where native."""
     reset_accelerate()
     c = dataclasses.replace(sg.Config(), output_dir=str(tmp_path / "s"), max_steps=1, prompts_per_step=1,
                             num_generations=3, max_completion_length=4, eval_size=0, salt_alpha_min=0.5)
