@@ -27,9 +27,11 @@ import common  # noqa: E402
 import spice_downstream as sd  # noqa: E402  (held-out set, target, training and evaluation of experiment 6)
 import spice_select as ss  # noqa: E402
 
-# The authors' features: per-sample gradients of a LoRA proxy (r 8, all linear layers). Today spice_select projects
-# them (k_out = k_in = 16 per layer); after issue 9 add features="exact" for the exact per-sample LoRA gradients.
-FEATURES = dict(lora=True)
+# The authors' features: per-sample gradients of a LoRA proxy (r 8, all linear layers), in spice_select's default mode:
+# exact when the rows held at once fit --feature_memory_gb (2 GB), else the CountSketch to d = 8192 (the official
+# projection size). The whole 1000-row pool exact would be 1000 × 2.44 M floats (9.8 GB), so `auto` sketches it;
+# results.json records the mode that ran.
+FEATURES = dict(lora=True, features="auto")
 SELECTORS = ("spice", "greedy", "random", "top_norm", "official_diag")
 SETTINGS = dict(model="embedded", proxy_dtype="bfloat16", pool_n=1000, heldout_per_family=40, seeds=(0, 1, 2),
                 batch=4, lr=5e-4, target_dtype="bfloat16", budget=0.1, lam=0.1)
@@ -50,7 +52,7 @@ def pool_features(S: dict, cfg_kw: dict, cache: Path) -> tuple[list[dict], torch
     tokens = ss.tokenize(examples, tok, cfg)
     G = ss.compute_features(fz, tok, tokens, cfg, Accelerator(cpu=True),
                             Path(cfg.cache_dir) / ss.feature_cache_key(cfg, fz, tokens))
-    return rows, G, cfg
+    return rows, G, dataclasses.replace(cfg, features=fz.mode)  # the mode `auto` chose
 
 
 def select(G: torch.Tensor, cfg: ss.Config, method: str, seed: int) -> list[int]:
@@ -109,7 +111,7 @@ def main(argv=None) -> dict:
     table = {name: {k2: dict(zip(("mean", "std"), sd.mean_std([r["eval"][k2] for r in v.values()])))
                     for k2 in ("exact_match", "loss")} | {"steps": next(iter(v.values()))["train"]["steps"]}
              for name, v in runs.items()}
-    result = {"experiment": "spice_clean", "settings": {**S, "features": FEATURES, "k": k, "equal_steps_epochs":
+    result = {"experiment": "spice_clean", "settings": {**S, "features": FEATURES, "feature_mode": cfg.features, "k": k, "equal_steps_epochs":
                                                           equal_steps},
               "pool": {"n": len(rows), "corrupted": sum(r["corrupted"] for r in rows), "feature_dim": G.shape[1]},
               "heldout_n": len(held), "selection_stats": stats, "selections": sels, "table": table,
