@@ -4,7 +4,7 @@ Read beside the paper. Per-sample gradients g_i of the response loss on a proxy 
 adapters of q,k,v,o,gate,up,down, the authors' parameter set: exact, or CountSketched to 8192 dims when the pool's
 exact features would not fit --feature_memory_gb); then, greedily,
 
-    U(S)          = log det(I + α Σ_{i∈S} g_i g_iᵀ)                              (Fisher utility, §3)
+    U(S)          = log det(I + α Σ_{i∈S} g_i g_iᵀ)                              (Fisher utility)
     Δ_x(S)        = log(1 + α g_xᵀ (I + α F_S)⁻¹ g_x)                            (marginal gain)
     conflict(x|S) = max(0, −g_xᵀ ḡ / (‖g_x‖ ‖ḡ‖ + η)),  ḡ = mean of the picks   (Definition 4)
     score         = Δ_x(S) − λ · conflict(x|S)                                   (Eq. 14)
@@ -13,11 +13,11 @@ with ties to the lowest index, optional early stop (SPICE+: stop at the first t 
 baselines random / top_norm / greedy / official_diag on the same features. Gains are exact and incremental:
 kernel-space incremental Cholesky (Chen et al. 2018) or feature-space rank-one updates, never refactorised.
 
-Order: config → pool (and the embedded pool) → features (cached shards) → objective and greedy → baselines →
-selection driver (offline, pool by pool, online) → outputs → main().
+Order: config → objective and greedy → baselines → diagnostics → the selection loop (offline, pool by pool,
+online) → pool and tokens → features (cached shards) → outputs → run(). Guide: docs/spice.md.
 
-    python spice_select.py                      # embedded pool + embedded SmolLM2 proxy, 10 %, comparison table
-    python spice_select.py --preset smoke       # tiny random model, 64-row pool: seconds
+    python spice_select.py                      # demo pool data/spice_pool.jsonl + embedded SmolLM2, 10 %, table
+    python spice_select.py --preset smoke       # tiny random model, 64-row demo pool: seconds
     accelerate launch spice_select.py --pool data.jsonl --budget 1000 --output_dir out/
 """
 
@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -56,7 +55,7 @@ class Config:
     preset: str = option("", "`smoke`: tiny random model, small pool (seconds)", choices=["", "smoke"])
     # pool
     pool: Optional[str] = option(None, "local .jsonl/.json/.parquet/.csv, a folder (save_to_disk or data files) or "
-                                       "a HF dataset id; none: the embedded pool")
+                                       "a HF dataset id; none: the demo pool data/spice_pool.jsonl")
     split: Optional[str] = option(None, "split or slice, e.g. test or train[:1000]; default train (a local file "
                                         "is the one split train)")
     dataset_config: Optional[str] = option(None, "hub dataset config name")
@@ -67,9 +66,6 @@ class Config:
     messages_field: Optional[str] = option(None, "column of chat rows; default: auto (messages)")
     skip_malformed: bool = option(False, "skip malformed rows and report their count (default: stop with an "
                                          "error naming the row)")
-    embedded_pool_size: int = option(500, "rows of the embedded pool", ge=1, le=10**6)
-    embedded_corrupt_frac: float = option(0.15, "embedded pool: fraction of corrupted responses", ge=0, le=1)
-    embedded_dup_frac: float = option(0.15, "embedded pool: fraction of near-duplicates", ge=0, le=1)
     # proxy model and features
     model: str = option(common.EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a folder or a HF id")
     dtype: str = option("auto", "proxy weights dtype; auto: bfloat16 on CUDA, float32 on CPU (no native bf16 matmul "
@@ -130,18 +126,26 @@ class Config:
     column_prefix: str = option("spice_", "prefix of the columns selected.jsonl adds to the pool's own")
 
 
-PRESETS = {"smoke": dict(model=common.TINY, dtype="float32", embedded_pool_size=64, max_length=48,
+# The demo pools, written by data/spice_pool.py (seeded; its test regenerates them byte for byte).
+DEMO_POOL = Path(__file__).resolve().parent / "data" / "spice_pool.jsonl"  # 500 rows, the default --pool
+SMOKE_POOL = DEMO_POOL.with_name("spice_pool_smoke.jsonl")  # its first 64 rows
+
+PRESETS = {"smoke": dict(model=common.TINY, dtype="float32", pool=str(SMOKE_POOL), max_length=48,
                          output_dir="outputs/spice_smoke")}
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Defaults < --preset < --config file < CLI flags, each checked (common.parse_config), then cross-field checks."""
-    return validate(common.parse_config(Config, sys.argv[1:] if argv is None else argv, PRESETS))
+    """Defaults < --preset < --config file < CLI flags, each field checked (common.parse_config), then combinations."""
+    return check_combinations(common.parse_config(Config, sys.argv[1:] if argv is None else argv, PRESETS))
 
 
 def validate(cfg: Config) -> Config:
-    """Every field's declared checks (common.check_config), then the settings that cannot work together."""
-    common.check_config(cfg)
+    """A Config built in code: every field's declared checks (common.check_config), then combinations."""
+    return check_combinations(common.check_config(cfg))
+
+
+def check_combinations(cfg: Config) -> Config:
+    """The settings that cannot work together."""
     if cfg.mode == "online" and not cfg.pool_size:
         raise UserError("online mode needs --pool_size (paper: 120)")
     if cfg.dataset_config and cfg.pool and Path(cfg.pool).is_file():
@@ -150,106 +154,454 @@ def validate(cfg: Config) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pool: rows → (prompt, response) texts; the embedded pool
+# The objective and the greedy
 # ----------------------------------------------------------------------------------------------------------
 
-_WORDS = ("apple river garden window pencil orange silver planet rocket button candle forest guitar island "
-          "jacket kitten ladder marble needle ocean pepper quartz rabbit saddle tiger umbrella violin walnut "
-          "yellow zebra bridge castle dragon engine feather glider harbor igloo jungle kettle lemon mirror").split()
-_CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Canada": "Ottawa",
-             "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "Greece": "Athens",
-             "Poland": "Warsaw", "Chile": "Santiago", "Cuba": "Havana", "Ireland": "Dublin", "Austria": "Vienna",
-             "Portugal": "Lisbon", "Sweden": "Stockholm", "Finland": "Helsinki", "Hungary": "Budapest",
-             "Thailand": "Bangkok", "Vietnam": "Hanoi", "Germany": "Berlin", "Russia": "Moscow", "India": "New Delhi"}
-_OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "light": "dark", "happy": "sad", "open": "closed",
-              "early": "late", "full": "empty", "hard": "soft", "high": "low", "old": "new", "rich": "poor",
-              "strong": "weak", "wet": "dry", "loud": "quiet", "thick": "thin", "near": "far", "up": "down"}
-_UNITS = [("kilometers", "meters", 1000), ("kilograms", "grams", 1000), ("hours", "minutes", 60),
-          ("minutes", "seconds", 60), ("meters", "centimeters", 100), ("liters", "milliliters", 1000),
-          ("days", "hours", 24), ("feet", "inches", 12)]
-_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+def sq_norms(G: torch.Tensor) -> torch.Tensor:
+    """‖g_i‖² in float64, a block of rows at a time (no float64 copy of a wide G)."""
+    return torch.cat([b.double().pow(2).sum(1) for b in G.split(256)]) if len(G) else G.new_zeros(0).double()
 
 
-def _family_row(family: str, rng: random.Random) -> tuple[str, str]:
-    """One clean (instruction, response) pair of a task family."""
-    if family == "arithmetic":
-        a, b, op = rng.randint(2, 99), rng.randint(2, 99), rng.choice("+-*")
-        val = {"+": a + b, "-": a - b, "*": a * b}[op]
-        return f"What is {a} {op} {b}?", f"{a} {op} {b} = {val}."
-    if family == "string":
-        w, kind = rng.choice(_WORDS), rng.choice(["reverse", "upper", "first"])
-        if kind == "reverse":
-            return f"Reverse the letters of the word '{w}'.", f"'{w}' reversed is '{w[::-1]}'."
-        if kind == "upper":
-            return f"Write the word '{w}' in capital letters.", w.upper()
-        return f"What is the first letter of '{w}'?", f"The first letter of '{w}' is '{w[0]}'."
-    if family == "units":
-        big, small, f = rng.choice(_UNITS)
-        x = rng.randint(2, 40)
-        return f"Convert {x} {big} to {small}.", f"{x} {big} is {x * f} {small}."
-    if family == "capitals":
-        c = rng.choice(sorted(_CAPITALS))
-        return f"What is the capital of {c}?", f"The capital of {c} is {_CAPITALS[c]}."
-    if family == "opposites":
-        w = rng.choice(sorted(_OPPOSITES))
-        return f"What is the opposite of '{w}'?", f"The opposite of '{w}' is '{_OPPOSITES[w]}'."
-    if family == "sorting":
-        xs = rng.sample(range(1, 60), rng.randint(3, 5))
-        return (f"Sort these numbers from smallest to largest: {', '.join(map(str, xs))}.",
-                ", ".join(map(str, sorted(xs))))
-    if family == "counting":
-        w = rng.choice(_WORDS)
-        return f"How many letters are in the word '{w}'?", f"The word '{w}' has {len(w)} letters."
-    if family == "days":
-        i, n = rng.randrange(7), rng.randint(1, 6)
-        return f"What day is {n} days after {_DAYS[i]}?", f"{n} days after {_DAYS[i]} is {_DAYS[(i + n) % 7]}."
-    raise ValueError(family)
+def log_det(G: torch.Tensor, alpha: float) -> float:
+    """U(S) = log det(I_d + α G_Sᵀ G_S) = log det(I_|S| + α G_S G_Sᵀ) (Sylvester), the smaller side, float64."""
+    G = G.double()
+    if G.shape[0] == 0:
+        return 0.0
+    M = G @ G.T if G.shape[0] <= G.shape[1] else G.T @ G
+    M = alpha * (M + M.T) / 2 + torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    return float(2 * torch.log(torch.diagonal(torch.linalg.cholesky(M))).sum())
 
 
-FAMILIES = ("arithmetic", "string", "units", "capitals", "opposites", "sorting", "counting", "days")
+def base_gain(sq_norm: torch.Tensor, alpha: float) -> torch.Tensor:
+    """base_x = Δ_x(∅) = log(1 + α‖g_x‖²), the modular part of the gain (Definition 3)."""
+    return torch.log1p(alpha * sq_norm)
 
 
-def _corrupt(response: str, rng: random.Random, other: str) -> tuple[str, str]:
-    """A wrong response: another row's answer, scrambled characters, or a truncated answer."""
-    kind = rng.choice(["swap", "scramble", "truncate"])
-    if kind == "swap":
-        return other, kind
-    if kind == "scramble":
-        chars = list(response)
-        rng.shuffle(chars)
-        return "".join(chars), kind
-    return response[: max(1, len(response) // 3)], kind
+def conflict(r: torch.Tensor, norms: torch.Tensor, ss: float, m: int, eta: float) -> torch.Tensor:
+    """conflict(x|S) = max(0, −Align), Align = g_xᵀḡ / (‖g_x‖‖ḡ‖ + η), ḡ = (1/|S|) Σ_S g_y (Definition 4).
 
-
-def embedded_pool(n: int = 1600, corrupt_frac: float = 0.15, dup_frac: float = 0.15, seed: int = 0) -> list[dict]:
-    """A seeded offline instruction pool: 8 task families, corrupted responses and near-duplicates, all tagged.
-
-    Each row: instruction, response, family, corrupted (bool), corruption (kind or None), duplicate_of (pool
-    index of the row it near-duplicates, or None). Corrupted rows get a wrong response (another family's
-    answer, scrambled, or truncated); near-duplicates repeat an earlier row with a slightly reworded prompt.
+    From running sums only: r_x = Σ_{y∈S} g_xᵀg_y and ss = ‖Σ_S g_y‖², so g_xᵀḡ = r_x/m and ‖ḡ‖ = √ss/m.
+    Zero when S = ∅.
     """
-    if n < 1:
-        raise UserError("--embedded_pool_size must be ≥ 1")
-    rng = random.Random(seed)
-    rows: list[dict] = []
-    for i in range(n):
-        if rows and rng.random() < dup_frac:
-            j = rng.randrange(len(rows))
-            src = rows[j]
-            prefix = rng.choice(["Please answer: ", "Quick question. ", "Q: ", "Tell me: "])
-            rows.append({**src, "instruction": prefix + src["instruction"], "duplicate_of": j})
-            continue
-        family = FAMILIES[rng.randrange(len(FAMILIES))]
-        instruction, response = _family_row(family, rng)
-        row = {"instruction": instruction, "response": response, "family": family, "corrupted": False,
-               "corruption": None, "duplicate_of": None}
-        if rng.random() < corrupt_frac:
-            other = _family_row(FAMILIES[(FAMILIES.index(family) + 1 + rng.randrange(7)) % 8], rng)[1]
-            row["response"], row["corruption"] = _corrupt(response, rng, other)
-            row["corrupted"] = True
-        rows.append(row)
-    return rows
+    if m == 0:
+        return torch.zeros_like(r)
+    align = (r / m) / (norms * math.sqrt(max(ss, 0.0)) / m + eta)
+    return (-align).clamp(min=0)
 
+
+class KernelGains:
+    """Exact gains by incremental Cholesky of M = I + αK in kernel space (Chen et al. 2018, fast greedy MAP).
+
+    Each candidate keeps its Cholesky row c_i and d_i² = 1 + αK_ii − ‖c_i‖² = 1 + α g_iᵀ(I + αF_S)⁻¹g_i
+    (Woodbury), so Δ_i = log d_i². After picking j: e_i = (αK_ji − c_jᵀc_i)/d_j, c_i ← [c_i, e_i],
+    d_i² ← d_i² − e_i². O(n·t) per pick; K rows come from a precomputed float64 Gram or from G on the fly.
+    """
+
+    def __init__(self, G: torch.Tensor, alpha: float, k: int, precompute: bool = True):
+        self.G, self.alpha = G, alpha
+        self.K = common.gram(G) if precompute else None
+        sq = torch.diagonal(self.K).clone() if precompute else (G * G).sum(1)
+        self.d2 = 1 + alpha * sq
+        self.C = torch.zeros(G.shape[0], k, dtype=torch.float64, device=G.device)
+        self.picked = 0  # columns of C filled
+
+    def gains(self) -> torch.Tensor:
+        return torch.log(self.d2.clamp(min=1.0))  # d_i² ≥ 1 in exact arithmetic
+
+    def row(self, j: int) -> torch.Tensor:
+        """K_j· = G g_j (n,)."""
+        return self.K[j] if self.K is not None else self.G @ self.G[j]
+
+    def add(self, j: int, k_row: torch.Tensor) -> None:
+        m = self.picked
+        e = (self.alpha * k_row - self.C[:, :m] @ self.C[j, :m]) / math.sqrt(self.d2[j].item())
+        self.C[:, m] = e
+        self.d2 = self.d2 - e * e
+        self.picked += 1
+
+
+class FeatureGains:
+    """Exact gains by rank-one (Sherman–Morrison) updates of A⁻¹ = (I + αF_S)⁻¹ in feature space (d × d).
+
+    q_i = g_iᵀA⁻¹g_i, Δ_i = log(1 + α q_i). After picking j, with u = A⁻¹g_j and β = 1 + α g_jᵀu:
+    A⁻¹ ← A⁻¹ − α u uᵀ/β and q_i ← q_i − α (g_iᵀu)²/β. O(n·d + d²) per pick; cheaper than the kernel form
+    when d is small next to n (the n × k Cholesky table would be 8 GB at n = 10⁵, k = 10⁴).
+    """
+
+    def __init__(self, G: torch.Tensor, alpha: float):
+        self.G, self.alpha = G, alpha
+        self.q = (G * G).sum(1)
+        self.Ainv = torch.eye(G.shape[1], dtype=torch.float64, device=G.device)
+        self._u = None
+
+    def gains(self) -> torch.Tensor:
+        return torch.log1p(self.alpha * self.q.clamp(min=0))
+
+    def row(self, j: int) -> torch.Tensor:
+        """K_j· and G u in one pass over G (the pass is memory bound; two vectors cost about as much as one)."""
+        g = self.G[j]
+        self._u = self.Ainv @ g
+        both = self.G @ torch.stack([g, self._u]).T  # column-major right side: ~3× faster than a d × 2 block
+        self._Gu = both[:, 1]
+        return both[:, 0]
+
+    def add(self, j: int, k_row: torch.Tensor) -> None:
+        u, Gu = self._u, self._Gu
+        beta = 1 + self.alpha * float(Gu[j])
+        self.q = self.q - (self.alpha / beta) * Gu * Gu
+        self.Ainv.addr_(u, u, alpha=-self.alpha / beta)
+
+
+class OfficialDiagGains:
+    """The official code's diagonal surrogate (Chang-pw/SPICE, `fisher_mode=diag`), NOT the exact gain.
+
+    Δ̃_x = log(1 + α Σ_j g_xj²/den_j) with den = 1 initially and den ← den + α(|g|·g)² = den + α g⁴ after each
+    pick — not the diagonal of I + αF_S (that would add α g²), so Σ Δ̃ ≠ log det.
+    """
+
+    def __init__(self, G: torch.Tensor, alpha: float):
+        self.G, self.G2, self.alpha = G, G * G, alpha
+        self.den = torch.ones(G.shape[1], dtype=torch.float64, device=G.device)
+
+    def gains(self) -> torch.Tensor:
+        return torch.log1p(self.alpha * (self.G2 / self.den).sum(1))
+
+    def row(self, j: int) -> torch.Tensor:
+        return self.G @ self.G[j]
+
+    def add(self, j: int, k_row: torch.Tensor) -> None:
+        self.den += self.alpha * self.G2[j] ** 2
+
+
+def choose_form(n: int, d: int, k: int, form: str = "auto") -> str:
+    """The cheaper exact engine for (n candidates, d dims, k picks); both give the same gains.
+
+    kernel: Gram n²d at BLAS speed, then O(n·t) per pick over the n × k Cholesky table;
+    feature: O(n·d + d²) per pick, memory bound. The kernel form always wins when d ≥ n (the paper's regime:
+    120 candidates, millions of LoRA dims); at n = 10⁵, k = 10⁴ its table alone would be 8 GB.
+    Seconds modelled at ~6 GFLOP/s (BLAS, float64) and ~5 GB/s (memory-bound passes) per core.
+    """
+    if form != "auto":
+        return form
+    if d >= n:
+        return "kernel"
+    kernel_s = n * n * d / 6e9 + 8 * n * k * k / 2 / 5e9
+    feature_s = 8 * k * (n * d + 2 * d * d) / 5e9
+    return "kernel" if kernel_s < feature_s and 8 * n * (n + k) < 6e9 else "feature"
+
+
+@dataclass
+class Selection:
+    """What every selector returns; `indices` in pick order, positions in the G it was given."""
+    method: str
+    indices: list[int]
+    records: list[dict]  # per pick: t, index, delta, base, eps, conflict, score
+    log_det: float
+    stopped_early: bool = False
+    form: str = ""
+    seconds: float = 0.0
+
+
+def check_features(G: torch.Tensor, k: int, alpha: float = 1.0) -> None:
+    """Features the gains can use, and 1 ≤ k ≤ n. Finite entries are not enough: every Gram entry, α‖g‖² and
+    ‖Σ_S g‖² ≤ n Σ‖g‖² must be finite in float64 too (features near 1e160 pass isfinite and give NaN gains)."""
+    if G.ndim != 2 or G.shape[0] == 0:
+        raise UserError("no candidates to select from (empty pool)")
+    if not torch.isfinite(G).all():
+        bad = (~torch.isfinite(G).all(1)).nonzero().flatten().tolist()
+        raise UserError(f"features of rows {bad[:10]} are NaN or infinite", hint="check the proxy model and dtype")
+    sq = sq_norms(G)
+    if not math.isfinite(alpha * G.shape[0] * float(sq.sum())):
+        raise UserError(f"features too large for float64: α·n·Σ‖g‖² overflows (largest ‖g‖² {float(sq.max()):.3g}, "
+                        f"row {int(sq.argmax())})", hint="rescale the features (U(S) depends on α·scale², so "
+                                                         "dividing g by c equals α/c²)")
+    if not 1 <= k <= G.shape[0]:
+        raise UserError(f"budget k={k} must be between 1 and the number of candidates ({G.shape[0]})")
+
+
+def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, eta: float = 1e-8,
+                 omega: Optional[float] = None, form: str = "auto", progress: bool = False,
+                 method: str = "") -> Selection:
+    """Greedy SPICE: at each step pick argmax_x Δ_x(S) − λ·conflict(x|S) (Eq. 14), ties to the lowest index.
+
+    λ = 0 is plain log-det (Fisher) greedy. With ω set (SPICE+), stop at the first t > 1 with
+    Δ_{x_t} ≤ ω·Δ_{x_1}; x_t is not kept (as the official half-life check; the paper leaves it open).
+    The gains are exact (float64), so Σ_t Δ_t = log det(I + αF_S) whatever λ is. form: the gain engine,
+    `auto`/`kernel`/`feature` (exact) or `official_diag` (the official code's surrogate, a baseline).
+    """
+    t0 = time.perf_counter()
+    check_features(G, k, alpha)
+    n, d = G.shape
+    form = choose_form(n, d, k, form)
+    if form == "kernel" and 8 * n * n < 4e9:  # the float64 Gram alone: no float64 copy of G (D = 2.4 M for LoRA)
+        engine = KernelGains(G, alpha, k)
+        sq = torch.diagonal(engine.K).clone()
+    else:
+        G = G.double()
+        engine = (OfficialDiagGains(G, alpha) if form == "official_diag" else FeatureGains(G, alpha)
+                  if form == "feature" else KernelGains(G, alpha, k, precompute=False))
+        sq = (G * G).sum(1)
+    norms, base = sq.sqrt(), base_gain(sq, alpha)
+    r, ss = torch.zeros(n, dtype=torch.float64, device=G.device), 0.0  # Σ_S g_xᵀg_y, ‖Σ_S g_y‖²
+    taken = torch.zeros(n, dtype=torch.bool, device=G.device)
+    picks, records, stopped = [], [], False
+    for t in tqdm(range(k), desc=method or "select", disable=not progress, leave=False):
+        delta = engine.gains()
+        pen = conflict(r, norms, ss, len(picks), eta)
+        score = (delta - lam * pen).masked_fill(taken, -math.inf)
+        j = int(torch.argmax(score))  # first maximal index: ties go to the lowest index
+        if omega is not None and t > 0 and delta[j] <= omega * records[0]["delta"]:
+            stopped = True
+            break
+        records.append({"t": t, "index": j, "delta": float(delta[j]), "base": float(base[j]),
+                        "eps": float(delta[j] - base[j]), "conflict": float(pen[j]), "score": float(score[j])})
+        picks.append(j)
+        taken[j] = True
+        k_row = engine.row(j)
+        ss += 2 * float(r[j]) + float(k_row[j])
+        r += k_row
+        if t + 1 < k:
+            engine.add(j, k_row)
+    # Exact engines telescope to the log-det; the diagonal surrogate does not, so its U(S) is computed.
+    u = log_det(G[picks], alpha) if form == "official_diag" else sum(rec["delta"] for rec in records)
+    return Selection(method or ("greedy" if lam == 0 else "spice"), picks, records, log_det=u, stopped_early=stopped,
+                     form=form, seconds=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Baselines (same features, same outputs)
+# ----------------------------------------------------------------------------------------------------------
+
+def random_select(G: torch.Tensor, k: int, alpha: float = 1.0, seed: int = 0) -> Selection:
+    """random: k rows uniformly without replacement (seeded)."""
+    t0 = time.perf_counter()
+    check_features(G, k, alpha)
+    idx = torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(seed))[:k].tolist()
+    return _fixed_selection("random", G, idx, alpha, t0)
+
+
+def top_norm_select(G: torch.Tensor, k: int, alpha: float = 1.0, omega: Optional[float] = None) -> Selection:
+    """top_norm: the official code's default `top_k` selector — rank by base_x = log(1 + α‖g_x‖²), i.e. by
+    gradient norm, no interaction and no conflict term. With ω: keep rows with base_x > ω·max base (as there)."""
+    t0 = time.perf_counter()
+    check_features(G, k, alpha)
+    base = base_gain(sq_norms(G), alpha)
+    order = sorted(range(len(base)), key=lambda i: (-float(base[i]), i))[:k]  # ties to the lowest index
+    if omega is not None:
+        order = [i for i in order if base[i] > omega * base[order[0]]]
+    return _fixed_selection("top_norm", G, order, alpha, t0)
+
+
+def official_diag_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, eta: float = 1e-8,
+                         omega: Optional[float] = None) -> Selection:
+    """official_diag: Chang-pw/SPICE `greedy_select_with_conflict_penalty` with `fisher_mode=diag`.
+
+    The same greedy loop, conflict penalty and tie-break as `spice_select`, with the gain replaced by the official
+    diagonal surrogate Δ̃ (`OfficialDiagGains`). The recorded `delta` is Δ̃, `log_det` the exact U(S). The official
+    function has no early stop; ω here applies the same test as spice_select, on Δ̃.
+    """
+    return spice_select(G, k, alpha, lam, eta, omega=omega, form="official_diag", method="official_diag")
+
+
+def _fixed_selection(method: str, G: torch.Tensor, idx: list[int], alpha: float, t0: float) -> Selection:
+    """Records with the exact Δ of each pick given the earlier ones (so the same analysis applies)."""
+    G = G[idx].double()
+    records = []
+    sq = (G * G).sum(1)
+    if len(idx) <= 2000:  # per-pick exact gains; beyond that only the final log-det
+        eng = KernelGains(G, alpha, len(idx))
+        for t, j in enumerate(idx):
+            delta, base = float(eng.gains()[t]), float(base_gain(sq[t], alpha))
+            records.append({"t": t, "index": j, "delta": delta, "base": base, "eps": delta - base,
+                            "conflict": float("nan"), "score": float("nan")})
+            if t + 1 < len(idx):
+                eng.add(t, eng.row(t))
+    return Selection(method, idx, records, log_det=log_det(G, alpha), seconds=time.perf_counter() - t0)
+
+
+def run_method(method: str, G: torch.Tensor, k: int, cfg: Config, progress: bool = False) -> Selection:
+    """One of METHODS on features G with the config's α, λ, η, ω, form and seed."""
+    if method in ("spice", "greedy"):
+        return spice_select(G, k, alpha=cfg.alpha, lam=cfg.lam if method == "spice" else 0.0, eta=cfg.eta,
+                            omega=cfg.omega, form=cfg.form, progress=progress, method=method)
+    if method == "top_norm":
+        return top_norm_select(G, k, alpha=cfg.alpha, omega=cfg.omega)
+    if method == "random":
+        return random_select(G, k, alpha=cfg.alpha, seed=cfg.seed)
+    return official_diag_select(G, k, alpha=cfg.alpha, lam=cfg.lam, eta=cfg.eta, omega=cfg.omega)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Diagnostics: curvature, conflict statistics
+# ----------------------------------------------------------------------------------------------------------
+
+def curvature(G: torch.Tensor, alpha: float) -> float:
+    """Total curvature c = 1 − min_x Δ_x(D∖{x}) / Δ_x(∅) over the rows of G (Theorem 3; Lemma 1).
+
+    With M = I + αK, the leave-one-out gain is Δ_x(D∖{x}) = −log[M⁻¹]_xx (matrix determinant lemma), so one
+    inverse gives every x. Rows with g_x = 0 have no gain either way and are left out.
+    """
+    if G.shape[0] > 4000:  # n × n inverse; estimate on a deterministic subsample for large pools
+        G = G[torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(0))[:4000]]
+    K = common.gram(G)
+    M = torch.eye(G.shape[0], dtype=torch.float64) + alpha * K
+    loo = -torch.log(torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(M))))
+    base = base_gain(torch.diagonal(K), alpha)
+    ok = base > 1e-12
+    return float(1 - (loo[ok] / base[ok]).min()) if ok.any() else 0.0
+
+
+def selection_stats(sel: Selection, G: torch.Tensor, rows: list[dict] | None = None, alpha: float = 1.0) -> dict:
+    """log-det, gains, conflict of the picks and, for tagged pools, corrupted / duplicate share and coverage."""
+    Gs = G[sel.indices].double()
+    out = {"method": sel.method, "k": len(sel.indices), "log_det": sel.log_det, "seconds": sel.seconds,
+           "stopped_early": sel.stopped_early}
+    if len(sel.indices):
+        mean = Gs.mean(0)
+        cos = Gs @ mean / (Gs.norm(dim=1) * mean.norm() + 1e-8)
+        out.update(cos_to_mean=float(cos.mean()), min_cos_to_mean=float(cos.min()),
+                   frac_negative_cos=float((cos < 0).double().mean()), mean_norm=float(Gs.norm(dim=1).mean()))
+        out["curvature_selected"] = curvature(Gs, alpha) if len(sel.indices) > 1 else 0.0
+    if rows and "family" in rows[0]:
+        picked = [rows[i] for i in sel.indices]
+        fams = {r["family"] for r in rows}
+        out["frac_corrupted"] = sum(bool(r.get("corrupted")) for r in picked) / max(1, len(picked))
+        out["frac_duplicates"] = sum(r.get("duplicate_of") is not None for r in picked) / max(1, len(picked))
+        out["families_covered"] = f"{len({r['family'] for r in picked})}/{len(fams)}"
+        counts = [sum(r["family"] == f for r in picked) for f in sorted(fams)]
+        out["min_family_share"] = min(counts) / max(1, len(picked))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Selection drivers: offline (whole pool or pool by pool) and online (proxy trained on its picks)
+# ----------------------------------------------------------------------------------------------------------
+
+def budget_count(budget: Union[int, float], n: int, what: str = "--budget", of: str = "the pool") -> int:
+    """Picks out of n: a float is a fraction in (0, 1] (1.0 = all n; at least 1 pick), an int a count ≤ n —
+    written `0.1` or `1.0` versus `100` or `1`, as datasets' train_test_split reads test_size."""
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise UserError(f"{what} {budget} is a fraction (written with a point) above 1",
+                            hint="a fraction is at most 1.0; a count is written without a point, e.g. 100")
+        return max(1, round(budget * n))
+    if budget > n:
+        raise UserError(f"{what} {budget} is larger than {of} ({n} rows)", hint="use a fraction, e.g. 0.1")
+    return budget
+
+
+def check_budget(cfg: Config, n: int) -> None:
+    """--budget / --select_k against the pool, before any feature is computed (the drivers use the same rule)."""
+    if cfg.mode == "offline" and (not cfg.pool_size or cfg.pool_size >= n):
+        budget_count(cfg.budget, n)
+        return
+    if cfg.select_k is None and isinstance(cfg.budget, int):
+        raise UserError(f"--budget {cfg.budget} counts rows of the whole pool; pool by pool the picks per pool are "
+                        f"--select_k", hint="pass --select_k (a count per pool or a fraction), or a fractional --budget")
+    budget_count(per_pool(cfg), cfg.pool_size, "--select_k" if cfg.select_k is not None else "--budget",
+                 f"--pool_size {cfg.pool_size}")
+
+
+def per_pool(cfg: Config) -> Union[int, float]:
+    return cfg.select_k if cfg.select_k is not None else cfg.budget
+
+
+def per_pool_k(per: float, size: int, pool_size: int) -> int:
+    """Picks from one window: select_k (count or fraction of pool_size); a shorter last window gets its
+    proportional share (at least 1), so the tail of the pool is not over-sampled."""
+    k = budget_count(per, pool_size, "--select_k")
+    return k if size == pool_size else max(1, min(size, round(k * size / pool_size)))
+
+
+def pool_windows(n: int, pool_size: int, seed: int) -> list[list[int]]:
+    """The official schedule: a seeded permutation of the pool cut into consecutive windows of pool_size."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [perm[s:s + pool_size] for s in range(0, n, pool_size)]
+
+
+def select_offline(G: torch.Tensor, cfg: Config, method: str, progress: bool = False) -> Selection:
+    """The whole pool at once, or pool by pool (pool_size → select_k per window, F and ḡ reset per window)."""
+    n = G.shape[0]
+    if not cfg.pool_size or cfg.pool_size >= n:
+        return run_method(method, G, budget_count(cfg.budget, n), cfg, progress)
+    t0 = time.perf_counter()
+    per = per_pool(cfg)
+    picks, records, stops = [], [], 0
+    for w, win in enumerate(tqdm(pool_windows(n, cfg.pool_size, cfg.seed), desc=method, disable=not progress,
+                                 leave=False)):
+        k = per_pool_k(per, len(win), cfg.pool_size)
+        sel = run_method(method, G[win], k, cfg)
+        picks += [win[i] for i in sel.indices]
+        records += [{**rec, "pool": w, "index": win[rec["index"]]} for rec in sel.records]
+        stops += sel.stopped_early
+    return Selection(method, picks, records, log_det=log_det(G[picks], cfg.alpha), stopped_early=stops > 0,
+                     form="per-pool", seconds=time.perf_counter() - t0)
+
+
+def train_proxy_step(model, opt, tokens, buffer: list[int], cfg: Config, accelerator, pad_id: int) -> float:
+    """One AdamW step of the LoRA proxy on the buffer (paper §2.2; each process its share, grads summed).
+
+    online_loss=mean: the mean per-sample SFT loss over the buffer. official_sum: the sum over micro-batches of
+    `online_micro_batch` rows of each micro-batch's mean loss (Chang-pw/SPICE train.py sums before one step).
+    """
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    mb = cfg.online_micro_batch
+    chunks = [buffer[s:s + mb] for s in range(0, len(buffer), mb)]
+    total = torch.zeros((), device=accelerator.device)
+    for c in chunks[accelerator.process_index::accelerator.num_processes]:
+        ids, am, lm = (x.to(accelerator.device) for x in collate([tokens[i] for i in c], pad_id, cfg.mask_prompt))
+        with torch.enable_grad():
+            nll = common.sequence_nll(model, ids, am, lm, cfg.reduction)
+            loss = nll.sum() / len(buffer) if cfg.online_loss == "mean" else nll.mean()
+            loss.backward()
+        total += loss.detach()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if accelerator.num_processes > 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad = accelerator.reduce(p.grad, reduction="sum")
+        total = accelerator.reduce(total, reduction="sum")
+    opt.step()
+    model.eval()
+    return float(total)
+
+
+def select_online(cfg: Config, accelerator, *, model, tok, fz, tokens, method: str, logger) -> Selection:
+    """The paper's online schedule: pools of pool_size, select_k picks each from features of the *current*
+    proxy; every T = update_every pools one AdamW step on the buffer of picks, buffer cleared."""
+    t0 = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per = per_pool(cfg)
+    picks, records, buffer, stops = [], [], [], 0
+    windows = pool_windows(len(tokens), cfg.pool_size, cfg.seed)
+    for w, win in enumerate(tqdm(windows, desc=f"online {method}", disable=not accelerator.is_main_process)):
+        G = compute_features(fz, tok, [tokens[i] for i in win], cfg, accelerator, cache=None, desc=f"pool {w}")
+        sel = None
+        if accelerator.is_main_process:
+            k = per_pool_k(per, len(win), cfg.pool_size)
+            sel = run_method(method, G, k, cfg)
+        sel = common.broadcast_object(accelerator, sel)
+        picks += [win[i] for i in sel.indices]
+        records += [{**rec, "pool": w, "index": win[rec["index"]]} for rec in sel.records]
+        buffer += [win[i] for i in sel.indices]
+        stops += sel.stopped_early
+        logger.log({"pool_log_det": sel.log_det, "picks": len(sel.indices)}, step=w)
+        if (w + 1) % cfg.update_every == 0 and buffer:
+            loss = train_proxy_step(model, opt, tokens, buffer, cfg, accelerator, tok.pad_token_id)
+            logger.log({"proxy_loss": loss, "buffer": len(buffer)}, step=w)
+            buffer = []
+    # U(S) of the union of picks, with features of the final proxy (gains in the records are per pool)
+    G_final = compute_features(fz, tok, [tokens[i] for i in picks], cfg, accelerator, cache=None, desc="final")
+    return Selection(method, picks, records, log_det=log_det(G_final, cfg.alpha), stopped_early=stops > 0,
+                     form="online", seconds=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pool: rows of a file, a folder or a hub dataset → (prompt, response) texts; tokens
+# ----------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Example:
@@ -258,18 +610,18 @@ class Example:
     response: str
 
 
-def resolve_fields(cfg: Config, columns) -> dict[str, Optional[str]]:
+def resolve_fields(cfg: Config, pool_columns: list[str]) -> dict[str, Optional[str]]:
     """Which columns hold what, decided from the columns of ALL rows (never from row 0 alone: a row that lacks
     `input` must not hide every other row's): explicit flags win; otherwise messages, instruction/response,
     instruction(/input)/output (Alpaca) or input/output, in that order. `input`, when present and not the
     instruction, is appended to the instruction of every row that has it."""
-    if cfg.messages_field or (not cfg.instruction_field and not cfg.response_field and "messages" in columns):
+    if cfg.messages_field or (not cfg.instruction_field and not cfg.response_field and "messages" in pool_columns):
         return {"messages": cfg.messages_field or "messages"}
-    instr = cfg.instruction_field or ("instruction" if "instruction" in columns else "input" if "input" in columns
-                                      else "instruction")
-    resp = cfg.response_field or ("response" if "response" in columns else "output" if "output" in columns
-                                  else "response")
-    inp = cfg.input_field or ("input" if "input" in columns and "input" not in (instr, resp) else None)
+    instr = cfg.instruction_field or ("instruction" if "instruction" in pool_columns else
+                                      "input" if "input" in pool_columns else "instruction")
+    resp = cfg.response_field or ("response" if "response" in pool_columns else
+                                  "output" if "output" in pool_columns else "response")
+    inp = cfg.input_field or ("input" if "input" in pool_columns and "input" not in (instr, resp) else None)
     return {"instruction": instr, "input": inp, "response": resp}
 
 
@@ -309,11 +661,7 @@ def columns(rows: list) -> list[str]:
 def load_pool(cfg: Config) -> tuple[list[dict], list[Example], str, list[dict]]:
     """(rows kept, as read; examples; label; skipped: {index, error}) — malformed rows raise, or are skipped
     and reported if asked."""
-    if not cfg.pool:
-        rows = embedded_pool(cfg.embedded_pool_size, cfg.embedded_corrupt_frac, cfg.embedded_dup_frac, cfg.seed)
-        label = "embedded pool"
-    else:
-        rows, label = common.read_rows(cfg.pool, cfg.split, cfg.dataset_config)
+    rows, label = common.read_rows(cfg.pool or str(DEMO_POOL), cfg.split, cfg.dataset_config)
     if not rows:
         raise UserError(f"{label}: the pool is empty", hint="pass a file with at least one row")
     fields = resolve_fields(cfg, columns(rows))
@@ -452,12 +800,8 @@ def load_shard(path: Path, idx: torch.Tensor, dim: int) -> Optional[torch.Tensor
         return None
 
 
-class Interrupted(Exception):
-    """Raised by compute_features(max_new_shards=…) to simulate a run killed midway (tests)."""
-
-
 def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, accelerator,
-                     cache: Optional[Path] = None, max_new_shards: Optional[int] = None, desc: str = "features"):
+                     cache: Optional[Path] = None, desc: str = "features"):
     """G (n × d, float32, pool order) on every process.
 
     Rows are sorted by length (little padding) into fixed batches and shards; shard s goes to process
@@ -471,7 +815,7 @@ def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, 
     shards = [batches[s:s + cfg.shard_batches] for s in range(0, len(batches), cfg.shard_batches)]
     mine = list(range(accelerator.process_index, len(shards), accelerator.num_processes))
     device = accelerator.device
-    feats, index, new = [], [], 0
+    feats, index = [], []
     bar = tqdm(total=sum(len(b) for s in mine for b in shards[s]), desc=desc, unit="row",
                disable=not accelerator.is_local_main_process, leave=False)
     for s in mine:
@@ -483,11 +827,9 @@ def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, 
             index.append(idx)
             bar.update(len(idx))
             continue
-        if max_new_shards is not None and new >= max_new_shards:
-            raise Interrupted(f"stopped after {new} new shards")
         out = []
         for b in shards[s]:
-            ids, am, lm = (t.to(device) for t in collate([tokens[i] for i in b], tok.pad_token_id, cfg.mask_prompt))
+            ids, am, lm = (x.to(device) for x in collate([tokens[i] for i in b], tok.pad_token_id, cfg.mask_prompt))
             out.append(fz(ids, am, lm).float())
             bar.update(len(b))
         F = torch.cat(out)
@@ -499,7 +841,6 @@ def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, 
             common.save_safetensors(path, {"features": F, "index": idx})
         feats.append(F)
         index.append(idx)
-        new += 1
     bar.close()
     F = torch.cat(feats) if feats else torch.zeros(0, fz.dim, device=device)
     idx = torch.cat(index).to(device) if index else torch.zeros(0, dtype=torch.long, device=device)
@@ -507,452 +848,6 @@ def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, 
     G = torch.empty_like(F)
     G[idx] = F
     return G.cpu()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The objective and the greedy
-# ----------------------------------------------------------------------------------------------------------
-
-def sq_norms(G: torch.Tensor) -> torch.Tensor:
-    """‖g_i‖² in float64, a block of rows at a time (no float64 copy of a wide G)."""
-    return torch.cat([b.double().pow(2).sum(1) for b in G.split(256)]) if len(G) else G.new_zeros(0).double()
-
-
-def log_det(G: torch.Tensor, alpha: float) -> float:
-    """U(S) = log det(I_d + α G_Sᵀ G_S) = log det(I_|S| + α G_S G_Sᵀ) (Sylvester), the smaller side, float64."""
-    G = G.double()
-    if G.shape[0] == 0:
-        return 0.0
-    M = G @ G.T if G.shape[0] <= G.shape[1] else G.T @ G
-    M = alpha * (M + M.T) / 2 + torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    return float(2 * torch.log(torch.diagonal(torch.linalg.cholesky(M))).sum())
-
-
-def base_gain(sq_norm: torch.Tensor, alpha: float) -> torch.Tensor:
-    """base_x = Δ_x(∅) = log(1 + α‖g_x‖²), the modular part of the gain (Definition 3)."""
-    return torch.log1p(alpha * sq_norm)
-
-
-def conflict(r: torch.Tensor, norms: torch.Tensor, ss: float, m: int, eta: float) -> torch.Tensor:
-    """conflict(x|S) = max(0, −Align), Align = g_xᵀḡ / (‖g_x‖‖ḡ‖ + η), ḡ = (1/|S|) Σ_S g_y (Definition 4).
-
-    From running sums only: r_x = Σ_{y∈S} g_xᵀg_y and ss = ‖Σ_S g_y‖², so g_xᵀḡ = r_x/m and ‖ḡ‖ = √ss/m.
-    Zero when S = ∅.
-    """
-    if m == 0:
-        return torch.zeros_like(r)
-    align = (r / m) / (norms * math.sqrt(max(ss, 0.0)) / m + eta)
-    return (-align).clamp(min=0)
-
-
-class KernelGains:
-    """Exact gains by incremental Cholesky of M = I + αK in kernel space (Chen et al. 2018, fast greedy MAP).
-
-    Each candidate keeps its Cholesky row c_i and d_i² = 1 + αK_ii − ‖c_i‖² = 1 + α g_iᵀ(I + αF_S)⁻¹g_i
-    (Woodbury), so Δ_i = log d_i². After picking j: e_i = (αK_ji − c_jᵀc_i)/d_j, c_i ← [c_i, e_i],
-    d_i² ← d_i² − e_i². O(n·t) per pick; K rows come from a precomputed float64 Gram or from G on the fly.
-    """
-
-    def __init__(self, G: torch.Tensor, alpha: float, k: int, precompute: bool = True):
-        self.G, self.alpha = G, alpha
-        self.K = common.gram(G) if precompute else None
-        sq = torch.diagonal(self.K).clone() if precompute else (G * G).sum(1)
-        self.d2 = 1 + alpha * sq
-        self.C = torch.zeros(G.shape[0], k, dtype=torch.float64, device=G.device)
-        self.t = 0
-
-    def gains(self) -> torch.Tensor:
-        return torch.log(self.d2.clamp(min=1.0))  # d_i² ≥ 1 in exact arithmetic
-
-    def row(self, j: int) -> torch.Tensor:
-        """K_j· = G g_j (n,)."""
-        return self.K[j] if self.K is not None else self.G @ self.G[j]
-
-    def add(self, j: int, k_row: torch.Tensor) -> None:
-        t = self.t
-        e = (self.alpha * k_row - self.C[:, :t] @ self.C[j, :t]) / math.sqrt(self.d2[j].item())
-        self.C[:, t] = e
-        self.d2 = self.d2 - e * e
-        self.t += 1
-
-
-class FeatureGains:
-    """Exact gains by rank-one (Sherman–Morrison) updates of A⁻¹ = (I + αF_S)⁻¹ in feature space (d × d).
-
-    q_i = g_iᵀA⁻¹g_i, Δ_i = log(1 + α q_i). After picking j, with u = A⁻¹g_j and β = 1 + α g_jᵀu:
-    A⁻¹ ← A⁻¹ − α u uᵀ/β and q_i ← q_i − α (g_iᵀu)²/β. O(n·d + d²) per pick; cheaper than the kernel form
-    when d is small next to n (the n × k Cholesky table would be 8 GB at n = 10⁵, k = 10⁴).
-    """
-
-    def __init__(self, G: torch.Tensor, alpha: float):
-        self.G, self.alpha = G, alpha
-        self.q = (G * G).sum(1)
-        self.Ainv = torch.eye(G.shape[1], dtype=torch.float64, device=G.device)
-        self._u = None
-
-    def gains(self) -> torch.Tensor:
-        return torch.log1p(self.alpha * self.q.clamp(min=0))
-
-    def row(self, j: int) -> torch.Tensor:
-        """K_j· and G u in one pass over G (the pass is memory bound; two vectors cost about as much as one)."""
-        g = self.G[j]
-        self._u = self.Ainv @ g
-        both = self.G @ torch.stack([g, self._u]).T  # column-major right side: ~3× faster than a d × 2 block
-        self._Gu = both[:, 1]
-        return both[:, 0]
-
-    def add(self, j: int, k_row: torch.Tensor) -> None:
-        u, Gu = self._u, self._Gu
-        beta = 1 + self.alpha * float(Gu[j])
-        self.q = self.q - (self.alpha / beta) * Gu * Gu
-        self.Ainv.addr_(u, u, alpha=-self.alpha / beta)
-
-
-class OfficialDiagGains:
-    """The official code's diagonal surrogate (Chang-pw/SPICE, `fisher_mode=diag`), NOT the exact gain.
-
-    Δ̃_x = log(1 + α Σ_j g_xj²/den_j) with den = 1 initially and den ← den + α(|g|·g)² = den + α g⁴ after each
-    pick — not the diagonal of I + αF_S (that would add α g²), so Σ Δ̃ ≠ log det.
-    """
-
-    def __init__(self, G: torch.Tensor, alpha: float):
-        self.G, self.G2, self.alpha = G, G * G, alpha
-        self.den = torch.ones(G.shape[1], dtype=torch.float64, device=G.device)
-
-    def gains(self) -> torch.Tensor:
-        return torch.log1p(self.alpha * (self.G2 / self.den).sum(1))
-
-    def row(self, j: int) -> torch.Tensor:
-        return self.G @ self.G[j]
-
-    def add(self, j: int, k_row: torch.Tensor) -> None:
-        self.den += self.alpha * self.G2[j] ** 2
-
-
-def choose_form(n: int, d: int, k: int, form: str = "auto") -> str:
-    """The cheaper exact engine for (n candidates, d dims, k picks); both give the same gains.
-
-    kernel: Gram n²d at BLAS speed, then O(n·t) per pick over the n × k Cholesky table;
-    feature: O(n·d + d²) per pick, memory bound. The kernel form always wins when d ≥ n (the paper's regime:
-    120 candidates, millions of LoRA dims); at n = 10⁵, k = 10⁴ its table alone would be 8 GB.
-    Seconds modelled at ~6 GFLOP/s (BLAS, float64) and ~5 GB/s (memory-bound passes) per core.
-    """
-    if form != "auto":
-        return form
-    if d >= n:
-        return "kernel"
-    kernel_s = n * n * d / 6e9 + 8 * n * k * k / 2 / 5e9
-    feature_s = 8 * k * (n * d + 2 * d * d) / 5e9
-    return "kernel" if kernel_s < feature_s and 8 * n * (n + k) < 6e9 else "feature"
-
-
-@dataclass
-class Selection:
-    method: str
-    indices: list[int]
-    records: list[dict]  # per pick: t, index, delta, base, eps, conflict, score
-    log_det: float
-    stopped_early: bool = False
-    form: str = ""
-    seconds: float = 0.0
-
-
-def check_features(G: torch.Tensor, k: int, alpha: float = 1.0) -> None:
-    """Features the gains can use, and 1 ≤ k ≤ n. Finite entries are not enough: every Gram entry, α‖g‖² and
-    ‖Σ_S g‖² ≤ n Σ‖g‖² must be finite in float64 too (features near 1e160 pass isfinite and give NaN gains)."""
-    if G.ndim != 2 or G.shape[0] == 0:
-        raise UserError("no candidates to select from (empty pool)")
-    if not torch.isfinite(G).all():
-        bad = (~torch.isfinite(G).all(1)).nonzero().flatten().tolist()
-        raise UserError(f"features of rows {bad[:10]} are NaN or infinite", hint="check the proxy model and dtype")
-    sq = sq_norms(G)
-    if not math.isfinite(alpha * G.shape[0] * float(sq.sum())):
-        raise UserError(f"features too large for float64: α·n·Σ‖g‖² overflows (largest ‖g‖² {float(sq.max()):.3g}, "
-                        f"row {int(sq.argmax())})", hint="rescale the features (U(S) depends on α·scale², so "
-                                                         "dividing g by c equals α/c²)")
-    if not 1 <= k <= G.shape[0]:
-        raise UserError(f"budget k={k} must be between 1 and the number of candidates ({G.shape[0]})")
-
-
-def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, eta: float = 1e-8,
-                 omega: Optional[float] = None, form: str = "auto", progress: bool = False,
-                 method: str = "") -> Selection:
-    """Greedy SPICE: at each step pick argmax_x Δ_x(S) − λ·conflict(x|S) (Eq. 14), ties to the lowest index.
-
-    λ = 0 is plain log-det (Fisher) greedy. With ω set (SPICE+), stop at the first t > 1 with
-    Δ_{x_t} ≤ ω·Δ_{x_1}; x_t is not kept (as the official half-life check; the paper leaves it open).
-    The gains are exact (float64), so Σ_t Δ_t = log det(I + αF_S) whatever λ is. form: the gain engine,
-    `auto`/`kernel`/`feature` (exact) or `official_diag` (the official code's surrogate, a baseline).
-    """
-    t0 = time.perf_counter()
-    check_features(G, k, alpha)
-    n, d = G.shape
-    form = choose_form(n, d, k, form)
-    if form == "kernel" and 8 * n * n < 4e9:  # the float64 Gram alone: no float64 copy of G (D = 2.4 M for LoRA)
-        eng = KernelGains(G, alpha, k)
-        sq = torch.diagonal(eng.K).clone()
-    else:
-        G = G.double()
-        eng = (OfficialDiagGains(G, alpha) if form == "official_diag" else FeatureGains(G, alpha) if form == "feature"
-               else KernelGains(G, alpha, k, precompute=False))
-        sq = (G * G).sum(1)
-    norms, base = sq.sqrt(), base_gain(sq, alpha)
-    r, ss = torch.zeros(n, dtype=torch.float64, device=G.device), 0.0  # Σ_S g_xᵀg_y, ‖Σ_S g_y‖²
-    taken = torch.zeros(n, dtype=torch.bool, device=G.device)
-    picks, records, stopped = [], [], False
-    for t in tqdm(range(k), desc=method or "select", disable=not progress, leave=False):
-        delta = eng.gains()
-        pen = conflict(r, norms, ss, len(picks), eta)
-        score = (delta - lam * pen).masked_fill(taken, -math.inf)
-        j = int(torch.argmax(score))  # first maximal index: ties go to the lowest index
-        if omega is not None and t > 0 and delta[j] <= omega * records[0]["delta"]:
-            stopped = True
-            break
-        records.append({"t": t, "index": j, "delta": float(delta[j]), "base": float(base[j]),
-                        "eps": float(delta[j] - base[j]), "conflict": float(pen[j]), "score": float(score[j])})
-        picks.append(j)
-        taken[j] = True
-        k_row = eng.row(j)
-        ss += 2 * float(r[j]) + float(k_row[j])
-        r += k_row
-        if t + 1 < k:
-            eng.add(j, k_row)
-    # Exact engines telescope to the log-det; the diagonal surrogate does not, so its U(S) is computed.
-    u = log_det(G[picks], alpha) if form == "official_diag" else sum(rec["delta"] for rec in records)
-    return Selection(method or ("greedy" if lam == 0 else "spice"), picks, records, u, stopped, form,
-                     time.perf_counter() - t0)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Baselines (same features, same outputs)
-# ----------------------------------------------------------------------------------------------------------
-
-def random_select(G: torch.Tensor, k: int, alpha: float = 1.0, seed: int = 0) -> Selection:
-    """random: k rows uniformly without replacement (seeded)."""
-    t0 = time.perf_counter()
-    check_features(G, k, alpha)
-    idx = torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(seed))[:k].tolist()
-    return _fixed_selection("random", G, idx, alpha, t0)
-
-
-def top_norm_select(G: torch.Tensor, k: int, alpha: float = 1.0, omega: Optional[float] = None) -> Selection:
-    """top_norm: the official code's default `top_k` selector — rank by base_x = log(1 + α‖g_x‖²), i.e. by
-    gradient norm, no interaction and no conflict term. With ω: keep rows with base_x > ω·max base (as there)."""
-    t0 = time.perf_counter()
-    check_features(G, k, alpha)
-    base = base_gain(sq_norms(G), alpha)
-    order = sorted(range(len(base)), key=lambda i: (-float(base[i]), i))[:k]  # ties to the lowest index
-    if omega is not None:
-        order = [i for i in order if base[i] > omega * base[order[0]]]
-    return _fixed_selection("top_norm", G, order, alpha, t0)
-
-
-def official_diag_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, eta: float = 1e-8,
-                         omega: Optional[float] = None) -> Selection:
-    """official_diag: Chang-pw/SPICE `greedy_select_with_conflict_penalty` with `fisher_mode=diag`.
-
-    The same greedy loop, conflict penalty and tie-break as `spice_select`, with the gain replaced by the official
-    diagonal surrogate Δ̃ (`OfficialDiagGains`). The recorded `delta` is Δ̃, `log_det` the exact U(S). The official
-    function has no early stop; ω here applies the same test as spice_select, on Δ̃.
-    """
-    return spice_select(G, k, alpha, lam, eta, omega, form="official_diag", method="official_diag")
-
-
-def _fixed_selection(method: str, G: torch.Tensor, idx: list[int], alpha: float, t0: float) -> Selection:
-    """Records with the exact Δ of each pick given the earlier ones (so the same analysis applies)."""
-    G = G[idx].double()
-    records = []
-    sq = (G * G).sum(1)
-    if len(idx) <= 2000:  # per-pick exact gains; beyond that only the final log-det
-        eng = KernelGains(G, alpha, len(idx))
-        for t, j in enumerate(idx):
-            dlt = float(eng.gains()[t])
-            records.append({"t": t, "index": j, "delta": dlt, "base": float(base_gain(sq[t], alpha)),
-                            "eps": dlt - float(base_gain(sq[t], alpha)), "conflict": float("nan"),
-                            "score": float("nan")})
-            if t + 1 < len(idx):
-                eng.add(t, eng.row(t))
-    return Selection(method, idx, records, log_det(G, alpha), False, "", time.perf_counter() - t0)
-
-
-def run_method(method: str, G: torch.Tensor, k: int, cfg: Config, progress: bool = False) -> Selection:
-    if method == "spice":
-        return spice_select(G, k, cfg.alpha, cfg.lam, cfg.eta, cfg.omega, cfg.form, progress, "spice")
-    if method == "greedy":
-        return spice_select(G, k, cfg.alpha, 0.0, cfg.eta, cfg.omega, cfg.form, progress, "greedy")
-    if method == "top_norm":
-        return top_norm_select(G, k, cfg.alpha, cfg.omega)
-    if method == "random":
-        return random_select(G, k, cfg.alpha, cfg.seed)
-    return official_diag_select(G, k, cfg.alpha, cfg.lam, cfg.eta, cfg.omega)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Diagnostics: curvature, conflict statistics
-# ----------------------------------------------------------------------------------------------------------
-
-def curvature(G: torch.Tensor, alpha: float) -> float:
-    """Total curvature c = 1 − min_x Δ_x(D∖{x}) / Δ_x(∅) over the rows of G (§1.4).
-
-    With M = I + αK, the leave-one-out gain is Δ_x(D∖{x}) = −log[M⁻¹]_xx (matrix determinant lemma), so one
-    inverse gives every x. Rows with g_x = 0 have no gain either way and are left out.
-    """
-    if G.shape[0] > 4000:  # n × n inverse; estimate on a deterministic subsample for large pools
-        G = G[torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(0))[:4000]]
-    K = common.gram(G)
-    M = torch.eye(G.shape[0], dtype=torch.float64) + alpha * K
-    loo = -torch.log(torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(M))))
-    base = base_gain(torch.diagonal(K), alpha)
-    ok = base > 1e-12
-    return float(1 - (loo[ok] / base[ok]).min()) if ok.any() else 0.0
-
-
-def selection_stats(sel: Selection, G: torch.Tensor, rows: list[dict] | None = None, alpha: float = 1.0) -> dict:
-    """log-det, gains, conflict of the picks and, for tagged pools, corrupted / duplicate share and coverage."""
-    Gs = G[sel.indices].double()
-    out = {"method": sel.method, "k": len(sel.indices), "log_det": sel.log_det, "seconds": sel.seconds,
-           "stopped_early": sel.stopped_early}
-    if len(sel.indices):
-        mean = Gs.mean(0)
-        cos = Gs @ mean / (Gs.norm(dim=1) * mean.norm() + 1e-8)
-        out.update(cos_to_mean=float(cos.mean()), min_cos_to_mean=float(cos.min()),
-                   frac_negative_cos=float((cos < 0).double().mean()), mean_norm=float(Gs.norm(dim=1).mean()))
-        out["curvature_selected"] = curvature(Gs, alpha) if len(sel.indices) > 1 else 0.0
-    if rows and "family" in rows[0]:
-        picked = [rows[i] for i in sel.indices]
-        fams = {r["family"] for r in rows}
-        out["frac_corrupted"] = sum(bool(r.get("corrupted")) for r in picked) / max(1, len(picked))
-        out["frac_duplicates"] = sum(r.get("duplicate_of") is not None for r in picked) / max(1, len(picked))
-        out["families_covered"] = f"{len({r['family'] for r in picked})}/{len(fams)}"
-        counts = [sum(r["family"] == f for r in picked) for f in sorted(fams)]
-        out["min_family_share"] = min(counts) / max(1, len(picked))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Selection drivers: offline (whole pool or pool by pool) and online (proxy trained on its picks)
-# ----------------------------------------------------------------------------------------------------------
-
-def budget_count(budget: Union[int, float], n: int, what: str = "--budget", of: str = "the pool") -> int:
-    """Picks out of n: a float is a fraction in (0, 1] (1.0 = all n; at least 1 pick), an int a count ≤ n —
-    written `0.1` or `1.0` versus `100` or `1`, as datasets' train_test_split reads test_size."""
-    if isinstance(budget, float):
-        if not 0 < budget <= 1:
-            raise UserError(f"{what} {budget} is a fraction (written with a point) above 1",
-                            hint="a fraction is at most 1.0; a count is written without a point, e.g. 100")
-        return max(1, round(budget * n))
-    if budget > n:
-        raise UserError(f"{what} {budget} is larger than {of} ({n} rows)", hint="use a fraction, e.g. 0.1")
-    return budget
-
-
-def check_budget(cfg: Config, n: int) -> None:
-    """--budget / --select_k against the pool, before any feature is computed (the drivers use the same rule)."""
-    if cfg.mode == "offline" and (not cfg.pool_size or cfg.pool_size >= n):
-        budget_count(cfg.budget, n)
-        return
-    if cfg.select_k is None and isinstance(cfg.budget, int):
-        raise UserError(f"--budget {cfg.budget} counts rows of the whole pool; pool by pool the picks per pool are "
-                        f"--select_k", hint="pass --select_k (a count per pool or a fraction), or a fractional --budget")
-    budget_count(per_pool(cfg), cfg.pool_size, "--select_k" if cfg.select_k is not None else "--budget",
-                 f"--pool_size {cfg.pool_size}")
-
-
-def per_pool(cfg: Config) -> Union[int, float]:
-    return cfg.select_k if cfg.select_k is not None else cfg.budget
-
-
-def per_pool_k(per: float, size: int, pool_size: int) -> int:
-    """Picks from one window: select_k (count or fraction of pool_size); a shorter last window gets its
-    proportional share (at least 1), so the tail of the pool is not over-sampled."""
-    k = budget_count(per, pool_size, "--select_k")
-    return k if size == pool_size else max(1, min(size, round(k * size / pool_size)))
-
-
-def pool_windows(n: int, pool_size: int, seed: int) -> list[list[int]]:
-    """The official schedule: a seeded permutation of the pool cut into consecutive windows of pool_size."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return [perm[s:s + pool_size] for s in range(0, n, pool_size)]
-
-
-def select_offline(G: torch.Tensor, cfg: Config, method: str, progress: bool = False) -> Selection:
-    """The whole pool at once, or pool by pool (pool_size → select_k per window, F and ḡ reset per window)."""
-    n = G.shape[0]
-    if not cfg.pool_size or cfg.pool_size >= n:
-        return run_method(method, G, budget_count(cfg.budget, n), cfg, progress)
-    t0 = time.perf_counter()
-    per = per_pool(cfg)
-    picks, records, stops = [], [], 0
-    for w, win in enumerate(tqdm(pool_windows(n, cfg.pool_size, cfg.seed), desc=method, disable=not progress,
-                                 leave=False)):
-        k = per_pool_k(per, len(win), cfg.pool_size)
-        sel = run_method(method, G[win], k, cfg)
-        picks += [win[i] for i in sel.indices]
-        records += [{**rec, "pool": w, "index": win[rec["index"]]} for rec in sel.records]
-        stops += sel.stopped_early
-    return Selection(method, picks, records, log_det(G[picks], cfg.alpha), stops > 0, "per-pool",
-                     time.perf_counter() - t0)
-
-
-def train_proxy_step(model, opt, tokens, buffer: list[int], cfg: Config, accelerator, pad_id: int) -> float:
-    """One AdamW step of the LoRA proxy on the buffer (paper §2.2; each process its share, grads summed).
-
-    online_loss=mean: the mean per-sample SFT loss over the buffer. official_sum: the sum over micro-batches of
-    `online_micro_batch` rows of each micro-batch's mean loss (Chang-pw/SPICE train.py sums before one step).
-    """
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    mb = cfg.online_micro_batch
-    chunks = [buffer[s:s + mb] for s in range(0, len(buffer), mb)]
-    total = torch.zeros((), device=accelerator.device)
-    for c in chunks[accelerator.process_index::accelerator.num_processes]:
-        ids, am, lm = (t.to(accelerator.device) for t in collate([tokens[i] for i in c], pad_id, cfg.mask_prompt))
-        with torch.enable_grad():
-            nll = common.sequence_nll(model, ids, am, lm, cfg.reduction)
-            loss = nll.sum() / len(buffer) if cfg.online_loss == "mean" else nll.mean()
-            loss.backward()
-        total += loss.detach()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if accelerator.num_processes > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad = accelerator.reduce(p.grad, reduction="sum")
-        total = accelerator.reduce(total, reduction="sum")
-    opt.step()
-    model.eval()
-    return float(total)
-
-
-def select_online(cfg: Config, accelerator, model, tok, fz, tokens, method: str, logger) -> Selection:
-    """The paper's online schedule: pools of pool_size, select_k picks each from features of the *current*
-    proxy; every T = update_every pools one AdamW step on the buffer of picks, buffer cleared."""
-    t0 = time.perf_counter()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per = per_pool(cfg)
-    picks, records, buffer, stops = [], [], [], 0
-    windows = pool_windows(len(tokens), cfg.pool_size, cfg.seed)
-    for w, win in enumerate(tqdm(windows, desc=f"online {method}", disable=not accelerator.is_main_process)):
-        G = compute_features(fz, tok, [tokens[i] for i in win], cfg, accelerator, cache=None, desc=f"pool {w}")
-        sel = None
-        if accelerator.is_main_process:
-            k = per_pool_k(per, len(win), cfg.pool_size)
-            sel = run_method(method, G, k, cfg)
-        sel = common.broadcast_object(accelerator, sel)
-        picks += [win[i] for i in sel.indices]
-        records += [{**rec, "pool": w, "index": win[rec["index"]]} for rec in sel.records]
-        buffer += [win[i] for i in sel.indices]
-        stops += sel.stopped_early
-        logger.log({"pool_log_det": sel.log_det, "picks": len(sel.indices)}, step=w)
-        if (w + 1) % cfg.update_every == 0 and buffer:
-            loss = train_proxy_step(model, opt, tokens, buffer, cfg, accelerator, tok.pad_token_id)
-            logger.log({"proxy_loss": loss, "buffer": len(buffer)}, step=w)
-            buffer = []
-    # U(S) of the union of picks, with features of the final proxy (gains in the records are per pool)
-    G_final = compute_features(fz, tok, [tokens[i] for i in picks], cfg, accelerator, cache=None, desc="final")
-    return Selection(method, picks, records, log_det(G_final, cfg.alpha), stops > 0, "online",
-                     time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1041,11 +936,11 @@ def save_dataset(rows: list[dict], path: Path) -> None:
 # main
 # ----------------------------------------------------------------------------------------------------------
 
-def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> dict:
+def run(cfg: Config, accelerator=None) -> dict:
     """The whole pipeline on every process; returns the summary (selection made on the main process)."""
     from accelerate import Accelerator
 
-    acc = accelerator or Accelerator()
+    accelerator = accelerator or Accelerator()
     timings, t0 = {}, time.perf_counter()
     rows, examples, label, skipped = load_pool(cfg)
     check_budget(cfg, len(rows))  # every check that needs the pool, before the proxy and its features
@@ -1055,17 +950,18 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
     positions = [i for i in range(len(rows) + len(skipped)) if i not in gone]  # kept row → index in the pool
     lora = cfg.lora or cfg.mode == "online"
     model, tok, fz = build_proxy(cfg, lora, cfg.pool_size if cfg.mode == "online" else len(rows))
-    model.to(acc.device)
+    model.to(accelerator.device)
     tokens = tokenize(examples, tok, cfg)
     timings["load"] = time.perf_counter() - t0
     summary: dict[str, Any] = {"pool": label, "n_pool": len(rows), "n_skipped": len(skipped), "skipped": skipped[:50],
                                "features": fz.mode, "feature_dim": fz.dim, "gradient_dim": fz.full_dim,
                                "layers": list(fz.layers), "config": dataclasses.asdict(cfg)}
+    stats: list[dict] = []
     if cfg.mode == "online":
         t1 = time.perf_counter()
-        sel = select_online(cfg, acc, model, tok, fz, tokens, cfg.method, common.MetricsLogger(acc, cfg.output_dir))
+        sel = select_online(cfg, accelerator, model=model, tok=tok, fz=fz, tokens=tokens, method=cfg.method,
+                            logger=common.MetricsLogger(accelerator, cfg.output_dir))
         timings["online"] = time.perf_counter() - t1
-        G, stats = None, []
     else:
         t1 = time.perf_counter()
         cache = None
@@ -1073,19 +969,19 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
             key = feature_cache_key(cfg, fz, tokens)
             cache = Path(cfg.cache_dir or Path(cfg.output_dir) / "feature_cache") / key
             summary["feature_cache"] = str(cache)
-        G = compute_features(fz, tok, tokens, cfg, acc, cache, max_new_shards)
+        G = compute_features(fz, tok, tokens, cfg, accelerator, cache)
         timings["features"] = time.perf_counter() - t1
-        sel, stats = None, []
-        if acc.is_main_process:
+        sel = None
+        if accelerator.is_main_process:
             methods = [cfg.method] + ([m for m in METHODS if m != cfg.method] if cfg.compare else [])
             for m in methods:
                 s = select_offline(G, cfg, m, progress=(m == cfg.method))
                 sel = sel or s
                 stats.append(selection_stats(s, G, rows, cfg.alpha))
             summary["curvature_pool"] = curvature(G, cfg.alpha)
-        sel = common.broadcast_object(acc, sel)
+        sel = common.broadcast_object(accelerator, sel)
         timings["selection"] = time.perf_counter() - t1 - timings["features"]
-    if not acc.is_main_process:
+    if not accelerator.is_main_process:
         return {"indices": [positions[i] for i in sel.indices]}
     conf = [r["conflict"] for r in sel.records if math.isfinite(r["conflict"])]
     timings["total"] = time.perf_counter() - t0
@@ -1100,13 +996,7 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
         summary["curvature_selected"] = stats[0].get("curvature_selected")
     msgs = write_outputs(cfg, sel, rows, examples, positions, summary)
     if stats:
-        print(f"\nSPICE selection from {label}: {len(rows)} rows, features {fz.mode} d={fz.dim} of D={fz.full_dim} ({', '.join(fz.layers)[:60]}"
-              f"{'…' if len(', '.join(fz.layers)) > 60 else ''}), α={cfg.alpha}, λ={cfg.lam}")
-        if "family" in rows[0]:
-            base_c = sum(bool(r.get("corrupted")) for r in rows) / len(rows)
-            base_d = sum(r.get("duplicate_of") is not None for r in rows) / len(rows)
-            print(f"pool: {base_c:.3f} corrupted, {base_d:.3f} near-duplicates, {len(FAMILIES)} families")
-        print(format_table(stats))
+        print_comparison(cfg, label, rows, fz, stats)
     if skipped:
         print(f"skipped {len(skipped)} malformed rows (--skip_malformed); the first: {skipped[0]['error']}")
     if msgs and msgs != "messages":
@@ -1114,6 +1004,19 @@ def run(cfg: Config, accelerator=None, max_new_shards: Optional[int] = None) -> 
     print(f"wrote {Path(cfg.output_dir) / 'selected.jsonl'} ({len(sel.indices)} rows, method {sel.method}) "
           f"in {timings['total']:.1f} s")
     return summary
+
+
+def print_comparison(cfg: Config, label: str, rows: list[dict], fz, stats: list[dict]) -> None:
+    """The pool, the features and every method's row of the comparison table."""
+    layers = ", ".join(fz.layers)
+    print(f"\nSPICE selection from {label}: {len(rows)} rows, features {fz.mode} d={fz.dim} of D={fz.full_dim} "
+          f"({layers[:60]}{'…' if len(layers) > 60 else ''}), α={cfg.alpha}, λ={cfg.lam}")
+    if "family" in rows[0]:  # a tagged pool (data/spice_pool.py): what a good selection avoids
+        corrupted = sum(bool(r.get("corrupted")) for r in rows) / len(rows)
+        duplicates = sum(r.get("duplicate_of") is not None for r in rows) / len(rows)
+        families = len({r["family"] for r in rows})
+        print(f"pool: {corrupted:.3f} corrupted, {duplicates:.3f} near-duplicates, {families} families")
+    print(format_table(stats))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -240,7 +240,7 @@ def test_output_dirs_that_cannot_be_written_fail_before_the_run(capsys, out, tmp
 def test_corrupt_cache_shard_is_recomputed(tmp_path, capfd):
     from accelerate import Accelerator
 
-    cfg = tiny(tmp_path, embedded_pool_size=24, budget=0.25, cache_dir=str(tmp_path / "cache"))
+    cfg = tiny(tmp_path, pool=str(S.DEMO_POOL), split="train[:24]", budget=0.25, cache_dir=str(tmp_path / "cache"))
     first = S.run(cfg, Accelerator(cpu=True))
     shard = sorted((tmp_path / "cache").glob("*/shard_*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:100])  # a truncated shard

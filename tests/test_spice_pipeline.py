@@ -13,6 +13,7 @@ import torch
 
 import spice_select as S
 from common import UserError
+from data import spice_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,8 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def tiny_cfg(tmp, **kw):
-    base = dict(model="tiny", dtype="float32", embedded_pool_size=48, max_length=48, batch_size=8,
+def demo_rows(n):
+    """The first n rows of the demo pool (= data.spice_pool.generate(n)), read as any file is."""
+    return dict(pool=str(S.DEMO_POOL), split=f"train[:{n}]")
+
+
+def tiny_cfg(tmp, rows=48, **kw):
+    base = dict(model="tiny", dtype="float32", **demo_rows(rows), max_length=48, batch_size=8,
                 shard_batches=2, budget=0.25, output_dir=str(tmp), compare=False)
     base.update(kw)
     return S.validate(S.Config(**base))
@@ -34,10 +40,10 @@ def write_jsonl(path, rows):
 
 # ---------------------------------------------------------------------------------------------- pool
 
-def test_embedded_pool_is_seeded_and_tagged():
-    a, b = S.embedded_pool(800, 0.2, 0.1, seed=3), S.embedded_pool(800, 0.2, 0.1, seed=3)
-    assert a == b and a != S.embedded_pool(800, 0.2, 0.1, seed=4)
-    assert {r["family"] for r in a} == set(S.FAMILIES)
+def test_demo_pool_is_seeded_and_tagged():
+    a, b = spice_pool.generate(800, 0.2, 0.1, seed=3), spice_pool.generate(800, 0.2, 0.1, seed=3)
+    assert a == b and a != spice_pool.generate(800, 0.2, 0.1, seed=4)
+    assert {r["family"] for r in a} == set(spice_pool.FAMILIES)
     corrupt = [r for r in a if r["corrupted"] and r["duplicate_of"] is None]
     dups = [r for r in a if r["duplicate_of"] is not None]
     assert 0.12 < len(corrupt) / 800 < 0.25 and 0.05 < len(dups) / 800 < 0.15
@@ -49,6 +55,23 @@ def test_embedded_pool_is_seeded_and_tagged():
     for r in clean[:20]:  # clean responses are right
         q = r["instruction"].removeprefix("What is ").rstrip("?")
         assert r["response"] == f"{q} = {eval(q)}."
+
+
+def test_demo_pool_files_regenerate_byte_for_byte(tmp_path):
+    """The committed files are what `python data/spice_pool.py` writes; a pool is a prefix of a larger one."""
+    for path, n in spice_pool.FILES.items():
+        assert spice_pool.write(tmp_path / path.name, spice_pool.generate(n)).read_bytes() == path.read_bytes()
+    assert set(spice_pool.FILES) == {S.DEMO_POOL, S.SMOKE_POOL}
+    assert spice_pool.generate(500)[:64] == spice_pool.generate(64)
+
+
+def test_default_and_smoke_configs_read_the_demo_pools():
+    """No --pool: the 500 seeded rows the script generated in memory before they became a file; smoke: 64."""
+    rows, examples, label, skipped = S.load_pool(S.Config())
+    assert rows == spice_pool.generate(500, 0.15, 0.15, seed=0) and not skipped and label == str(S.DEMO_POOL)
+    assert [(e.prompt, e.response) for e in examples] == [(r["instruction"], r["response"]) for r in rows]
+    assert S.load_pool(S.parse_config(["--preset", "smoke"]))[0] == spice_pool.generate(64)
+    assert S.load_pool(S.Config(**demo_rows(48)))[0] == spice_pool.generate(48)
 
 
 def test_field_conventions(tmp_path):
@@ -137,13 +160,24 @@ def test_config_file_and_flags(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- features
 
-def test_cache_resume_gives_the_same_selection(tmp_path):
+def test_cache_resume_gives_the_same_selection(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
     fresh = S.run(tiny_cfg(tmp_path / "a", cache_dir="none"), Accelerator(cpu=True))
     cfg = tiny_cfg(tmp_path / "b", cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(S.Interrupted):
-        S.run(cfg, Accelerator(cpu=True), max_new_shards=1)  # killed after one shard
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, tensors):  # the run is killed right after its first shard is written
+        save(path, tensors)
+        raise Killed
+
+    save = S.common.save_safetensors
+    monkeypatch.setattr(S.common, "save_safetensors", save_then_die)
+    with pytest.raises(Killed):
+        S.run(cfg, Accelerator(cpu=True))
+    monkeypatch.undo()
     shards = list((tmp_path / "cache").glob("*/shard_*.safetensors"))
     assert len(shards) == 1
     stamp = shards[0].stat().st_mtime_ns
@@ -173,7 +207,7 @@ def test_feature_modes_end_to_end(tmp_path, flags, mode, dim):
 
 
 def test_cache_key_covers_the_feature_options(tmp_path):
-    cfg = tiny_cfg(tmp_path, embedded_pool_size=8)
+    cfg = tiny_cfg(tmp_path, rows=8)
     rows, ex, _, _ = S.load_pool(cfg)
 
     def key(**kw):
@@ -209,7 +243,7 @@ def _two_proc_worker(out_dir, cache_dir):
     acc = Accelerator(cpu=True)
     assert acc.num_processes == 2
     torch.set_num_threads(1)
-    cfg = tiny_cfg(Path(out_dir) / f"r{acc.process_index}", cache_dir=cache_dir, embedded_pool_size=40)
+    cfg = tiny_cfg(Path(out_dir) / f"r{acc.process_index}", cache_dir=cache_dir, rows=40)
     res = S.run(cfg, acc)
     Path(out_dir, f"idx{acc.process_index}.json").write_text(json.dumps(res["indices"]))
 
@@ -217,7 +251,7 @@ def _two_proc_worker(out_dir, cache_dir):
 def test_two_processes_select_exactly_what_one_selects(tmp_path):
     from accelerate import Accelerator, debug_launcher
 
-    single = S.run(tiny_cfg(tmp_path / "one", cache_dir="none", embedded_pool_size=40), Accelerator(cpu=True))
+    single = S.run(tiny_cfg(tmp_path / "one", cache_dir="none", rows=40), Accelerator(cpu=True))
     debug_launcher(_two_proc_worker, args=(str(tmp_path), str(tmp_path / "cache2")), num_processes=2)
     i0 = json.loads((tmp_path / "idx0.json").read_text())
     i1 = json.loads((tmp_path / "idx1.json").read_text())
@@ -232,7 +266,7 @@ def test_cli_end_to_end(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, str(ROOT / "spice_select.py"), "--model", "tiny", "--dtype", "float32",
-                        "--embedded_pool_size", "64", "--max_length", "48", "--output_dir", str(out),
+                        "--pool", str(S.SMOKE_POOL), "--max_length", "48", "--output_dir", str(out),
                         "--save_to_disk", str(tmp_path / "ds")], capture_output=True, text=True, env=env, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     for m in S.METHODS:  # the comparison table
@@ -268,7 +302,7 @@ def test_online_mode_trains_the_proxy(tmp_path):
     from accelerate import Accelerator
 
     cfg = tiny_cfg(tmp_path, mode="online", pool_size=12, select_k=3, update_every=2, lr=1e-2,
-                   cache_dir="none", embedded_pool_size=48)
+                   cache_dir="none", rows=48)
     res = S.run(cfg, Accelerator(cpu=True))
     assert len(res["indices"]) == 12 and len(set(res["indices"])) == 12
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -291,7 +325,7 @@ def test_online_mode_trains_the_proxy(tmp_path):
 def test_embedded_smollm2_small_run(tmp_path):
     from accelerate import Accelerator
 
-    cfg = S.validate(S.Config(embedded_pool_size=32, budget=0.25, output_dir=str(tmp_path), cache_dir="none",
+    cfg = S.validate(S.Config(**demo_rows(32), budget=0.25, output_dir=str(tmp_path), cache_dir="none",
                               batch_size=16))
     res = S.run(cfg, Accelerator(cpu=True))
     assert res["k"] == 8 and res["features"] == "exact"  # 32 rows × D fit the 2 GB budget
