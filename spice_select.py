@@ -112,7 +112,7 @@ class Config:
                                             "(offline)", ge=1)
     select_k: Optional[Union[int, float]] = option(None, "picks per pool: a count (paper 12 of 120) or a fraction "
                                                          "(0.1) of pool_size; default: the --budget fraction", gt=0)
-    # online proxy loop (paper §2.2: AdamW step on the buffer every T pools, features recomputed)
+    # online proxy loop (the paper's periodic selection–training schedule: an AdamW step on the buffer every T pools)
     update_every: int = option(10, "T: pools between proxy updates (paper 10)", ge=1)
     lr: float = option(2e-4, "proxy AdamW learning rate (online mode)", gt=0)
     weight_decay: float = option(0.01, "proxy AdamW weight decay", ge=0)
@@ -154,7 +154,7 @@ def check_combinations(cfg: Config) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The objective and the greedy
+# The objective: U(S) and the exact gains Δ_x(S), base_x and ε_x (Definition 3), conflict (Definition 4)
 # ----------------------------------------------------------------------------------------------------------
 
 def sq_norms(G: torch.Tensor) -> torch.Tensor:
@@ -172,22 +172,8 @@ def log_det(G: torch.Tensor, alpha: float) -> float:
     return float(2 * torch.log(torch.diagonal(torch.linalg.cholesky(M))).sum())
 
 
-def base_gain(sq_norm: torch.Tensor, alpha: float) -> torch.Tensor:
-    """base_x = Δ_x(∅) = log(1 + α‖g_x‖²), the modular part of the gain (Definition 3)."""
-    return torch.log1p(alpha * sq_norm)
-
-
-def conflict(r: torch.Tensor, norms: torch.Tensor, ss: float, m: int, eta: float) -> torch.Tensor:
-    """conflict(x|S) = max(0, −Align), Align = g_xᵀḡ / (‖g_x‖‖ḡ‖ + η), ḡ = (1/|S|) Σ_S g_y (Definition 4).
-
-    From running sums only: r_x = Σ_{y∈S} g_xᵀg_y and ss = ‖Σ_S g_y‖², so g_xᵀḡ = r_x/m and ‖ḡ‖ = √ss/m.
-    Zero when S = ∅.
-    """
-    if m == 0:
-        return torch.zeros_like(r)
-    align = (r / m) / (norms * math.sqrt(max(ss, 0.0)) / m + eta)
-    return (-align).clamp(min=0)
-
+# A gain engine holds S: gains() → Δ_x(S) for every x, row(j) → K_j· = G g_j, add(j, K_j·) → S ∪ {j}. The exact
+# kernel and feature forms and the official diagonal surrogate share it, so spice_select is one loop for all three.
 
 class KernelGains:
     """Exact gains by incremental Cholesky of M = I + αK in kernel space (Chen et al. 2018, fast greedy MAP).
@@ -252,27 +238,6 @@ class FeatureGains:
         self.Ainv.addr_(u, u, alpha=-self.alpha / beta)
 
 
-class OfficialDiagGains:
-    """The official code's diagonal surrogate (Chang-pw/SPICE, `fisher_mode=diag`), NOT the exact gain.
-
-    Δ̃_x = log(1 + α Σ_j g_xj²/den_j) with den = 1 initially and den ← den + α(|g|·g)² = den + α g⁴ after each
-    pick — not the diagonal of I + αF_S (that would add α g²), so Σ Δ̃ ≠ log det.
-    """
-
-    def __init__(self, G: torch.Tensor, alpha: float):
-        self.G, self.G2, self.alpha = G, G * G, alpha
-        self.den = torch.ones(G.shape[1], dtype=torch.float64, device=G.device)
-
-    def gains(self) -> torch.Tensor:
-        return torch.log1p(self.alpha * (self.G2 / self.den).sum(1))
-
-    def row(self, j: int) -> torch.Tensor:
-        return self.G @ self.G[j]
-
-    def add(self, j: int, k_row: torch.Tensor) -> None:
-        self.den += self.alpha * self.G2[j] ** 2
-
-
 def choose_form(n: int, d: int, k: int, form: str = "auto") -> str:
     """The cheaper exact engine for (n candidates, d dims, k picks); both give the same gains.
 
@@ -289,6 +254,27 @@ def choose_form(n: int, d: int, k: int, form: str = "auto") -> str:
     feature_s = 8 * k * (n * d + 2 * d * d) / 5e9
     return "kernel" if kernel_s < feature_s and 8 * n * (n + k) < 6e9 else "feature"
 
+
+def base_gain(sq_norm: torch.Tensor, alpha: float) -> torch.Tensor:
+    """base_x = Δ_x(∅) = log(1 + α‖g_x‖²), the modular part of the gain (Definition 3)."""
+    return torch.log1p(alpha * sq_norm)
+
+
+def conflict(r: torch.Tensor, norms: torch.Tensor, ss: float, m: int, eta: float) -> torch.Tensor:
+    """conflict(x|S) = max(0, −Align), Align = g_xᵀḡ / (‖g_x‖‖ḡ‖ + η), ḡ = (1/|S|) Σ_S g_y (Definition 4).
+
+    From running sums only: r_x = Σ_{y∈S} g_xᵀg_y and ss = ‖Σ_S g_y‖², so g_xᵀḡ = r_x/m and ‖ḡ‖ = √ss/m.
+    Zero when S = ∅.
+    """
+    if m == 0:
+        return torch.zeros_like(r)
+    align = (r / m) / (norms * math.sqrt(max(ss, 0.0)) / m + eta)
+    return (-align).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The greedy: argmax Δ − λ·conflict (Eq. 14), ties to the lowest index, SPICE+ early stop
+# ----------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Selection:
@@ -392,6 +378,27 @@ def top_norm_select(G: torch.Tensor, k: int, alpha: float = 1.0, omega: Optional
     return _fixed_selection("top_norm", G, order, alpha, t0)
 
 
+class OfficialDiagGains:
+    """The official code's diagonal surrogate (Chang-pw/SPICE, `fisher_mode=diag`), NOT the exact gain.
+
+    Δ̃_x = log(1 + α Σ_j g_xj²/den_j) with den = 1 initially and den ← den + α(|g|·g)² = den + α g⁴ after each
+    pick — not the diagonal of I + αF_S (that would add α g²), so Σ Δ̃ ≠ log det.
+    """
+
+    def __init__(self, G: torch.Tensor, alpha: float):
+        self.G, self.G2, self.alpha = G, G * G, alpha
+        self.den = torch.ones(G.shape[1], dtype=torch.float64, device=G.device)
+
+    def gains(self) -> torch.Tensor:
+        return torch.log1p(self.alpha * (self.G2 / self.den).sum(1))
+
+    def row(self, j: int) -> torch.Tensor:
+        return self.G @ self.G[j]
+
+    def add(self, j: int, k_row: torch.Tensor) -> None:
+        self.den += self.alpha * self.G2[j] ** 2
+
+
 def official_diag_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, eta: float = 1e-8,
                          omega: Optional[float] = None) -> Selection:
     """official_diag: Chang-pw/SPICE `greedy_select_with_conflict_penalty` with `fisher_mode=diag`.
@@ -474,7 +481,7 @@ def selection_stats(sel: Selection, G: torch.Tensor, rows: list[dict] | None = N
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Selection drivers: offline (whole pool or pool by pool) and online (proxy trained on its picks)
+# The selection loop: offline (the whole pool or pool by pool) and online (the proxy trains on its picks)
 # ----------------------------------------------------------------------------------------------------------
 
 def budget_count(budget: Union[int, float], n: int, what: str = "--budget", of: str = "the pool") -> int:
@@ -539,7 +546,7 @@ def select_offline(G: torch.Tensor, cfg: Config, method: str, progress: bool = F
 
 
 def train_proxy_step(model, opt, tokens, buffer: list[int], cfg: Config, accelerator, pad_id: int) -> float:
-    """One AdamW step of the LoRA proxy on the buffer (paper §2.2; each process its share, grads summed).
+    """One AdamW step of the LoRA proxy on the buffer (each process its share of the rows, gradients summed).
 
     online_loss=mean: the mean per-sample SFT loss over the buffer. official_sum: the sum over micro-batches of
     `online_micro_batch` rows of each micro-batch's mean loss (Chang-pw/SPICE train.py sums before one step).
@@ -600,7 +607,7 @@ def select_online(cfg: Config, accelerator, *, model, tok, fz, tokens, method: s
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pool: rows of a file, a folder or a hub dataset → (prompt, response) texts; tokens
+# Pool: rows of a file, a folder or a hub dataset → (prompt, response) texts → tokens
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -933,7 +940,7 @@ def save_dataset(rows: list[dict], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# main
+# run
 # ----------------------------------------------------------------------------------------------------------
 
 def run(cfg: Config, accelerator=None) -> dict:

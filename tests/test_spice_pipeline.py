@@ -68,7 +68,7 @@ def test_demo_pool_files_regenerate_byte_for_byte(tmp_path):
 def test_default_and_smoke_configs_read_the_demo_pools():
     """No --pool: the 500 seeded rows the script generated in memory before they became a file; smoke: 64."""
     rows, examples, label, skipped = S.load_pool(S.Config())
-    assert rows == spice_pool.generate(500, 0.15, 0.15, seed=0) and not skipped and label == str(S.DEMO_POOL)
+    assert rows == spice_pool.generate(500, 0.15, 0.15, seed=0) and label == str(S.DEMO_POOL) and not skipped
     assert [(e.prompt, e.response) for e in examples] == [(r["instruction"], r["response"]) for r in rows]
     assert S.load_pool(S.parse_config(["--preset", "smoke"]))[0] == spice_pool.generate(64)
     assert S.load_pool(S.Config(**demo_rows(48)))[0] == spice_pool.generate(48)
