@@ -210,8 +210,7 @@ class FeatureGains:
     """Exact gains by rank-one (Sherman–Morrison) updates of A⁻¹ = (I + αF_S)⁻¹ in feature space (d × d).
 
     q_i = g_iᵀA⁻¹g_i, Δ_i = log(1 + α q_i). After picking j, with u = A⁻¹g_j and β = 1 + α g_jᵀu:
-    A⁻¹ ← A⁻¹ − α u uᵀ/β and q_i ← q_i − α (g_iᵀu)²/β. O(n·d + d²) per pick; cheaper than the kernel form
-    when d is small next to n (the n × k Cholesky table would be 8 GB at n = 10⁵, k = 10⁴).
+    A⁻¹ ← A⁻¹ − α u uᵀ/β and q_i ← q_i − α (g_iᵀu)²/β. O(n·d + d²) per pick: the cheaper form when d ≪ n.
     """
 
     def __init__(self, G: torch.Tensor, alpha: float):
@@ -333,20 +332,21 @@ def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, 
     picks, records, stopped = [], [], False
     for t in tqdm(range(k), desc=method or "select", disable=not progress, leave=False):
         delta = engine.gains()
-        pen = conflict(r, norms, ss, len(picks), eta)
-        score = (delta - lam * pen).masked_fill(taken, -math.inf)
+        conflicts = conflict(r, norms, ss, len(picks), eta)
+        score = (delta - lam * conflicts).masked_fill(taken, -math.inf)
         j = int(torch.argmax(score))  # first maximal index: ties go to the lowest index
         if omega is not None and t > 0 and delta[j] <= omega * records[0]["delta"]:
             stopped = True
             break
         records.append({"t": t, "index": j, "delta": float(delta[j]), "base": float(base[j]),
-                        "eps": float(delta[j] - base[j]), "conflict": float(pen[j]), "score": float(score[j])})
+                        "eps": float(delta[j] - base[j]), "conflict": float(conflicts[j]),
+                        "score": float(score[j])})
         picks.append(j)
         taken[j] = True
         k_row = engine.row(j)
-        ss += 2 * float(r[j]) + float(k_row[j])
+        ss += 2 * float(r[j]) + float(k_row[j])  # ‖Σ_S g + g_j‖² = ss + 2 g_jᵀΣ_S g + ‖g_j‖²
         r += k_row
-        if t + 1 < k:
+        if t + 1 < k:  # the last pick needs no update (and KernelGains has room for k columns only)
             engine.add(j, k_row)
     # Exact engines telescope to the log-det; the diagonal surrogate does not, so its U(S) is computed.
     u = log_det(G[picks], alpha) if form == "official_diag" else sum(rec["delta"] for rec in records)
@@ -416,13 +416,13 @@ def _fixed_selection(method: str, G: torch.Tensor, idx: list[int], alpha: float,
     records = []
     sq = (G * G).sum(1)
     if len(idx) <= 2000:  # per-pick exact gains; beyond that only the final log-det
-        eng = KernelGains(G, alpha, len(idx))
+        engine = KernelGains(G, alpha, len(idx))
         for t, j in enumerate(idx):
-            delta, base = float(eng.gains()[t]), float(base_gain(sq[t], alpha))
+            delta, base = float(engine.gains()[t]), float(base_gain(sq[t], alpha))
             records.append({"t": t, "index": j, "delta": delta, "base": base, "eps": delta - base,
                             "conflict": float("nan"), "score": float("nan")})
             if t + 1 < len(idx):
-                eng.add(t, eng.row(t))
+                engine.add(t, engine.row(t))
     return Selection(method, idx, records, log_det=log_det(G, alpha), seconds=time.perf_counter() - t0)
 
 
