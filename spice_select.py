@@ -346,7 +346,7 @@ def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, 
         k_row = engine.row(j)
         ss += 2 * float(r[j]) + float(k_row[j])  # ‖Σ_S g + g_j‖² = ss + 2 g_jᵀΣ_S g + ‖g_j‖²
         r += k_row
-        if t + 1 < k:  # the last pick needs no update (and KernelGains has room for k columns only)
+        if t + 1 < k:  # no gains are read after the last pick
             engine.add(j, k_row)
     # Exact engines telescope to the log-det; the diagonal surrogate does not, so its U(S) is computed.
     u = log_det(G[picks], alpha) if form == "official_diag" else sum(rec["delta"] for rec in records)
