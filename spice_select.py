@@ -504,7 +504,8 @@ def check_budget(cfg: Config, n: int) -> None:
         return
     if cfg.select_k is None and isinstance(cfg.budget, int):
         raise UserError(f"--budget {cfg.budget} counts rows of the whole pool; pool by pool the picks per pool are "
-                        f"--select_k", hint="pass --select_k (a count per pool or a fraction), or a fractional --budget")
+                        "--select_k", hint="pass --select_k (a count per pool or a fraction), or a fractional "
+                                           "--budget")
     budget_count(per_pool(cfg), cfg.pool_size, "--select_k" if cfg.select_k is not None else "--budget",
                  f"--pool_size {cfg.pool_size}")
 
@@ -545,7 +546,7 @@ def select_offline(G: torch.Tensor, cfg: Config, method: str, progress: bool = F
                      form="per-pool", seconds=time.perf_counter() - t0)
 
 
-def train_proxy_step(model, opt, tokens, buffer: list[int], cfg: Config, accelerator, pad_id: int) -> float:
+def train_proxy_step(model, opt, cfg: Config, accelerator, *, tokens, buffer: list[int], pad_id: int) -> float:
     """One AdamW step of the LoRA proxy on the buffer (each process its share of the rows, gradients summed).
 
     online_loss=mean: the mean per-sample SFT loss over the buffer. official_sum: the sum over micro-batches of
@@ -597,7 +598,7 @@ def select_online(cfg: Config, accelerator, *, model, tok, fz, tokens, method: s
         stops += sel.stopped_early
         logger.log({"pool_log_det": sel.log_det, "picks": len(sel.indices)}, step=w)
         if (w + 1) % cfg.update_every == 0 and buffer:
-            loss = train_proxy_step(model, opt, tokens, buffer, cfg, accelerator, tok.pad_token_id)
+            loss = train_proxy_step(model, opt, cfg, accelerator, tokens=tokens, buffer=buffer, pad_id=tok.pad_token_id)
             logger.log({"proxy_loss": loss, "buffer": len(buffer)}, step=w)
             buffer = []
     # U(S) of the union of picks, with features of the final proxy (gains in the records are per pool)
@@ -747,7 +748,7 @@ def build_proxy(cfg: Config, lora: bool, rows: int = 0):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        targets = [name.strip() for name in cfg.lora_targets.split(",") if name.strip()]
         try:
             with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global RNG: seed it locally
                 torch.manual_seed(cfg.seed)
@@ -976,7 +977,7 @@ def run(cfg: Config, accelerator=None) -> dict:
             key = feature_cache_key(cfg, fz, tokens)
             cache = Path(cfg.cache_dir or Path(cfg.output_dir) / "feature_cache") / key
             summary["feature_cache"] = str(cache)
-        G = compute_features(fz, tok, tokens, cfg, accelerator, cache)
+        G = compute_features(fz, tok, tokens, cfg, accelerator, cache=cache)
         timings["features"] = time.perf_counter() - t1
         sel = None
         if accelerator.is_main_process:
@@ -1001,7 +1002,7 @@ def run(cfg: Config, accelerator=None) -> dict:
         "comparison": stats, "timings": timings})
     if stats:
         summary["curvature_selected"] = stats[0].get("curvature_selected")
-    msgs = write_outputs(cfg, sel, rows, examples, positions, summary)
+    msgs = write_outputs(cfg, sel, rows=rows, examples=examples, positions=positions, summary=summary)
     if stats:
         print_comparison(cfg, label, rows, fz, stats)
     if skipped:
