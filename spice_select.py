@@ -710,21 +710,22 @@ def tokenize(examples: list[Example], tok, cfg: Config) -> list[tuple[list[int],
         p = tok(prompt, add_special_tokens=False)["input_ids"]
         r = tok(ex.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         if len(p) + len(r) > cfg.max_length:
-            keep_r = min(len(r), max(cfg.max_length // 2, cfg.max_length - len(p)))
-            r, p = r[:keep_r], p[len(p) - (cfg.max_length - keep_r):] if cfg.max_length > keep_r else []
+            keep_r = min(len(r), max(cfg.max_length // 2, cfg.max_length - len(p)))  # ≤ max_length
+            r, p = r[:keep_r], p[len(p) - (cfg.max_length - keep_r):]
         out.append((p + r, len(p)))
     return out
 
 
 def collate(batch: list[tuple[list[int], int]], pad_id: int, mask_prompt: bool):
     """Left-padded input_ids, attention_mask and loss_mask (1 where a token is a scored target)."""
-    T = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     am, lm = torch.zeros_like(ids), torch.zeros_like(ids)
     for b, (x, n_prompt) in enumerate(batch):
-        ids[b, T - len(x):] = torch.tensor(x)
-        am[b, T - len(x):] = 1
-        lm[b, T - len(x) + (n_prompt if mask_prompt else 1):] = 1  # position 0 is never a target
+        start = width - len(x)
+        ids[b, start:] = torch.tensor(x)
+        am[b, start:] = 1
+        lm[b, start + (n_prompt if mask_prompt else 1):] = 1  # position 0 is never a target
     return ids, am, lm
 
 
