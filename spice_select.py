@@ -827,29 +827,26 @@ def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, 
     feats, index = [], []
     bar = tqdm(total=sum(len(b) for s in mine for b in shards[s]), desc=desc, unit="row",
                disable=not accelerator.is_local_main_process, leave=False)
+
+    def featurize(batch: list[int]) -> torch.Tensor:
+        ids, am, lm = collate([tokens[i] for i in batch], tok.pad_token_id, cfg.mask_prompt)
+        return fz(ids.to(device), am.to(device), lm.to(device)).float()
+
     for s in mine:
         idx = torch.tensor([i for b in shards[s] for i in b])
         path = cache / f"shard_{s:05d}.safetensors" if cache else None
-        cached = load_shard(path, idx, fz.dim) if path is not None else None
-        if cached is not None:
-            feats.append(cached.to(device))
-            index.append(idx)
-            bar.update(len(idx))
-            continue
-        out = []
-        for b in shards[s]:
-            ids, am, lm = (x.to(device) for x in collate([tokens[i] for i in b], tok.pad_token_id, cfg.mask_prompt))
-            out.append(fz(ids, am, lm).float())
-            bar.update(len(b))
-        F = torch.cat(out)
-        if not torch.isfinite(F).all():
-            bad = idx[~torch.isfinite(F).all(1).cpu()].tolist()
-            raise UserError(f"non-finite gradient features for pool rows {bad[:10]}",
-                            hint="try --dtype float32 or a smaller --max_length")
-        if path is not None:
-            common.save_safetensors(path, {"features": F, "index": idx})
-        feats.append(F)
+        F = load_shard(path, idx, fz.dim) if path is not None else None
+        if F is None:
+            F = torch.cat([featurize(b) for b in shards[s]])
+            if not torch.isfinite(F).all():
+                bad = idx[~torch.isfinite(F).all(1).cpu()].tolist()
+                raise UserError(f"non-finite gradient features for pool rows {bad[:10]}",
+                                hint="try --dtype float32 or a smaller --max_length")
+            if path is not None:
+                common.save_safetensors(path, {"features": F, "index": idx})
+        feats.append(F.to(device))
         index.append(idx)
+        bar.update(len(idx))
     bar.close()
     F = torch.cat(feats) if feats else torch.zeros(0, fz.dim, device=device)
     idx = torch.cat(index).to(device) if index else torch.zeros(0, dtype=torch.long, device=device)
