@@ -54,6 +54,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.shared import ROOT
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
