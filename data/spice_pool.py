@@ -122,6 +122,14 @@ def write(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
+def pool_file(folder: str | Path, n: int, corrupt_frac: float = 0.15, dup_frac: float = 0.15, seed: int = 0) -> Path:
+    """generate(n, …) written under folder, named by its arguments: a pool of another size or seed for --pool."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"spice_pool_n{n}_c{corrupt_frac:g}_d{dup_frac:g}_s{seed}.jsonl"
+    return write(folder / name, generate(n, corrupt_frac, dup_frac, seed))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=None, help="rows of one pool written to --out (default: the files)")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 import common
 import spice_select as ss
+from data import spice_pool
 from experiments import spice_downstream as sd  # held-out set, target, training and evaluation of experiment 6
 from experiments.shared import ROOT
 
@@ -39,12 +40,14 @@ CACHE = ROOT / "outputs/experiments/spice_clean"
 
 
 def pool_features(S: dict, cfg_kw: dict, cache: Path) -> tuple[list[dict], torch.Tensor, ss.Config]:
-    """(rows, G, cfg): spice_select's own pool loading, proxy and cached feature shards, with FEATURES."""
+    """(rows, G, cfg): spice_select's own pool loading, proxy and cached feature shards, with FEATURES. The pool:
+    cfg_kw's `pool`, else pool_n rows of the demo pool's generator (data/spice_pool.py)."""
     from accelerate import Accelerator
 
-    cfg = ss.validate(ss.Config(model=S["model"], dtype=S["proxy_dtype"], embedded_pool_size=S["pool_n"],
-                                budget=S["budget"], lam=S["lam"], seed=0, cache_dir=str(cache / "features"),
-                                output_dir=str(cache / "select"), **FEATURES, **cfg_kw))
+    cfg_kw = {"pool": str(spice_pool.pool_file(cache / "pools", S["pool_n"])), **cfg_kw}
+    cfg = ss.validate(ss.Config(model=S["model"], dtype=S["proxy_dtype"], budget=S["budget"], lam=S["lam"], seed=0,
+                                cache_dir=str(cache / "features"), output_dir=str(cache / "select"), **FEATURES,
+                                **cfg_kw))
     rows, examples, _, _ = ss.load_pool(cfg)
     _, tok, fz = ss.build_proxy(cfg, lora=cfg.lora, rows=len(examples))  # whole pool at once: auto → sketch if large
     tokens = ss.tokenize(examples, tok, cfg)
@@ -88,7 +91,8 @@ def main(argv=None) -> dict:
     S = SMOKE if args.smoke else SETTINGS
     cache = CACHE / ("smoke" if args.smoke else "full")
     t0 = time.perf_counter()
-    rows, G, cfg = pool_features(S, dict(embedded_corrupt_frac=0.0), cache)
+    clean_pool = spice_pool.pool_file(cache / "pools", S["pool_n"], corrupt_frac=0.0)
+    rows, G, cfg = pool_features(S, dict(pool=str(clean_pool)), cache)
     held = sd.heldout_rows(rows, S["heldout_per_family"])
     k = ss.budget_count(S["budget"], len(rows))
     sels = {m: {s: select(G, cfg, m, s) for s in (S["seeds"] if m == "random" else S["seeds"][:1])} for m in SELECTORS}

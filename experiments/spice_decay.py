@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 import common
 import spice_select as S
+from data import spice_pool
 from experiments.shared import ROOT
 
 PAPER = {"spearman_conflict_delta": -0.792, "spearman_conflict_abs_eps": 0.901, "half_life_steps": "10-30",
@@ -83,7 +84,8 @@ def pool_features(model: str, dtype: str, rows: int, seed: int, cache_dir: str) 
     from accelerate import Accelerator
 
     cache_root = ROOT / cache_dir
-    cfg = S.validate(S.Config(model=model, dtype=dtype, embedded_pool_size=rows, seed=seed,
+    pool = spice_pool.pool_file(cache_root / "pools", rows, seed=seed)  # the demo pool's generator, rows × seed
+    cfg = S.validate(S.Config(model=model, dtype=dtype, pool=str(pool), seed=seed,
                               lora=False, features="kronecker", cache_dir=str(cache_root)))
     pool, examples, _, _ = S.load_pool(cfg)
     proxy, tok, fz = S.build_proxy(cfg, lora=False)

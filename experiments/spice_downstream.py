@@ -6,7 +6,7 @@ over 8 benchmarks, against 56.4 for the full 97.5 K pool, 55.5 for a random 10 %
 Protocol, fixed before any result was seen:
 - Pool: the embedded pool (1000 rows, 8 families, seed 0): 17 % corrupted responses (15 % is only the generator's
   rate parameter), 15 % near-duplicates.
-- Held-out set: a fresh embedded_pool with another seed (1); clean rows only, no near-duplicates, and no
+- Held-out set: a fresh demo pool (data/spice_pool.py), seed 1; clean rows only, no near-duplicates, and no
   instruction that appears in the training pool (near-duplicate prefixes stripped before comparing); at most
   HELDOUT_PER_FAMILY per family. `capitals` and `opposites` have so few distinct instructions (24 / 18) that the
   training pool already holds every one, and `counting` / `days` have only a handful left: those families are
@@ -60,6 +60,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import common  # noqa: E402
 import spice_select as ss  # noqa: E402
+from data import spice_pool  # noqa: E402
 from experiments.shared import ROOT  # noqa: E402
 
 torch.set_num_threads(1)
@@ -89,15 +90,15 @@ _DUP_PREFIX = re.compile(r"^(Please answer: |Quick question\. |Q: |Tell me: )")
 # ----------------------------------------------------------------------------------------------------------
 
 def core_instruction(s: str) -> str:
-    """The instruction without the near-duplicate prefix embedded_pool adds."""
+    """The instruction without the near-duplicate prefix data/spice_pool.py adds."""
     return _DUP_PREFIX.sub("", s)
 
 
 def heldout_rows(pool: list[dict], per_family: int) -> list[dict]:
     """Clean, non-duplicate rows of a fresh embedded pool whose instruction is not in the training pool."""
     seen = {core_instruction(r["instruction"]) for r in pool}
-    fresh = ss.embedded_pool(8000, seed=HELDOUT_SEED)
-    out, count = [], {f: 0 for f in ss.FAMILIES}
+    fresh = spice_pool.generate(8000, seed=HELDOUT_SEED)
+    out, count = [], {f: 0 for f in spice_pool.FAMILIES}
     for r in fresh:
         if r["corrupted"] or r["duplicate_of"] is not None or r["instruction"] in seen:
             continue
@@ -116,12 +117,14 @@ def make_selections(S: dict, cache: Path, rows: list[dict]) -> dict:
     """{method: indices (and seed-specific lists for random)} plus stats; cached by the settings that matter."""
     from accelerate import Accelerator
 
-    cfg = ss.Config(model=S["model"], embedded_pool_size=S["pool_n"], budget=BUDGET, lam=LAMBDA, seed=0,
+    cfg = ss.Config(model=S["model"], pool=str(spice_pool.pool_file(cache / "pools", S["pool_n"])), budget=BUDGET,
+                    lam=LAMBDA, seed=0,
                     lora=False, features="kronecker", dtype="bfloat16",  # what these results were measured on
                     cache_dir=str(cache / "feature_cache"), output_dir=str(cache / "select"))
     # The key sees the paths relative to ROOT, so it does not depend on where the checkout lives.
     key_cfg = dataclasses.replace(cfg, cache_dir=os.path.relpath(cfg.cache_dir, ROOT),
-                                  output_dir=os.path.relpath(cfg.output_dir, ROOT))
+                                  output_dir=os.path.relpath(cfg.output_dir, ROOT),
+                                  pool=os.path.relpath(cfg.pool, ROOT))
     key = hashlib.sha1(json.dumps([dataclasses.asdict(key_cfg), S["online_pool"], S["online_k"], S["online_T"],
                                    list(S["seeds"])], sort_keys=True).encode()).hexdigest()[:12]
     path = cache / f"selections_{key}.json"
@@ -169,7 +172,7 @@ def composition(idx: list[int], rows: list[dict]) -> dict:
     picked = [rows[i] for i in idx]
     return {"n": len(idx), "frac_corrupted": sum(r["corrupted"] for r in picked) / max(1, len(picked)),
             "frac_duplicates": sum(r["duplicate_of"] is not None for r in picked) / max(1, len(picked)),
-            "families": {f: sum(r["family"] == f for r in picked) for f in ss.FAMILIES}}
+            "families": {f: sum(r["family"] == f for r in picked) for f in spice_pool.FAMILIES}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,12 +399,12 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
 
     # Data
-    pool = ss.embedded_pool(S["pool_n"], 0.15, 0.15, seed=0)  # = spice_select's embedded pool (Config defaults)
+    pool = spice_pool.generate(S["pool_n"])  # = the rows make_selections reads (spice_pool.pool_file)
     held = heldout_rows(pool, S["heldout_per_family"])
     held_fams = [r["family"] for r in held]
-    groups = ["overall"] + [f for f in ss.FAMILIES if f in held_fams]
+    groups = ["overall"] + [f for f in spice_pool.FAMILIES if f in held_fams]
     print(f"pool {len(pool)} rows ({sum(r['corrupted'] for r in pool)} corrupted); held-out {len(held)} rows: "
-          + ", ".join(f"{f} {held_fams.count(f)}" for f in ss.FAMILIES))
+          + ", ".join(f"{f} {held_fams.count(f)}" for f in spice_pool.FAMILIES))
 
     # Selections
     sels = make_selections(S, cache, pool)
@@ -426,7 +429,7 @@ def main(argv=None) -> dict:
     tok_held = ss.tokenize([ss.Example(r["instruction"], r["response"]) for r in held], tok, cfg_tok)
     result = {"settings": {**S, "budget": BUDGET, "lambda": LAMBDA, "lora": LORA, "warmup": WARMUP,
                            "heldout_seed": HELDOUT_SEED, "step_rule": "equal epochs", "methods": METHODS},
-              "heldout": {"n": len(held), "per_family": {f: held_fams.count(f) for f in ss.FAMILIES}},
+              "heldout": {"n": len(held), "per_family": {f: held_fams.count(f) for f in spice_pool.FAMILIES}},
               "selection": {"stats": sels["stats"], "seconds": sels["seconds"], "composition": comp},
               "runs": {}}
     t0 = time.perf_counter()

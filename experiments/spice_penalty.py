@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 import common
 import spice_select as ss
+from data import spice_pool
 from experiments import spice_downstream as sd
 from experiments.salt_mechanism import paired  # the pre-registered paired rule
 from experiments.shared import ROOT
@@ -47,12 +48,12 @@ def contradictory_pool(n: int, seed: int = 0) -> list[dict]:
     row of the same family (same template, a different answer). `partner` is the other row's index."""
     rng, rows, seen = random.Random(seed), [], set()
     while len(rows) < 2 * n:
-        fam = ss.FAMILIES[rng.randrange(len(ss.FAMILIES))]
-        ins, res = ss._family_row(fam, rng)
+        fam = spice_pool.FAMILIES[rng.randrange(len(spice_pool.FAMILIES))]
+        ins, res = spice_pool.family_row(fam, rng)
         if ins in seen:
             continue
         for _ in range(100):
-            other = ss._family_row(fam, rng)[1]
+            other = spice_pool.family_row(fam, rng)[1]
             if other != res:
                 break
         else:  # a family with a single possible answer here: skip the instruction

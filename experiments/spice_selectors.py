@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 import common
 import spice_select as S
+from data import spice_pool
 from experiments import spice_decay  # the same feature path, pool_features, and the same mean_std
 from experiments.shared import ROOT
 
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
                                         cfg["cache_dir"])
     pool_info = {"n": len(rows), "d": G.shape[1], "frac_corrupted": sum(r["corrupted"] for r in rows) / len(rows),
                  "frac_duplicates": sum(r["duplicate_of"] is not None for r in rows) / len(rows),
-                 "n_families": len(S.FAMILIES), "log_det_pool": S.log_det(G, cfg["alpha"])}
+                 "n_families": len(spice_pool.FAMILIES), "log_det_pool": S.log_det(G, cfg["alpha"])}
 
     whole = run_schedule(G, rows, cfg, None, None, 0)
     per_pool_runs = [run_schedule(G, rows, cfg, cfg["pool_size"], cfg["select_k"], s)
