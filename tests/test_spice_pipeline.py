@@ -63,6 +63,9 @@ def test_demo_pool_files_regenerate_byte_for_byte(tmp_path):
         assert spice_pool.write(tmp_path / path.name, spice_pool.generate(n)).read_bytes() == path.read_bytes()
     assert set(spice_pool.FILES) == {S.DEMO_POOL, S.SMOKE_POOL}
     assert spice_pool.generate(500)[:64] == spice_pool.generate(64)
+    cli = tmp_path / "cli.jsonl"
+    spice_pool.main(["--rows", "64", "--out", str(cli)])  # the command line and pool_file write the same bytes
+    assert cli.read_bytes() == spice_pool.pool_file(tmp_path, 64).read_bytes() == S.SMOKE_POOL.read_bytes()
 
 
 def test_default_and_smoke_configs_read_the_demo_pools():
