@@ -157,11 +157,6 @@ def check_combinations(cfg: Config) -> Config:
 # The objective: U(S) and the exact gains Δ_x(S), base_x and ε_x (Definition 3), conflict (Definition 4)
 # ----------------------------------------------------------------------------------------------------------
 
-def sq_norms(G: torch.Tensor) -> torch.Tensor:
-    """‖g_i‖² in float64, a block of rows at a time (no float64 copy of a wide G)."""
-    return torch.cat([b.double().pow(2).sum(1) for b in G.split(256)]) if len(G) else G.new_zeros(0).double()
-
-
 def log_det(G: torch.Tensor, alpha: float) -> float:
     """U(S) = log det(I_d + α G_Sᵀ G_S) = log det(I_|S| + α G_S G_Sᵀ) (Sylvester), the smaller side, float64."""
     G = G.double()
@@ -285,6 +280,11 @@ class Selection:
     stopped_early: bool = False
     form: str = ""
     seconds: float = 0.0
+
+
+def sq_norms(G: torch.Tensor) -> torch.Tensor:
+    """‖g_i‖² in float64, a block of rows at a time (no float64 copy of a wide G)."""
+    return torch.cat([b.double().pow(2).sum(1) for b in G.split(256)]) if len(G) else G.new_zeros(0).double()
 
 
 def check_features(G: torch.Tensor, k: int, alpha: float = 1.0) -> None:
