@@ -24,10 +24,10 @@ import json
 import math
 import numbers
 import os
-import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ import torch
 
 import common
 from common import UserError, option as _f
+from data import arithmetic
 
 # ----------------------------------------------------------------------------------------------------------
 # Config: one dataclass, every field a CLI flag with its checks; TRL's names and meanings where they overlap
@@ -225,39 +226,6 @@ def parse_config(argv: list[str]) -> Config:
 # Data and rewards: the built-in verifiable arithmetic task, datasets from files or the hub, reward functions
 # ----------------------------------------------------------------------------------------------------------
 
-NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana"]
-ITEMS = ["apples", "books", "coins", "pens", "stamps", "shells", "cards", "marbles"]
-
-
-def _held_out(terms: tuple[int, ...]) -> bool:
-    """One operand tuple in five is reserved for evaluation (stable across seeds and sizes)."""
-    return zlib.crc32(repr(terms).encode()) % 5 == 0
-
-
-def arithmetic_task(n: int, seed: int, held_out: bool, min_terms=2, max_terms=2, digits=1, word_frac=0.25):
-    """n seeded problems {prompt, answer}: multi-term sums and short word problems.
-
-    Train and eval draw from disjoint operand tuples (`_held_out`), so held-out accuracy measures generalisation.
-    """
-    rng = random.Random(seed * 2 + held_out)
-    lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
-    if digits == 1 and max_terms == min_terms == 1:
-        raise UserError("the built-in task needs at least 2 terms of 1 digit to have a held-out split")
-    rows = []
-    while len(rows) < n:
-        terms = tuple(rng.randint(lo, hi) for _ in range(rng.randint(min_terms, max_terms)))
-        if _held_out(terms) != held_out:
-            continue
-        if rng.random() < word_frac:
-            name, item = rng.choice(NAMES), rng.choice(ITEMS)
-            more = " and then ".join(f"gets {t} more" for t in terms[1:])
-            q = f"{name} has {terms[0]} {item}, {more}. How many {item} does {name} have now?"
-        else:
-            q = "What is " + " + ".join(map(str, terms)) + "?"
-        rows.append({"prompt": q + " Answer with just the number.", "answer": float(sum(terms))})
-    return rows
-
-
 _N = r"-?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?(?:[eE][-+]?\d+)?"  # -1,234.5e3; a comma only before groups of three digits
 _NUM = re.compile(rf"\\d?frac\{{\s*({_N})\s*\}}\{{\s*({_N})\s*\}}|({_N})(?:\s*/\s*({_N}))?")
 
@@ -361,10 +329,7 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     """(train, eval) rows: every column of the dataset plus `prompt` (text or conversation), validated up front;
     errors name file, row and field. The built-in rewards need a numeric answer in answer_column."""
     if not cfg.dataset:
-        kw = dict(min_terms=cfg.task_min_terms, max_terms=cfg.task_max_terms, digits=cfg.task_digits,
-                  word_frac=cfg.task_word_frac)
-        return (arithmetic_task(cfg.task_size, cfg.seed, False, **kw),
-                arithmetic_task(cfg.eval_size, cfg.seed, True, **kw))
+        return builtin_task_rows(cfg)
     builtin = any(n in BUILTIN_REWARDS for n in reward_names(cfg))
 
     def convert(rows, label):
@@ -401,6 +366,29 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
         ev = [first[keys[i]] for i in perm[: cfg.eval_size]]
         train = [r for r in train if json.dumps(r["prompt"]) not in held]
     return train, ev
+
+
+def builtin_task_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The built-in task through the loader above: data/arithmetic/{train,test}.jsonl as committed or, for another
+    --seed or --task_* setting, the same generator's files (data/arithmetic.py) written to a temporary folder."""
+    task = dict(min_terms=cfg.task_min_terms, max_terms=cfg.task_max_terms, digits=cfg.task_digits,
+                word_frac=cfg.task_word_frac)
+    committed = arithmetic.COMMITTED
+    with tempfile.TemporaryDirectory(prefix="salt-arithmetic-") as tmp:
+        if (cfg.seed, cfg.task_size <= committed["train_size"], cfg.eval_size <= committed["test_size"], task) == \
+                (committed["seed"], True, True, {k: committed[k] for k in task}):
+            train_file, test_file = arithmetic.FOLDER / "train.jsonl", arithmetic.FOLDER / "test.jsonl"
+        else:
+            try:
+                train_file, test_file = arithmetic.write(Path(tmp), cfg.seed, cfg.task_size, max(cfg.eval_size, 1),
+                                                         **task)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        # the built-in prompts carry their own instruction, and its columns are GSM8K's
+        builtin = dataclasses.replace(cfg, dataset=str(train_file), dataset_split="train", eval_dataset=str(test_file),
+                                      eval_split="", prompt_column="question", prompt_suffix="")
+        train, test = load_rows(builtin)
+    return train[: cfg.task_size], test
 
 
 def format_prompt(tok, prompt, system_prompt: str = "") -> str:
