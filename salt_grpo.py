@@ -638,13 +638,14 @@ def subspace_size(pr: float, B: int, cfg: Config) -> int:
     return min(B, max(cfg.salt_k_min, min(int(round(cfg.salt_rho * pr)), cfg.salt_k_max, B - 1)))
 
 
-def spectral_projector(K: torch.Tensor, k: int, random: bool = False, generator: torch.Generator | None = None):
+def spectral_projector(K: torch.Tensor, k: int, random_subspace: bool = False,
+                       generator: torch.Generator | None = None):
     """P = V_k V_kᵀ, V_k the top-k eigenvectors of K (torch.linalg.eigh, ascending, exact and deterministic; the
-    official code uses lobpcg when B ≥ 3k, which is iterative). random=True: a random k-dim subspace (control).
+    official code uses lobpcg when B ≥ 3k, which is iterative). random_subspace: a random k-dim subspace (control).
     Returns (P, the kept eigenvalues)."""
     evals, evecs = torch.linalg.eigh(K)
     B = K.shape[0]
-    if random:
+    if random_subspace:
         Vk, _ = torch.linalg.qr(torch.randn(B, k, generator=generator, dtype=K.dtype))
     else:
         Vk = evecs[:, B - k:]
@@ -656,22 +657,51 @@ def mixing_alpha(n_eff: float, cfg: Config) -> float:
     return min(max(1.0 - n_eff, cfg.salt_alpha_min), cfg.salt_alpha_max)
 
 
+def salt_rule(K: torch.Tensor, a: torch.Tensor, cfg: Config, relu: bool, alpha_of, random_subspace: bool = False,
+              generator: torch.Generator | None = None):
+    """SALT's reweighting of the advantages a (B,) from the Gram K (B×B) of per-rollout gradients, float64:
+
+        PR = (tr K)² / ‖K‖_F²,  k = max(k_min, min(round(ρ·PR), k_max, B−1)),  P = V_k V_kᵀ,
+        n_eff = aᵀKa / Σ_i a_i² K_ii,  α = clip(1 − n_eff, α_min, α_max),  a′ = P a + α (I − P) φ(a).
+
+    relu: φ = relu (else identity); alpha_of: n_eff ↦ α (the controls change it). Returns (a′, the rule's terms)."""
+    B = a.numel()
+    pr = common.participation_ratio(K)                     # PR: spectral spread (effective rank)
+    k = subspace_size(pr, B, cfg)                          # k: adaptive subspace size
+    P, top = spectral_projector(K, k, random_subspace, generator)  # P = V_k V_kᵀ
+    n_eff = common.signed_neff(K, a)                       # n_eff: signed-update effective sample size
+    alpha = alpha_of(n_eff)                                # α = clip(1 − n_eff, α_min, α_max)
+    phi = a.clamp(min=0) if relu else a                    # φ(a)
+    a_dom = P @ a                                          # dominant ("shared") channel P a
+    a_tail = (torch.eye(B, dtype=torch.float64) - P) @ phi  # spectral-tail ("residual") channel (I − P) φ(a)
+    a_new = a_dom + alpha * a_tail                         # a′
+    return a_new, dict(pr=pr, k=k, top=top, n_eff=n_eff, alpha=alpha, a_dom=a_dom, a_tail=a_tail)
+
+
+def positive_only(a: torch.Tensor, G: int) -> torch.Tensor:
+    """Control: a′_i = a⁺_i − mean_{j ∈ group(i)} a⁺_j, SALT's relu without the geometry (K is not used); groups are
+    G consecutive rows, so it needs the mini scope."""
+    pos = a.clamp(min=0).view(-1, G)
+    return (pos - pos.mean(1, keepdim=True)).flatten()
+
+
+def renormalise(a_new: torch.Tensor, a: torch.Tensor, how: str) -> torch.Tensor:
+    """std: a′ · std(a)/std(a′) (official normalize_final); l2: a′ · ‖a‖/‖a′‖; none: a′."""
+    if how == "std" and a_new.std() > 1e-8:
+        return a_new * (a.std() / a_new.std())
+    if how == "l2" and a_new.norm() > 1e-8:
+        return a_new * (a.norm() / a_new.norm())
+    return a_new
+
+
 def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torch.Generator | None = None):
-    """SALT's advantage reweighting (salt.md §3.1), a pure function of the Gram K (B×B) and advantages a (B,).
+    """a′ for the --salt mode, a pure function of the Gram K (B×B) and the advantages a (B,). Returns (a′, diagnostics).
 
-        PR   = (tr K)² / ‖K‖_F²                          spectral spread (effective rank)
-        k    = max(k_min, min(round(ρ·PR), k_max, B−1))  adaptive subspace size
-        P    = V_k V_kᵀ                                  top-k eigenvectors of K (float64 eigh)
-        n_eff = aᵀKa / Σ_i a_i² K_ii                     signed-update effective sample size
-        α    = clip(1 − n_eff, α_min, α_max)
-        a′   = P a + α (I − P) φ(a),  φ = relu (or identity with --no_salt_relu); optional renorm of a′
-
-    Modes: `official` as above; `identity` (φ = id, α ≡ 1) gives a′ = a exactly and checks it; `random_subspace`
-    uses a random k-dim subspace instead of the top-k (control); `amplify` is a′ = P a + (1 + λ c)(I − P) a with
-    c = clip(1 − n_eff, 0, 1), renormalised to ‖a‖ (a literal reading of the abstract, not the authors' rule);
-    `positive_only` ignores K: a′_i = a⁺_i − mean_{j ∈ group(i)} a⁺_j (salt.md §5.3, the relu without the geometry;
-    groups are G consecutive rows, so it needs the mini scope).
-    B = 1 or a ≡ 0 returns a unchanged. Errors are raised, never replaced by GRPO. Returns (a′, diagnostics).
+    `official`: salt_rule with φ = relu (--salt_relu) and --salt_renorm. Controls (docs/salt.md#paper-to-code-map):
+    `identity` (φ = id, α ≡ 1) gives a′ = a exactly and checks it; `random_subspace` uses a random k-dim subspace
+    (seeded by `generator`); `amplify` is a′ = P a + (1 + λ c)(I − P) a, c = clip(1 − n_eff, 0, 1), renormalised to
+    ‖a‖ (a literal reading of the abstract, not the authors' rule); `positive_only` ignores K (`positive_only`).
+    B = 1 or a ≡ 0 returns a unchanged. Errors are raised, never replaced by GRPO.
     """
     t0 = time.perf_counter()
     K = K.detach().to("cpu", torch.float64)
@@ -685,59 +715,54 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
     if cfg.salt == "off" or B == 1 or not (a64 != 0).any():
         return a.clone(), {"B": B, "skipped": 1.0, "time_s": time.perf_counter() - t0}
 
-    pr = common.participation_ratio(K)
-    k = subspace_size(pr, B, cfg)
-    P, top = spectral_projector(K, k, cfg.salt == "random_subspace", generator)
-    I = torch.eye(B, dtype=torch.float64)
-    n_eff = common.signed_neff(K, a64)
-    c = 1.0 - n_eff
-
-    a_dom = P @ a64                                   # dominant ("shared") channel
-    if cfg.salt == "amplify":
-        alpha, a_tail = 1.0 + cfg.salt_lambda * min(max(c, 0.0), 1.0), (I - P) @ a64
-    elif cfg.salt == "identity":
-        alpha, a_tail = 1.0, (I - P) @ a64
-    else:
-        alpha = mixing_alpha(n_eff, cfg)
-        a_tail = (I - P) @ (a64.clamp(min=0) if cfg.salt_relu else a64)   # spectral-tail ("residual") channel
-    a_new = a_dom + alpha * a_tail
+    official_alpha = functools.partial(mixing_alpha, cfg=cfg)
     if cfg.salt == "positive_only":
-        pos = a64.clamp(min=0).view(-1, cfg.num_generations)
-        a_new = (pos - pos.mean(1, keepdim=True)).flatten()
+        a_new = renormalise(positive_only(a64, cfg.num_generations), a64, cfg.salt_renorm)
+        _, terms = salt_rule(K, a64, cfg, cfg.salt_relu, official_alpha)  # for the diagnostics only
+    elif cfg.salt == "identity":
+        a_new, terms = salt_rule(K, a64, cfg, False, lambda n_eff: 1.0)
+        if (a_new - a64).abs().max() > 1e-9 * max(1.0, a64.abs().max().item()):
+            raise RuntimeError(f"SALT identity self-check failed: max |a′ − a| = {(a_new - a64).abs().max():.3e}")
+    elif cfg.salt == "amplify":
+        amplify = lambda n_eff: 1.0 + cfg.salt_lambda * min(max(1.0 - n_eff, 0.0), 1.0)  # noqa: E731
+        a_new, terms = salt_rule(K, a64, cfg, False, amplify)
+        a_new = renormalise(a_new, a64, "l2")
+    else:  # official, random_subspace
+        a_new, terms = salt_rule(K, a64, cfg, cfg.salt_relu, official_alpha, cfg.salt == "random_subspace", generator)
+        a_new = renormalise(a_new, a64, cfg.salt_renorm)
+    diag = salt_diagnostics(K, a64, a_new, terms, cfg)
+    diag["time_s"] = time.perf_counter() - t0
+    return a_new.to(a.dtype), diag
 
-    renorm = "l2" if cfg.salt == "amplify" else ("none" if cfg.salt == "identity" else cfg.salt_renorm)
-    if renorm == "std" and a_new.std() > 1e-8:      # official normalize_final
-        a_new = a_new * (a64.std() / a_new.std())
-    elif renorm == "l2" and a_new.norm() > 1e-8:
-        a_new = a_new * (a64.norm() / a_new.norm())
-    if cfg.salt == "identity" and (a_new - a64).abs().max() > 1e-9 * max(1.0, a64.abs().max().item()):
-        raise RuntimeError(f"SALT identity self-check failed: max |a′ − a| = {(a_new - a64).abs().max():.3e}")
 
+def salt_diagnostics(K: torch.Tensor, a: torch.Tensor, a_new: torch.Tensor, terms: dict, cfg: Config) -> dict:
+    """The salt/* metrics of one scope (docs/salt.md#metrics-metricsjsonl-and-accelerate-trackers)."""
+    B, n_eff, alpha, a_dom, a_tail = a.numel(), terms["n_eff"], terms["alpha"], terms["a_dom"], terms["a_tail"]
     e_dom, e_tail = float(a_dom @ a_dom), alpha ** 2 * float(a_tail @ a_tail)
-    aKa, bKb, aKb = float(a64 @ K @ a64), float(a_new @ K @ a_new), float(a64 @ K @ a_new)
-    zero = a64 == 0
-    # advantage mass kept on the positive (negative) rows: Σ_{a_i>0} v_i / Σ_{a_i>0} a_i for v = P a and v = a′
-    kept = lambda v, m: float(v[m].sum() / a64[m].sum()) if m.any() else float("nan")  # noqa: E731
+    aKa, bKb, aKb = float(a @ K @ a), float(a_new @ K @ a_new), float(a @ K @ a_new)
+
+    def kept(v, rows):  # advantage mass kept on some rows: Σ_rows v_i / Σ_rows a_i
+        return float(v[rows].sum() / a[rows].sum()) if rows.any() else float("nan")
+
     G = cfg.num_generations  # groups: G consecutive rows; a scope holds whole groups or lies inside one
     same = (torch.arange(B)[:, None] // G == torch.arange(B)[None, :] // G) & ~torch.eye(B, dtype=torch.bool)
     diag = {
-        "B": B, "participation_ratio": pr, "pr_over_B": pr / B, "k": k, "alpha": alpha,
-        "neff": n_eff, "neff_over_B": n_eff / B, "neff_after": common.signed_neff(K, a_new), "cancellation": c,
+        "B": B, "participation_ratio": terms["pr"], "pr_over_B": terms["pr"] / B, "k": terms["k"], "alpha": alpha,
+        "neff": n_eff, "neff_over_B": n_eff / B, "neff_after": common.signed_neff(K, a_new), "cancellation": 1.0 - n_eff,
         "main_contrib_ratio": e_dom / max(e_dom + e_tail, 1e-30), "exp_contrib_ratio": e_tail / max(e_dom + e_tail, 1e-30),
         "cos_grpo_salt": aKb / math.sqrt(max(aKa * bKb, 1e-300)),  # cos(Gᵀa, Gᵀa′) from K alone
-        "zero_adv_mass": float(a_new[zero].abs().sum() / a_new.abs().sum().clamp(min=1e-30)),
-        "positive_adv_ratio": float((a64 > 0).double().mean()),
-        "pos_mass_kept": kept(a_dom, a64 > 0), "neg_mass_kept": kept(a_dom, a64 < 0),
-        "pos_mass_after": kept(a_new, a64 > 0), "neg_mass_after": kept(a_new, a64 < 0),
+        "zero_adv_mass": float(a_new[a == 0].abs().sum() / a_new.abs().sum().clamp(min=1e-30)),
+        "positive_adv_ratio": float((a > 0).double().mean()),
+        "pos_mass_kept": kept(a_dom, a > 0), "neg_mass_kept": kept(a_dom, a < 0),
+        "pos_mass_after": kept(a_new, a > 0), "neg_mass_after": kept(a_new, a < 0),
         "cos_within_abs": float(common.cosine_matrix(K)[same].abs().mean())  # mean |cos(g_i, g_j)|, i ≠ j in a group
         if (B % G == 0 or G % B == 0) and same.any() else float("nan"),
-        "eigenvalue_max": float(top.max()), "eigenvalue_min": float(top.min()),
-        "adv_change_norm": float((a_new - a64).norm() / a64.norm().clamp(min=1e-30)),
-        "time_s": time.perf_counter() - t0,
+        "eigenvalue_max": float(terms["top"].max()), "eigenvalue_min": float(terms["top"].min()),
+        "adv_change_norm": float((a_new - a).norm() / a.norm().clamp(min=1e-30)),
     }
     if cfg.salt == "positive_only":  # no channels: the dominant/tail split does not apply
         diag.update(alpha=float("nan"), main_contrib_ratio=float("nan"), exp_contrib_ratio=float("nan"))
-    return a_new.to(a.dtype), diag
+    return diag
 
 
 def per_sample_advantage(A_tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
