@@ -424,15 +424,15 @@ class GumbelSampler:
     never on which process or batch it landed in (HF's own sampling draws from the global RNG)."""
 
     def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
-        self.gens, self.t, self.top_p = generators, temperature, top_p
+        self.generators, self.temperature, self.top_p = generators, temperature, top_p
 
     def __call__(self, input_ids, scores):
-        z = scores.float() / self.t
+        z = scores.float() / self.temperature
         if self.top_p < 1.0:
             s, idx = torch.sort(z, descending=True, dim=-1)
             drop = torch.softmax(s, -1).cumsum(-1) - torch.softmax(s, -1) > self.top_p  # keep the first past p
             z = z.scatter(-1, idx, s.masked_fill(drop, float("-inf")))
-        u = torch.stack([torch.rand(z.shape[-1], generator=g, device=g.device) for g in self.gens])
+        u = torch.stack([torch.rand(z.shape[-1], generator=g, device=g.device) for g in self.generators])
         return z - torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
 
 
@@ -524,11 +524,11 @@ class FeatureSpec:
     def from_forward(self) -> bool:  # LM-head features come free with the policy forward's hidden states and logits
         return self.kind != "layers"
 
-    def exact(self, acc, batches: list[dict], gather: bool) -> bool:
+    def exact(self, accelerator, batches: list[dict], gather: bool) -> bool:
         """Exact Gram for this scope: N²·Σ(d_out + d_in) ≤ salt_exact_budget, N its scored completion tokens (LM
         head) or non-padding tokens (layers), summed over processes when `gather` (the same answer on each)."""
         n = sum(float(b["comp_mask"].sum() + (b["prompt_mask"].sum() if self.kind == "layers" else 0)) for b in batches)
-        n = float(common.gather_rows(acc, torch.tensor([n], device=acc.device)).sum()) if gather else n
+        n = float(common.gather_rows(accelerator, torch.tensor([n], device=accelerator.device)).sum()) if gather else n
         return self.kind in ("lm_head", "layers") and n ** 2 * self.width <= self.cfg.salt_exact_budget
 
 
@@ -592,11 +592,11 @@ def feature_pass(model, spec: FeatureSpec, batches: list[dict], cfg: Config, dev
     return out
 
 
-def scope_gram(acc, spec: FeatureSpec, parts: list, gather: bool) -> torch.Tensor:
+def scope_gram(accelerator, spec: FeatureSpec, parts: list, gather: bool) -> torch.Tensor:
     """K (float64, CPU) of the scope from its parts; `gather`: the scope spans every process (rows in rank order)."""
     if torch.is_tensor(parts[0]):
         F = torch.cat(parts)
-        return common.gram((common.gather_rows(acc, F) if gather else F).detach().cpu().double())
+        return common.gram((common.gather_rows(accelerator, F) if gather else F).detach().cpu().double())
     n, tok, off = sum(p["n"] for p in parts), {}, 0
     for p in parts:  # rows of later micro-batches (and processes) follow the earlier ones
         for k, v in p.items():
@@ -605,8 +605,8 @@ def scope_gram(acc, spec: FeatureSpec, parts: list, gather: bool) -> torch.Tenso
         off += p["n"]
     tok = {k: torch.cat(v) for k, v in tok.items()}
     if gather:
-        tok = {k: common.gather_rows(acc, v + acc.process_index * n if k.startswith("r") else v) for k, v in tok.items()}
-        n *= acc.num_processes
+        tok = {k: common.gather_rows(accelerator, v + accelerator.process_index * n if k.startswith("r") else v) for k, v in tok.items()}
+        n *= accelerator.num_processes
     if "z" in tok:
         return common.lm_head_gram_tokens(tok, n, spec.cfg.temperature).cpu()
     return sum(common.linear_gram(tok[f"x:{m}"], tok[f"d:{m}"], tok[f"r:{m}"], n) for m in spec.featurizer.layers).cpu()
@@ -817,7 +817,7 @@ def aggregate_loss(per_tok, mask, loss_type: str, n_seq: int, n_tok: int, max_le
 @dataclass
 class Trainer:
     cfg: Config
-    acc: object
+    accelerator: object
     model: object        # as prepared by accelerate (DDP / FSDP2 / DeepSpeed)
     raw: object          # the unwrapped model (generation, no-grad forwards, features)
     ref: object          # frozen reference for β > 0 (None: none, or the LoRA base with the adapter disabled)
@@ -848,16 +848,16 @@ def micro_batches(batch: dict, cfg: Config) -> list[dict]:
     return [slice_rows(batch, i, min(i + mb, n)) for i in range(0, n, mb)]
 
 
-def score(t: Trainer, rows: list[dict], comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def score(trainer: Trainer, rows: list[dict], comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Rewards (n, n_funcs): each function called as TRL calls it, f(prompts=, completions=, completion_ids=,
     **every other column), completions as text or, for conversational prompts, [{"role": "assistant", ...}]."""
-    texts = t.tok.batch_decode(comp, skip_special_tokens=True)
+    texts = trainer.tok.batch_decode(comp, skip_special_tokens=True)
     conv = isinstance(rows[0]["prompt"], list)
     kw = dict(prompts=[r["prompt"] for r in rows], completion_ids=[c[m.bool()].tolist() for c, m in zip(comp, mask)],
               completions=[[{"role": "assistant", "content": c}] for c in texts] if conv else texts,
               **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
     out = []
-    for name, fn in t.rewards:
+    for name, fn in trainer.rewards:
         v = fn(**kw)
         if not isinstance(v, (list, tuple)) or len(v) != len(rows):
             raise UserError(f"reward function {name!r} returned {type(v).__name__}"
@@ -870,155 +870,156 @@ def score(t: Trainer, rows: list[dict], comp: torch.Tensor, mask: torch.Tensor) 
     return torch.tensor(out, dtype=torch.float64).T
 
 
-def make_rollouts(t: Trainer, round_idx: int) -> dict:
+def make_rollouts(trainer: Trainer, round_idx: int) -> dict:
     """One generation round: prompts_per_step × steps_per_generation prompts, G rollouts each. Every process
     generates its share of each step's groups (slice j is optimizer step j of the round), scores them, and the
     advantages come from the rewards of all processes (so `batch` scaling and the logged statistics are global)."""
-    cfg, acc = t.cfg, t.acc
-    G, S, P, rank = cfg.num_generations, cfg.steps_per_generation, cfg.prompts_per_step, acc.process_index
-    per = P // acc.num_processes
-    idx = prompts_for_round(len(t.train_rows), P * S, round_idx, cfg.seed)
+    cfg, accelerator = trainer.cfg, trainer.accelerator
+    G, S, P, rank = cfg.num_generations, cfg.steps_per_generation, cfg.prompts_per_step, accelerator.process_index
+    per = P // accelerator.num_processes
+    idx = prompts_for_round(len(trainer.train_rows), P * S, round_idx, cfg.seed)
     t0 = time.perf_counter()
-    t.raw.eval()
+    trainer.raw.eval()
     slices = []
     for j in range(S):  # one generate call per optimizer step's share: memory stays that of one step
         pos = [j * P + rank * per + k for k in range(per)]  # positions in the round, as if on one process
-        rows = [t.train_rows[idx[p]] for p in pos for _ in range(G)]
-        gens = [torch.Generator(device=acc.device).manual_seed(rollout_seed(cfg.seed, round_idx, idx[p], g))
+        rows = [trainer.train_rows[idx[p]] for p in pos for _ in range(G)]
+        gens = [torch.Generator(device=accelerator.device).manual_seed(rollout_seed(cfg.seed, round_idx, idx[p], g))
                 for p in pos for g in range(G)]
-        pids, pam, comp, cmask = generate(t.raw, t.tok, [format_prompt(t.tok, r["prompt"], cfg.system_prompt)
-                                                         for r in rows], cfg, acc.device, cfg.max_completion_length,
-                                          gens, t.eos, t.synced)
+        pids, pam, comp, cmask = generate(trainer.raw, trainer.tok, [format_prompt(trainer.tok, r["prompt"], cfg.system_prompt)
+                                                         for r in rows], cfg, accelerator.device, cfg.max_completion_length,
+                                          gens, trainer.eos, trainer.synced)
         slices.append({"prompt_ids": pids, "prompt_mask": pam, "comp_ids": comp, "comp_mask": cmask,
-                       "rewards": score(t, rows, comp, cmask)})
+                       "rewards": score(trainer, rows, comp, cmask)})
     t_gen = time.perf_counter() - t0
-    gather = lambda x: torch.cat([common.gather_rows(acc, x(s).to(acc.device)).cpu() for s in slices])  # noqa: E731
+    gather = lambda x: torch.cat([common.gather_rows(accelerator, x(s).to(accelerator.device)).cpu() for s in slices])  # noqa: E731
     per_func = gather(lambda s: s["rewards"])               # global order: step by step, process by process
-    total = per_func @ t.reward_weights
+    total = per_func @ trainer.reward_weights
     adv = group_advantages(total, G, cfg.scale_rewards, cfg.adv_eps)
     lens = gather(lambda s: s["comp_mask"].sum(1).float())
-    trunc = gather(lambda s: truncated(s["comp_ids"], s["comp_mask"], t.eos).float())
-    t.num_tokens += int(gather(lambda s: (s["prompt_mask"].sum(1) + s["comp_mask"].sum(1)).float()).sum())
+    trunc = gather(lambda s: truncated(s["comp_ids"], s["comp_mask"], trainer.eos).float())
+    trainer.num_tokens += int(gather(lambda s: (s["prompt_mask"].sum(1) + s["comp_mask"].sum(1)).float()).sum())
     n = per * G
     reuse = S * cfg.num_iterations > 1  # a slice trained after an update needs the log-probs it was sampled with
     for j, s in enumerate(slices):
-        s["adv"] = adv[j * P * G + rank * n:][:n].float().to(acc.device)
+        s["adv"] = adv[j * P * G + rank * n:][:n].float().to(accelerator.device)
         if cfg.mask_truncated_completions:  # TRL: such completions carry no EOS signal, leave them out of the loss
-            s["comp_mask"] = s["comp_mask"] * ~truncated(s["comp_ids"], s["comp_mask"], t.eos)[:, None]
+            s["comp_mask"] = s["comp_mask"] * ~truncated(s["comp_ids"], s["comp_mask"], trainer.eos)[:, None]
         with torch.no_grad():
             if reuse:
-                s["old_logp"] = torch.cat([policy_forward(t.raw, t.spec.head, b, cfg, acc.device, False)[0]
+                s["old_logp"] = torch.cat([policy_forward(trainer.raw, trainer.spec.head, b, cfg, accelerator.device, False)[0]
                                            for b in micro_batches(s, cfg)])
             if cfg.beta > 0:
-                with t.raw.disable_adapter() if t.ref is None else contextlib.nullcontext():
-                    s["ref_logp"] = torch.cat([policy_forward(t.ref or t.raw, t.spec.head, b, cfg, acc.device,
+                with trainer.raw.disable_adapter() if trainer.ref is None else contextlib.nullcontext():
+                    s["ref_logp"] = torch.cat([policy_forward(trainer.ref or trainer.raw, trainer.spec.head, b, cfg, accelerator.device,
                                                               False)[0] for b in micro_batches(s, cfg)])
     grp = total.view(-1, G)
     metrics = {
         "reward": float(total.mean()), "reward_std": float(total.std()),  # TRL: std over the whole batch
         "reward_std_within_group": float(grp.std(1).mean()),
         "frac_reward_zero_std": float(torch.isclose(grp.std(1), torch.zeros((), dtype=grp.dtype)).double().mean()),
-        **{f"rewards/{name}/{k}": float(getattr(per_func[:, i], k)()) for i, (name, _) in enumerate(t.rewards)
+        **{f"rewards/{name}/{k}": float(getattr(per_func[:, i], k)()) for i, (name, _) in enumerate(trainer.rewards)
            for k in ("mean", "std")},
         "completions/mean_length": float(lens.mean()), "completions/max_length": float(lens.max()),
         "completions/min_length": float(lens.min()), "completions/clipped_ratio": float(trunc.mean()),
         "time/generation_s": t_gen,
     }
     s0 = slices[0]
-    sample = {"prompt": format_prompt(t.tok, t.train_rows[idx[rank * per]]["prompt"], cfg.system_prompt),
-              "completion": t.tok.decode(s0["comp_ids"][0], skip_special_tokens=True),
-              "reward": float(s0["rewards"][0] @ t.reward_weights)}
+    sample = {"prompt": format_prompt(trainer.tok, trainer.train_rows[idx[rank * per]]["prompt"], cfg.system_prompt),
+              "completion": trainer.tok.decode(s0["comp_ids"][0], skip_special_tokens=True),
+              "reward": float(s0["rewards"][0] @ trainer.reward_weights)}
     return {"round": round_idx, "slices": slices, "metrics": metrics, "sample": sample}
 
 
-def salt_on_scope(t: Trainer, parts: list, a_local: torch.Tensor, step: int, gather: bool, exact: bool):
-    """Gram over the scope (gathered across processes for `mini`), SALT, and this process's slice of a′."""
-    acc = t.acc
-    a = common.gather_rows(acc, a_local) if gather else a_local
-    K = scope_gram(acc, t.spec, parts, gather) / a.shape[0]  # K = G Gᵀ / B (the 1/B is immaterial: scale-invariant)
-    gen = torch.Generator().manual_seed(rollout_seed(t.cfg.seed, step, -1, -1))
-    a_new, diag = salt_reweight(K, a.detach().cpu().double(), t.cfg, gen)
+@contextlib.contextmanager
+def timed(timing: dict, key: str):
+    """Adds the seconds spent inside the block to timing[key]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[key] += time.perf_counter() - start
+
+
+def salt_on_scope(trainer: Trainer, batches: list[dict], a_local: torch.Tensor, step: int, timing: dict,
+                  gather: bool, exact: bool, forward=None):
+    """SALT over one scope: the Gram parts of `batches` (from the training forward's (hidden, logits) when given,
+    else a no-grad pass), K over the scope (gathered across processes for `mini`), a′, and this process's slice.
+
+    Returns (a′ slice, diagnostics, (a, a′) of the whole scope). Non-finite features (the weights diverged) leave a
+    unchanged and are reported, so that every process reaches the step's gathered check and stops there together."""
+    cfg, accelerator, spec = trainer.cfg, trainer.accelerator, trainer.spec
+    try:
+        with timed(timing, "time/features_s"):
+            if forward is None:
+                parts = feature_pass(trainer.raw, spec, batches, cfg, accelerator.device, exact)
+            else:
+                with torch.no_grad():
+                    parts = [gram_part(trainer.raw, spec, batches[0], forward[0], forward[1].detach(), cfg, exact)]
+        with timed(timing, "time/salt_s"):
+            a = common.gather_rows(accelerator, a_local) if gather else a_local
+            K = scope_gram(accelerator, spec, parts, gather) / a.shape[0]  # K = G Gᵀ / B (scale-invariant anyway)
+            generator = torch.Generator().manual_seed(rollout_seed(cfg.seed, step, -1, -1))
+            a_new, diag = salt_reweight(K, a.detach().cpu().double(), cfg, generator)
+    except FloatingPointError:
+        return a_local, {"nonfinite": 1.0}, None
     diag["gram"] = float(exact)  # salt/gram: 1 exact Gram, 0 an approximation (sketch, kronecker, projected layers)
-    lo = acc.process_index * a_local.shape[0] if gather else 0
+    lo = accelerator.process_index * a_local.shape[0] if gather else 0
     return a_new[lo:lo + a_local.shape[0]].float().to(a_local.device), diag, (a.cpu(), a_new)
 
 
-def guarded_salt(t: Trainer, parts, a, step: int, gather: bool, exact: bool):
-    """salt_on_scope; non-finite features (the weights diverged) leave a unchanged and are reported, so that every
-    process reaches the step's gathered check below and stops there together."""
-    try:
-        return salt_on_scope(t, parts, a, step, gather, exact)
-    except FloatingPointError:
-        return a, {"nonfinite": 1.0}, None
-
-
-def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
+def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
     """One optimizer step's forward/backward over the local rollouts, inside `accelerator.accumulate` (one
     gradient sync, and one DeepSpeed step, per optimizer step); leaves the scope's summed gradient in .grad.
 
     With SALT in `mini` scope, features of all local rollouts are needed before the first backward: they come from
     the training forward itself when there is a single micro-batch (no extra cost), else from a no-grad pass.
     """
-    cfg, acc = t.cfg, t.acc
+    cfg, accelerator, spec = trainer.cfg, trainer.accelerator, trainer.spec
     mbs = micro_batches(batch, cfg)
-    acc.gradient_accumulation_steps, acc.step = len(mbs), 0  # sync on the last micro-batch
-    salt_on = cfg.salt != "off"
+    accelerator.gradient_accumulation_steps, accelerator.step = len(mbs), 0  # sync on the last micro-batch
     # whole-scope normalisers (all processes), so the loss does not depend on the split
-    n_tok = int(common.gather_rows(acc, batch["comp_mask"].sum().view(1).float()).sum())
-    n_seq = batch["comp_ids"].shape[0] * acc.num_processes
+    n_tok = int(common.gather_rows(accelerator, batch["comp_mask"].sum().view(1).float()).sum())
+    n_seq = batch["comp_ids"].shape[0] * accelerator.num_processes
     timing = {"time/features_s": 0.0, "time/salt_s": 0.0, "time/backward_s": 0.0}  # backward_s: forward + backward
-    diags, a_pair = [], None
-    adv = batch["adv"]
-    inline = salt_on and cfg.salt_scope == "mini" and len(mbs) == 1 and t.spec.from_forward
-    exact = salt_on and cfg.salt_scope == "mini" and t.spec.exact(acc, [batch], True)  # one decision per scope
-    if salt_on and cfg.salt_scope == "mini" and not inline:
-        t0 = time.perf_counter()
-        parts = feature_pass(t.raw, t.spec, mbs, cfg, acc.device, exact)
-        timing["time/features_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        adv, d, a_pair = guarded_salt(t, parts, adv, step, True, exact)
-        timing["time/salt_s"] += time.perf_counter() - t0
+    salt_on, mini = cfg.salt != "off", cfg.salt_scope == "mini"
+    inline = salt_on and mini and len(mbs) == 1 and spec.from_forward  # SALT on the training forward's features
+    exact = salt_on and mini and spec.exact(accelerator, [batch], True)  # one decision per scope
+    diags, a_pair, adv = [], None, batch["adv"]
+    if salt_on and mini and not inline:
+        adv, d, a_pair = salt_on_scope(trainer, mbs, adv, step, timing, gather=True, exact=exact)
         diags.append(d)
-    t.model.train()
+    trainer.model.train()
     sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "entropy": 0.0, "nonfinite": 0.0}
     off = 0
     for b in mbs:
         n = b["comp_ids"].shape[0]
-        with acc.accumulate(t.model):
-            t0 = time.perf_counter()
-            want = salt_on and (inline or (cfg.salt_scope == "micro" and t.spec.from_forward))
-            logp, ent, hidden, logits = policy_forward(t.model, t.spec.head, b, cfg, acc.device, want_hidden=want)
-            a_b = adv[off:off + n]
-            if salt_on and (inline or cfg.salt_scope == "micro"):
-                t1 = time.perf_counter()
-                exact = exact if inline else t.spec.exact(acc, [b], False)
-                if t.spec.from_forward:
-                    with torch.no_grad():
-                        parts = [gram_part(t.raw, t.spec, b, hidden, logits.detach(), cfg, exact)]
-                else:
-                    parts = feature_pass(t.raw, t.spec, [b], cfg, acc.device, exact)
-                t2 = time.perf_counter()
-                a_b, d, pair = guarded_salt(t, parts, a_b, step, inline, exact)
-                t3 = time.perf_counter()
-                timing["time/features_s"] += t2 - t1
-                timing["time/salt_s"] += t3 - t2
-                t0 += t3 - t1  # keep features and SALT out of the forward/backward time
+        a_b = adv[off:off + n]
+        salt_here = salt_on and (inline or not mini)
+        with accelerator.accumulate(trainer.model):
+            with timed(timing, "time/backward_s"):
+                logp, ent, hidden, logits = policy_forward(trainer.model, spec.head, b, cfg, accelerator.device,
+                                                           want_hidden=salt_here and spec.from_forward)
+            if salt_here:
+                a_b, d, pair = salt_on_scope(trainer, [b], a_b, step, timing, gather=inline,
+                                             exact=exact if inline else spec.exact(accelerator, [b], False),
+                                             forward=(hidden, logits) if spec.from_forward else None)
                 diags.append(d)
                 a_pair = pair if inline else a_pair
-            old = b["old_logp"] if "old_logp" in b else logp.detach()
-            per_tok, st = clipped_policy_loss(logp, old, a_b, b["comp_mask"], cfg, b.get("ref_logp"))
-            loss = aggregate_loss(per_tok, b["comp_mask"], cfg.loss_type, n_seq, n_tok, cfg.max_completion_length)
-            # DDP / FSDP / DeepSpeed average over processes and accelerate divides by the accumulation steps; undo
-            # both, so .grad is the scope's summed gradient whatever the split
-            acc.backward(loss * acc.num_processes * acc.gradient_accumulation_steps)
-            timing["time/backward_s"] += time.perf_counter() - t0
+            with timed(timing, "time/backward_s"):
+                old = b["old_logp"] if "old_logp" in b else logp.detach()
+                per_tok, st = clipped_policy_loss(logp, old, a_b, b["comp_mask"], cfg, b.get("ref_logp"))
+                loss = aggregate_loss(per_tok, b["comp_mask"], cfg.loss_type, n_seq, n_tok, cfg.max_completion_length)
+                # DDP / FSDP / DeepSpeed average over processes and accelerate divides by the accumulation steps;
+                # undo both, so .grad is the scope's summed gradient whatever the split
+                accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
         for k in ("clip_low", "clip_high", "kl"):
             sums[k] += float(st[k])
         sums["loss"] += float(loss.detach())
         sums["entropy"] += float((ent * b["comp_mask"]).sum())
         off += n
     sums["nonfinite"] = float(sum(d.get("nonfinite", 0) for d in diags))
-    tot = common.gather_rows(acc, torch.tensor([[sums[k] for k in sums]], device=acc.device)).sum(0).tolist()
+    tot = common.gather_rows(accelerator, torch.tensor([[sums[k] for k in sums]], device=accelerator.device)).sum(0).tolist()
     sums = dict(zip(sums, tot))
     m = {"loss": sums["loss"], "clip_ratio/low_mean": sums["clip_low"] / max(n_tok, 1),
          "clip_ratio/high_mean": sums["clip_high"] / max(n_tok, 1),
@@ -1035,21 +1036,21 @@ def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
             vals = [d[key] for d in diags if key in d and d[key] == d[key]]
             m[f"salt/{key}"] = sum(vals) / len(vals) if vals else float("nan")
         m["salt/skipped"] = sum(d.get("skipped", 0.0) for d in diags) / len(diags)
-    t.last_advantages = a_pair
+    trainer.last_advantages = a_pair
     return m
 
 
-def optimizer_step(t: Trainer, step: int = -1) -> float:
+def optimizer_step(trainer: Trainer, step: int = -1) -> float:
     """Clip (max_grad_norm 0: only measure), refuse a non-finite gradient before the update and anything is saved
     (DeepSpeed's engine has stepped inside the last backward already), step AdamW and the schedule."""
-    gn = t.acc.clip_grad_norm_(t.model.parameters(), t.cfg.max_grad_norm or math.inf)
+    gn = trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), trainer.cfg.max_grad_norm or math.inf)
     if gn is not None and not math.isfinite(float(gn)):  # None: DeepSpeed reports no norm before its first step
         raise UserError(f"step {step + 1}: the gradient norm is {float(gn)} (non-finite); stopped before the update "
                         "and before saving anything of this step",
                         hint="lower --learning_rate, check the rewards, or use --dtype float32")
-    t.opt.step()
-    t.sched.step()
-    t.opt.zero_grad(set_to_none=True)
+    trainer.opt.step()
+    trainer.sched.step()
+    trainer.opt.zero_grad(set_to_none=True)
     return float("nan") if gn is None else float(gn)
 
 
@@ -1059,22 +1060,22 @@ def eval_key(cfg: Config) -> str:
 
 
 @torch.no_grad()
-def evaluate(t: Trainer) -> float:
+def evaluate(trainer: Trainer) -> float:
     """Mean total reward of greedy completions on the held-out rows. Every process runs the same number of generate
     calls of the same size (its block padded with row 0, not counted), as FSDP and ZeRO-3 need; sums are gathered."""
-    cfg, acc = t.cfg, t.acc
-    per = -(-len(t.eval_rows) // acc.num_processes)
-    mine = t.eval_rows[acc.process_index * per:][:per]
-    rows = mine + t.eval_rows[:1] * (per - len(mine))
-    t.raw.eval()
+    cfg, accelerator = trainer.cfg, trainer.accelerator
+    per = -(-len(trainer.eval_rows) // accelerator.num_processes)
+    mine = trainer.eval_rows[accelerator.process_index * per:][:per]
+    rows = mine + trainer.eval_rows[:1] * (per - len(mine))
+    trainer.raw.eval()
     total = 0.0
     for s in range(0, per, cfg.eval_batch_size):
         chunk = rows[s:s + cfg.eval_batch_size]
-        texts = [format_prompt(t.tok, r["prompt"], cfg.system_prompt) for r in chunk]
-        _, _, comp, cmask = generate(t.raw, t.tok, texts, cfg, acc.device, cfg.max_completion_length, eos=t.eos,
-                                     synced=t.synced)
-        total += float((score(t, chunk, comp, cmask) @ t.reward_weights)[: max(0, len(mine) - s)].sum())
-    tot = common.gather_rows(acc, torch.tensor([[total, len(mine)]], device=acc.device, dtype=torch.float64)).sum(0)
+        texts = [format_prompt(trainer.tok, r["prompt"], cfg.system_prompt) for r in chunk]
+        _, _, comp, cmask = generate(trainer.raw, trainer.tok, texts, cfg, accelerator.device, cfg.max_completion_length, eos=trainer.eos,
+                                     synced=trainer.synced)
+        total += float((score(trainer, chunk, comp, cmask) @ trainer.reward_weights)[: max(0, len(mine) - s)].sum())
+    tot = common.gather_rows(accelerator, torch.tensor([[total, len(mine)]], device=accelerator.device, dtype=torch.float64)).sum(0)
     return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
 
 
@@ -1082,27 +1083,27 @@ def evaluate(t: Trainer) -> float:
 # Checkpoints: accelerate's save_state (model, optimizer, RNG; sharded under FSDP2 / DeepSpeed) + our state
 # ----------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(t: Trainer, step: int, path: Path) -> None:
+def save_checkpoint(trainer: Trainer, step: int, path: Path) -> None:
     """save_state into a temporary folder, plus state.json (step, schedule, config), the run's metrics so far and,
     mid-round, each process's rollouts; then renamed, so a checkpoint-N folder is always complete."""
-    acc, tmp = t.acc, path.parent / f".{path.name}.tmp"
-    if acc.is_main_process:
+    accelerator, tmp = trainer.accelerator, path.parent / f".{path.name}.tmp"
+    if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))  # collective: every process writes its part
-    if step % (t.cfg.steps_per_generation * t.cfg.num_iterations):  # mid-round: the rollouts are state too
-        tensors = {f"{j}.{k}": v for j, s in enumerate(t.buffer["slices"]) for k, v in s.items() if torch.is_tensor(v)}
-        common.save_safetensors(tmp / f"rollouts-{acc.process_index}.safetensors", tensors,
-                                {"round": str(t.buffer["round"])})
-    if acc.is_main_process:
-        common.write_jsonl(tmp / "metrics.jsonl", t.history)
-        common.write_json(tmp / "state.json", {"step": step, "num_tokens": t.num_tokens, "processes": acc.num_processes,
-                                               "scheduler": t.sched.state_dict(), "config": dataclasses.asdict(t.cfg)})
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # collective: every process writes its part
+    if step % (trainer.cfg.steps_per_generation * trainer.cfg.num_iterations):  # mid-round: the rollouts are state too
+        tensors = {f"{j}.{k}": v for j, s in enumerate(trainer.buffer["slices"]) for k, v in s.items() if torch.is_tensor(v)}
+        common.save_safetensors(tmp / f"rollouts-{accelerator.process_index}.safetensors", tensors,
+                                {"round": str(trainer.buffer["round"])})
+    if accelerator.is_main_process:
+        common.write_jsonl(tmp / "metrics.jsonl", trainer.history)
+        common.write_json(tmp / "state.json", {"step": step, "num_tokens": trainer.num_tokens, "processes": accelerator.num_processes,
+                                               "scheduler": trainer.sched.state_dict(), "config": dataclasses.asdict(trainer.cfg)})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
 
 def read_checkpoint(cfg: Config, num_processes: int) -> dict:
@@ -1130,48 +1131,48 @@ def read_checkpoint(cfg: Config, num_processes: int) -> dict:
     return state
 
 
-def load_checkpoint(t: Trainer, path: Path, state: dict) -> int:
+def load_checkpoint(trainer: Trainer, path: Path, state: dict) -> int:
     """load_state (weights_only loading), then the schedule, token count, metrics and mid-round rollouts."""
     from safetensors import safe_open
 
     try:
-        t.acc.load_state(str(path))
-        t.history = common.read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
-        step, S = int(state["step"]), t.cfg.steps_per_generation
-        if step % (S * t.cfg.num_iterations):
-            with safe_open(str(path / f"rollouts-{t.acc.process_index}.safetensors"), "pt", device="cpu") as f:
+        trainer.accelerator.load_state(str(path))
+        trainer.history = common.read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
+        step, S = int(state["step"]), trainer.cfg.steps_per_generation
+        if step % (S * trainer.cfg.num_iterations):
+            with safe_open(str(path / f"rollouts-{trainer.accelerator.process_index}.safetensors"), "pt", device="cpu") as f:
                 slices = [{} for _ in range(S)]
                 for key in f.keys():
                     j, k = key.split(".", 1)
-                    slices[int(j)][k] = f.get_tensor(key).to(t.acc.device)
-                t.buffer = {"round": int(f.metadata()["round"]), "slices": slices, "metrics": {}, "sample": {}}
+                    slices[int(j)][k] = f.get_tensor(key).to(trainer.accelerator.device)
+                trainer.buffer = {"round": int(f.metadata()["round"]), "slices": slices, "metrics": {}, "sample": {}}
     except Exception as e:  # truncated or foreign files: safetensors, torch.load, load_state_dict, JSON errors
         raise UserError(f"--resume_from {path}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
                         hint="it is incomplete or from another model; pass an intact checkpoint-N") from None
-    t.sched.load_state_dict(state["scheduler"])
-    t.num_tokens = int(state["num_tokens"])
+    trainer.sched.load_state_dict(state["scheduler"])
+    trainer.num_tokens = int(state["num_tokens"])
     return step
 
 
-def save_final(t: Trainer, final: Path) -> None:
+def save_final(trainer: Trainer, final: Path) -> None:
     """The trained model (all weights, or the LoRA adapter) and tokenizer, written to a temporary folder and renamed:
     an interrupted save never leaves a `final/` without weights (a leftover .final.tmp is removed by the next save)."""
-    acc = t.acc
-    sd = acc.get_state_dict(t.model)  # collective under FSDP/DeepSpeed: call it on every process
-    if acc.is_main_process:
+    accelerator = trainer.accelerator
+    sd = accelerator.get_state_dict(trainer.model)  # collective under FSDP/DeepSpeed: call it on every process
+    if accelerator.is_main_process:
         tmp, old = final.parent / ".final.tmp", final.parent / ".final.old"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             with common._quiet_transformers():
-                t.raw.save_pretrained(tmp, state_dict=sd)
-                t.tok.save_pretrained(tmp)
+                trainer.raw.save_pretrained(tmp, state_dict=sd)
+                trainer.tok.save_pretrained(tmp)
             if final.exists():
                 os.replace(final, old)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1189,21 +1190,21 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     rewards = load_reward_funcs(cfg)
     resume = read_checkpoint(cfg, n_proc) if cfg.resume_from else None
     train_rows, eval_rows = load_rows(cfg)
-    acc = accelerator or Accelerator(log_with=report_to(cfg) or None, project_dir=cfg.output_dir)
+    accelerator = accelerator or Accelerator(log_with=report_to(cfg) or None, project_dir=cfg.output_dir)
     stale = ["checkpoint-*", ".checkpoint-*.tmp", "final", ".final.tmp"]  # what --overwrite_output_dir replaces
-    common.on_main(acc, lambda: common.prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from,
+    common.on_main(accelerator, lambda: common.prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from,
                                                           stale))
-    dt = acc.distributed_type
-    if dt == DistributedType.FSDP and not acc.is_fsdp2:
+    dt = accelerator.distributed_type
+    if dt == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise UserError("FSDP1 is not supported: generation needs FSDP2's per-forward gathering",
                         hint="set fsdp_version: 2 in the accelerate config's fsdp_config")
-    n_local = cfg.prompts_per_step // acc.num_processes * cfg.num_generations
+    n_local = cfg.prompts_per_step // accelerator.num_processes * cfg.num_generations
     mb = min(cfg.micro_batch_size or n_local, n_local)
-    acc.gradient_accumulation_steps = -(-n_local // mb)
+    accelerator.gradient_accumulation_steps = -(-n_local // mb)
     if dt == DistributedType.DEEPSPEED:  # our flags own the batch shape and the clipping
-        acc.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=acc.gradient_accumulation_steps,
-            train_batch_size=mb * acc.gradient_accumulation_steps * acc.num_processes,
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
+            train_batch_size=mb * accelerator.gradient_accumulation_steps * accelerator.num_processes,
             gradient_clipping=cfg.max_grad_norm)
     model, tok = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
     if cfg.gradient_checkpointing:
@@ -1213,7 +1214,7 @@ def build(cfg: Config, accelerator=None) -> Trainer:
         from peft import LoraConfig, get_peft_model
 
         targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
-        zero3 = dt == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+        zero3 = dt == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
         with torch.random.fork_rng(devices=[]):  # seeded adapter init, whatever ran before
             torch.manual_seed(cfg.seed)
             model = get_peft_model(model, LoraConfig(
@@ -1222,16 +1223,16 @@ def build(cfg: Config, accelerator=None) -> Trainer:
                 autocast_adapter_dtype=not zero3)  # ZeRO-3 gathers in one dtype (as TRL does)
     elif cfg.beta > 0:
         ref, _ = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
-        ref.requires_grad_(False).eval().to(acc.device)
+        ref.requires_grad_(False).eval().to(accelerator.device)
     texts = [format_prompt(tok, r["prompt"], cfg.system_prompt) for r in train_rows + eval_rows]
     long = sum(len(x) > cfg.max_prompt_length for x in tok(texts, add_special_tokens=not tok.chat_template).input_ids)
-    if long and acc.is_main_process:
+    if long and accelerator.is_main_process:
         print(f"warning: {long} of {len(texts)} prompts are longer than --max_prompt_length {cfg.max_prompt_length} "
               "tokens; they are cut on the left (TRL's rule)", file=sys.stderr)
-    if cfg.bf16 and not bf16_native(acc.device) and acc.is_main_process:
+    if cfg.bf16 and not bf16_native(accelerator.device) and accelerator.is_main_process:
         print("warning: this CPU has no native bf16 matmul (about 15x slower emulated), so --bf16 runs in fp32 here",
               file=sys.stderr)
-    if cfg.micro_batch_size == 0 and acc.device.type != "cpu" and acc.is_main_process:
+    if cfg.micro_batch_size == 0 and accelerator.device.type != "cpu" and accelerator.is_main_process:
         print(f"warning: --micro_batch_size 0 puts all {n_local} rollouts of a step through one forward/backward per "
               "process; set it (e.g. 16) if memory runs out", file=sys.stderr)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
@@ -1245,11 +1246,11 @@ def build(cfg: Config, accelerator=None) -> Trainer:
         return 1.0
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)  # not prepared: accelerate would step it per process
-    prepared, opt = acc.prepare(model, opt)
-    raw = acc.unwrap_model(prepared)
+    prepared, opt = accelerator.prepare(model, opt)
+    raw = accelerator.unwrap_model(prepared)
     spec = FeatureSpec(raw, cfg)  # after prepare: projections live on the model's device
-    synced = acc.num_processes > 1 and dt in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    return Trainer(cfg, acc, prepared, raw, ref, tok, opt, sched, spec, train_rows, eval_rows, rewards,
+    synced = accelerator.num_processes > 1 and dt in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return Trainer(cfg, accelerator, prepared, raw, ref, tok, opt, sched, spec, train_rows, eval_rows, rewards,
                    torch.tensor(reward_weights(cfg), dtype=torch.float64), eos_ids(raw, tok), synced, resume=resume)
 
 
@@ -1258,74 +1259,74 @@ def train(cfg: Config, accelerator=None) -> dict:
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    t = build(cfg, accelerator)
-    acc, out, key = t.acc, Path(cfg.output_dir), eval_key(cfg)
-    start = load_checkpoint(t, Path(cfg.resume_from), t.resume) if cfg.resume_from else 0
+    trainer = build(cfg, accelerator)
+    accelerator, out, key = trainer.accelerator, Path(cfg.output_dir), eval_key(cfg)
+    start = load_checkpoint(trainer, Path(cfg.resume_from), trainer.resume) if cfg.resume_from else 0
     if report_to(cfg):
-        acc.init_trackers("salt_grpo", config={k: v for k, v in dataclasses.asdict(cfg).items()
+        accelerator.init_trackers("salt_grpo", config={k: v for k, v in dataclasses.asdict(cfg).items()
                                                if isinstance(v, (int, float, str, bool))})
-    logger = common.MetricsLogger(acc, out, resume=bool(cfg.resume_from))
-    if cfg.resume_from and acc.is_main_process:  # the run so far from the checkpoint, not a killed run's later lines
-        common.write_jsonl(logger.path, t.history)
+    logger = common.MetricsLogger(accelerator, out, resume=bool(cfg.resume_from))
+    if cfg.resume_from and accelerator.is_main_process:  # the run so far from the checkpoint, not a killed run's later lines
+        common.write_jsonl(logger.path, trainer.history)
 
     def log(m: dict, step: int):
         logger.log(m, step=step)
-        t.history.append({"step": step, **m})
+        trainer.history.append({"step": step, **m})
 
     if start == 0 and cfg.eval_size:
-        log({key: evaluate(t)}, 0)
+        log({key: evaluate(trainer)}, 0)
     per_round, S = cfg.steps_per_generation * cfg.num_iterations, cfg.steps_per_generation
-    bar = tqdm(range(start, cfg.max_steps), desc=f"GRPO+SALT[{cfg.salt}]", disable=not acc.is_main_process,
+    bar = tqdm(range(start, cfg.max_steps), desc=f"GRPO+SALT[{cfg.salt}]", disable=not accelerator.is_main_process,
                initial=start, total=cfg.max_steps, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
         round_idx, pos = divmod(step, per_round)
-        if t.buffer is None or t.buffer["round"] != round_idx:
-            t.buffer = make_rollouts(t, round_idx)
-        m = dict(t.buffer["metrics"]) if pos == 0 else {}
-        m.update(accumulate_gradients(t, t.buffer["slices"][pos % S], step))
-        m["learning_rate"] = t.sched.get_last_lr()[0]  # the rate this step uses
+        if trainer.buffer is None or trainer.buffer["round"] != round_idx:
+            trainer.buffer = make_rollouts(trainer, round_idx)
+        m = dict(trainer.buffer["metrics"]) if pos == 0 else {}
+        m.update(accumulate_gradients(trainer, trainer.buffer["slices"][pos % S], step))
+        m["learning_rate"] = trainer.sched.get_last_lr()[0]  # the rate this step uses
         t1 = time.perf_counter()
-        m["grad_norm"] = optimizer_step(t, step)
+        m["grad_norm"] = optimizer_step(trainer, step)
         m.update({"time/optimizer_s": time.perf_counter() - t1, "step_time": time.perf_counter() - t0,
-                  "num_tokens": t.num_tokens})
+                  "num_tokens": trainer.num_tokens})
         if torch.cuda.is_available():
             m["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            m[key] = evaluate(t)
+            m[key] = evaluate(trainer)
         log(m, step + 1)
-        if acc.is_main_process and t.buffer.get("sample"):
-            common.write_json(out / "last_sample.json", t.buffer["sample"])
+        if accelerator.is_main_process and trainer.buffer.get("sample"):
+            common.write_json(out / "last_sample.json", trainer.buffer["sample"])
         bar.set_postfix({k: f"{m.get(name, math.nan):.2f}" for k, name in
                          (("reward", "reward"), ("neff", "salt/neff"), ("alpha", "salt/alpha"))})
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(t, step + 1, out / f"checkpoint-{step + 1}")
+            save_checkpoint(trainer, step + 1, out / f"checkpoint-{step + 1}")
     bar.close()
-    end = evaluate(t) if cfg.eval_size else None
+    end = evaluate(trainer) if cfg.eval_size else None
     if end is not None:
         log({key: end}, cfg.max_steps)
-    save_final(t, out / "final")
-    if acc.is_main_process and t.last_advantages is not None:  # the last SALT scope: a and a′ (whole scope)
-        common.save_safetensors(out / "last_advantages.safetensors", dict(zip(("a", "a_new"), t.last_advantages)))
-    rewards = [h["reward"] for h in t.history if "reward" in h]
-    evals = [(h["step"], h[key]) for h in t.history if key in h]
+    save_final(trainer, out / "final")
+    if accelerator.is_main_process and trainer.last_advantages is not None:  # the last SALT scope: a and a′ (whole scope)
+        common.save_safetensors(out / "last_advantages.safetensors", dict(zip(("a", "a_new"), trainer.last_advantages)))
+    rewards = [h["reward"] for h in trainer.history if "reward" in h]
+    evals = [(h["step"], h[key]) for h in trainer.history if key in h]
     k = max(1, min(8, len(rewards) // 4))  # reward is noisy per step: average the first / last quarter
     summary = {
         "salt": cfg.salt, "model": cfg.model, "steps": cfg.max_steps, "resumed_from_step": start,
-        "processes": acc.num_processes, "eval_metric": key,
+        "processes": accelerator.num_processes, "eval_metric": key,
         "reward_start": sum(rewards[:k]) / k if rewards else None,
         "reward_end": sum(rewards[-k:]) / k if rewards else None,
         "eval_accuracy_start": evals[0][1] if evals and evals[0][0] == 0 else None, "eval_accuracy_end": end,
-        "eval_size": len(t.eval_rows), "eval_history": evals, "reward_steps_averaged": k,
+        "eval_size": len(trainer.eval_rows), "eval_history": evals, "reward_steps_averaged": k,
         "wall_time_s": time.perf_counter() - t_start,
         "outputs": {"dir": str(out), "metrics": str(out / "metrics.jsonl"), "final_model": str(out / "final"),
                     "summary": str(out / "summary.json")},
     }
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         common.write_json(out / "summary.json", summary)
     if report_to(cfg):
-        acc.end_training()
-    acc.wait_for_everyone()
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
     return summary
 
 
@@ -1357,13 +1358,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg = parse_config(argv)
     s = train(cfg)
     if s["processes"] == 1 or int(os.environ.get("RANK", "0")) == 0:
-        acc_ = s["eval_metric"] == "eval/accuracy"
+        is_accuracy = s["eval_metric"] == "eval/accuracy"
         print(f"SALT[{s['salt']}] GRPO on {s['model']}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
               f"({s['processes']} process{'es' if s['processes'] > 1 else ''})")
         print(f"  train reward        {_fmt(s['reward_start'])} -> {_fmt(s['reward_end'])} "
               f"(sampled; mean over the first / last {s['reward_steps_averaged']} step(s))")
-        print(f"  held-out {'accuracy  ' if acc_ else 'reward    '} {_fmt(s['eval_accuracy_start'], acc_)} -> "
-              f"{_fmt(s['eval_accuracy_end'], acc_)} (greedy, {s['eval_size']} problems)")
+        print(f"  held-out {'accuracy  ' if is_accuracy else 'reward    '} {_fmt(s['eval_accuracy_start'], is_accuracy)} -> "
+              f"{_fmt(s['eval_accuracy_end'], is_accuracy)} (greedy, {s['eval_size']} problems)")
         print(f"  outputs             {s['outputs']['dir']}/ (metrics.jsonl, summary.json, final/; "
               f"plot: python salt_grpo.py plot {s['outputs']['dir']})")
     return s
