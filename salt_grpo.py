@@ -605,7 +605,8 @@ def scope_gram(accelerator, spec: FeatureSpec, parts: list, gather: bool) -> tor
         off += p["n"]
     tok = {k: torch.cat(v) for k, v in tok.items()}
     if gather:
-        tok = {k: common.gather_rows(accelerator, v + accelerator.process_index * n if k.startswith("r") else v) for k, v in tok.items()}
+        offset = accelerator.process_index * n
+        tok = {k: common.gather_rows(accelerator, v + offset if k.startswith("r") else v) for k, v in tok.items()}
         n *= accelerator.num_processes
     if "z" in tok:
         return common.lm_head_gram_tokens(tok, n, spec.cfg.temperature).cpu()
@@ -748,8 +749,9 @@ def salt_diagnostics(K: torch.Tensor, a: torch.Tensor, a_new: torch.Tensor, term
     same = (torch.arange(B)[:, None] // G == torch.arange(B)[None, :] // G) & ~torch.eye(B, dtype=torch.bool)
     diag = {
         "B": B, "participation_ratio": terms["pr"], "pr_over_B": terms["pr"] / B, "k": terms["k"], "alpha": alpha,
-        "neff": n_eff, "neff_over_B": n_eff / B, "neff_after": common.signed_neff(K, a_new), "cancellation": 1.0 - n_eff,
-        "main_contrib_ratio": e_dom / max(e_dom + e_tail, 1e-30), "exp_contrib_ratio": e_tail / max(e_dom + e_tail, 1e-30),
+        "neff": n_eff, "neff_over_B": n_eff / B, "neff_after": common.signed_neff(K, a_new),
+        "cancellation": 1.0 - n_eff, "main_contrib_ratio": e_dom / max(e_dom + e_tail, 1e-30),
+        "exp_contrib_ratio": e_tail / max(e_dom + e_tail, 1e-30),
         "cos_grpo_salt": aKb / math.sqrt(max(aKa * bKb, 1e-300)),  # cos(Gᵀa, Gᵀa′) from K alone
         "zero_adv_mass": float(a_new[a == 0].abs().sum() / a_new.abs().sum().clamp(min=1e-30)),
         "positive_adv_ratio": float((a > 0).double().mean()),
@@ -874,26 +876,29 @@ def make_rollouts(trainer: Trainer, round_idx: int) -> dict:
     """One generation round: prompts_per_step × steps_per_generation prompts, G rollouts each. Every process
     generates its share of each step's groups (slice j is optimizer step j of the round), scores them, and the
     advantages come from the rewards of all processes (so `batch` scaling and the logged statistics are global)."""
-    cfg, accelerator = trainer.cfg, trainer.accelerator
+    cfg, accelerator, tok, device = trainer.cfg, trainer.accelerator, trainer.tok, trainer.accelerator.device
     G, S, P, rank = cfg.num_generations, cfg.steps_per_generation, cfg.prompts_per_step, accelerator.process_index
     per = P // accelerator.num_processes
     idx = prompts_for_round(len(trainer.train_rows), P * S, round_idx, cfg.seed)
-    t0 = time.perf_counter()
+    generation_start = time.perf_counter()
     trainer.raw.eval()
     slices = []
     for j in range(S):  # one generate call per optimizer step's share: memory stays that of one step
         pos = [j * P + rank * per + k for k in range(per)]  # positions in the round, as if on one process
         rows = [trainer.train_rows[idx[p]] for p in pos for _ in range(G)]
-        gens = [torch.Generator(device=accelerator.device).manual_seed(rollout_seed(cfg.seed, round_idx, idx[p], g))
-                for p in pos for g in range(G)]
-        pids, pam, comp, cmask = generate(trainer.raw, trainer.tok, [format_prompt(trainer.tok, r["prompt"], cfg.system_prompt)
-                                                         for r in rows], cfg, accelerator.device, cfg.max_completion_length,
-                                          gens, trainer.eos, trainer.synced)
+        generators = [torch.Generator(device=device).manual_seed(rollout_seed(cfg.seed, round_idx, idx[p], g))
+                      for p in pos for g in range(G)]
+        prompts = [format_prompt(tok, r["prompt"], cfg.system_prompt) for r in rows]
+        pids, pam, comp, cmask = generate(trainer.raw, tok, prompts, cfg, device, cfg.max_completion_length,
+                                          generators=generators, eos=trainer.eos, synced=trainer.synced)
         slices.append({"prompt_ids": pids, "prompt_mask": pam, "comp_ids": comp, "comp_mask": cmask,
                        "rewards": score(trainer, rows, comp, cmask)})
-    t_gen = time.perf_counter() - t0
-    gather = lambda x: torch.cat([common.gather_rows(accelerator, x(s).to(accelerator.device)).cpu() for s in slices])  # noqa: E731
-    per_func = gather(lambda s: s["rewards"])               # global order: step by step, process by process
+    generation_s = time.perf_counter() - generation_start
+
+    def gather(column):  # a per-rollout quantity of every slice, all processes: step by step, process by process
+        return torch.cat([common.gather_rows(accelerator, column(s).to(device)).cpu() for s in slices])
+
+    per_func = gather(lambda s: s["rewards"])
     total = per_func @ trainer.reward_weights
     adv = group_advantages(total, G, cfg.scale_rewards, cfg.adv_eps)
     lens = gather(lambda s: s["comp_mask"].sum(1).float())
@@ -902,17 +907,20 @@ def make_rollouts(trainer: Trainer, round_idx: int) -> dict:
     n = per * G
     reuse = S * cfg.num_iterations > 1  # a slice trained after an update needs the log-probs it was sampled with
     for j, s in enumerate(slices):
-        s["adv"] = adv[j * P * G + rank * n:][:n].float().to(accelerator.device)
+        s["adv"] = adv[j * P * G + rank * n:][:n].float().to(device)
         if cfg.mask_truncated_completions:  # TRL: such completions carry no EOS signal, leave them out of the loss
             s["comp_mask"] = s["comp_mask"] * ~truncated(s["comp_ids"], s["comp_mask"], trainer.eos)[:, None]
+
+        def logprobs(model):  # log π(y_t) of the slice's completions under `model`, micro-batch by micro-batch
+            return torch.cat([policy_forward(model, trainer.spec.head, b, cfg, device, want_hidden=False)[0]
+                              for b in micro_batches(s, cfg)])
+
         with torch.no_grad():
             if reuse:
-                s["old_logp"] = torch.cat([policy_forward(trainer.raw, trainer.spec.head, b, cfg, accelerator.device, False)[0]
-                                           for b in micro_batches(s, cfg)])
-            if cfg.beta > 0:
+                s["old_logp"] = logprobs(trainer.raw)
+            if cfg.beta > 0:  # the frozen reference, or the LoRA base with the adapter disabled
                 with trainer.raw.disable_adapter() if trainer.ref is None else contextlib.nullcontext():
-                    s["ref_logp"] = torch.cat([policy_forward(trainer.ref or trainer.raw, trainer.spec.head, b, cfg, accelerator.device,
-                                                              False)[0] for b in micro_batches(s, cfg)])
+                    s["ref_logp"] = logprobs(trainer.ref or trainer.raw)
     grp = total.view(-1, G)
     metrics = {
         "reward": float(total.mean()), "reward_std": float(total.std()),  # TRL: std over the whole batch
@@ -922,11 +930,11 @@ def make_rollouts(trainer: Trainer, round_idx: int) -> dict:
            for k in ("mean", "std")},
         "completions/mean_length": float(lens.mean()), "completions/max_length": float(lens.max()),
         "completions/min_length": float(lens.min()), "completions/clipped_ratio": float(trunc.mean()),
-        "time/generation_s": t_gen,
+        "time/generation_s": generation_s,
     }
     s0 = slices[0]
-    sample = {"prompt": format_prompt(trainer.tok, trainer.train_rows[idx[rank * per]]["prompt"], cfg.system_prompt),
-              "completion": trainer.tok.decode(s0["comp_ids"][0], skip_special_tokens=True),
+    sample = {"prompt": format_prompt(tok, trainer.train_rows[idx[rank * per]]["prompt"], cfg.system_prompt),
+              "completion": tok.decode(s0["comp_ids"][0], skip_special_tokens=True),
               "reward": float(s0["rewards"][0] @ trainer.reward_weights)}
     return {"round": round_idx, "slices": slices, "metrics": metrics, "sample": sample}
 
@@ -1019,8 +1027,8 @@ def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
         sums["entropy"] += float((ent * b["comp_mask"]).sum())
         off += n
     sums["nonfinite"] = float(sum(d.get("nonfinite", 0) for d in diags))
-    tot = common.gather_rows(accelerator, torch.tensor([[sums[k] for k in sums]], device=accelerator.device)).sum(0).tolist()
-    sums = dict(zip(sums, tot))
+    local = torch.tensor([list(sums.values())], device=accelerator.device)
+    sums = dict(zip(sums, common.gather_rows(accelerator, local).sum(0).tolist()))
     m = {"loss": sums["loss"], "clip_ratio/low_mean": sums["clip_low"] / max(n_tok, 1),
          "clip_ratio/high_mean": sums["clip_high"] / max(n_tok, 1),
          "clip_ratio/region_mean": (sums["clip_low"] + sums["clip_high"]) / max(n_tok, 1),
@@ -1072,10 +1080,12 @@ def evaluate(trainer: Trainer) -> float:
     for s in range(0, per, cfg.eval_batch_size):
         chunk = rows[s:s + cfg.eval_batch_size]
         texts = [format_prompt(trainer.tok, r["prompt"], cfg.system_prompt) for r in chunk]
-        _, _, comp, cmask = generate(trainer.raw, trainer.tok, texts, cfg, accelerator.device, cfg.max_completion_length, eos=trainer.eos,
+        _, _, comp, cmask = generate(trainer.raw, trainer.tok, texts, cfg, accelerator.device,
+                                     cfg.max_completion_length, eos=trainer.eos,
                                      synced=trainer.synced)
         total += float((score(trainer, chunk, comp, cmask) @ trainer.reward_weights)[: max(0, len(mine) - s)].sum())
-    tot = common.gather_rows(accelerator, torch.tensor([[total, len(mine)]], device=accelerator.device, dtype=torch.float64)).sum(0)
+    local = torch.tensor([[total, len(mine)]], device=accelerator.device, dtype=torch.float64)
+    tot = common.gather_rows(accelerator, local).sum(0)
     return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
 
 
@@ -1092,13 +1102,16 @@ def save_checkpoint(trainer: Trainer, step: int, path: Path) -> None:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # collective: every process writes its part
     if step % (trainer.cfg.steps_per_generation * trainer.cfg.num_iterations):  # mid-round: the rollouts are state too
-        tensors = {f"{j}.{k}": v for j, s in enumerate(trainer.buffer["slices"]) for k, v in s.items() if torch.is_tensor(v)}
+        tensors = {f"{j}.{k}": v for j, s in enumerate(trainer.buffer["slices"]) for k, v in s.items()
+                   if torch.is_tensor(v)}
         common.save_safetensors(tmp / f"rollouts-{accelerator.process_index}.safetensors", tensors,
                                 {"round": str(trainer.buffer["round"])})
     if accelerator.is_main_process:
         common.write_jsonl(tmp / "metrics.jsonl", trainer.history)
-        common.write_json(tmp / "state.json", {"step": step, "num_tokens": trainer.num_tokens, "processes": accelerator.num_processes,
-                                               "scheduler": trainer.sched.state_dict(), "config": dataclasses.asdict(trainer.cfg)})
+        common.write_json(tmp / "state.json", {"step": step, "num_tokens": trainer.num_tokens,
+                                               "processes": accelerator.num_processes,
+                                               "scheduler": trainer.sched.state_dict(),
+                                               "config": dataclasses.asdict(trainer.cfg)})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(path, ignore_errors=True)
@@ -1140,7 +1153,8 @@ def load_checkpoint(trainer: Trainer, path: Path, state: dict) -> int:
         trainer.history = common.read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
         step, S = int(state["step"]), trainer.cfg.steps_per_generation
         if step % (S * trainer.cfg.num_iterations):
-            with safe_open(str(path / f"rollouts-{trainer.accelerator.process_index}.safetensors"), "pt", device="cpu") as f:
+            rollouts = path / f"rollouts-{trainer.accelerator.process_index}.safetensors"
+            with safe_open(str(rollouts), "pt", device="cpu") as f:
                 slices = [{} for _ in range(S)]
                 for key in f.keys():
                     j, k = key.split(".", 1)
@@ -1192,8 +1206,8 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     train_rows, eval_rows = load_rows(cfg)
     accelerator = accelerator or Accelerator(log_with=report_to(cfg) or None, project_dir=cfg.output_dir)
     stale = ["checkpoint-*", ".checkpoint-*.tmp", "final", ".final.tmp"]  # what --overwrite_output_dir replaces
-    common.on_main(accelerator, lambda: common.prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from,
-                                                          stale))
+    common.on_main(accelerator, lambda: common.prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir,
+                                                                  cfg.resume_from, stale))
     dt = accelerator.distributed_type
     if dt == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise UserError("FSDP1 is not supported: generation needs FSDP2's per-forward gathering",
@@ -1238,11 +1252,11 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                             betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
 
-    def lr_lambda(s):
-        if s < cfg.warmup_steps:
-            return (s + 1) / (cfg.warmup_steps + 1)
+    def lr_lambda(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
         if cfg.lr_scheduler_type == "linear":
-            return max(0.0, (cfg.max_steps - s) / max(1, cfg.max_steps - cfg.warmup_steps))
+            return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
         return 1.0
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)  # not prepared: accelerate would step it per process
@@ -1250,23 +1264,25 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     raw = accelerator.unwrap_model(prepared)
     spec = FeatureSpec(raw, cfg)  # after prepare: projections live on the model's device
     synced = accelerator.num_processes > 1 and dt in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    return Trainer(cfg, accelerator, prepared, raw, ref, tok, opt, sched, spec, train_rows, eval_rows, rewards,
-                   torch.tensor(reward_weights(cfg), dtype=torch.float64), eos_ids(raw, tok), synced, resume=resume)
+    return Trainer(cfg=cfg, accelerator=accelerator, model=prepared, raw=raw, ref=ref, tok=tok, opt=opt, sched=sched,
+                   spec=spec, train_rows=train_rows, eval_rows=eval_rows, rewards=rewards,
+                   reward_weights=torch.tensor(reward_weights(cfg), dtype=torch.float64), eos=eos_ids(raw, tok),
+                   synced=synced, resume=resume)
 
 
 def train(cfg: Config, accelerator=None) -> dict:
     """The whole run; returns the summary (on every process)."""
     from tqdm.auto import tqdm
 
-    t_start = time.perf_counter()
+    run_start = time.perf_counter()
     trainer = build(cfg, accelerator)
     accelerator, out, key = trainer.accelerator, Path(cfg.output_dir), eval_key(cfg)
     start = load_checkpoint(trainer, Path(cfg.resume_from), trainer.resume) if cfg.resume_from else 0
     if report_to(cfg):
         accelerator.init_trackers("salt_grpo", config={k: v for k, v in dataclasses.asdict(cfg).items()
-                                               if isinstance(v, (int, float, str, bool))})
+                                                       if isinstance(v, (int, float, str, bool))})
     logger = common.MetricsLogger(accelerator, out, resume=bool(cfg.resume_from))
-    if cfg.resume_from and accelerator.is_main_process:  # the run so far from the checkpoint, not a killed run's later lines
+    if cfg.resume_from and accelerator.is_main_process:  # the run up to the checkpoint, not a killed run's later lines
         common.write_jsonl(logger.path, trainer.history)
 
     def log(m: dict, step: int):
@@ -1279,17 +1295,17 @@ def train(cfg: Config, accelerator=None) -> dict:
     bar = tqdm(range(start, cfg.max_steps), desc=f"GRPO+SALT[{cfg.salt}]", disable=not accelerator.is_main_process,
                initial=start, total=cfg.max_steps, dynamic_ncols=True)
     for step in bar:
-        t0 = time.perf_counter()
-        round_idx, pos = divmod(step, per_round)
-        if trainer.buffer is None or trainer.buffer["round"] != round_idx:
-            trainer.buffer = make_rollouts(trainer, round_idx)
-        m = dict(trainer.buffer["metrics"]) if pos == 0 else {}
-        m.update(accumulate_gradients(trainer, trainer.buffer["slices"][pos % S], step))
-        m["learning_rate"] = trainer.sched.get_last_lr()[0]  # the rate this step uses
-        t1 = time.perf_counter()
-        m["grad_norm"] = optimizer_step(trainer, step)
-        m.update({"time/optimizer_s": time.perf_counter() - t1, "step_time": time.perf_counter() - t0,
-                  "num_tokens": trainer.num_tokens})
+        timing = {"time/optimizer_s": 0.0, "step_time": 0.0}
+        with timed(timing, "step_time"):
+            round_idx, pos = divmod(step, per_round)
+            if trainer.buffer is None or trainer.buffer["round"] != round_idx:
+                trainer.buffer = make_rollouts(trainer, round_idx)
+            m = dict(trainer.buffer["metrics"]) if pos == 0 else {}
+            m.update(accumulate_gradients(trainer, trainer.buffer["slices"][pos % S], step))
+            m["learning_rate"] = trainer.sched.get_last_lr()[0]  # the rate this step uses
+            with timed(timing, "time/optimizer_s"):
+                m["grad_norm"] = optimizer_step(trainer, step)
+        m.update({**timing, "num_tokens": trainer.num_tokens})
         if torch.cuda.is_available():
             m["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
@@ -1306,8 +1322,9 @@ def train(cfg: Config, accelerator=None) -> dict:
     if end is not None:
         log({key: end}, cfg.max_steps)
     save_final(trainer, out / "final")
-    if accelerator.is_main_process and trainer.last_advantages is not None:  # the last SALT scope: a and a′ (whole scope)
-        common.save_safetensors(out / "last_advantages.safetensors", dict(zip(("a", "a_new"), trainer.last_advantages)))
+    if accelerator.is_main_process and trainer.last_advantages is not None:  # a and a′ of the last SALT scope
+        a, a_new = trainer.last_advantages
+        common.save_safetensors(out / "last_advantages.safetensors", {"a": a, "a_new": a_new})
     rewards = [h["reward"] for h in trainer.history if "reward" in h]
     evals = [(h["step"], h[key]) for h in trainer.history if key in h]
     k = max(1, min(8, len(rewards) // 4))  # reward is noisy per step: average the first / last quarter
@@ -1318,7 +1335,7 @@ def train(cfg: Config, accelerator=None) -> dict:
         "reward_end": sum(rewards[-k:]) / k if rewards else None,
         "eval_accuracy_start": evals[0][1] if evals and evals[0][0] == 0 else None, "eval_accuracy_end": end,
         "eval_size": len(trainer.eval_rows), "eval_history": evals, "reward_steps_averaged": k,
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": time.perf_counter() - run_start,
         "outputs": {"dir": str(out), "metrics": str(out / "metrics.jsonl"), "final_model": str(out / "final"),
                     "summary": str(out / "summary.json")},
     }
@@ -1355,16 +1372,15 @@ def main(argv: list[str] | None = None) -> dict | None:
             raise UserError("usage: python salt_grpo.py plot RUN_DIR")
         print(f"wrote {plot(argv[1])}")
         return None
-    cfg = parse_config(argv)
-    s = train(cfg)
+    s = train(parse_config(argv))
     if s["processes"] == 1 or int(os.environ.get("RANK", "0")) == 0:
-        is_accuracy = s["eval_metric"] == "eval/accuracy"
+        pct = s["eval_metric"] == "eval/accuracy"
         print(f"SALT[{s['salt']}] GRPO on {s['model']}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
               f"({s['processes']} process{'es' if s['processes'] > 1 else ''})")
         print(f"  train reward        {_fmt(s['reward_start'])} -> {_fmt(s['reward_end'])} "
               f"(sampled; mean over the first / last {s['reward_steps_averaged']} step(s))")
-        print(f"  held-out {'accuracy  ' if is_accuracy else 'reward    '} {_fmt(s['eval_accuracy_start'], is_accuracy)} -> "
-              f"{_fmt(s['eval_accuracy_end'], is_accuracy)} (greedy, {s['eval_size']} problems)")
+        print(f"  held-out {'accuracy  ' if pct else 'reward    '} {_fmt(s['eval_accuracy_start'], pct)} -> "
+              f"{_fmt(s['eval_accuracy_end'], pct)} (greedy, {s['eval_size']} problems)")
         print(f"  outputs             {s['outputs']['dir']}/ (metrics.jsonl, summary.json, final/; "
               f"plot: python salt_grpo.py plot {s['outputs']['dir']})")
     return s
