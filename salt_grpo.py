@@ -223,401 +223,7 @@ def parse_config(argv: list[str]) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data and rewards: the built-in verifiable arithmetic task, datasets from files or the hub, reward functions
-# ----------------------------------------------------------------------------------------------------------
-
-_N = r"-?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?(?:[eE][-+]?\d+)?"  # -1,234.5e3; a comma only before groups of three digits
-_NUM = re.compile(rf"\\d?frac\{{\s*({_N})\s*\}}\{{\s*({_N})\s*\}}|({_N})(?:\s*/\s*({_N}))?")
-
-
-def extract_final_number(text) -> Optional[float]:
-    """The last number in a text (after `####` when present, GSM8K style): integers, decimals, 1e3, thousands
-    separators, fractions 3/4 and \\frac{3}{4} (as 0.75); None when there is none. Parsed, never eval()-ed."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    if not isinstance(text, str):
-        return None
-    if "####" in text:
-        text = text.rsplit("####", 1)[1]
-    m = None
-    for m in _NUM.finditer(text):
-        pass
-    if m is None:
-        return None
-    num, den = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
-    with contextlib.suppress(ZeroDivisionError, OverflowError):
-        x = float(num.replace(",", "")) / (float(den.replace(",", "")) if den else 1.0)
-        return x if math.isfinite(x) else None
-    return None
-
-
-def _text(c) -> str:
-    """A completion as text: TRL passes conversational completions as [{"role": "assistant", "content": ...}]."""
-    return c[-1]["content"] if isinstance(c, list) else c
-
-
-def reward_fn(completion: str, answer) -> float:
-    """Verifiable reward: 1 when the completion's final number equals the answer, else 0 (garbage → 0)."""
-    x, y = extract_final_number(completion), extract_final_number(answer)
-    return float(x is not None and y is not None and abs(x - y) <= 1e-6 * max(1.0, abs(y)))
-
-
-def exact_match(completions, answer_column="answer", **columns) -> list[float]:
-    """Built-in reward (the default): 1 when the final number of the completion equals the answer, else 0."""
-    return [reward_fn(_text(c), a) for c, a in zip(completions, columns[answer_column])]
-
-
-def closeness(completions, answer_column="answer", **columns) -> list[float]:
-    """Built-in partial credit 1 / (1 + |x − answer|) for the completion's final number x (0 without a number). Dense,
-    so even a random model gets mixed groups: `--preset smoke` uses it to exercise SALT end to end."""
-    out = []
-    for c, a in zip(completions, columns[answer_column]):
-        x, y = extract_final_number(_text(c)), extract_final_number(a)
-        out.append(0.0 if x is None or y is None else 1.0 / (1.0 + min(abs(x - y), 1e300)))
-    return out
-
-
-BUILTIN_REWARDS = {"exact_match": exact_match, "closeness": closeness}
-
-
-def load_reward_funcs(cfg: Config) -> list[tuple[str, object]]:
-    """(name, function) for each --reward_funcs entry: a built-in, `module:function` (importable from the working
-    directory) or `path/to/file.py:function`. Each is called as TRL calls it (see `score`)."""
-    out = []
-    for spec in reward_names(cfg):
-        if spec in BUILTIN_REWARDS:
-            out.append((spec, functools.partial(BUILTIN_REWARDS[spec], answer_column=cfg.answer_column)))
-            continue
-        mod_name, _, fn_name = spec.rpartition(":")
-        if not mod_name or not fn_name:
-            raise UserError(f"--reward_funcs {spec!r}: expected a built-in ({', '.join(BUILTIN_REWARDS)}) or "
-                            "module:function")
-        try:
-            if mod_name.endswith(".py"):
-                ispec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
-                mod = importlib.util.module_from_spec(ispec)
-                ispec.loader.exec_module(mod)
-            else:
-                sys.path[:0] = [] if os.getcwd() in sys.path else [os.getcwd()]
-                mod = importlib.import_module(mod_name)
-        except (ImportError, OSError) as e:
-            raise UserError(f"--reward_funcs {spec!r}: cannot import {mod_name} ({e})") from None
-        fn = getattr(mod, fn_name, None)
-        if not callable(fn):
-            raise UserError(f"--reward_funcs {spec!r}: {mod_name} has no function {fn_name!r}")
-        out.append((fn_name, fn))
-    return out
-
-
-def _is_local(source: str) -> bool:
-    return Path(source).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv") or Path(source).exists()
-
-
-def check_prompt(label: str, i: int, row: dict, cfg: Config):
-    """The prompt of a row: non-empty text, or a conversation [{role, content}, ...]; with the suffix appended."""
-    v = row.get(cfg.prompt_column)
-    if isinstance(v, list):
-        if not v or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                            for m in v):
-            raise UserError(f"{common.row_location(label, i, row)}: field {cfg.prompt_column!r} must be text or a "
-                            "non-empty list of {role, content} messages")
-        return v[:-1] + [dict(v[-1], content=v[-1]["content"] + cfg.prompt_suffix)] if cfg.prompt_suffix else v
-    return common.require_str(label, i, row, cfg.prompt_column) + cfg.prompt_suffix
-
-
-def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """(train, eval) rows: every column of the dataset plus `prompt` (text or conversation), validated up front;
-    errors name file, row and field. The built-in rewards need a numeric answer in answer_column."""
-    if not cfg.dataset:
-        return builtin_task_rows(cfg)
-    builtin = any(n in BUILTIN_REWARDS for n in reward_names(cfg))
-
-    def convert(rows, label):
-        out = []
-        for i, row in enumerate(rows):
-            if builtin and extract_final_number(common.require_str(label, i, row, cfg.answer_column)) is None:
-                raise UserError(f"{common.row_location(label, i, row)}: field {cfg.answer_column!r} holds no number "
-                                f"({str(row[cfg.answer_column])[:60]!r})",
-                                hint="answers must be a number or end in `#### N` (GSM8K)")
-            out.append({**{k: v for k, v in row.items() if k != "_line"}, "prompt": check_prompt(label, i, row, cfg)})
-        if not out:
-            raise UserError(f"{label}: no rows")
-        return out
-
-    train = convert(*common.read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config))
-    if cfg.eval_dataset:
-        ev = convert(*common.read_rows(cfg.eval_dataset, cfg.eval_split or None, cfg.dataset_config,
-                                       default_split="test"))[: cfg.eval_size]
-    elif cfg.eval_split:
-        if _is_local(cfg.dataset):
-            raise UserError(f"--eval_split {cfg.eval_split!r} does not apply to the local file {cfg.dataset}",
-                            hint="pass the evaluation file with --eval_dataset, or leave both empty to hold out rows")
-        ev = convert(*common.read_rows(cfg.dataset, cfg.eval_split, cfg.dataset_config))[: cfg.eval_size]
-    else:  # hold out eval_size distinct prompts (seeded); no row with a held-out prompt is trained on
-        keys = list(dict.fromkeys(json.dumps(r["prompt"]) for r in train))
-        if cfg.eval_size >= len(keys):
-            raise UserError(f"{cfg.dataset}: {len(keys)} distinct prompts cannot hold out eval_size={cfg.eval_size}",
-                            hint="lower --eval_size or pass --eval_dataset")
-        perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        held = {keys[i] for i in perm[: cfg.eval_size]}
-        first = {}
-        for r in train:
-            first.setdefault(json.dumps(r["prompt"]), r)
-        ev = [first[keys[i]] for i in perm[: cfg.eval_size]]
-        train = [r for r in train if json.dumps(r["prompt"]) not in held]
-    return train, ev
-
-
-def builtin_task_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """The built-in task through the loader above: data/arithmetic/{train,test}.jsonl as committed or, for another
-    --seed or --task_* setting, the same generator's files (data/arithmetic.py) written to a temporary folder."""
-    task = dict(min_terms=cfg.task_min_terms, max_terms=cfg.task_max_terms, digits=cfg.task_digits,
-                word_frac=cfg.task_word_frac)
-    committed = arithmetic.COMMITTED
-    with tempfile.TemporaryDirectory(prefix="salt-arithmetic-") as tmp:
-        if (cfg.seed, cfg.task_size <= committed["train_size"], cfg.eval_size <= committed["test_size"], task) == \
-                (committed["seed"], True, True, {k: committed[k] for k in task}):
-            train_file, test_file = arithmetic.FOLDER / "train.jsonl", arithmetic.FOLDER / "test.jsonl"
-        else:
-            try:
-                train_file, test_file = arithmetic.write(Path(tmp), cfg.seed, cfg.task_size, max(cfg.eval_size, 1),
-                                                         **task)
-            except ValueError as e:
-                raise UserError(str(e)) from None
-        # the built-in prompts carry their own instruction, and its columns are GSM8K's
-        builtin = dataclasses.replace(cfg, dataset=str(train_file), dataset_split="train", eval_dataset=str(test_file),
-                                      eval_split="", prompt_column="question", prompt_suffix="")
-        train, test = load_rows(builtin)
-    return train[: cfg.task_size], test
-
-
-def format_prompt(tok, prompt, system_prompt: str = "") -> str:
-    """The chat template (with the generation prompt) when the tokenizer has one; else the messages' contents, one
-    per line. A text prompt is one user message; the system prompt goes first unless the prompt has its own."""
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system_prompt and msgs[0]["role"] != "system":
-        msgs = [{"role": "system", "content": system_prompt}] + msgs
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return "".join(m["content"] + "\n" for m in msgs)
-
-
-def prompts_for_round(n_rows: int, per_round: int, round_idx: int, seed: int) -> list[int]:
-    """Global prompt indices of a generation round: epochs of seeded permutations, identical on every process."""
-    out, pos = [], round_idx * per_round
-    while len(out) < per_round:
-        epoch, off = divmod(pos, n_rows)
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        take = min(per_round - len(out), n_rows - off)
-        out += perm[off: off + take].tolist()
-        pos += take
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Rollouts: `generate` with per-rollout seeded sampling, so results do not depend on the process count
-# ----------------------------------------------------------------------------------------------------------
-
-class GumbelSampler:
-    """Exact sampling from softmax(z/τ) (after top-p) by the Gumbel-max trick, used as a logits processor of a
-    greedy `generate`. Each rollout owns a seeded generator, so its tokens depend only on (seed, round, prompt, g),
-    never on which process or batch it landed in (HF's own sampling draws from the global RNG)."""
-
-    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
-        self.generators, self.temperature, self.top_p = generators, temperature, top_p
-
-    def __call__(self, input_ids, scores):
-        z = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            s, idx = torch.sort(z, descending=True, dim=-1)
-            drop = torch.softmax(s, -1).cumsum(-1) - torch.softmax(s, -1) > self.top_p  # keep the first past p
-            z = z.scatter(-1, idx, s.masked_fill(drop, float("-inf")))
-        u = torch.stack([torch.rand(z.shape[-1], generator=g, device=g.device) for g in self.generators])
-        return z - torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
-
-
-def rollout_seed(seed: int, round_idx: int, prompt_idx: int, g: int) -> int:
-    return zlib.crc32(f"{seed}/{round_idx}/{prompt_idx}/{g}".encode()) + (seed % 1000) * 2**32
-
-
-def bf16_native(device: torch.device) -> bool:
-    """bf16 autocast pays only with bf16 matmuls in hardware: CUDA, or a CPU with AVX512-BF16/AMX (oneDNN). Elsewhere
-    the CPU emulates it: one demo step measured 878 s in bf16 against 58 s in fp32 on an AVX2-only CPU."""
-    return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def autocast(cfg: Config, device: torch.device):
-    if not cfg.bf16 or not bf16_native(device):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def eos_ids(model, tok) -> list[int]:
-    """Every id that ends a completion: generation_config.eos_token_id (an int or a list, e.g. Qwen2.5 and Llama-3
-    instruct models list two) and the tokenizer's EOS."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return list(dict.fromkeys(ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
-
-
-@torch.no_grad()
-def generate(model, tok, prompts: list[str], cfg: Config, device, max_new_tokens: int, generators=None,
-             eos: list[int] | None = None, synced: bool = False):
-    """Left-padded batched `generate`; any EOS id stops a row. Prompts keep their last max_prompt_length tokens.
-    synced: every process runs the same number of forwards (FSDP and ZeRO-3 gather weights inside each forward).
-    Returns prompt ids, prompt mask, completion ids and the completion mask (tokens up to and including EOS)."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    eos = eos or [tok.eos_token_id]
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None))
-    L = cfg.max_prompt_length  # left padding: the last L columns keep every prompt's end
-    ids, am = enc.input_ids[:, -L:].to(device), enc.attention_mask[:, -L:].to(device)
-    # every sampling-related field explicit: generate fills unset ones from the model's generation_config (e.g. a
-    # hub model's repetition_penalty), which would make the sampler differ from the policy being trained
-    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=None,
-                          repetition_penalty=1.0, min_length=0, no_repeat_ngram_size=0, pad_token_id=tok.pad_token_id,
-                          eos_token_id=eos, bos_token_id=tok.bos_token_id)
-    procs = LogitsProcessorList([GumbelSampler(generators, cfg.temperature, cfg.top_p)] if generators else [])
-    with autocast(cfg, device):
-        out = model.generate(input_ids=ids, attention_mask=am, generation_config=gc, logits_processor=procs,
-                             synced_gpus=synced)
-    comp = out[:, ids.shape[1]:]
-    is_eos = torch.isin(comp, torch.tensor(eos, device=comp.device))
-    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    mask = (~after).long()
-    comp = comp.masked_fill(after, tok.pad_token_id)
-    return ids, am, comp, mask
-
-
-def truncated(comp: torch.Tensor, mask: torch.Tensor, eos: list[int]) -> torch.Tensor:
-    """Rows that used every new token without emitting an EOS."""
-    return (mask[:, -1] == 1) & ~torch.isin(comp[:, -1], torch.tensor(eos, device=comp.device))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Featurization: the Gram K_ij = <g_i, g_j> of per-rollout gradients (salt.md §1.2, §3.4)
-# ----------------------------------------------------------------------------------------------------------
-#
-# Official: g_i = ∂ℓ_i/∂W_lm = Σ_t (softmax(z_t) − e_{y_t}) h_tᵀ with ℓ_i = −Σ_t log π(y_t), the full V×H matrix.
-# Default here: its exact Gram from the hidden states and logits of a forward we already run, by token-pair
-# ("ghost") inner products (common.lm_head_gram), never forming V×H. A scope part is either features F (rows ×
-# d: sketch, kronecker) or the scope's flattened tokens (a dict) for an exact Gram.
-
-class FeatureSpec:
-    """What the Gram needs: the LM head (and a kronecker projection pair), or the salt_layers and a Featurizer."""
-
-    def __init__(self, model, cfg: Config):
-        self.kind, self.cfg = (cfg.salt_features if cfg.salt != "off" else "none"), cfg
-        self.head = next(iter(common.select_linear_layers(model, "lm_head").values()))
-        self.p_out = self.p_in = self.featurizer = None
-        self.width = self.head.out_features + self.head.in_features  # Σ (d_out + d_in) of an exact Gram
-        if self.kind == "layers":
-            self.featurizer = common.Featurizer(model, cfg.salt_layers, cfg.salt_k_out, cfg.salt_k_in,
-                                                seed=cfg.seed, reduction="sum", temperature=cfg.temperature)
-            self.width = sum(m.out_features + m.in_features + (m.bias is not None)
-                             for m in self.featurizer.layers.values())
-        elif self.kind == "kronecker":
-            proj = common.FactoredProjector({"lm_head": self.head}, cfg.salt_k_out, cfg.salt_k_in, seed=cfg.seed)
-            self.p_out, self.p_in = proj.mats["lm_head"]
-
-    @property
-    def from_forward(self) -> bool:  # LM-head features come free with the policy forward's hidden states and logits
-        return self.kind != "layers"
-
-    def exact(self, accelerator, batches: list[dict], gather: bool) -> bool:
-        """Exact Gram for this scope: N²·Σ(d_out + d_in) ≤ salt_exact_budget, N its scored completion tokens (LM
-        head) or non-padding tokens (layers), summed over processes when `gather` (the same answer on each)."""
-        n = sum(float(b["comp_mask"].sum() + (b["prompt_mask"].sum() if self.kind == "layers" else 0)) for b in batches)
-        n = float(common.gather_rows(accelerator, torch.tensor([n], device=accelerator.device)).sum()) if gather else n
-        return self.kind in ("lm_head", "layers") and n ** 2 * self.width <= self.cfg.salt_exact_budget
-
-
-@contextlib.contextmanager
-def capture_lm_head_input(head, store: dict):
-    """Forward hook keeping h_t, the LM-head input (after the final norm), detached."""
-    h = head.register_forward_hook(lambda m, i, o: store.__setitem__("h", i[0].detach()))
-    try:
-        yield
-    finally:
-        h.remove()
-
-
-def policy_forward(model, head, batch: dict, cfg: Config, device, want_hidden: bool):
-    """Per-token log π(y_t) of the completion tokens and the entropy of π (fp32), the logits and, optionally, the
-    LM-head inputs.
-
-    Only the completion positions go through the LM head (logits_to_keep), which saves a V-wide matmul per
-    prompt token. Position t of the kept logits predicts completion token t.
-    """
-    ids = torch.cat([batch["prompt_ids"], batch["comp_ids"]], 1)
-    am = torch.cat([batch["prompt_mask"], batch["comp_mask"]], 1)  # position ids as in generate (left padding)
-    C = batch["comp_ids"].shape[1]
-    store: dict = {}
-    ctx = capture_lm_head_input(head, store) if want_hidden else contextlib.nullcontext()
-    with ctx, autocast(cfg, device):
-        logits = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(1) - 1).clamp(min=0),
-                       logits_to_keep=C + 1, use_cache=False).logits[:, :-1]
-    logp, entropy = common.token_logprobs(logits, batch["comp_ids"], cfg.temperature, with_entropy=True)
-    hidden = store["h"][:, -(C + 1):-1] if want_hidden else None
-    return logp, entropy, hidden, logits
-
-
-def gram_part(model, spec: FeatureSpec, b: dict, hidden, logits, cfg: Config, exact: bool):
-    """One micro-batch's share of the scope: its tokens (exact) or its features (sketch, kronecker, projected)."""
-    n = b["comp_ids"].shape[0]
-    if spec.kind == "layers":
-        ids, am = torch.cat([b["prompt_ids"], b["comp_ids"]], 1), torch.cat([b["prompt_mask"], b["comp_mask"]], 1)
-        lm = torch.cat([torch.zeros_like(b["prompt_mask"]), b["comp_mask"]], 1)
-        if exact:
-            io = common.linear_io_grads(model, spec.featurizer.layers, ids, am, lm, "sum", cfg.temperature)
-            return {"n": n, **common.linear_tokens(io, am)}
-        return spec.featurizer(ids, am, lm).float()
-    if spec.kind == "kronecker":
-        return common.lm_head_score_features(hidden, logits, b["comp_ids"], b["comp_mask"], spec.p_out, spec.p_in,
-                                             cfg.temperature)
-    tok = common.lm_head_tokens(hidden, logits, b["comp_ids"], b["comp_mask"])
-    return {"n": n, **tok} if exact else common.lm_head_sketch(tok, n, cfg.salt_sketch_dim, cfg.seed, cfg.temperature)
-
-
-@torch.no_grad()
-def feature_pass(model, spec: FeatureSpec, batches: list[dict], cfg: Config, device, exact: bool = False) -> list:
-    """Gram parts of every local rollout before any backward (mini scope with several micro-batches, or layers)."""
-    out = []
-    for b in batches:
-        hidden = logits = None
-        if spec.from_forward:
-            _, _, hidden, logits = policy_forward(model, spec.head, b, cfg, device, want_hidden=True)
-        with autocast(cfg, device) if spec.kind == "layers" else contextlib.nullcontext():  # LM head: fp32 matmuls
-            out.append(gram_part(model, spec, b, hidden, logits, cfg, exact))
-    return out
-
-
-def scope_gram(accelerator, spec: FeatureSpec, parts: list, gather: bool) -> torch.Tensor:
-    """K (float64, CPU) of the scope from its parts; `gather`: the scope spans every process (rows in rank order)."""
-    if torch.is_tensor(parts[0]):
-        F = torch.cat(parts)
-        return common.gram((common.gather_rows(accelerator, F) if gather else F).detach().cpu().double())
-    n, tok, off = sum(p["n"] for p in parts), {}, 0
-    for p in parts:  # rows of later micro-batches (and processes) follow the earlier ones
-        for k, v in p.items():
-            if k != "n":
-                tok.setdefault(k, []).append(v + off if k.startswith("r") else v)
-        off += p["n"]
-    tok = {k: torch.cat(v) for k, v in tok.items()}
-    if gather:
-        offset = accelerator.process_index * n
-        tok = {k: common.gather_rows(accelerator, v + offset if k.startswith("r") else v) for k, v in tok.items()}
-        n *= accelerator.num_processes
-    if "z" in tok:
-        return common.lm_head_gram_tokens(tok, n, spec.cfg.temperature).cpu()
-    return sum(common.linear_gram(tok[f"x:{m}"], tok[f"d:{m}"], tok[f"r:{m}"], n) for m in spec.featurizer.layers).cpu()
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The algorithm: group-relative advantages, SALT, the clipped policy loss
+# The method: group-relative advantages, SALT, the clipped policy loss
 # ----------------------------------------------------------------------------------------------------------
 
 def group_advantages(r: torch.Tensor, G: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
@@ -767,12 +373,6 @@ def salt_diagnostics(K: torch.Tensor, a: torch.Tensor, a_new: torch.Tensor, term
     return diag
 
 
-def per_sample_advantage(A_tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Collapse token advantages to one per rollout: a_i = Σ_t A_it m_it / max(1, Σ_t m_it) (official)."""
-    m = mask.to(A_tok.dtype)
-    return (A_tok * m).sum(1) / m.sum(1).clamp(min=1)
-
-
 def broadcast_advantage(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A′_it = a′_i · m_it."""
     return a[:, None] * mask.to(a.dtype)
@@ -810,6 +410,205 @@ def aggregate_loss(per_tok, mask, loss_type: str, n_seq: int, n_tok: int, max_le
     if loss_type == "dr_grpo":
         return (per_tok * m).sum() / (n_seq * max_len)
     return (per_tok * m).sum() / max(n_tok, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Features: the Gram K_ij = <g_i, g_j> of per-rollout gradients (docs/salt.md#paper-to-code-map)
+# ----------------------------------------------------------------------------------------------------------
+#
+# Official: g_i = ∂ℓ_i/∂W_lm = Σ_t (softmax(z_t) − e_{y_t}) h_tᵀ with ℓ_i = −Σ_t log π(y_t), the full V×H matrix.
+# Default here: its exact Gram from the hidden states and logits of a forward we already run, by token-pair
+# ("ghost") inner products (common.lm_head_gram), never forming V×H. A scope part is either features F (rows ×
+# d: sketch, kronecker) or the scope's flattened tokens (a dict) for an exact Gram.
+
+class FeatureSpec:
+    """What the Gram needs: the LM head (and a kronecker projection pair), or the salt_layers and a Featurizer."""
+
+    def __init__(self, model, cfg: Config):
+        self.kind, self.cfg = (cfg.salt_features if cfg.salt != "off" else "none"), cfg
+        self.head = next(iter(common.select_linear_layers(model, "lm_head").values()))
+        self.p_out = self.p_in = self.featurizer = None
+        self.width = self.head.out_features + self.head.in_features  # Σ (d_out + d_in) of an exact Gram
+        if self.kind == "layers":
+            self.featurizer = common.Featurizer(model, cfg.salt_layers, cfg.salt_k_out, cfg.salt_k_in,
+                                                seed=cfg.seed, reduction="sum", temperature=cfg.temperature)
+            self.width = sum(m.out_features + m.in_features + (m.bias is not None)
+                             for m in self.featurizer.layers.values())
+        elif self.kind == "kronecker":
+            proj = common.FactoredProjector({"lm_head": self.head}, cfg.salt_k_out, cfg.salt_k_in, seed=cfg.seed)
+            self.p_out, self.p_in = proj.mats["lm_head"]
+
+    @property
+    def from_forward(self) -> bool:  # LM-head features come free with the policy forward's hidden states and logits
+        return self.kind != "layers"
+
+    def exact(self, accelerator, batches: list[dict], gather: bool) -> bool:
+        """Exact Gram for this scope: N²·Σ(d_out + d_in) ≤ salt_exact_budget, N its scored completion tokens (LM
+        head) or non-padding tokens (layers), summed over processes when `gather` (the same answer on each)."""
+        n = sum(float(b["comp_mask"].sum() + (b["prompt_mask"].sum() if self.kind == "layers" else 0)) for b in batches)
+        n = float(common.gather_rows(accelerator, torch.tensor([n], device=accelerator.device)).sum()) if gather else n
+        return self.kind in ("lm_head", "layers") and n ** 2 * self.width <= self.cfg.salt_exact_budget
+
+
+@contextlib.contextmanager
+def capture_lm_head_input(head, store: dict):
+    """Forward hook keeping h_t, the LM-head input (after the final norm), detached."""
+    h = head.register_forward_hook(lambda m, i, o: store.__setitem__("h", i[0].detach()))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def policy_forward(model, head, batch: dict, cfg: Config, device, want_hidden: bool):
+    """Per-token log π(y_t) of the completion tokens and the entropy of π (fp32), the logits and, optionally, the
+    LM-head inputs.
+
+    Only the completion positions go through the LM head (logits_to_keep), which saves a V-wide matmul per
+    prompt token. Position t of the kept logits predicts completion token t.
+    """
+    ids = torch.cat([batch["prompt_ids"], batch["comp_ids"]], 1)
+    am = torch.cat([batch["prompt_mask"], batch["comp_mask"]], 1)  # position ids as in generate (left padding)
+    C = batch["comp_ids"].shape[1]
+    store: dict = {}
+    ctx = capture_lm_head_input(head, store) if want_hidden else contextlib.nullcontext()
+    with ctx, autocast(cfg, device):
+        logits = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(1) - 1).clamp(min=0),
+                       logits_to_keep=C + 1, use_cache=False).logits[:, :-1]
+    logp, entropy = common.token_logprobs(logits, batch["comp_ids"], cfg.temperature, with_entropy=True)
+    hidden = store["h"][:, -(C + 1):-1] if want_hidden else None
+    return logp, entropy, hidden, logits
+
+
+def gram_part(model, spec: FeatureSpec, b: dict, hidden, logits, cfg: Config, exact: bool):
+    """One micro-batch's share of the scope: its tokens (exact) or its features (sketch, kronecker, projected)."""
+    n = b["comp_ids"].shape[0]
+    if spec.kind == "layers":
+        ids, am = torch.cat([b["prompt_ids"], b["comp_ids"]], 1), torch.cat([b["prompt_mask"], b["comp_mask"]], 1)
+        lm = torch.cat([torch.zeros_like(b["prompt_mask"]), b["comp_mask"]], 1)
+        if exact:
+            io = common.linear_io_grads(model, spec.featurizer.layers, ids, am, lm, "sum", cfg.temperature)
+            return {"n": n, **common.linear_tokens(io, am)}
+        return spec.featurizer(ids, am, lm).float()
+    if spec.kind == "kronecker":
+        return common.lm_head_score_features(hidden, logits, b["comp_ids"], b["comp_mask"], spec.p_out, spec.p_in,
+                                             cfg.temperature)
+    tok = common.lm_head_tokens(hidden, logits, b["comp_ids"], b["comp_mask"])
+    return {"n": n, **tok} if exact else common.lm_head_sketch(tok, n, cfg.salt_sketch_dim, cfg.seed, cfg.temperature)
+
+
+@torch.no_grad()
+def feature_pass(model, spec: FeatureSpec, batches: list[dict], cfg: Config, device, exact: bool = False) -> list:
+    """Gram parts of every local rollout before any backward (mini scope with several micro-batches, or layers)."""
+    out = []
+    for b in batches:
+        hidden = logits = None
+        if spec.from_forward:
+            _, _, hidden, logits = policy_forward(model, spec.head, b, cfg, device, want_hidden=True)
+        with autocast(cfg, device) if spec.kind == "layers" else contextlib.nullcontext():  # LM head: fp32 matmuls
+            out.append(gram_part(model, spec, b, hidden, logits, cfg, exact))
+    return out
+
+
+def scope_gram(accelerator, spec: FeatureSpec, parts: list, gather: bool) -> torch.Tensor:
+    """K (float64, CPU) of the scope from its parts; `gather`: the scope spans every process (rows in rank order)."""
+    if torch.is_tensor(parts[0]):
+        F = torch.cat(parts)
+        return common.gram((common.gather_rows(accelerator, F) if gather else F).detach().cpu().double())
+    n, tok, off = sum(p["n"] for p in parts), {}, 0
+    for p in parts:  # rows of later micro-batches (and processes) follow the earlier ones
+        for k, v in p.items():
+            if k != "n":
+                tok.setdefault(k, []).append(v + off if k.startswith("r") else v)
+        off += p["n"]
+    tok = {k: torch.cat(v) for k, v in tok.items()}
+    if gather:
+        offset = accelerator.process_index * n
+        tok = {k: common.gather_rows(accelerator, v + offset if k.startswith("r") else v) for k, v in tok.items()}
+        n *= accelerator.num_processes
+    if "z" in tok:
+        return common.lm_head_gram_tokens(tok, n, spec.cfg.temperature).cpu()
+    return sum(common.linear_gram(tok[f"x:{m}"], tok[f"d:{m}"], tok[f"r:{m}"], n) for m in spec.featurizer.layers).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollouts: `generate` with per-rollout seeded sampling, so results do not depend on the process count
+# ----------------------------------------------------------------------------------------------------------
+
+class GumbelSampler:
+    """Exact sampling from softmax(z/τ) (after top-p) by the Gumbel-max trick, used as a logits processor of a
+    greedy `generate`. Each rollout owns a seeded generator, so its tokens depend only on (seed, round, prompt, g),
+    never on which process or batch it landed in (HF's own sampling draws from the global RNG)."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
+        self.generators, self.temperature, self.top_p = generators, temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        z = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            s, idx = torch.sort(z, descending=True, dim=-1)
+            drop = torch.softmax(s, -1).cumsum(-1) - torch.softmax(s, -1) > self.top_p  # keep the first past p
+            z = z.scatter(-1, idx, s.masked_fill(drop, float("-inf")))
+        u = torch.stack([torch.rand(z.shape[-1], generator=g, device=g.device) for g in self.generators])
+        return z - torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
+
+
+def rollout_seed(seed: int, round_idx: int, prompt_idx: int, g: int) -> int:
+    return zlib.crc32(f"{seed}/{round_idx}/{prompt_idx}/{g}".encode()) + (seed % 1000) * 2**32
+
+
+def bf16_native(device: torch.device) -> bool:
+    """bf16 autocast pays only with bf16 matmuls in hardware: CUDA, or a CPU with AVX512-BF16/AMX (oneDNN). Elsewhere
+    the CPU emulates it: one demo step measured 878 s in bf16 against 58 s in fp32 on an AVX2-only CPU."""
+    return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast(cfg: Config, device: torch.device):
+    if not cfg.bf16 or not bf16_native(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def eos_ids(model, tok) -> list[int]:
+    """Every id that ends a completion: generation_config.eos_token_id (an int or a list, e.g. Qwen2.5 and Llama-3
+    instruct models list two) and the tokenizer's EOS."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return list(dict.fromkeys(ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], cfg: Config, device, max_new_tokens: int, generators=None,
+             eos: list[int] | None = None, synced: bool = False):
+    """Left-padded batched `generate`; any EOS id stops a row. Prompts keep their last max_prompt_length tokens.
+    synced: every process runs the same number of forwards (FSDP and ZeRO-3 gather weights inside each forward).
+    Returns prompt ids, prompt mask, completion ids and the completion mask (tokens up to and including EOS)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    eos = eos or [tok.eos_token_id]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None))
+    L = cfg.max_prompt_length  # left padding: the last L columns keep every prompt's end
+    ids, am = enc.input_ids[:, -L:].to(device), enc.attention_mask[:, -L:].to(device)
+    # every sampling-related field explicit: generate fills unset ones from the model's generation_config (e.g. a
+    # hub model's repetition_penalty), which would make the sampler differ from the policy being trained
+    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=None,
+                          repetition_penalty=1.0, min_length=0, no_repeat_ngram_size=0, pad_token_id=tok.pad_token_id,
+                          eos_token_id=eos, bos_token_id=tok.bos_token_id)
+    procs = LogitsProcessorList([GumbelSampler(generators, cfg.temperature, cfg.top_p)] if generators else [])
+    with autocast(cfg, device):
+        out = model.generate(input_ids=ids, attention_mask=am, generation_config=gc, logits_processor=procs,
+                             synced_gpus=synced)
+    comp = out[:, ids.shape[1]:]
+    is_eos = torch.isin(comp, torch.tensor(eos, device=comp.device))
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    mask = (~after).long()
+    comp = comp.masked_fill(after, tok.pad_token_id)
+    return ids, am, comp, mask
+
+
+def truncated(comp: torch.Tensor, mask: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """Rows that used every new token without emitting an EOS."""
+    return (mask[:, -1] == 1) & ~torch.isin(comp[:, -1], torch.tensor(eos, device=comp.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1087,6 +886,198 @@ def evaluate(trainer: Trainer) -> float:
     local = torch.tensor([[total, len(mine)]], device=accelerator.device, dtype=torch.float64)
     tot = common.gather_rows(accelerator, local).sum(0)
     return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and rewards: the built-in verifiable arithmetic task, datasets from files or the hub, reward functions
+# ----------------------------------------------------------------------------------------------------------
+
+_N = r"-?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?(?:[eE][-+]?\d+)?"  # -1,234.5e3; a comma only before groups of three digits
+_NUM = re.compile(rf"\\d?frac\{{\s*({_N})\s*\}}\{{\s*({_N})\s*\}}|({_N})(?:\s*/\s*({_N}))?")
+
+
+def extract_final_number(text) -> Optional[float]:
+    """The last number in a text (after `####` when present, GSM8K style): integers, decimals, 1e3, thousands
+    separators, fractions 3/4 and \\frac{3}{4} (as 0.75); None when there is none. Parsed, never eval()-ed."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    if not isinstance(text, str):
+        return None
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    m = None
+    for m in _NUM.finditer(text):
+        pass
+    if m is None:
+        return None
+    num, den = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
+    with contextlib.suppress(ZeroDivisionError, OverflowError):
+        x = float(num.replace(",", "")) / (float(den.replace(",", "")) if den else 1.0)
+        return x if math.isfinite(x) else None
+    return None
+
+
+def _text(c) -> str:
+    """A completion as text: TRL passes conversational completions as [{"role": "assistant", "content": ...}]."""
+    return c[-1]["content"] if isinstance(c, list) else c
+
+
+def reward_fn(completion: str, answer) -> float:
+    """Verifiable reward: 1 when the completion's final number equals the answer, else 0 (garbage → 0)."""
+    x, y = extract_final_number(completion), extract_final_number(answer)
+    return float(x is not None and y is not None and abs(x - y) <= 1e-6 * max(1.0, abs(y)))
+
+
+def exact_match(completions, answer_column="answer", **columns) -> list[float]:
+    """Built-in reward (the default): 1 when the final number of the completion equals the answer, else 0."""
+    return [reward_fn(_text(c), a) for c, a in zip(completions, columns[answer_column])]
+
+
+def closeness(completions, answer_column="answer", **columns) -> list[float]:
+    """Built-in partial credit 1 / (1 + |x − answer|) for the completion's final number x (0 without a number). Dense,
+    so even a random model gets mixed groups: `--preset smoke` uses it to exercise SALT end to end."""
+    out = []
+    for c, a in zip(completions, columns[answer_column]):
+        x, y = extract_final_number(_text(c)), extract_final_number(a)
+        out.append(0.0 if x is None or y is None else 1.0 / (1.0 + min(abs(x - y), 1e300)))
+    return out
+
+
+BUILTIN_REWARDS = {"exact_match": exact_match, "closeness": closeness}
+
+
+def load_reward_funcs(cfg: Config) -> list[tuple[str, object]]:
+    """(name, function) for each --reward_funcs entry: a built-in, `module:function` (importable from the working
+    directory) or `path/to/file.py:function`. Each is called as TRL calls it (see `score`)."""
+    out = []
+    for spec in reward_names(cfg):
+        if spec in BUILTIN_REWARDS:
+            out.append((spec, functools.partial(BUILTIN_REWARDS[spec], answer_column=cfg.answer_column)))
+            continue
+        mod_name, _, fn_name = spec.rpartition(":")
+        if not mod_name or not fn_name:
+            raise UserError(f"--reward_funcs {spec!r}: expected a built-in ({', '.join(BUILTIN_REWARDS)}) or "
+                            "module:function")
+        try:
+            if mod_name.endswith(".py"):
+                ispec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+                mod = importlib.util.module_from_spec(ispec)
+                ispec.loader.exec_module(mod)
+            else:
+                sys.path[:0] = [] if os.getcwd() in sys.path else [os.getcwd()]
+                mod = importlib.import_module(mod_name)
+        except (ImportError, OSError) as e:
+            raise UserError(f"--reward_funcs {spec!r}: cannot import {mod_name} ({e})") from None
+        fn = getattr(mod, fn_name, None)
+        if not callable(fn):
+            raise UserError(f"--reward_funcs {spec!r}: {mod_name} has no function {fn_name!r}")
+        out.append((fn_name, fn))
+    return out
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv") or Path(source).exists()
+
+
+def check_prompt(label: str, i: int, row: dict, cfg: Config):
+    """The prompt of a row: non-empty text, or a conversation [{role, content}, ...]; with the suffix appended."""
+    v = row.get(cfg.prompt_column)
+    if isinstance(v, list):
+        if not v or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                            for m in v):
+            raise UserError(f"{common.row_location(label, i, row)}: field {cfg.prompt_column!r} must be text or a "
+                            "non-empty list of {role, content} messages")
+        return v[:-1] + [dict(v[-1], content=v[-1]["content"] + cfg.prompt_suffix)] if cfg.prompt_suffix else v
+    return common.require_str(label, i, row, cfg.prompt_column) + cfg.prompt_suffix
+
+
+def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows: every column of the dataset plus `prompt` (text or conversation), validated up front;
+    errors name file, row and field. The built-in rewards need a numeric answer in answer_column."""
+    if not cfg.dataset:
+        return builtin_task_rows(cfg)
+    builtin = any(n in BUILTIN_REWARDS for n in reward_names(cfg))
+
+    def convert(rows, label):
+        out = []
+        for i, row in enumerate(rows):
+            if builtin and extract_final_number(common.require_str(label, i, row, cfg.answer_column)) is None:
+                raise UserError(f"{common.row_location(label, i, row)}: field {cfg.answer_column!r} holds no number "
+                                f"({str(row[cfg.answer_column])[:60]!r})",
+                                hint="answers must be a number or end in `#### N` (GSM8K)")
+            out.append({**{k: v for k, v in row.items() if k != "_line"}, "prompt": check_prompt(label, i, row, cfg)})
+        if not out:
+            raise UserError(f"{label}: no rows")
+        return out
+
+    train = convert(*common.read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config))
+    if cfg.eval_dataset:
+        ev = convert(*common.read_rows(cfg.eval_dataset, cfg.eval_split or None, cfg.dataset_config,
+                                       default_split="test"))[: cfg.eval_size]
+    elif cfg.eval_split:
+        if _is_local(cfg.dataset):
+            raise UserError(f"--eval_split {cfg.eval_split!r} does not apply to the local file {cfg.dataset}",
+                            hint="pass the evaluation file with --eval_dataset, or leave both empty to hold out rows")
+        ev = convert(*common.read_rows(cfg.dataset, cfg.eval_split, cfg.dataset_config))[: cfg.eval_size]
+    else:  # hold out eval_size distinct prompts (seeded); no row with a held-out prompt is trained on
+        keys = list(dict.fromkeys(json.dumps(r["prompt"]) for r in train))
+        if cfg.eval_size >= len(keys):
+            raise UserError(f"{cfg.dataset}: {len(keys)} distinct prompts cannot hold out eval_size={cfg.eval_size}",
+                            hint="lower --eval_size or pass --eval_dataset")
+        perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        held = {keys[i] for i in perm[: cfg.eval_size]}
+        first = {}
+        for r in train:
+            first.setdefault(json.dumps(r["prompt"]), r)
+        ev = [first[keys[i]] for i in perm[: cfg.eval_size]]
+        train = [r for r in train if json.dumps(r["prompt"]) not in held]
+    return train, ev
+
+
+def builtin_task_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The built-in task through the loader above: data/arithmetic/{train,test}.jsonl as committed or, for another
+    --seed or --task_* setting, the same generator's files (data/arithmetic.py) written to a temporary folder."""
+    task = dict(min_terms=cfg.task_min_terms, max_terms=cfg.task_max_terms, digits=cfg.task_digits,
+                word_frac=cfg.task_word_frac)
+    committed = arithmetic.COMMITTED
+    with tempfile.TemporaryDirectory(prefix="salt-arithmetic-") as tmp:
+        if (cfg.seed, cfg.task_size <= committed["train_size"], cfg.eval_size <= committed["test_size"], task) == \
+                (committed["seed"], True, True, {k: committed[k] for k in task}):
+            train_file, test_file = arithmetic.FOLDER / "train.jsonl", arithmetic.FOLDER / "test.jsonl"
+        else:
+            try:
+                train_file, test_file = arithmetic.write(Path(tmp), cfg.seed, cfg.task_size, max(cfg.eval_size, 1),
+                                                         **task)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        # the built-in prompts carry their own instruction, and its columns are GSM8K's
+        builtin = dataclasses.replace(cfg, dataset=str(train_file), dataset_split="train", eval_dataset=str(test_file),
+                                      eval_split="", prompt_column="question", prompt_suffix="")
+        train, test = load_rows(builtin)
+    return train[: cfg.task_size], test
+
+
+def format_prompt(tok, prompt, system_prompt: str = "") -> str:
+    """The chat template (with the generation prompt) when the tokenizer has one; else the messages' contents, one
+    per line. A text prompt is one user message; the system prompt goes first unless the prompt has its own."""
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return "".join(m["content"] + "\n" for m in msgs)
+
+
+def prompts_for_round(n_rows: int, per_round: int, round_idx: int, seed: int) -> list[int]:
+    """Global prompt indices of a generation round: epochs of seeded permutations, identical on every process."""
+    out, pos = [], round_idx * per_round
+    while len(out) < per_round:
+        epoch, off = divmod(pos, n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(per_round - len(out), n_rows - off)
+        out += perm[off: off + take].tolist()
+        pos += take
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

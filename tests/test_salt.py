@@ -233,10 +233,16 @@ def test_10_orthogonal_projection_is_exact_and_jl_error_shrinks():
 
 # 11. token broadcast round trip -----------------------------------------------------------------------------
 
+def per_sample_advantage(A_tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The official collapse of token advantages to one per rollout: a_i = Σ_t A_it m_it / max(1, Σ_t m_it)."""
+    m = mask.to(A_tok.dtype)
+    return (A_tok * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def test_11_broadcast_round_trip():
     a = torch.tensor([0.3, -1.2, 2.0])
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
-    assert torch.allclose(sg.per_sample_advantage(sg.broadcast_advantage(a, mask), mask), a)
+    assert torch.allclose(per_sample_advantage(sg.broadcast_advantage(a, mask), mask), a)
 
 
 # 12. fp32 vs fp64 ---------------------------------------------------------------------------------------
