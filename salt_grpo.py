@@ -1,6 +1,6 @@
 """GRPO on Accelerate with the SALT plug-in (arXiv 2606.05800), one file, read top to bottom beside the paper.
 
-    accelerate launch salt_grpo.py                    # SmolLM2-135M-Instruct, built-in arithmetic, SALT `official`
+    accelerate launch salt_grpo.py                    # SmolLM2-135M-Instruct, data/arithmetic, SALT `official`
     python salt_grpo.py --preset smoke                # tiny random model, seconds, SALT acting (partial-credit reward)
     python salt_grpo.py --salt off                    # plain GRPO (the matched baseline)
     python salt_grpo.py plot outputs/salt_grpo        # draw metrics.jsonl to metrics.png
@@ -12,6 +12,9 @@ SALT replaces a (one scalar per rollout) by a′ computed from the Gram K of per
     n_eff = aᵀKa / Σ_i a_i² K_ii,  α = clip(1 − n_eff, α_min, α_max),  a′ = P a + α (I − P) relu(a).
 Everything else (reward, sampler, loss, optimizer) is unchanged. The rule follows the authors' released code
 (Chang-pw/SALT, advantage_decomposition.py); see docs/salt.md for the paper-to-code map and the deviations.
+
+Sections, in reading order: config; the method (`group_advantages`, `salt_rule`, `clipped_policy_loss`); the
+per-rollout features whose Gram SALT reads; rollouts; the training loop; data and rewards; checkpoints; the run.
 """
 
 from __future__ import annotations
@@ -453,11 +456,11 @@ class FeatureSpec:
 @contextlib.contextmanager
 def capture_lm_head_input(head, store: dict):
     """Forward hook keeping h_t, the LM-head input (after the final norm), detached."""
-    h = head.register_forward_hook(lambda m, i, o: store.__setitem__("h", i[0].detach()))
+    handle = head.register_forward_hook(lambda module, args, out: store.__setitem__("h", args[0].detach()))
     try:
         yield
     finally:
-        h.remove()
+        handle.remove()
 
 
 def policy_forward(model, head, batch: dict, cfg: Config, device, want_hidden: bool):
@@ -633,20 +636,17 @@ class Trainer:
     eos: list            # every EOS id
     synced: bool         # generation must run the same number of forwards on every process (sharded weights)
     buffer: dict | None = None
-    last_advantages: tuple | None = None  # (a, a′) of the last SALT scope, for inspection and tests
+    last_advantages: tuple | None = None  # (a, a′) of the last SALT scope, saved as last_advantages.safetensors
     num_tokens: int = 0  # TRL's num_tokens: prompt + completion tokens generated so far (all processes)
     history: list = field(default_factory=list)  # every logged row of the run, resumed runs included
     resume: dict | None = None  # state.json of --resume_from, checked in build
 
 
-def slice_rows(batch: dict, lo: int, hi: int) -> dict:
-    return {k: v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
-
-
 def micro_batches(batch: dict, cfg: Config) -> list[dict]:
     n = batch["comp_ids"].shape[0]
     mb = cfg.micro_batch_size or n
-    return [slice_rows(batch, i, min(i + mb, n)) for i in range(0, n, mb)]
+    return [{k: v[i:i + mb] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+            for i in range(0, n, mb)]
 
 
 def score(trainer: Trainer, rows: list[dict], comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -889,7 +889,7 @@ def evaluate(trainer: Trainer) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data and rewards: the built-in verifiable arithmetic task, datasets from files or the hub, reward functions
+# Data and rewards: datasets from files or the hub (the built-in task is data/arithmetic), reward functions
 # ----------------------------------------------------------------------------------------------------------
 
 _N = r"-?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?(?:[eE][-+]?\d+)?"  # -1,234.5e3; a comma only before groups of three digits
@@ -1040,9 +1040,10 @@ def builtin_task_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     task = dict(min_terms=cfg.task_min_terms, max_terms=cfg.task_max_terms, digits=cfg.task_digits,
                 word_frac=cfg.task_word_frac)
     committed = arithmetic.COMMITTED
+    as_committed = (cfg.seed == committed["seed"] and all(task[k] == committed[k] for k in task)
+                    and cfg.task_size <= committed["train_size"] and cfg.eval_size <= committed["test_size"])
     with tempfile.TemporaryDirectory(prefix="salt-arithmetic-") as tmp:
-        if (cfg.seed, cfg.task_size <= committed["train_size"], cfg.eval_size <= committed["test_size"], task) == \
-                (committed["seed"], True, True, {k: committed[k] for k in task}):
+        if as_committed:  # the files hold the first rows of any smaller draw
             train_file, test_file = arithmetic.FOLDER / "train.jsonl", arithmetic.FOLDER / "test.jsonl"
         else:
             try:
