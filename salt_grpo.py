@@ -328,17 +328,20 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
     official_alpha = functools.partial(mixing_alpha, cfg=cfg)
     if cfg.salt == "positive_only":
         a_new = renormalise(positive_only(a64, cfg.num_generations), a64, cfg.salt_renorm)
-        _, terms = salt_rule(K, a64, cfg, cfg.salt_relu, official_alpha)  # for the diagnostics only
+        _, terms = salt_rule(K, a64, cfg, relu=cfg.salt_relu, alpha_of=official_alpha)  # for the diagnostics only
     elif cfg.salt == "identity":
-        a_new, terms = salt_rule(K, a64, cfg, False, lambda n_eff: 1.0)
+        a_new, terms = salt_rule(K, a64, cfg, relu=False, alpha_of=lambda n_eff: 1.0)
         if (a_new - a64).abs().max() > 1e-9 * max(1.0, a64.abs().max().item()):
             raise RuntimeError(f"SALT identity self-check failed: max |a′ − a| = {(a_new - a64).abs().max():.3e}")
     elif cfg.salt == "amplify":
-        amplify = lambda n_eff: 1.0 + cfg.salt_lambda * min(max(1.0 - n_eff, 0.0), 1.0)  # noqa: E731
-        a_new, terms = salt_rule(K, a64, cfg, False, amplify)
+        def amplify(n_eff):  # 1 + λ·c, c = clip(1 − n_eff, 0, 1)
+            return 1.0 + cfg.salt_lambda * min(max(1.0 - n_eff, 0.0), 1.0)
+
+        a_new, terms = salt_rule(K, a64, cfg, relu=False, alpha_of=amplify)
         a_new = renormalise(a_new, a64, "l2")
     else:  # official, random_subspace
-        a_new, terms = salt_rule(K, a64, cfg, cfg.salt_relu, official_alpha, cfg.salt == "random_subspace", generator)
+        a_new, terms = salt_rule(K, a64, cfg, relu=cfg.salt_relu, alpha_of=official_alpha,
+                                 random_subspace=cfg.salt == "random_subspace", generator=generator)
         a_new = renormalise(a_new, a64, cfg.salt_renorm)
     diag = salt_diagnostics(K, a64, a_new, terms, cfg)
     diag["time_s"] = time.perf_counter() - t0
@@ -490,12 +493,13 @@ def gram_part(model, spec: FeatureSpec, b: dict, hidden, logits, cfg: Config, ex
         ids, am = torch.cat([b["prompt_ids"], b["comp_ids"]], 1), torch.cat([b["prompt_mask"], b["comp_mask"]], 1)
         lm = torch.cat([torch.zeros_like(b["prompt_mask"]), b["comp_mask"]], 1)
         if exact:
-            io = common.linear_io_grads(model, spec.featurizer.layers, ids, am, lm, "sum", cfg.temperature)
+            io = common.linear_io_grads(model, spec.featurizer.layers, ids, am, lm, reduction="sum",
+                                        temperature=cfg.temperature)
             return {"n": n, **common.linear_tokens(io, am)}
         return spec.featurizer(ids, am, lm).float()
     if spec.kind == "kronecker":
-        return common.lm_head_score_features(hidden, logits, b["comp_ids"], b["comp_mask"], spec.p_out, spec.p_in,
-                                             cfg.temperature)
+        return common.lm_head_score_features(hidden, logits, b["comp_ids"], b["comp_mask"], p_out=spec.p_out,
+                                             p_in=spec.p_in, temperature=cfg.temperature)
     tok = common.lm_head_tokens(hidden, logits, b["comp_ids"], b["comp_mask"])
     return {"n": n, **tok} if exact else common.lm_head_sketch(tok, n, cfg.salt_sketch_dim, cfg.seed, cfg.temperature)
 
@@ -509,7 +513,7 @@ def feature_pass(model, spec: FeatureSpec, batches: list[dict], cfg: Config, dev
         if spec.from_forward:
             _, _, hidden, logits = policy_forward(model, spec.head, b, cfg, device, want_hidden=True)
         with autocast(cfg, device) if spec.kind == "layers" else contextlib.nullcontext():  # LM head: fp32 matmuls
-            out.append(gram_part(model, spec, b, hidden, logits, cfg, exact))
+            out.append(gram_part(model, spec, b, hidden=hidden, logits=logits, cfg=cfg, exact=exact))
     return out
 
 
@@ -762,7 +766,9 @@ def salt_on_scope(trainer: Trainer, batches: list[dict], a_local: torch.Tensor, 
                 parts = feature_pass(trainer.raw, spec, batches, cfg, accelerator.device, exact)
             else:
                 with torch.no_grad():
-                    parts = [gram_part(trainer.raw, spec, batches[0], forward[0], forward[1].detach(), cfg, exact)]
+                    hidden, logits = forward
+                    parts = [gram_part(trainer.raw, spec, batches[0], hidden=hidden, logits=logits.detach(), cfg=cfg,
+                                       exact=exact)]
         with timed(timing, "time/salt_s"):
             a = common.gather_rows(accelerator, a_local) if gather else a_local
             K = scope_gram(accelerator, spec, parts, gather) / a.shape[0]  # K = G Gᵀ / B (scale-invariant anyway)
