@@ -243,6 +243,27 @@ def group_advantages(r: torch.Tensor, G: int, scale: str = "group", eps: float =
     return centred / (std + eps)
 
 
+def salt_rule(K: torch.Tensor, a: torch.Tensor, cfg: Config, relu: bool, alpha_of, random_subspace: bool = False,
+              generator: torch.Generator | None = None):
+    """SALT's reweighting of the advantages a (B,) from the Gram K (B×B) of per-rollout gradients, float64:
+
+        PR = (tr K)² / ‖K‖_F²,  k = max(k_min, min(round(ρ·PR), k_max, B−1)),  P = V_k V_kᵀ,
+        n_eff = aᵀKa / Σ_i a_i² K_ii,  α = clip(1 − n_eff, α_min, α_max),  a′ = P a + α (I − P) φ(a).
+
+    relu: φ = relu (else identity); alpha_of: n_eff ↦ α (the controls change it). Returns (a′, the rule's terms)."""
+    B, I = a.numel(), torch.eye(a.numel(), dtype=torch.float64)
+    pr = common.participation_ratio(K)                 # PR = (tr K)² / ‖K‖_F², the spectral spread
+    k = subspace_size(pr, B, cfg)                      # k = max(k_min, min(round(ρ·PR), k_max, B−1))
+    P, top = spectral_projector(K, k, random_subspace, generator)  # P = V_k V_kᵀ
+    n_eff = common.signed_neff(K, a)                   # n_eff = aᵀKa / Σ_i a_i² K_ii, signed cancellation
+    alpha = alpha_of(n_eff)                            # α = clip(1 − n_eff, α_min, α_max) (official)
+    phi = a.clamp(min=0) if relu else a                # φ(a) = relu(a) (official)
+    a_dom = P @ a                                      # the dominant ("shared") channel
+    a_tail = (I - P) @ phi                             # the spectral-tail ("residual") channel
+    a_new = a_dom + alpha * a_tail                     # a′ = P a + α (I − P) φ(a)
+    return a_new, dict(pr=pr, k=k, top=top, n_eff=n_eff, alpha=alpha, a_dom=a_dom, a_tail=a_tail)
+
+
 def subspace_size(pr: float, B: int, cfg: Config) -> int:
     """k = max(k_min, min(round(ρ·PR), k_max, B−1)) (Python's round: half to even, as the released code)."""
     return min(B, max(cfg.salt_k_min, min(int(round(cfg.salt_rho * pr)), cfg.salt_k_max, B - 1)))
@@ -265,27 +286,6 @@ def spectral_projector(K: torch.Tensor, k: int, random_subspace: bool = False,
 def mixing_alpha(n_eff: float, cfg: Config) -> float:
     """α = clip(1 − n_eff, α_min, α_max): the tail channel's weight grows with signed cancellation."""
     return min(max(1.0 - n_eff, cfg.salt_alpha_min), cfg.salt_alpha_max)
-
-
-def salt_rule(K: torch.Tensor, a: torch.Tensor, cfg: Config, relu: bool, alpha_of, random_subspace: bool = False,
-              generator: torch.Generator | None = None):
-    """SALT's reweighting of the advantages a (B,) from the Gram K (B×B) of per-rollout gradients, float64:
-
-        PR = (tr K)² / ‖K‖_F²,  k = max(k_min, min(round(ρ·PR), k_max, B−1)),  P = V_k V_kᵀ,
-        n_eff = aᵀKa / Σ_i a_i² K_ii,  α = clip(1 − n_eff, α_min, α_max),  a′ = P a + α (I − P) φ(a).
-
-    relu: φ = relu (else identity); alpha_of: n_eff ↦ α (the controls change it). Returns (a′, the rule's terms)."""
-    B = a.numel()
-    pr = common.participation_ratio(K)                     # PR: spectral spread (effective rank)
-    k = subspace_size(pr, B, cfg)                          # k: adaptive subspace size
-    P, top = spectral_projector(K, k, random_subspace, generator)  # P = V_k V_kᵀ
-    n_eff = common.signed_neff(K, a)                       # n_eff: signed-update effective sample size
-    alpha = alpha_of(n_eff)                                # α = clip(1 − n_eff, α_min, α_max)
-    phi = a.clamp(min=0) if relu else a                    # φ(a)
-    a_dom = P @ a                                          # dominant ("shared") channel P a
-    a_tail = (torch.eye(B, dtype=torch.float64) - P) @ phi  # spectral-tail ("residual") channel (I − P) φ(a)
-    a_new = a_dom + alpha * a_tail                         # a′
-    return a_new, dict(pr=pr, k=k, top=top, n_eff=n_eff, alpha=alpha, a_dom=a_dom, a_tail=a_tail)
 
 
 def positive_only(a: torch.Tensor, G: int) -> torch.Tensor:
