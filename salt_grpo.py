@@ -451,7 +451,8 @@ class FeatureSpec:
     def exact(self, accelerator, batches: list[dict], gather: bool) -> bool:
         """Exact Gram for this scope: N²·Σ(d_out + d_in) ≤ salt_exact_budget, N its scored completion tokens (LM
         head) or non-padding tokens (layers), summed over processes when `gather` (the same answer on each)."""
-        n = sum(float(b["comp_mask"].sum() + (b["prompt_mask"].sum() if self.kind == "layers" else 0)) for b in batches)
+        with_prompt = self.kind == "layers"
+        n = sum(float(b["comp_mask"].sum() + (b["prompt_mask"].sum() if with_prompt else 0)) for b in batches)
         n = float(common.gather_rows(accelerator, torch.tensor([n], device=accelerator.device)).sum()) if gather else n
         return self.kind in ("lm_head", "layers") and n ** 2 * self.width <= self.cfg.salt_exact_budget
 
@@ -561,6 +562,7 @@ class GumbelSampler:
 
 
 def rollout_seed(seed: int, round_idx: int, prompt_idx: int, g: int) -> int:
+    """The seed of rollout g of a prompt in a round: a function of these four numbers alone."""
     return zlib.crc32(f"{seed}/{round_idx}/{prompt_idx}/{g}".encode()) + (seed % 1000) * 2**32
 
 
