@@ -846,12 +846,20 @@ def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
                         hint="lower --learning_rate, check the rewards, or use --dtype float32")
     if cfg.beta > 0:
         m["kl"] = sums["kl"] / max(n_tok, 1)
-    if diags:  # micro scope: mean over this process's micro-batches where defined (a skipped one has fewer keys)
-        for key in dict.fromkeys(k for d in diags for k in d):
-            vals = [d[key] for d in diags if key in d and d[key] == d[key]]
-            m[f"salt/{key}"] = sum(vals) / len(vals) if vals else float("nan")
-        m["salt/skipped"] = sum(d.get("skipped", 0.0) for d in diags) / len(diags)
+    if diags:
+        m.update(salt_metrics(diags))
     trainer.last_advantages = a_pair
+    return m
+
+
+def salt_metrics(diags: list[dict]) -> dict:
+    """salt/* of a step: each diagnostic's mean over this process's SALT scopes (micro scope: its micro-batches)
+    where defined; a skipped scope has fewer keys, and NaN (e.g. α of positive_only) is left out of the mean."""
+    m = {}
+    for key in dict.fromkeys(k for d in diags for k in d):
+        vals = [d[key] for d in diags if key in d and d[key] == d[key]]
+        m[f"salt/{key}"] = sum(vals) / len(vals) if vals else float("nan")
+    m["salt/skipped"] = sum(d.get("skipped", 0.0) for d in diags) / len(diags)
     return m
 
 
@@ -1325,26 +1333,32 @@ def train(cfg: Config, accelerator=None) -> dict:
     if accelerator.is_main_process and trainer.last_advantages is not None:  # a and a′ of the last SALT scope
         a, a_new = trainer.last_advantages
         common.save_safetensors(out / "last_advantages.safetensors", {"a": a, "a_new": a_new})
-    rewards = [h["reward"] for h in trainer.history if "reward" in h]
-    evals = [(h["step"], h[key]) for h in trainer.history if key in h]
-    k = max(1, min(8, len(rewards) // 4))  # reward is noisy per step: average the first / last quarter
-    summary = {
-        "salt": cfg.salt, "model": cfg.model, "steps": cfg.max_steps, "resumed_from_step": start,
-        "processes": accelerator.num_processes, "eval_metric": key,
-        "reward_start": sum(rewards[:k]) / k if rewards else None,
-        "reward_end": sum(rewards[-k:]) / k if rewards else None,
-        "eval_accuracy_start": evals[0][1] if evals and evals[0][0] == 0 else None, "eval_accuracy_end": end,
-        "eval_size": len(trainer.eval_rows), "eval_history": evals, "reward_steps_averaged": k,
-        "wall_time_s": time.perf_counter() - run_start,
-        "outputs": {"dir": str(out), "metrics": str(out / "metrics.jsonl"), "final_model": str(out / "final"),
-                    "summary": str(out / "summary.json")},
-    }
+    summary = summarise(trainer, start, end, wall_time_s=time.perf_counter() - run_start)
     if accelerator.is_main_process:
         common.write_json(out / "summary.json", summary)
     if report_to(cfg):
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return summary
+
+
+def summarise(trainer: Trainer, start: int, end: float | None, wall_time_s: float) -> dict:
+    """summary.json: the run's settings, reward and held-out score at the start and the end, and its outputs."""
+    cfg, out, key = trainer.cfg, Path(trainer.cfg.output_dir), eval_key(trainer.cfg)
+    rewards = [h["reward"] for h in trainer.history if "reward" in h]
+    evals = [(h["step"], h[key]) for h in trainer.history if key in h]
+    k = max(1, min(8, len(rewards) // 4))  # reward is noisy per step: average the first / last quarter
+    return {
+        "salt": cfg.salt, "model": cfg.model, "steps": cfg.max_steps, "resumed_from_step": start,
+        "processes": trainer.accelerator.num_processes, "eval_metric": key,
+        "reward_start": sum(rewards[:k]) / k if rewards else None,
+        "reward_end": sum(rewards[-k:]) / k if rewards else None,
+        "eval_accuracy_start": evals[0][1] if evals and evals[0][0] == 0 else None, "eval_accuracy_end": end,
+        "eval_size": len(trainer.eval_rows), "eval_history": evals, "reward_steps_averaged": k,
+        "wall_time_s": wall_time_s,
+        "outputs": {"dir": str(out), "metrics": str(out / "metrics.jsonl"), "final_model": str(out / "final"),
+                    "summary": str(out / "summary.json")},
+    }
 
 
 PLOT_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "eval/accuracy", "eval/reward", "loss", "entropy",
