@@ -1228,35 +1228,10 @@ def build(cfg: Config, accelerator=None) -> Trainer:
             train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
             train_batch_size=mb * accelerator.gradient_accumulation_steps * accelerator.num_processes,
             gradient_clipping=cfg.max_grad_norm)
-    model, tok = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref = None
-    if cfg.use_peft:
-        from peft import LoraConfig, get_peft_model
-
-        targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
-        zero3 = dt == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
-        with torch.random.fork_rng(devices=[]):  # seeded adapter init, whatever ran before
-            torch.manual_seed(cfg.seed)
-            model = get_peft_model(model, LoraConfig(
-                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                target_modules="all-linear" if targets == ["all-linear"] else targets or None),
-                autocast_adapter_dtype=not zero3)  # ZeRO-3 gathers in one dtype (as TRL does)
-    elif cfg.beta > 0:
-        ref, _ = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
-        ref.requires_grad_(False).eval().to(accelerator.device)
-    texts = [format_prompt(tok, r["prompt"], cfg.system_prompt) for r in train_rows + eval_rows]
-    long = sum(len(x) > cfg.max_prompt_length for x in tok(texts, add_special_tokens=not tok.chat_template).input_ids)
-    if long and accelerator.is_main_process:
-        print(f"warning: {long} of {len(texts)} prompts are longer than --max_prompt_length {cfg.max_prompt_length} "
-              "tokens; they are cut on the left (TRL's rule)", file=sys.stderr)
-    if cfg.bf16 and not bf16_native(accelerator.device) and accelerator.is_main_process:
-        print("warning: this CPU has no native bf16 matmul (about 15x slower emulated), so --bf16 runs in fp32 here",
-              file=sys.stderr)
-    if cfg.micro_batch_size == 0 and accelerator.device.type != "cpu" and accelerator.is_main_process:
-        print(f"warning: --micro_batch_size 0 puts all {n_local} rollouts of a step through one forward/backward per "
-              "process; set it (e.g. 16) if memory runs out", file=sys.stderr)
+    zero3 = dt == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    model, tok, ref = load_policy(cfg, accelerator.device, zero3)
+    if accelerator.is_main_process:
+        warn_about(cfg, tok, train_rows + eval_rows, accelerator.device, n_local)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                             betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
 
@@ -1276,6 +1251,44 @@ def build(cfg: Config, accelerator=None) -> Trainer:
                    spec=spec, train_rows=train_rows, eval_rows=eval_rows, rewards=rewards,
                    reward_weights=torch.tensor(reward_weights(cfg), dtype=torch.float64), eos=eos_ids(raw, tok),
                    synced=synced, resume=resume)
+
+
+def load_policy(cfg: Config, device, zero3: bool):
+    """(policy, tokenizer, frozen reference or None): the model, with a seeded LoRA adapter under --use_peft (whose
+    KL reference is the base with the adapter disabled, so no second copy), else a reference copy when β > 0."""
+    model, tok = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ref = None
+    if cfg.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
+        with torch.random.fork_rng(devices=[]):  # seeded adapter init, whatever ran before
+            torch.manual_seed(cfg.seed)
+            model = get_peft_model(model, LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                target_modules="all-linear" if targets == ["all-linear"] else targets or None),
+                autocast_adapter_dtype=not zero3)  # ZeRO-3 gathers in one dtype (as TRL does)
+    elif cfg.beta > 0:
+        ref, _ = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
+        ref.requires_grad_(False).eval().to(device)
+    return model, tok, ref
+
+
+def warn_about(cfg: Config, tok, rows: list[dict], device, n_local: int) -> None:
+    """Warnings (stderr) for settings that run, but not as the user likely expects."""
+    texts = [format_prompt(tok, r["prompt"], cfg.system_prompt) for r in rows]
+    long = sum(len(x) > cfg.max_prompt_length for x in tok(texts, add_special_tokens=not tok.chat_template).input_ids)
+    if long:
+        print(f"warning: {long} of {len(texts)} prompts are longer than --max_prompt_length {cfg.max_prompt_length} "
+              "tokens; they are cut on the left (TRL's rule)", file=sys.stderr)
+    if cfg.bf16 and not bf16_native(device):
+        print("warning: this CPU has no native bf16 matmul (about 15x slower emulated), so --bf16 runs in fp32 here",
+              file=sys.stderr)
+    if cfg.micro_batch_size == 0 and device.type != "cpu":
+        print(f"warning: --micro_batch_size 0 puts all {n_local} rollouts of a step through one forward/backward per "
+              "process; set it (e.g. 16) if memory runs out", file=sys.stderr)
 
 
 def train(cfg: Config, accelerator=None) -> dict:
