@@ -310,7 +310,8 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
     `official`: salt_rule with φ = relu (--salt_relu) and --salt_renorm. Controls (docs/salt.md#paper-to-code-map):
     `identity` (φ = id, α ≡ 1) gives a′ = a exactly and checks it; `random_subspace` uses a random k-dim subspace
     (seeded by `generator`); `amplify` is a′ = P a + (1 + λ c)(I − P) a, c = clip(1 − n_eff, 0, 1), renormalised to
-    ‖a‖ (a literal reading of the abstract, not the authors' rule); `positive_only` ignores K (`positive_only`).
+    ‖a‖ (a literal reading of the abstract, not the authors' rule); `positive_only` does not use K (the rule still
+    runs, for its diagnostics).
     B = 1 or a ≡ 0 returns a unchanged. Errors are raised, never replaced by GRPO.
     """
     t0 = time.perf_counter()
