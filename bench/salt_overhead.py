@@ -27,15 +27,15 @@ import salt_grpo as sg  # noqa: E402
 PARTS = ["time/generation_s", "time/features_s", "time/salt_s", "time/backward_s", "time/optimizer_s"]
 
 
-def one_step(t, step):
-    t0 = time.perf_counter()
-    rnd = sg.make_rollouts(t, step)
-    m = dict(rnd["metrics"])
-    m.update(sg.accumulate_gradients(t, rnd["slices"][0], step))
-    t1 = time.perf_counter()
-    sg.optimizer_step(t)
-    m["time/optimizer_s"] = time.perf_counter() - t1
-    m["step_time"] = time.perf_counter() - t0
+def one_step(trainer, step):
+    step_start = time.perf_counter()
+    rollouts = sg.make_rollouts(trainer, step)
+    m = dict(rollouts["metrics"])
+    m.update(sg.accumulate_gradients(trainer, rollouts["slices"][0], step))
+    m["time/optimizer_s"] = 0.0
+    with sg.timed(m, "time/optimizer_s"):
+        sg.optimizer_step(trainer)
+    m["step_time"] = time.perf_counter() - step_start
     return m
 
 
