@@ -91,8 +91,8 @@ def main():
     trainers = {m: sg.build(dataclasses.replace(base, salt=m)) for m in ("off", "official")}
     rows = {m: [] for m in trainers}
     for step in range(a.steps + 1):  # interleaved; step 0 is the warm-up
-        for m, t in trainers.items():
-            r = one_step(t, step)
+        for m, trainer in trainers.items():
+            r = one_step(trainer, step)
             if step > 0:
                 rows[m].append(r)
             print(f"step {step} {m:8s} {r['step_time']:6.2f} s  reward {r['reward']:.2f}", file=sys.stderr)
