@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import common as C  # noqa: E402
+from tests import reference as R  # noqa: E402
 
 B, T = 16, 128
 
@@ -217,11 +218,11 @@ def spice_frontier(args) -> list[dict]:
         model.eval().requires_grad_(False)
         layers = C.select_linear_layers(model, spec)
         D = sum(m.weight.numel() for m in layers.values())
-        for p in C.linear_params(layers).values():  # the loop differentiates these; the Featurizer never reads .grad
+        for p in R.linear_params(layers).values():  # the loop differentiates these; the Featurizer never reads .grad
             p.requires_grad_(True)
         h0 = _hwm_reset()
         t = time.perf_counter()
-        G = C.exact_per_sample_grads(model, C.linear_params(layers), ids, am, lm, reduction="mean")
+        G = R.exact_per_sample_grads(model, R.linear_params(layers), ids, am, lm, reduction="mean")
         t_loop, mem_loop = time.perf_counter() - t, _rss("VmHWM:") - h0
         K_exact = C.gram(G)
         picks_exact = set(S.spice_select(G, args.picks).indices)
@@ -245,7 +246,7 @@ def spice_frontier(args) -> list[dict]:
             run(name, f.dim, lambda f=f: f(ids, am, lm), args.repeats)
         h0 = _hwm_reset()
         t = time.perf_counter()
-        F = C.dense_jl(G, args.dense_d)
+        F = R.dense_jl(G, args.dense_d)
         t_jl = time.perf_counter() - t
         rows.append({"layers": set_name, "D": D, **_frontier_row(
             "loop + dense JL", args.dense_d, [t_loop + t_jl], max(mem_loop, _rss("VmHWM:") - h0), F, K_exact,
