@@ -323,7 +323,7 @@ class CountSketch:
     Coordinate j of layer l goes to bucket h_l(j) with sign s_l(j), seeded by layer name: E⟨Sx, Sy⟩ = ⟨x, y⟩ and
     Var⟨Sx, Sy⟩ = (⟨x,y⟩² + ‖x‖²‖y‖² − 2 Σ_j x_j² y_j²)/d, never above a dense Gaussian JL's. Measured on SmolLM2
     (16 × 128 tokens, d = 8192): RMS Gram error 0.022 (LoRA r = 8) / 0.017 (last:4), a dense JL's to 1 %, in 42 s /
-    20 s on one core against 78 s / 146 s for the per-sample loop + dense JL (docs/spice.md#features).
+    20 s on one core against 78 s / 146 s for the per-sample loop + dense JL at d = 1024 (docs/spice.md#features).
     """
 
     def __init__(self, layers: dict[str, nn.Linear], d: int = 8192, seed: int = 0):
@@ -395,41 +395,6 @@ def sequence_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return nll / m.sum(1).clamp(min=1) if reduction == "mean" else nll
 
 
-@contextlib.contextmanager
-def _frozen(model: nn.Module):
-    """No parameter requires grad, so autograd keeps activations only from the first chosen layer on (the backward
-    stops there) instead of for the whole network; restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-
-
-@contextlib.contextmanager
-def _capture_linear_io(layers: dict[str, nn.Linear], store: dict[str, list]):
-    """Forward hooks that keep each chosen layer's input x and output y (y made part of the graph)."""
-
-    def hook(name):
-        def fn(mod, inputs, output):
-            if not output.requires_grad:  # first chosen layers: make y a graph leaf so δ = ∂ℓ/∂y exists
-                output = output.detach().requires_grad_(True)
-            store[name].append((inputs[0], output))
-            return output
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def linear_io_grads(model: nn.Module, layers: dict[str, nn.Linear], input_ids: torch.Tensor,
                     attention_mask: torch.Tensor, loss_mask: torch.Tensor, reduction: str = "sum",
                     temperature: float = 1.0) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -441,10 +406,28 @@ def linear_io_grads(model: nn.Module, layers: dict[str, nn.Linear], input_ids: t
     touched, so this can run mid-training.
     """
     store: dict[str, list] = {n: [] for n in layers}
-    with torch.enable_grad(), _frozen(model), _capture_linear_io(layers, store):
-        loss = sequence_nll(model, input_ids, attention_mask, loss_mask, reduction, temperature).sum()
-        outs = [y for n in layers for _, y in store[n]]
-        deltas = iter(torch.autograd.grad(loss, outs, allow_unused=True))
+
+    def keep_io(name):
+        def hook(mod, inputs, output):
+            if not output.requires_grad:  # first chosen layers: make y a graph leaf so δ = ∂ℓ/∂y exists
+                output = output.detach().requires_grad_(True)
+            store[name].append((inputs[0], output))
+            return output
+        return hook
+
+    flags = [p.requires_grad for p in model.parameters()]
+    handles = [m.register_forward_hook(keep_io(n)) for n, m in layers.items()]
+    model.requires_grad_(False)  # autograd then keeps activations from the first chosen layer on, not the whole net
+    try:
+        with torch.enable_grad():
+            loss = sequence_nll(model, input_ids, attention_mask, loss_mask, reduction, temperature).sum()
+            outs = [y for n in layers for _, y in store[n]]
+            deltas = iter(torch.autograd.grad(loss, outs, allow_unused=True))
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
     pad, out = attention_mask.unsqueeze(-1).float(), {}
     for name, lin in layers.items():
         out[name] = []
@@ -600,11 +583,13 @@ def lm_head_gram(hidden: torch.Tensor, logits: torch.Tensor, labels: torch.Tenso
     return lm_head_gram_tokens(lm_head_tokens(hidden, logits, labels, mask), mask.shape[0], temperature, chunk_tokens)
 
 
+def _score_deltas(tok: dict, temperature: float) -> Callable[[int, int], torch.Tensor]:
+    return lambda s, e: score_delta(tok["z"][s:e], tok["y"][s:e], temperature)  # V-wide: formed a block at a time
+
+
 def lm_head_gram_tokens(tok: dict, n_rows: int, temperature: float = 1.0, chunk_tokens: int = 512) -> torch.Tensor:
     """`lm_head_gram` from flattened tokens {h, z, y, r} (`lm_head_tokens`, possibly gathered across processes)."""
-    z, y = tok["z"], tok["y"]
-    return linear_gram(tok["h"], lambda s, e: score_delta(z[s:e], y[s:e], temperature), tok["r"], n_rows,
-                       chunk_tokens)
+    return linear_gram(tok["h"], _score_deltas(tok, temperature), tok["r"], n_rows, chunk_tokens)
 
 
 def tensor_sketch(x: torch.Tensor, delta, rows: torch.Tensor, n_rows: int, d: int, seed: int = 0,
@@ -633,9 +618,7 @@ def tensor_sketch(x: torch.Tensor, delta, rows: torch.Tensor, n_rows: int, d: in
 def lm_head_sketch(tok: dict, n_rows: int, d: int, seed: int = 0, temperature: float = 1.0,
                    chunk_tokens: int = 512) -> torch.Tensor:
     """`tensor_sketch` of the LM-head score gradients from flattened tokens {h, z, y, r} (`lm_head_tokens`)."""
-    z, y = tok["z"], tok["y"]
-    return tensor_sketch(tok["h"], lambda s, e: score_delta(z[s:e], y[s:e], temperature), tok["r"], n_rows, d,
-                         seed, chunk_tokens)
+    return tensor_sketch(tok["h"], _score_deltas(tok, temperature), tok["r"], n_rows, d, seed, chunk_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------
