@@ -526,10 +526,16 @@ def lm_head_score_features(hidden: torch.Tensor, logits: torch.Tensor, labels: t
     Measured against the exact Gram (`bench/featurize.py --consumer salt`, SmolLM2, 32 rollouts, 5 seeds): Gram
     relative error 0.77 / 0.48 / 0.33 at k = 16 / 32 / 64, SALT a′ off by 54 / 35 / 27 %; TensorSketch at d = 1k: 0.17.
     """
-    tok = lm_head_tokens(hidden, logits, labels, mask)
-    k_o = logits.shape[-1] if p_out is None else p_out.shape[0]
-    k_i = hidden.shape[-1] if p_in is None else p_in.shape[0]
-    feats = torch.zeros(hidden.shape[0], k_o * k_i, device=hidden.device)
+    return lm_head_kron_tokens(lm_head_tokens(hidden, logits, labels, mask), hidden.shape[0], p_out, p_in,
+                               temperature, chunk_tokens)
+
+
+def lm_head_kron_tokens(tok: dict, n_rows: int, p_out: torch.Tensor | None, p_in: torch.Tensor | None,
+                        temperature: float = 1.0, chunk_tokens: int = 4096) -> torch.Tensor:
+    """`lm_head_score_features` from flattened tokens {h, z, y, r} (`lm_head_tokens`)."""
+    k_o = tok["z"].shape[1] if p_out is None else p_out.shape[0]
+    k_i = tok["h"].shape[1] if p_in is None else p_in.shape[0]
+    feats = torch.zeros(n_rows, k_o * k_i, device=tok["h"].device)
     for s in range(0, len(tok["y"]), chunk_tokens):
         h, z, y, r = (tok[k][s:s + chunk_tokens] for k in "hzyr")
         if p_out is None:

@@ -133,7 +133,7 @@ def salt_frontier(args) -> list[dict]:
 
     def kron(s, k):
         p = C.FactoredProjector({"lm_head": head}, k, k, seed=s).mats["lm_head"]
-        return _kron_rows(tok, B, *p)
+        return C.lm_head_kron_tokens(tok, B, *p)
     methods += [("kronecker", k * k, lambda s, k=k: kron(s, k), True) for k in (16, 32, 64)]
     for name, d, fn, approx in methods:
         med, _, _ = timed(lambda: fn(0), args.repeats)
@@ -162,13 +162,6 @@ def salt_frontier(args) -> list[dict]:
         print(f"{r['method']:24} {r['d']:9d} {r['time_s']:9.3f} {r['peak_mib']:9.0f} {r['gram_err']:9.4f} "
               f"{r['cos_err']:8.4f} {r['pr']:6.2f} {r['pr_err']:7.4f} {r['a_err']:7.4f}")
     return rows
-
-
-def _kron_rows(tok, B, p_out, p_in):
-    """lm_head_score_features on flattened tokens: rows of f_i = Σ_t (P_out δ_t)(P_in h_t)ᵀ."""
-    dp = C.score_delta(tok["z"], tok["y"]) if p_out is None else torch.softmax(tok["z"].float(), -1) @ p_out.T - p_out.T[tok["y"]]
-    f = torch.einsum("no,ni->noi", dp, tok["h"].float() if p_in is None else tok["h"].float() @ p_in.T).flatten(1)
-    return torch.zeros(B, f.shape[1]).index_add_(0, tok["r"], f)
 
 
 # ----------------------------------------------------------------------------------------------------------
