@@ -25,18 +25,15 @@ import hashlib
 import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import salt_grpo as sg  # noqa: E402
-from salt_cancellation import mean_std  # noqa: E402  (mean, std, n over seeds, NaN left out)
+import common
+import salt_grpo as sg
+from experiments.salt_cancellation import mean_std  # mean, std, n over seeds, NaN left out
+from experiments.shared import ROOT
 
 ARMS = ["off", "official", "random_subspace", "positive_only"]
 SETTINGS = dict(seeds=[0, 1, 2, 3, 4], G_values=[4, 16], prompts_per_step=8, steps=80, eval_every=10, eval_size=256,

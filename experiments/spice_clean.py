@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import common  # noqa: E402
-import spice_downstream as sd  # noqa: E402  (held-out set, target, training and evaluation of experiment 6)
-import spice_select as ss  # noqa: E402
+import common
+import spice_select as ss
+from experiments import spice_downstream as sd  # held-out set, target, training and evaluation of experiment 6
+from experiments.shared import ROOT
 
 # The authors' features: per-sample gradients of a LoRA proxy (r 8, all linear layers), in spice_select's default mode:
 # exact when the rows held at once fit --feature_memory_gb (2 GB), else the CountSketch to d = 8192 (the official

@@ -14,19 +14,16 @@ statistics are split by its pass j ∈ {1, 2, 3, 4} within the round; j = 1 is o
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from salt_cancellation import mean_std  # noqa: E402
-from salt_mechanism import SETTINGS as MECHANISM, SMOKE as MECHANISM_SMOKE, auc, config, paired, run_cached  # noqa: E402
-from salt_training import series, warm_start  # noqa: E402
+import common
+from experiments.salt_cancellation import mean_std
+from experiments.salt_mechanism import SETTINGS as MECHANISM, SMOKE as MECHANISM_SMOKE, auc, config, paired, run_cached
+from experiments.salt_training import series, warm_start
+from experiments.shared import ROOT
 
 MU = 4
 ARMS = {"grpo": dict(salt="identity", salt_scope="mini"), "official": dict(salt="official", salt_scope="mini")}

@@ -23,16 +23,14 @@ import dataclasses
 import hashlib
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
-import salt_grpo as sg  # noqa: E402
+import common
+import salt_grpo as sg
+from experiments.shared import ROOT
 
 G_VALUES = [2, 4, 8, 16]
 SETTINGS = dict(model=common.EMBEDDED, prompts=16, batches=6, g_max=16, seed=0, micro_batch=64)

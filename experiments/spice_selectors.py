@@ -18,27 +18,23 @@ with a 50 % cap (to see where the ω rule stops on its own). Two schedules: whol
 Scaled down from the paper (Qwen2-7B SFT on real data, downstream accuracy) to the selection-side statistics only.
 
     bash run.sh experiments spice_selectors         # seconds with a warm feature cache (spice_decay makes it)
-    python docs/experiments/spice_selectors.py --smoke --out /tmp/x
+    python -m experiments.spice_selectors --smoke --out /tmp/x
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import common  # noqa: E402
-import spice_decay  # noqa: E402  (the same feature path, pool_features, and the same mean_std)
-import spice_select as S  # noqa: E402
+import common
+import spice_select as S
+from experiments import spice_decay  # the same feature path, pool_features, and the same mean_std
+from experiments.shared import ROOT
 
 PAPER = {"jaccard_spice_fisher": 0.47, "claim": "SPICE selects subsets with higher log-det than other criteria"}
 METRICS = ("log_det", "frac_corrupted", "frac_duplicates", "n_families_covered", "min_family_share",

@@ -26,19 +26,16 @@ import dataclasses
 import hashlib
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import salt_grpo as sg  # noqa: E402
-from salt_cancellation import mean_std  # noqa: E402
-from salt_training import SETTINGS as TRAINING, series, warm_start  # noqa: E402
+import common
+import salt_grpo as sg
+from experiments.salt_cancellation import mean_std
+from experiments.salt_training import SETTINGS as TRAINING, series, warm_start
+from experiments.shared import ROOT
 
 # The per-rollout feature every SALT arm uses: the exact LM-head Gram (issue 9). The published results were measured
 # with its predecessor `lm_head_exact` (the unprojected feature, the same exact Gram for this 104-token vocabulary).

@@ -30,25 +30,22 @@ Protocol fixed before looking at any number:
     |ε| exceeding the first-order term alone (C = 1), which is defined whatever α is.
 
     bash run.sh experiments spice_decay            # ~3 min with a cold feature cache, seconds when warm
-    python docs/experiments/spice_decay.py --smoke --out /tmp/x
+    python -m experiments.spice_decay --smoke --out /tmp/x
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import common  # noqa: E402
-import spice_select as S  # noqa: E402
+import common
+import spice_select as S
+from experiments.shared import ROOT
 
 PAPER = {"spearman_conflict_delta": -0.792, "spearman_conflict_abs_eps": 0.901, "half_life_steps": "10-30",
          "table4": {16: (0.723, 0.501, 6.4), 32: (0.756, 0.515, 7.1), 64: (0.789, 0.528, 10.3),

@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import salt_cancellation as exp1  # noqa: E402  (same batches, same G values)
-import salt_grpo as sg  # noqa: E402
+import common
+import salt_grpo as sg
+from experiments import salt_cancellation as exp1  # same batches, same G values
+from experiments.shared import ROOT
 
 MODES = ["off", "official", "random_subspace", "positive_only"]
 RANDOM_DRAWS = 8

@@ -50,19 +50,17 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: its thread pool reads it once
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import common  # noqa: E402
 import spice_select as ss  # noqa: E402
+from experiments.shared import ROOT  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import common  # noqa: E402
-import spice_downstream as sd  # noqa: E402
-import spice_select as ss  # noqa: E402
-from spice_clean import SETTINGS as CLEAN, finetune, pool_features  # noqa: E402
-from salt_mechanism import paired  # noqa: E402  (the pre-registered paired rule)
+import common
+import spice_select as ss
+from experiments import spice_downstream as sd
+from experiments.salt_mechanism import paired  # the pre-registered paired rule
+from experiments.shared import ROOT
+from experiments.spice_clean import SETTINGS as CLEAN, finetune, pool_features
 
 LAMBDAS = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 # Scaled for a 1-core CPU (RESULTS.md, experiment 11's amendment): 50 instructions (B: 100 rows), pools of 20 → 2, and

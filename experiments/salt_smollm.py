@@ -8,18 +8,15 @@ factored projection, which is why this experiment was not run in round 2).
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import salt_grpo as sg  # noqa: E402
-from salt_cancellation import mean_std  # noqa: E402
-from salt_mechanism import TRACE, auc, paired, run_cached, step_mean  # noqa: E402
-from salt_training import series  # noqa: E402
+import common
+import salt_grpo as sg
+from experiments.salt_cancellation import mean_std
+from experiments.salt_mechanism import TRACE, auc, paired, run_cached, step_mean
+from experiments.salt_training import series
+from experiments.shared import ROOT
 
 FEATURES = "lm_head"  # the exact LM-head Gram (issue 9)
 ARMS = {"grpo": dict(salt="off"), "micro4": dict(salt="official", salt_scope="micro", micro_batch_size=4)}
