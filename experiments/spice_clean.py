@@ -68,7 +68,8 @@ def finetune(S: dict, rows: list[dict], idx: list[int], epochs: int, seed: int, 
 
 
 def compare(runs: dict, a: str, b: str) -> dict:
-    """Experiment 6's rule on exact match: d = mean_a − mean_b, SE = √(s_a²/n_a + s_b²/n_b); better / worse beyond 2·SE."""
+    """Experiment 6's rule on exact match: d = mean_a − mean_b, SE = √(s_a²/n_a + s_b²/n_b); better / worse beyond
+    2·SE."""
     xa, xb = [r["eval"]["exact_match"] for r in runs[a].values()], [r["eval"]["exact_match"] for r in runs[b].values()]
     (ma, sa), (mb, sb) = mean_std_pair(xa), mean_std_pair(xb)
     d, se = ma - mb, math.sqrt(sa ** 2 / len(xa) + sb ** 2 / len(xb))
@@ -104,8 +105,9 @@ def main(argv=None) -> dict:
     table = {name: {k2: dict(zip(("mean", "std"), mean_std_pair([r["eval"][k2] for r in v.values()])))
                     for k2 in ("exact_match", "loss")} | {"steps": next(iter(v.values()))["train"]["steps"]}
              for name, v in runs.items()}
-    result = {"experiment": "spice_clean", "settings": {**S, "features": FEATURES, "feature_mode": cfg.features, "k": k, "equal_steps_epochs":
-                                                          equal_steps},
+    result = {"experiment": "spice_clean",
+              "settings": {**S, "features": FEATURES, "feature_mode": cfg.features, "k": k,
+                           "equal_steps_epochs": equal_steps},
               "pool": {"n": len(rows), "corrupted": sum(r["corrupted"] for r in rows), "feature_dim": G.shape[1]},
               "heldout_n": len(held), "selection_stats": stats, "selections": sels, "table": table,
               "verdicts": verdicts, "runs": runs, "wall_time_s": time.perf_counter() - t0}
@@ -114,7 +116,8 @@ def main(argv=None) -> dict:
         print(f"{name:<28} steps {v['steps']:>4}  exact match {100 * v['exact_match']['mean']:5.1f} ± "
               f"{100 * v['exact_match']['std']:.1f}  NLL {v['loss']['mean']:.3f} ± {v['loss']['std']:.3f}")
     for v in verdicts:
-        print(f"{v['a']} − {v['b']}: {100 * v['diff_exact_match']:+.1f} pts (2·SE {200 * v['se']:.1f}) → {v['outcome']}")
+        print(f"{v['a']} − {v['b']}: {100 * v['diff_exact_match']:+.1f} pts (2·SE {200 * v['se']:.1f}) → "
+              f"{v['outcome']}")
     print(f"wrote {out}/results.json in {result['wall_time_s']:.0f} s")
     return result
 

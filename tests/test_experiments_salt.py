@@ -3,7 +3,6 @@
 The real runs (minutes to tens of minutes) are not part of the suite; their results live in docs/results/.
 """
 import json
-import math
 import os
 import subprocess
 import sys
