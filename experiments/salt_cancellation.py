@@ -29,7 +29,7 @@ import torch
 
 import common
 import salt_grpo as sg
-from experiments.shared import experiment_args, mean_std
+from experiments.shared import experiment_args, mean_std, pyplot
 
 G_VALUES = [2, 4, 8, 16]
 SETTINGS = dict(model=common.EMBEDDED, prompts=16, batches=6, g_max=16, seed=0, micro_batch=64)
@@ -125,11 +125,7 @@ KEYS = ["participation_ratio", "pr_over_B", "neff", "neff_over_B", "neff_over_B_
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("participation_ratio", "PR"), ("pr_over_B", "PR / B"), ("neff", "n_eff (GRPO)"),
               ("neff_over_B", "n_eff / B"), ("neff_within", "per-group n_eff"),
               ("neff_within_over_G", "per-group n_eff / G")]

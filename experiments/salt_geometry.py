@@ -30,7 +30,7 @@ import torch
 import common
 import salt_grpo as sg
 from experiments import salt_cancellation as exp1  # same batches, same G values
-from experiments.shared import experiment_args, mean_std
+from experiments.shared import experiment_args, mean_std, pyplot
 
 MODES = ["off", "official", "random_subspace", "positive_only"]
 RANDOM_DRAWS = 8
@@ -63,11 +63,7 @@ def measure(K: torch.Tensor, r: torch.Tensor, G: int, seed: int) -> dict:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     width = 0.2
     panels = [("neff", "n_eff of the applied update"), ("pr", "PR of the signed updates a′_i g_i"),

@@ -31,7 +31,7 @@ import torch
 import common
 import salt_grpo as sg
 from experiments.salt_training import SETTINGS as TRAINING, train_cached, warm_start
-from experiments.shared import experiment_args, mean_std, paired, series, step_mean
+from experiments.shared import experiment_args, mean_std, paired, pyplot, series, step_mean
 
 # The per-rollout feature every SALT arm uses: the exact LM-head Gram (issue 9). The published results were measured
 # with its predecessor `lm_head_exact` (the unprojected feature, the same exact Gram for this 104-token vocabulary).
@@ -102,11 +102,7 @@ def summarise(runs: list[dict], s: dict) -> dict:
 
 
 def plot(runs: list[dict], s: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     keys = [(runs[0]["eval_metric"], "held-out accuracy"), ("salt/pos_mass_kept", "positive mass kept by P a"),
             ("salt/neg_mass_kept", "negative mass kept by P a"), ("salt/alpha", "α")]

@@ -21,7 +21,7 @@ import torch
 import common
 from experiments.salt_mechanism import SETTINGS as MECHANISM, SMOKE as MECHANISM_SMOKE, auc, config, run_cached
 from experiments.salt_training import warm_start
-from experiments.shared import experiment_args, mean_or_nan, mean_std, paired, series
+from experiments.shared import experiment_args, mean_or_nan, mean_std, paired, pyplot, series
 
 MU = 4
 ARMS = {"grpo": dict(salt="identity", salt_scope="mini"), "official": dict(salt="official", salt_scope="mini")}
@@ -61,11 +61,7 @@ def summarise(runs: list[dict], s: dict) -> dict:
 
 
 def plot(summary: dict, s: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [("cos_within_abs", "within-group mean |cos|"), ("neff", "n_eff of a"), ("alpha", "α (official)")]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4))
     for ax, (name, title) in zip(axes, names):

@@ -32,7 +32,7 @@ import torch
 
 import common
 import salt_grpo as sg
-from experiments.shared import experiment_args, mean_std, series, step_mean
+from experiments.shared import experiment_args, mean_std, pyplot, series, step_mean
 
 ARMS = ["off", "official", "random_subspace", "positive_only"]
 SETTINGS = dict(seeds=[0, 1, 2, 3, 4], G_values=[4, 16], prompts_per_step=8, steps=80, eval_every=10, eval_size=256,
@@ -158,11 +158,7 @@ def summarise(runs: list[dict], arms: list[str], s: dict) -> dict:
 
 
 def plot(runs: list[dict], arms: list[str], s: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     colors = dict(zip(ARMS, ["k", "C3", "C0", "C2"]))
     fig, axes = plt.subplots(2, 2 * len(s["G_values"]), figsize=(5 * len(s["G_values"]) * 2, 7), squeeze=False)
     for j, G in enumerate(s["G_values"]):

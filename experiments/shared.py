@@ -32,6 +32,16 @@ def experiment_args(name: str, doc: str, argv: list[str] | None, smoke: str | No
     return args
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only: no display is needed), imported only when a script plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 # Three mean/std recipes, not one: each experiment's published numbers were computed with its own, and their sums
 # round differently (exact fsum, torch's pairwise sum, a plain loop), so merging them would move the last digits.
 

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 import common
 import spice_select as S
-from experiments.shared import ROOT, experiment_args, finite_mean_std
+from experiments.shared import ROOT, experiment_args, finite_mean_std, pyplot
 
 PAPER = {"spearman_conflict_delta": -0.792, "spearman_conflict_abs_eps": 0.901, "half_life_steps": "10-30",
          "table4": {16: (0.723, 0.501, 6.4), 32: (0.756, 0.515, 7.1), 64: (0.789, 0.528, 10.3),
@@ -371,11 +371,7 @@ def print_summary(result: dict, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def plot(per_seed: list[dict], part_c: dict, cfg: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(1, 3, figsize=(18, 4.6))
     # (b) decay curves
     for g, col in (("low", "tab:blue"), ("high", "tab:red")):

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import common  # noqa: E402
 import spice_select as ss  # noqa: E402
-from experiments.shared import ROOT, experiment_args, mean_std_pair, verdict  # noqa: E402
+from experiments.shared import ROOT, experiment_args, mean_std_pair, pyplot, verdict  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -307,11 +307,7 @@ def compare(table: list[dict], a: str, b: str) -> dict:
 
 
 def plot(table: list[dict], groups: list[str], counts: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [r["method"] for r in table]
     colors = ["#999999" if n == "null" else "#d62728" if n in ("spice", "online") else "#1f77b4" if n == "full"
               else "#7f7f7f" if n == "random" else "#2ca02c" for n in names]

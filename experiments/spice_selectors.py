@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 import common
 import spice_select as S
 from experiments import spice_decay  # the same feature path and pool_features
-from experiments.shared import experiment_args, finite_mean_std
+from experiments.shared import experiment_args, finite_mean_std, pyplot
 
 PAPER = {"jaccard_spice_fisher": 0.47, "claim": "SPICE selects subsets with higher log-det than other criteria"}
 METRICS = ("log_det", "frac_corrupted", "frac_duplicates", "n_families_covered", "min_family_share",
@@ -196,11 +196,7 @@ def main(argv=None) -> dict:
 
 
 def plot(whole: dict, per_pool: dict, pool_info: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("log_det", "exact log det(I + αF_S)"), ("min_cos_to_mean", "min cos(g, ḡ_S) over the picks"),
               ("frac_corrupted", "fraction corrupted"), ("frac_duplicates", "fraction near-duplicates"),
               ("min_family_share", "min family share"), ("jaccard_greedy", "Jaccard with plain greedy")]
