@@ -32,6 +32,7 @@ import torch
 
 import common
 import salt_grpo as sg
+from data.arithmetic import arithmetic_task
 from experiments.shared import experiment_args, mean_std, pyplot, series, step_mean
 
 ARMS = ["off", "official", "random_subspace", "positive_only"]
@@ -73,7 +74,7 @@ def warm_start(s: dict, seed: int, cache_dir: Path) -> Path:
         return path
     torch.manual_seed(seed)
     model, tok = common.tiny_llama(seed=seed, hidden_size=s["hidden"], num_layers=s["layers"])
-    rows = sg.arithmetic_task(4096, seed, False, **task_kwargs(s))
+    rows = arithmetic_task(4096, seed, False, **task_kwargs(s))
     opt = torch.optim.AdamW(model.parameters(), lr=s["warm_lr"])
     rng = random.Random(seed)
     model.train()
