@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 import common
 import spice_select as S
 from data import spice_pool
-from experiments import spice_decay  # the same feature path, pool_features, and the same mean_std
-from experiments.shared import ROOT
+from experiments import spice_decay  # the same feature path and pool_features
+from experiments.shared import experiment_args, finite_mean_std, pyplot
 
 PAPER = {"jaccard_spice_fisher": 0.47, "claim": "SPICE selects subsets with higher log-det than other criteria"}
 METRICS = ("log_det", "frac_corrupted", "frac_duplicates", "n_families_covered", "min_family_share",
@@ -105,7 +105,7 @@ def run_schedule(G: torch.Tensor, rows: list[dict], cfg: dict, pool_size, select
         res[label] = {k: v for k, v in measure(sel, G, rows, cfg["alpha"], greedy_set).items() if k in METRICS}
         res[label]["indices"] = sel.indices
     rand = [measure(random_sel(s), G, rows, cfg["alpha"], greedy_set) for s in cfg["random_seeds"]]
-    res["random"] = {m: spice_decay.mean_std([r[m] for r in rand]) for m in METRICS}
+    res["random"] = {m: finite_mean_std([r[m] for r in rand]) for m in METRICS}
     return res
 
 
@@ -131,7 +131,7 @@ def aggregate(runs: list[dict]) -> dict:
         for m in METRICS:
             xs = [r[label][m]["mean"] if isinstance(r[label][m], dict) else r[label][m] for r in runs]
             xs = [x for x in xs if x is not None]
-            vals[m] = spice_decay.mean_std(xs)
+            vals[m] = finite_mean_std(xs)
         out[label] = vals
     return out
 
@@ -141,12 +141,7 @@ def aggregate(runs: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    ap = common.ArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="default: docs/results/spice_selectors; with --smoke "
-                    "outputs/experiments-smoke/spice_selectors (never the published results)")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args(argv)
-    args.out = args.out or common.results_dir("spice_selectors", args.smoke)
+    args = experiment_args("spice_selectors", __doc__, argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = settings(args.smoke)
     out = args.out
@@ -202,11 +197,7 @@ def main(argv=None) -> dict:
 
 
 def plot(whole: dict, per_pool: dict, pool_info: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("log_det", "exact log det(I + αF_S)"), ("min_cos_to_mean", "min cos(g, ḡ_S) over the picks"),
               ("frac_corrupted", "fraction corrupted"), ("frac_duplicates", "fraction near-duplicates"),
               ("min_family_share", "min family share"), ("jaccard_greedy", "Jaccard with plain greedy")]

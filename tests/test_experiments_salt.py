@@ -3,7 +3,6 @@
 The real runs (minutes to tens of minutes) are not part of the suite; their results live in docs/results/.
 """
 import json
-import math
 import os
 import subprocess
 import sys
@@ -61,7 +60,12 @@ def test_run_sh_dispatches_experiments(tmp_path, cache):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VENV": sys.prefix}  # this interpreter's venv: no new install
     p = subprocess.run(["bash", str(ROOT / "run.sh"), "experiments"], capture_output=True, text=True, env=env)
     assert p.returncode == 2
-    assert all(f.stem in p.stderr for f in (ROOT / "experiments").glob("*.py") if f.stem not in ("__init__", "shared"))
+    names = p.stderr.split("one of:")[1].split("(see")[0].split()
+    assert sorted(names) == sorted(f.stem for f in (ROOT / "experiments").glob("*.py")
+                                   if f.stem not in ("__init__", "shared"))  # the helpers are not experiments
+    for name in ("shared", "__init__", "salt"):
+        assert subprocess.run(["bash", str(ROOT / "run.sh"), "experiments", name], capture_output=True,
+                              env=env).returncode == 2
     p = subprocess.run(["bash", str(ROOT / "run.sh"), "experiments", "salt_geometry", "--smoke", "--out",
                         str(tmp_path), "--cache_dir", str(cache)], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -88,11 +88,13 @@ def test_spice_selectors_smoke(tmp_path):
 
 
 def test_mean_std_is_shared():
-    """spice_selectors uses spice_decay's mean_std: finite values only, sample std (ddof = 1)."""
-    from experiments import spice_decay, spice_selectors
+    """spice_decay and spice_selectors use experiments.shared's finite_mean_std: finite values only, sample std
+    (ddof = 1)."""
+    from experiments import shared, spice_decay, spice_selectors
 
     assert spice_selectors.spice_decay is spice_decay
     assert not hasattr(spice_selectors, "mean_std") and not hasattr(spice_selectors, "pool_features")
-    r = spice_decay.mean_std([1, None, 3.0, float("nan"), True])
+    assert spice_decay.finite_mean_std is spice_selectors.finite_mean_std is shared.finite_mean_std
+    r = shared.finite_mean_std([1, None, 3.0, float("nan"), True])
     assert r["n"] == 3 and abs(r["mean"] - 5 / 3) < 1e-12 and abs(r["std"] - math.sqrt(4 / 3)) < 1e-12
-    assert spice_decay.mean_std([None]) == {"mean": None, "std": None, "n": 0}
+    assert shared.finite_mean_std([None]) == {"mean": None, "std": None, "n": 0}

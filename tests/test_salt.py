@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import reference
 import salt_grpo as sg
 from common import UserError
 from data import arithmetic
@@ -146,7 +147,7 @@ def test_5_pr_bounds_and_scale(rank):
 def test_6_neff_formula_range_and_limits():
     F, a = rand_feats(16, 9, 4), grpo_adv(16, 4, 4)
     _, d = sg.salt_reweight(K_of(F), a, cfg())
-    assert math.isclose(d["neff"], common.signed_neff_direct(F, a), rel_tol=1e-9)
+    assert math.isclose(d["neff"], reference.signed_neff_direct(F, a), rel_tol=1e-9)
     assert 0 <= d["neff"] <= 16
     # identical features, zero-sum a: complete cancellation → n_eff = 0, α = α_max
     same = rand_feats(1, 5, 5).expand(4, 5).clone()
@@ -225,7 +226,7 @@ def test_10_orthogonal_projection_is_exact_and_jl_error_shrinks():
     for d in (32, 1024):
         e = []
         for s in range(5):
-            Fp = common.dense_jl(F.float(), d, seed=s).double()
+            Fp = reference.dense_jl(F.float(), d, seed=s).double()
             e.append(float((sg.salt_reweight(K_of(Fp), a, cfg())[0] - exact).norm() / exact.norm()))
         errs[d] = float(np.median(e))
     assert errs[1024] < errs[32] and errs[1024] < 0.1
