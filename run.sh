@@ -5,7 +5,7 @@
 #   test            set up, then run the test suite offline
 #   salt | spice    set up, then run one script (extra ARGS are passed on)
 #   bench [NAME]    set up, then run bench/NAME.py (default: every benchmark)
-#   experiments NAME   set up, then run docs/experiments/NAME.py (one experiment of docs/RESULTS.md)
+#   experiments NAME   set up, then run python -m experiments.NAME (one experiment of docs/RESULTS.md)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PY=${PYTHON:-python3}
@@ -60,13 +60,16 @@ case "$cmd" in
     if [ $# -gt 0 ]; then "$VENV/bin/python" "bench/$1.py" "${@:2}"
     else for b in bench/*.py; do echo "== $b"; "$VENV/bin/python" "$b"; done; fi
     ;;
-  experiments)
-    names=$(ls docs/experiments/*.py | xargs -n1 basename | sed 's/\.py$//' | tr '\n' ' ')
-    [ $# -gt 0 ] && [ -f "docs/experiments/$1.py" ] || {
-      echo "usage: bash run.sh experiments NAME [--smoke] [--out DIR]; NAME is one of: $names(see docs/RESULTS.md)" >&2
-      exit 2; }
+  experiments)  # every module of experiments/ but the package's own and the helpers they share
+    names=$(ls experiments/*.py | xargs -n1 basename | sed 's/\.py$//' | grep -vx '__init__\|shared' | tr '\n' ' ')
+    case " $names" in
+      *" ${1:-} "*) ;;
+      *) echo "usage: bash run.sh experiments NAME [--smoke] [--out DIR]; NAME is one of:" \
+           "$names(see docs/RESULTS.md)" >&2
+         exit 2 ;;
+    esac
     setup
-    "$VENV/bin/python" "docs/experiments/$1.py" "${@:2}"
+    "$VENV/bin/python" -m "experiments.$1" "${@:2}"
     ;;
   *) echo "unknown command: $cmd (see the top of run.sh)" >&2; exit 2 ;;
 esac

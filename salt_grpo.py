@@ -1,6 +1,6 @@
 """GRPO on Accelerate with the SALT plug-in (arXiv 2606.05800), one file, read top to bottom beside the paper.
 
-    accelerate launch salt_grpo.py                    # SmolLM2-135M-Instruct, built-in arithmetic, SALT `official`
+    accelerate launch salt_grpo.py                    # SmolLM2-135M-Instruct, data/arithmetic, SALT `official`
     python salt_grpo.py --preset smoke                # tiny random model, seconds, SALT acting (partial-credit reward)
     python salt_grpo.py --salt off                    # plain GRPO (the matched baseline)
     python salt_grpo.py plot outputs/salt_grpo        # draw metrics.jsonl to metrics.png
@@ -12,6 +12,9 @@ SALT replaces a (one scalar per rollout) by a′ computed from the Gram K of per
     n_eff = aᵀKa / Σ_i a_i² K_ii,  α = clip(1 − n_eff, α_min, α_max),  a′ = P a + α (I − P) relu(a).
 Everything else (reward, sampler, loss, optimizer) is unchanged. The rule follows the authors' released code
 (Chang-pw/SALT, advantage_decomposition.py); see docs/salt.md for the paper-to-code map and the deviations.
+
+Sections, in reading order: config; the method (`group_advantages`, `salt_rule`, `clipped_policy_loss`); the
+per-rollout features whose Gram SALT reads; rollouts; the training loop; data and rewards; checkpoints; the run.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ import json
 import math
 import numbers
 import os
-import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ import torch
 
 import common
 from common import UserError, option as _f
+from data import arithmetic
 
 # ----------------------------------------------------------------------------------------------------------
 # Config: one dataclass, every field a CLI flag with its checks; TRL's names and meanings where they overlap
@@ -222,41 +226,688 @@ def parse_config(argv: list[str]) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data and rewards: the built-in verifiable arithmetic task, datasets from files or the hub, reward functions
+# The method: group-relative advantages, SALT, the clipped policy loss
 # ----------------------------------------------------------------------------------------------------------
 
-NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana"]
-ITEMS = ["apples", "books", "coins", "pens", "stamps", "shells", "cards", "marbles"]
+def group_advantages(r: torch.Tensor, G: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantage a_i = (r_i − mean_g r) / (std + eps), groups of G consecutive rollouts.
 
-
-def _held_out(terms: tuple[int, ...]) -> bool:
-    """One operand tuple in five is reserved for evaluation (stable across seeds and sizes)."""
-    return zlib.crc32(repr(terms).encode()) % 5 == 0
-
-
-def arithmetic_task(n: int, seed: int, held_out: bool, min_terms=2, max_terms=2, digits=1, word_frac=0.25):
-    """n seeded problems {prompt, answer}: multi-term sums and short word problems.
-
-    Train and eval draw from disjoint operand tuples (`_held_out`), so held-out accuracy measures generalisation.
+    std: Bessel-corrected (unbiased) std of the rollout's group (`group`), of the whole batch (`batch`, LitePPO),
+    or 1 (`none`, Dr. GRPO). eps guards zero-variance groups (their advantages are 0 either way).
     """
-    rng = random.Random(seed * 2 + held_out)
-    lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
-    if digits == 1 and max_terms == min_terms == 1:
-        raise UserError("the built-in task needs at least 2 terms of 1 digit to have a held-out split")
-    rows = []
-    while len(rows) < n:
-        terms = tuple(rng.randint(lo, hi) for _ in range(rng.randint(min_terms, max_terms)))
-        if _held_out(terms) != held_out:
-            continue
-        if rng.random() < word_frac:
-            name, item = rng.choice(NAMES), rng.choice(ITEMS)
-            more = " and then ".join(f"gets {t} more" for t in terms[1:])
-            q = f"{name} has {terms[0]} {item}, {more}. How many {item} does {name} have now?"
-        else:
-            q = "What is " + " + ".join(map(str, terms)) + "?"
-        rows.append({"prompt": q + " Answer with just the number.", "answer": float(sum(terms))})
-    return rows
+    g = r.double().view(-1, G)
+    centred = (g - g.mean(1, keepdim=True)).flatten()
+    if scale == "none":
+        return centred
+    std = g.std(1, keepdim=True).expand_as(g).flatten() if scale == "group" else r.double().std().expand_as(centred)
+    return centred / (std + eps)
 
+
+def salt_rule(K: torch.Tensor, a: torch.Tensor, cfg: Config, relu: bool, alpha_of, random_subspace: bool = False,
+              generator: torch.Generator | None = None):
+    """SALT's reweighting of the advantages a (B,) from the Gram K (B×B) of per-rollout gradients, float64:
+
+        PR = (tr K)² / ‖K‖_F²,  k = max(k_min, min(round(ρ·PR), k_max, B−1)),  P = V_k V_kᵀ,
+        n_eff = aᵀKa / Σ_i a_i² K_ii,  α = clip(1 − n_eff, α_min, α_max),  a′ = P a + α (I − P) φ(a).
+
+    relu: φ = relu (else identity); alpha_of: n_eff ↦ α (the controls change it). Returns (a′, the rule's terms)."""
+    B, I = a.numel(), torch.eye(a.numel(), dtype=torch.float64)
+    pr = common.participation_ratio(K)                 # PR = (tr K)² / ‖K‖_F², the spectral spread
+    k = subspace_size(pr, B, cfg)                      # k = max(k_min, min(round(ρ·PR), k_max, B−1))
+    P, top = spectral_projector(K, k, random_subspace, generator)  # P = V_k V_kᵀ
+    n_eff = common.signed_neff(K, a)                   # n_eff = aᵀKa / Σ_i a_i² K_ii, signed cancellation
+    alpha = alpha_of(n_eff)                            # α = clip(1 − n_eff, α_min, α_max) (official)
+    phi = a.clamp(min=0) if relu else a                # φ(a) = relu(a) (official)
+    a_dom = P @ a                                      # the dominant ("shared") channel
+    a_tail = (I - P) @ phi                             # the spectral-tail ("residual") channel
+    a_new = a_dom + alpha * a_tail                     # a′ = P a + α (I − P) φ(a)
+    return a_new, dict(pr=pr, k=k, top=top, n_eff=n_eff, alpha=alpha, a_dom=a_dom, a_tail=a_tail)
+
+
+def subspace_size(pr: float, B: int, cfg: Config) -> int:
+    """k = max(k_min, min(round(ρ·PR), k_max, B−1)) (Python's round: half to even, as the released code)."""
+    return min(B, max(cfg.salt_k_min, min(int(round(cfg.salt_rho * pr)), cfg.salt_k_max, B - 1)))
+
+
+def spectral_projector(K: torch.Tensor, k: int, random_subspace: bool = False,
+                       generator: torch.Generator | None = None):
+    """P = V_k V_kᵀ, V_k the top-k eigenvectors of K (torch.linalg.eigh, ascending, exact and deterministic; the
+    official code uses lobpcg when B ≥ 3k, which is iterative). random_subspace: a random k-dim subspace (control).
+    Returns (P, the kept eigenvalues)."""
+    evals, evecs = torch.linalg.eigh(K)
+    B = K.shape[0]
+    if random_subspace:
+        Vk, _ = torch.linalg.qr(torch.randn(B, k, generator=generator, dtype=K.dtype))
+    else:
+        Vk = evecs[:, B - k:]
+    return Vk @ Vk.T, evals[B - k:]
+
+
+def mixing_alpha(n_eff: float, cfg: Config) -> float:
+    """α = clip(1 − n_eff, α_min, α_max): the tail channel's weight grows with signed cancellation."""
+    return min(max(1.0 - n_eff, cfg.salt_alpha_min), cfg.salt_alpha_max)
+
+
+def positive_only(a: torch.Tensor, G: int) -> torch.Tensor:
+    """Control: a′_i = a⁺_i − mean_{j ∈ group(i)} a⁺_j, SALT's relu without the geometry (K is not used); groups are
+    G consecutive rows, so it needs the mini scope."""
+    pos = a.clamp(min=0).view(-1, G)
+    return (pos - pos.mean(1, keepdim=True)).flatten()
+
+
+def renormalise(a_new: torch.Tensor, a: torch.Tensor, how: str) -> torch.Tensor:
+    """std: a′ · std(a)/std(a′) (official normalize_final); l2: a′ · ‖a‖/‖a′‖; none: a′."""
+    if how == "std" and a_new.std() > 1e-8:
+        return a_new * (a.std() / a_new.std())
+    if how == "l2" and a_new.norm() > 1e-8:
+        return a_new * (a.norm() / a_new.norm())
+    return a_new
+
+
+def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torch.Generator | None = None):
+    """a′ for the --salt mode, a pure function of the Gram K (B×B) and the advantages a (B,). Returns (a′, diagnostics).
+
+    `official`: salt_rule with φ = relu (--salt_relu) and --salt_renorm. Controls (docs/salt.md#paper-to-code-map):
+    `identity` (φ = id, α ≡ 1) gives a′ = a exactly and checks it; `random_subspace` uses a random k-dim subspace
+    (seeded by `generator`); `amplify` is a′ = P a + (1 + λ c)(I − P) a, c = clip(1 − n_eff, 0, 1), renormalised to
+    ‖a‖ (a literal reading of the abstract, not the authors' rule); `positive_only` does not use K (the rule still
+    runs, for its diagnostics).
+    B = 1 or a ≡ 0 returns a unchanged. Errors are raised, never replaced by GRPO.
+    """
+    t0 = time.perf_counter()
+    K = K.detach().to("cpu", torch.float64)
+    K = (K + K.T) / 2
+    a64 = a.detach().to("cpu", torch.float64)
+    B = a64.numel()
+    if K.shape != (B, B):
+        raise ValueError(f"salt_reweight: K is {tuple(K.shape)} but a has {B} entries")
+    if not torch.isfinite(K).all() or not torch.isfinite(a64).all():
+        raise FloatingPointError("salt_reweight: non-finite Gram matrix or advantages")
+    if cfg.salt == "off" or B == 1 or not (a64 != 0).any():
+        return a.clone(), {"B": B, "skipped": 1.0, "time_s": time.perf_counter() - t0}
+
+    official_alpha = functools.partial(mixing_alpha, cfg=cfg)
+    if cfg.salt == "positive_only":
+        a_new = renormalise(positive_only(a64, cfg.num_generations), a64, cfg.salt_renorm)
+        _, terms = salt_rule(K, a64, cfg, relu=cfg.salt_relu, alpha_of=official_alpha)  # for the diagnostics only
+    elif cfg.salt == "identity":
+        a_new, terms = salt_rule(K, a64, cfg, relu=False, alpha_of=lambda n_eff: 1.0)
+        if (a_new - a64).abs().max() > 1e-9 * max(1.0, a64.abs().max().item()):
+            raise RuntimeError(f"SALT identity self-check failed: max |a′ − a| = {(a_new - a64).abs().max():.3e}")
+    elif cfg.salt == "amplify":
+        def amplify(n_eff):  # 1 + λ·c, c = clip(1 − n_eff, 0, 1)
+            return 1.0 + cfg.salt_lambda * min(max(1.0 - n_eff, 0.0), 1.0)
+
+        a_new, terms = salt_rule(K, a64, cfg, relu=False, alpha_of=amplify)
+        a_new = renormalise(a_new, a64, "l2")
+    else:  # official, random_subspace
+        a_new, terms = salt_rule(K, a64, cfg, relu=cfg.salt_relu, alpha_of=official_alpha,
+                                 random_subspace=cfg.salt == "random_subspace", generator=generator)
+        a_new = renormalise(a_new, a64, cfg.salt_renorm)
+    diag = salt_diagnostics(K, a64, a_new, terms, cfg)
+    diag["time_s"] = time.perf_counter() - t0
+    return a_new.to(a.dtype), diag
+
+
+def salt_diagnostics(K: torch.Tensor, a: torch.Tensor, a_new: torch.Tensor, terms: dict, cfg: Config) -> dict:
+    """The salt/* metrics of one scope (docs/salt.md#metrics-metricsjsonl-and-accelerate-trackers)."""
+    B, n_eff, alpha, a_dom, a_tail = a.numel(), terms["n_eff"], terms["alpha"], terms["a_dom"], terms["a_tail"]
+    e_dom, e_tail = float(a_dom @ a_dom), alpha ** 2 * float(a_tail @ a_tail)
+    aKa, bKb, aKb = float(a @ K @ a), float(a_new @ K @ a_new), float(a @ K @ a_new)
+
+    def kept(v, rows):  # advantage mass kept on some rows: Σ_rows v_i / Σ_rows a_i
+        return float(v[rows].sum() / a[rows].sum()) if rows.any() else float("nan")
+
+    G = cfg.num_generations  # groups: G consecutive rows; a scope holds whole groups or lies inside one
+    same = (torch.arange(B)[:, None] // G == torch.arange(B)[None, :] // G) & ~torch.eye(B, dtype=torch.bool)
+    diag = {
+        "B": B, "participation_ratio": terms["pr"], "pr_over_B": terms["pr"] / B, "k": terms["k"], "alpha": alpha,
+        "neff": n_eff, "neff_over_B": n_eff / B, "neff_after": common.signed_neff(K, a_new),
+        "cancellation": 1.0 - n_eff, "main_contrib_ratio": e_dom / max(e_dom + e_tail, 1e-30),
+        "exp_contrib_ratio": e_tail / max(e_dom + e_tail, 1e-30),
+        "cos_grpo_salt": aKb / math.sqrt(max(aKa * bKb, 1e-300)),  # cos(Gᵀa, Gᵀa′) from K alone
+        "zero_adv_mass": float(a_new[a == 0].abs().sum() / a_new.abs().sum().clamp(min=1e-30)),
+        "positive_adv_ratio": float((a > 0).double().mean()),
+        "pos_mass_kept": kept(a_dom, a > 0), "neg_mass_kept": kept(a_dom, a < 0),
+        "pos_mass_after": kept(a_new, a > 0), "neg_mass_after": kept(a_new, a < 0),
+        "cos_within_abs": float(common.cosine_matrix(K)[same].abs().mean())  # mean |cos(g_i, g_j)|, i ≠ j in a group
+        if (B % G == 0 or G % B == 0) and same.any() else float("nan"),
+        "eigenvalue_max": float(terms["top"].max()), "eigenvalue_min": float(terms["top"].min()),
+        "adv_change_norm": float((a_new - a).norm() / a.norm().clamp(min=1e-30)),
+    }
+    if cfg.salt == "positive_only":  # no channels: the dominant/tail split does not apply
+        diag.update(alpha=float("nan"), main_contrib_ratio=float("nan"), exp_contrib_ratio=float("nan"))
+    return diag
+
+
+def broadcast_advantage(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A′_it = a′_i · m_it."""
+    return a[:, None] * mask.to(a.dtype)
+
+
+def clipped_policy_loss(logp, old_logp, adv, mask, cfg: Config, ref_logp=None):
+    """Per-token PPO surrogate −min(ρ_t A, clip(ρ_t, 1−ε, 1+ε_high) A), ρ_t = exp(log π − log π_old), plus
+    β·KL_k3 with KL_k3 = exp(q − p) − (q − p) − 1 (q = log π_ref, p = log π) when β > 0. All fp32.
+    Returns (per-token loss (B, T), stats of summed counts for logging)."""
+    eps_hi = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    ratio = torch.exp(logp - old_logp)
+    A = broadcast_advantage(adv.to(logp.dtype), mask)  # A_it = a_i m_it
+    per_tok = -torch.min(ratio * A, ratio.clamp(1 - cfg.epsilon, 1 + eps_hi) * A)
+    m = mask.to(logp.dtype)
+    stats = {"clip_low": (((ratio < 1 - cfg.epsilon) & (A < 0)).to(m.dtype) * m).sum(),
+             "clip_high": (((ratio > 1 + eps_hi) & (A > 0)).to(m.dtype) * m).sum(), "kl": torch.zeros(())}
+    if cfg.beta > 0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        per_tok = per_tok + cfg.beta * kl
+        stats["kl"] = (kl.detach() * m).sum()
+    return per_tok, stats
+
+
+def aggregate_loss(per_tok, mask, loss_type: str, n_seq: int, n_tok: int, max_len: int) -> torch.Tensor:
+    """The loss of this micro-batch's share of the scope; normalisers are over the whole scope (all processes),
+    so summing micro-batches and processes gives the loss of the full batch, whatever the split.
+      grpo:     (1/N_seq) Σ_i (Σ_t ℓ_it m_it / Σ_t m_it)
+      dr_grpo:  (1/(N_seq·L_max)) Σ_it ℓ_it m_it
+      dapo / token-mean: (1/N_tok) Σ_it ℓ_it m_it
+    """
+    m = mask.to(per_tok.dtype)
+    if loss_type == "grpo":
+        return ((per_tok * m).sum(1) / m.sum(1).clamp(min=1)).sum() / n_seq
+    if loss_type == "dr_grpo":
+        return (per_tok * m).sum() / (n_seq * max_len)
+    return (per_tok * m).sum() / max(n_tok, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Features: the Gram K_ij = <g_i, g_j> of per-rollout gradients (docs/salt.md#paper-to-code-map)
+# ----------------------------------------------------------------------------------------------------------
+#
+# Official: g_i = ∂ℓ_i/∂W_lm = Σ_t (softmax(z_t) − e_{y_t}) h_tᵀ with ℓ_i = −Σ_t log π(y_t), the full V×H matrix.
+# Default here: its exact Gram from the hidden states and logits of a forward we already run, by token-pair
+# ("ghost") inner products (common.lm_head_gram), never forming V×H. A scope part is either features F (rows ×
+# d: sketch, kronecker) or the scope's flattened tokens (a dict) for an exact Gram.
+
+class FeatureSpec:
+    """What the Gram needs: the LM head (and a kronecker projection pair), or the salt_layers and a Featurizer."""
+
+    def __init__(self, model, cfg: Config):
+        self.kind, self.cfg = (cfg.salt_features if cfg.salt != "off" else "none"), cfg
+        self.head = next(iter(common.select_linear_layers(model, "lm_head").values()))
+        self.p_out = self.p_in = self.featurizer = None
+        self.width = self.head.out_features + self.head.in_features  # Σ (d_out + d_in) of an exact Gram
+        if self.kind == "layers":
+            self.featurizer = common.Featurizer(model, cfg.salt_layers, cfg.salt_k_out, cfg.salt_k_in,
+                                                seed=cfg.seed, reduction="sum", temperature=cfg.temperature)
+            self.width = sum(m.out_features + m.in_features + (m.bias is not None)
+                             for m in self.featurizer.layers.values())
+        elif self.kind == "kronecker":
+            proj = common.FactoredProjector({"lm_head": self.head}, cfg.salt_k_out, cfg.salt_k_in, seed=cfg.seed)
+            self.p_out, self.p_in = proj.mats["lm_head"]
+
+    @property
+    def from_forward(self) -> bool:  # LM-head features come free with the policy forward's hidden states and logits
+        return self.kind != "layers"
+
+    def exact(self, accelerator, batches: list[dict], gather: bool) -> bool:
+        """Exact Gram for this scope: N²·Σ(d_out + d_in) ≤ salt_exact_budget, N its scored completion tokens (LM
+        head) or non-padding tokens (layers), summed over processes when `gather` (the same answer on each)."""
+        with_prompt = self.kind == "layers"
+        n = sum(float(b["comp_mask"].sum() + (b["prompt_mask"].sum() if with_prompt else 0)) for b in batches)
+        n = float(common.gather_rows(accelerator, torch.tensor([n], device=accelerator.device)).sum()) if gather else n
+        return self.kind in ("lm_head", "layers") and n ** 2 * self.width <= self.cfg.salt_exact_budget
+
+
+@contextlib.contextmanager
+def capture_lm_head_input(head, store: dict):
+    """Forward hook keeping h_t, the LM-head input (after the final norm), detached."""
+    handle = head.register_forward_hook(lambda module, args, out: store.__setitem__("h", args[0].detach()))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def policy_forward(model, head, batch: dict, cfg: Config, device, want_hidden: bool):
+    """Per-token log π(y_t) of the completion tokens and the entropy of π (fp32), the logits and, optionally, the
+    LM-head inputs.
+
+    Only the completion positions go through the LM head (logits_to_keep), which saves a V-wide matmul per
+    prompt token. Position t of the kept logits predicts completion token t.
+    """
+    ids = torch.cat([batch["prompt_ids"], batch["comp_ids"]], 1)
+    am = torch.cat([batch["prompt_mask"], batch["comp_mask"]], 1)  # position ids as in generate (left padding)
+    C = batch["comp_ids"].shape[1]
+    store: dict = {}
+    ctx = capture_lm_head_input(head, store) if want_hidden else contextlib.nullcontext()
+    with ctx, autocast(cfg, device):
+        logits = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(1) - 1).clamp(min=0),
+                       logits_to_keep=C + 1, use_cache=False).logits[:, :-1]
+    logp, entropy = common.token_logprobs(logits, batch["comp_ids"], cfg.temperature, with_entropy=True)
+    hidden = store["h"][:, -(C + 1):-1] if want_hidden else None
+    return logp, entropy, hidden, logits
+
+
+def gram_part(model, spec: FeatureSpec, b: dict, hidden, logits, cfg: Config, exact: bool):
+    """One micro-batch's share of the scope: its tokens (exact) or its features (sketch, kronecker, projected)."""
+    n = b["comp_ids"].shape[0]
+    if spec.kind == "layers":
+        ids, am = torch.cat([b["prompt_ids"], b["comp_ids"]], 1), torch.cat([b["prompt_mask"], b["comp_mask"]], 1)
+        lm = torch.cat([torch.zeros_like(b["prompt_mask"]), b["comp_mask"]], 1)
+        if exact:
+            io = common.linear_io_grads(model, spec.featurizer.layers, ids, am, lm, reduction="sum",
+                                        temperature=cfg.temperature)
+            return {"n": n, **common.linear_tokens(io, am)}
+        return spec.featurizer(ids, am, lm).float()
+    if spec.kind == "kronecker":
+        return common.lm_head_score_features(hidden, logits, b["comp_ids"], b["comp_mask"], p_out=spec.p_out,
+                                             p_in=spec.p_in, temperature=cfg.temperature)
+    tok = common.lm_head_tokens(hidden, logits, b["comp_ids"], b["comp_mask"])
+    return {"n": n, **tok} if exact else common.lm_head_sketch(tok, n, cfg.salt_sketch_dim, cfg.seed, cfg.temperature)
+
+
+@torch.no_grad()
+def feature_pass(model, spec: FeatureSpec, batches: list[dict], cfg: Config, device, exact: bool = False) -> list:
+    """Gram parts of every local rollout before any backward (mini scope with several micro-batches, or layers)."""
+    out = []
+    for b in batches:
+        hidden = logits = None
+        if spec.from_forward:
+            _, _, hidden, logits = policy_forward(model, spec.head, b, cfg, device, want_hidden=True)
+        with autocast(cfg, device) if spec.kind == "layers" else contextlib.nullcontext():  # LM head: fp32 matmuls
+            out.append(gram_part(model, spec, b, hidden=hidden, logits=logits, cfg=cfg, exact=exact))
+    return out
+
+
+def scope_gram(accelerator, spec: FeatureSpec, parts: list, gather: bool) -> torch.Tensor:
+    """K (float64, CPU) of the scope from its parts; `gather`: the scope spans every process (rows in rank order)."""
+    if torch.is_tensor(parts[0]):
+        F = torch.cat(parts)
+        return common.gram((common.gather_rows(accelerator, F) if gather else F).detach().cpu().double())
+    n, tok, off = sum(p["n"] for p in parts), {}, 0
+    for p in parts:  # rows of later micro-batches (and processes) follow the earlier ones
+        for k, v in p.items():
+            if k != "n":
+                tok.setdefault(k, []).append(v + off if k.startswith("r") else v)
+        off += p["n"]
+    tok = {k: torch.cat(v) for k, v in tok.items()}
+    if gather:
+        offset = accelerator.process_index * n
+        tok = {k: common.gather_rows(accelerator, v + offset if k.startswith("r") else v) for k, v in tok.items()}
+        n *= accelerator.num_processes
+    if "z" in tok:
+        return common.lm_head_gram_tokens(tok, n, spec.cfg.temperature).cpu()
+    return sum(common.linear_gram(tok[f"x:{m}"], tok[f"d:{m}"], tok[f"r:{m}"], n) for m in spec.featurizer.layers).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollouts: `generate` with per-rollout seeded sampling, so results do not depend on the process count
+# ----------------------------------------------------------------------------------------------------------
+
+class GumbelSampler:
+    """Exact sampling from softmax(z/τ) (after top-p) by the Gumbel-max trick, used as a logits processor of a
+    greedy `generate`. Each rollout owns a seeded generator, so its tokens depend only on (seed, round, prompt, g),
+    never on which process or batch it landed in (HF's own sampling draws from the global RNG)."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
+        self.generators, self.temperature, self.top_p = generators, temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        z = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            s, idx = torch.sort(z, descending=True, dim=-1)
+            drop = torch.softmax(s, -1).cumsum(-1) - torch.softmax(s, -1) > self.top_p  # keep the first past p
+            z = z.scatter(-1, idx, s.masked_fill(drop, float("-inf")))
+        u = torch.stack([torch.rand(z.shape[-1], generator=g, device=g.device) for g in self.generators])
+        return z - torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
+
+
+def rollout_seed(seed: int, round_idx: int, prompt_idx: int, g: int) -> int:
+    """The seed of rollout g of a prompt in a round: a function of these four numbers alone."""
+    return zlib.crc32(f"{seed}/{round_idx}/{prompt_idx}/{g}".encode()) + (seed % 1000) * 2**32
+
+
+def bf16_native(device: torch.device) -> bool:
+    """bf16 autocast pays only with bf16 matmuls in hardware: CUDA, or a CPU with AVX512-BF16/AMX (oneDNN). Elsewhere
+    the CPU emulates it: one demo step measured 878 s in bf16 against 58 s in fp32 on an AVX2-only CPU."""
+    return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast(cfg: Config, device: torch.device):
+    if not cfg.bf16 or not bf16_native(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def eos_ids(model, tok) -> list[int]:
+    """Every id that ends a completion: generation_config.eos_token_id (an int or a list, e.g. Qwen2.5 and Llama-3
+    instruct models list two) and the tokenizer's EOS."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return list(dict.fromkeys(ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], cfg: Config, device, max_new_tokens: int, generators=None,
+             eos: list[int] | None = None, synced: bool = False):
+    """Left-padded batched `generate`; any EOS id stops a row. Prompts keep their last max_prompt_length tokens.
+    synced: every process runs the same number of forwards (FSDP and ZeRO-3 gather weights inside each forward).
+    Returns prompt ids, prompt mask, completion ids and the completion mask (tokens up to and including EOS)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    eos = eos or [tok.eos_token_id]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None))
+    L = cfg.max_prompt_length  # left padding: the last L columns keep every prompt's end
+    ids, am = enc.input_ids[:, -L:].to(device), enc.attention_mask[:, -L:].to(device)
+    # every sampling-related field explicit: generate fills unset ones from the model's generation_config (e.g. a
+    # hub model's repetition_penalty), which would make the sampler differ from the policy being trained
+    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=None,
+                          repetition_penalty=1.0, min_length=0, no_repeat_ngram_size=0, pad_token_id=tok.pad_token_id,
+                          eos_token_id=eos, bos_token_id=tok.bos_token_id)
+    procs = LogitsProcessorList([GumbelSampler(generators, cfg.temperature, cfg.top_p)] if generators else [])
+    with autocast(cfg, device):
+        out = model.generate(input_ids=ids, attention_mask=am, generation_config=gc, logits_processor=procs,
+                             synced_gpus=synced)
+    comp = out[:, ids.shape[1]:]
+    is_eos = torch.isin(comp, torch.tensor(eos, device=comp.device))
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    mask = (~after).long()
+    comp = comp.masked_fill(after, tok.pad_token_id)
+    return ids, am, comp, mask
+
+
+def truncated(comp: torch.Tensor, mask: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """Rows that used every new token without emitting an EOS."""
+    return (mask[:, -1] == 1) & ~torch.isin(comp[:, -1], torch.tensor(eos, device=comp.device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop: rollouts → advantages → (features → SALT) → loss → AdamW, on Accelerate
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Trainer:
+    cfg: Config
+    accelerator: object
+    model: object        # as prepared by accelerate (DDP / FSDP2 / DeepSpeed)
+    raw: object          # the unwrapped model (generation, no-grad forwards, features)
+    ref: object          # frozen reference for β > 0 (None: none, or the LoRA base with the adapter disabled)
+    tok: object
+    opt: object
+    sched: object
+    spec: FeatureSpec
+    train_rows: list
+    eval_rows: list
+    rewards: list        # (name, function) pairs
+    reward_weights: torch.Tensor
+    eos: list            # every EOS id
+    synced: bool         # generation must run the same number of forwards on every process (sharded weights)
+    buffer: dict | None = None
+    last_advantages: tuple | None = None  # (a, a′) of the last SALT scope, saved as last_advantages.safetensors
+    num_tokens: int = 0  # TRL's num_tokens: prompt + completion tokens generated so far (all processes)
+    history: list = field(default_factory=list)  # every logged row of the run, resumed runs included
+    resume: dict | None = None  # state.json of --resume_from, checked in build
+
+
+def micro_batches(batch: dict, cfg: Config) -> list[dict]:
+    n = batch["comp_ids"].shape[0]
+    mb = cfg.micro_batch_size or n
+    return [{k: v[i:i + mb] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+            for i in range(0, n, mb)]
+
+
+def score(trainer: Trainer, rows: list[dict], comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rewards (n, n_funcs): each function called as TRL calls it, f(prompts=, completions=, completion_ids=,
+    **every other column), completions as text or, for conversational prompts, [{"role": "assistant", ...}]."""
+    texts = trainer.tok.batch_decode(comp, skip_special_tokens=True)
+    conv = isinstance(rows[0]["prompt"], list)
+    kw = dict(prompts=[r["prompt"] for r in rows], completion_ids=[c[m.bool()].tolist() for c, m in zip(comp, mask)],
+              completions=[[{"role": "assistant", "content": c}] for c in texts] if conv else texts,
+              **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
+    out = []
+    for name, fn in trainer.rewards:
+        v = fn(**kw)
+        if not isinstance(v, (list, tuple)) or len(v) != len(rows):
+            raise UserError(f"reward function {name!r} returned {type(v).__name__}"
+                            f"{f' of length {len(v)}' if isinstance(v, (list, tuple)) else ''}, expected a list "
+                            f"of {len(rows)} numbers (one per completion)")
+        bad = [x for x in v if not isinstance(x, numbers.Real) or not math.isfinite(x)]
+        if bad:
+            raise UserError(f"reward function {name!r} returned {bad[0]!r}; every reward must be a finite number")
+        out.append(v)
+    return torch.tensor(out, dtype=torch.float64).T
+
+
+def make_rollouts(trainer: Trainer, round_idx: int) -> dict:
+    """One generation round: prompts_per_step × steps_per_generation prompts, G rollouts each. Every process
+    generates its share of each step's groups (slice j is optimizer step j of the round), scores them, and the
+    advantages come from the rewards of all processes (so `batch` scaling and the logged statistics are global)."""
+    cfg, accelerator, tok, device = trainer.cfg, trainer.accelerator, trainer.tok, trainer.accelerator.device
+    G, S, P, rank = cfg.num_generations, cfg.steps_per_generation, cfg.prompts_per_step, accelerator.process_index
+    per = P // accelerator.num_processes
+    idx = prompts_for_round(len(trainer.train_rows), P * S, round_idx, cfg.seed)
+    generation_start = time.perf_counter()
+    trainer.raw.eval()
+    slices = []
+    for j in range(S):  # one generate call per optimizer step's share: memory stays that of one step
+        pos = [j * P + rank * per + k for k in range(per)]  # positions in the round, as if on one process
+        rows = [trainer.train_rows[idx[p]] for p in pos for _ in range(G)]
+        generators = [torch.Generator(device=device).manual_seed(rollout_seed(cfg.seed, round_idx, idx[p], g))
+                      for p in pos for g in range(G)]
+        prompts = [format_prompt(tok, r["prompt"], cfg.system_prompt) for r in rows]
+        pids, pam, comp, cmask = generate(trainer.raw, tok, prompts, cfg, device, cfg.max_completion_length,
+                                          generators=generators, eos=trainer.eos, synced=trainer.synced)
+        slices.append({"prompt_ids": pids, "prompt_mask": pam, "comp_ids": comp, "comp_mask": cmask,
+                       "rewards": score(trainer, rows, comp, cmask)})
+    generation_s = time.perf_counter() - generation_start
+
+    def gather(column):  # a per-rollout quantity of every slice, all processes: step by step, process by process
+        return torch.cat([common.gather_rows(accelerator, column(s).to(device)).cpu() for s in slices])
+
+    per_func = gather(lambda s: s["rewards"])
+    total = per_func @ trainer.reward_weights
+    adv = group_advantages(total, G, cfg.scale_rewards, cfg.adv_eps)
+    lens = gather(lambda s: s["comp_mask"].sum(1).float())
+    trunc = gather(lambda s: truncated(s["comp_ids"], s["comp_mask"], trainer.eos).float())
+    trainer.num_tokens += int(gather(lambda s: (s["prompt_mask"].sum(1) + s["comp_mask"].sum(1)).float()).sum())
+    n = per * G
+    reuse = S * cfg.num_iterations > 1  # a slice trained after an update needs the log-probs it was sampled with
+    for j, s in enumerate(slices):
+        s["adv"] = adv[j * P * G + rank * n:][:n].float().to(device)
+        if cfg.mask_truncated_completions:  # TRL: such completions carry no EOS signal, leave them out of the loss
+            s["comp_mask"] = s["comp_mask"] * ~truncated(s["comp_ids"], s["comp_mask"], trainer.eos)[:, None]
+
+        def logprobs(model):  # log π(y_t) of the slice's completions under `model`, micro-batch by micro-batch
+            return torch.cat([policy_forward(model, trainer.spec.head, b, cfg, device, want_hidden=False)[0]
+                              for b in micro_batches(s, cfg)])
+
+        with torch.no_grad():
+            if reuse:
+                s["old_logp"] = logprobs(trainer.raw)
+            if cfg.beta > 0:  # the frozen reference, or the LoRA base with the adapter disabled
+                with trainer.raw.disable_adapter() if trainer.ref is None else contextlib.nullcontext():
+                    s["ref_logp"] = logprobs(trainer.ref or trainer.raw)
+    grp = total.view(-1, G)
+    metrics = {
+        "reward": float(total.mean()), "reward_std": float(total.std()),  # TRL: std over the whole batch
+        "reward_std_within_group": float(grp.std(1).mean()),
+        "frac_reward_zero_std": float(torch.isclose(grp.std(1), torch.zeros((), dtype=grp.dtype)).double().mean()),
+        **{f"rewards/{name}/{k}": float(getattr(per_func[:, i], k)()) for i, (name, _) in enumerate(trainer.rewards)
+           for k in ("mean", "std")},
+        "completions/mean_length": float(lens.mean()), "completions/max_length": float(lens.max()),
+        "completions/min_length": float(lens.min()), "completions/clipped_ratio": float(trunc.mean()),
+        "time/generation_s": generation_s,
+    }
+    s0 = slices[0]
+    sample = {"prompt": format_prompt(tok, trainer.train_rows[idx[rank * per]]["prompt"], cfg.system_prompt),
+              "completion": tok.decode(s0["comp_ids"][0], skip_special_tokens=True),
+              "reward": float(s0["rewards"][0] @ trainer.reward_weights)}
+    return {"round": round_idx, "slices": slices, "metrics": metrics, "sample": sample}
+
+
+@contextlib.contextmanager
+def timed(timing: dict, key: str):
+    """Adds the seconds spent inside the block to timing[key]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[key] += time.perf_counter() - start
+
+
+def salt_on_scope(trainer: Trainer, batches: list[dict], a_local: torch.Tensor, step: int, timing: dict,
+                  gather: bool, exact: bool, forward=None):
+    """SALT over one scope: the Gram parts of `batches` (from the training forward's (hidden, logits) when given,
+    else a no-grad pass), K over the scope (gathered across processes for `mini`), a′, and this process's slice.
+
+    Returns (a′ slice, diagnostics, (a, a′) of the whole scope). Non-finite features (the weights diverged) leave a
+    unchanged and are reported, so that every process reaches the step's gathered check and stops there together."""
+    cfg, accelerator, spec = trainer.cfg, trainer.accelerator, trainer.spec
+    try:
+        with timed(timing, "time/features_s"):
+            if forward is None:
+                parts = feature_pass(trainer.raw, spec, batches, cfg, accelerator.device, exact)
+            else:
+                with torch.no_grad():
+                    hidden, logits = forward
+                    parts = [gram_part(trainer.raw, spec, batches[0], hidden=hidden, logits=logits.detach(), cfg=cfg,
+                                       exact=exact)]
+        with timed(timing, "time/salt_s"):
+            a = common.gather_rows(accelerator, a_local) if gather else a_local
+            K = scope_gram(accelerator, spec, parts, gather) / a.shape[0]  # K = G Gᵀ / B (scale-invariant anyway)
+            generator = torch.Generator().manual_seed(rollout_seed(cfg.seed, step, -1, -1))
+            a_new, diag = salt_reweight(K, a.detach().cpu().double(), cfg, generator)
+    except FloatingPointError:
+        return a_local, {"nonfinite": 1.0}, None
+    diag["gram"] = float(exact)  # salt/gram: 1 exact Gram, 0 an approximation (sketch, kronecker, projected layers)
+    lo = accelerator.process_index * a_local.shape[0] if gather else 0
+    return a_new[lo:lo + a_local.shape[0]].float().to(a_local.device), diag, (a.cpu(), a_new)
+
+
+def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
+    """One optimizer step's forward/backward over the local rollouts, inside `accelerator.accumulate` (one
+    gradient sync, and one DeepSpeed step, per optimizer step); leaves the scope's summed gradient in .grad.
+
+    With SALT in `mini` scope, features of all local rollouts are needed before the first backward: they come from
+    the training forward itself when there is a single micro-batch (no extra cost), else from a no-grad pass.
+    """
+    cfg, accelerator, spec = trainer.cfg, trainer.accelerator, trainer.spec
+    mbs = micro_batches(batch, cfg)
+    accelerator.gradient_accumulation_steps, accelerator.step = len(mbs), 0  # sync on the last micro-batch
+    # whole-scope normalisers (all processes), so the loss does not depend on the split
+    n_tok = int(common.gather_rows(accelerator, batch["comp_mask"].sum().view(1).float()).sum())
+    n_seq = batch["comp_ids"].shape[0] * accelerator.num_processes
+    timing = {"time/features_s": 0.0, "time/salt_s": 0.0, "time/backward_s": 0.0}  # backward_s: forward + backward
+    salt_on, mini = cfg.salt != "off", cfg.salt_scope == "mini"
+    inline = salt_on and mini and len(mbs) == 1 and spec.from_forward  # SALT on the training forward's features
+    exact = salt_on and mini and spec.exact(accelerator, [batch], True)  # one decision per scope
+    diags, a_pair, adv = [], None, batch["adv"]
+    if salt_on and mini and not inline:
+        adv, d, a_pair = salt_on_scope(trainer, mbs, adv, step, timing, gather=True, exact=exact)
+        diags.append(d)
+    trainer.model.train()
+    sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "entropy": 0.0, "nonfinite": 0.0}
+    off = 0
+    for b in mbs:
+        n = b["comp_ids"].shape[0]
+        a_b = adv[off:off + n]
+        salt_here = salt_on and (inline or not mini)
+        with accelerator.accumulate(trainer.model):
+            with timed(timing, "time/backward_s"):
+                logp, ent, hidden, logits = policy_forward(trainer.model, spec.head, b, cfg, accelerator.device,
+                                                           want_hidden=salt_here and spec.from_forward)
+            if salt_here:
+                a_b, d, pair = salt_on_scope(trainer, [b], a_b, step, timing, gather=inline,
+                                             exact=exact if inline else spec.exact(accelerator, [b], False),
+                                             forward=(hidden, logits) if spec.from_forward else None)
+                diags.append(d)
+                a_pair = pair if inline else a_pair
+            with timed(timing, "time/backward_s"):
+                old = b["old_logp"] if "old_logp" in b else logp.detach()
+                per_tok, st = clipped_policy_loss(logp, old, a_b, b["comp_mask"], cfg, b.get("ref_logp"))
+                loss = aggregate_loss(per_tok, b["comp_mask"], cfg.loss_type, n_seq, n_tok, cfg.max_completion_length)
+                # DDP / FSDP / DeepSpeed average over processes and accelerate divides by the accumulation steps;
+                # undo both, so .grad is the scope's summed gradient whatever the split
+                accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
+        for k in ("clip_low", "clip_high", "kl"):
+            sums[k] += float(st[k])
+        sums["loss"] += float(loss.detach())
+        sums["entropy"] += float((ent * b["comp_mask"]).sum())
+        off += n
+    sums["nonfinite"] = float(sum(d.get("nonfinite", 0) for d in diags))
+    local = torch.tensor([list(sums.values())], device=accelerator.device)
+    sums = dict(zip(sums, common.gather_rows(accelerator, local).sum(0).tolist()))
+    m = {"loss": sums["loss"], "clip_ratio/low_mean": sums["clip_low"] / max(n_tok, 1),
+         "clip_ratio/high_mean": sums["clip_high"] / max(n_tok, 1),
+         "clip_ratio/region_mean": (sums["clip_low"] + sums["clip_high"]) / max(n_tok, 1),
+         "entropy": sums["entropy"] / max(n_tok, 1), **timing}  # entropy: TRL's, mean over completion tokens
+    if not math.isfinite(sums["loss"]) or sums["nonfinite"]:
+        raise UserError(f"step {step + 1}: the loss is {sums['loss']} or the SALT features are non-finite; stopped "
+                        "before saving anything of this step",
+                        hint="lower --learning_rate, check the rewards, or use --dtype float32")
+    if cfg.beta > 0:
+        m["kl"] = sums["kl"] / max(n_tok, 1)
+    if diags:
+        m.update(salt_metrics(diags))
+    trainer.last_advantages = a_pair
+    return m
+
+
+def salt_metrics(diags: list[dict]) -> dict:
+    """salt/* of a step: each diagnostic's mean over this process's SALT scopes (micro scope: its micro-batches)
+    where defined; a skipped scope has fewer keys, and NaN (e.g. α of positive_only) is left out of the mean."""
+    m = {}
+    for key in dict.fromkeys(k for d in diags for k in d):
+        vals = [d[key] for d in diags if key in d and d[key] == d[key]]
+        m[f"salt/{key}"] = sum(vals) / len(vals) if vals else float("nan")
+    m["salt/skipped"] = sum(d.get("skipped", 0.0) for d in diags) / len(diags)
+    return m
+
+
+def optimizer_step(trainer: Trainer, step: int = -1) -> float:
+    """Clip (max_grad_norm 0: only measure), refuse a non-finite gradient before the update and anything is saved
+    (DeepSpeed's engine has stepped inside the last backward already), step AdamW and the schedule."""
+    gn = trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), trainer.cfg.max_grad_norm or math.inf)
+    if gn is not None and not math.isfinite(float(gn)):  # None: DeepSpeed reports no norm before its first step
+        raise UserError(f"step {step + 1}: the gradient norm is {float(gn)} (non-finite); stopped before the update "
+                        "and before saving anything of this step",
+                        hint="lower --learning_rate, check the rewards, or use --dtype float32")
+    trainer.opt.step()
+    trainer.sched.step()
+    trainer.opt.zero_grad(set_to_none=True)
+    return float("nan") if gn is None else float(gn)
+
+
+def eval_key(cfg: Config) -> str:
+    """eval/accuracy for the default exact-match reward (mean reward = accuracy), else eval/reward."""
+    return "eval/accuracy" if reward_names(cfg) == ["exact_match"] else "eval/reward"
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer) -> float:
+    """Mean total reward of greedy completions on the held-out rows. Every process runs the same number of generate
+    calls of the same size (its block padded with row 0, not counted), as FSDP and ZeRO-3 need; sums are gathered."""
+    cfg, accelerator = trainer.cfg, trainer.accelerator
+    per = -(-len(trainer.eval_rows) // accelerator.num_processes)
+    mine = trainer.eval_rows[accelerator.process_index * per:][:per]
+    rows = mine + trainer.eval_rows[:1] * (per - len(mine))
+    trainer.raw.eval()
+    total = 0.0
+    for s in range(0, per, cfg.eval_batch_size):
+        chunk = rows[s:s + cfg.eval_batch_size]
+        texts = [format_prompt(trainer.tok, r["prompt"], cfg.system_prompt) for r in chunk]
+        _, _, comp, cmask = generate(trainer.raw, trainer.tok, texts, cfg, accelerator.device,
+                                     cfg.max_completion_length, eos=trainer.eos,
+                                     synced=trainer.synced)
+        total += float((score(trainer, chunk, comp, cmask) @ trainer.reward_weights)[: max(0, len(mine) - s)].sum())
+    local = torch.tensor([[total, len(mine)]], device=accelerator.device, dtype=torch.float64)
+    tot = common.gather_rows(accelerator, local).sum(0)
+    return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and rewards: datasets from files or the hub (the built-in task is data/arithmetic), reward functions
+# ----------------------------------------------------------------------------------------------------------
 
 _N = r"-?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?(?:[eE][-+]?\d+)?"  # -1,234.5e3; a comma only before groups of three digits
 _NUM = re.compile(rf"\\d?frac\{{\s*({_N})\s*\}}\{{\s*({_N})\s*\}}|({_N})(?:\s*/\s*({_N}))?")
@@ -361,10 +1012,7 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     """(train, eval) rows: every column of the dataset plus `prompt` (text or conversation), validated up front;
     errors name file, row and field. The built-in rewards need a numeric answer in answer_column."""
     if not cfg.dataset:
-        kw = dict(min_terms=cfg.task_min_terms, max_terms=cfg.task_max_terms, digits=cfg.task_digits,
-                  word_frac=cfg.task_word_frac)
-        return (arithmetic_task(cfg.task_size, cfg.seed, False, **kw),
-                arithmetic_task(cfg.eval_size, cfg.seed, True, **kw))
+        return builtin_task_rows(cfg)
     builtin = any(n in BUILTIN_REWARDS for n in reward_names(cfg))
 
     def convert(rows, label):
@@ -403,6 +1051,30 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     return train, ev
 
 
+def builtin_task_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The built-in task through the loader above: data/arithmetic/{train,test}.jsonl as committed or, for another
+    --seed or --task_* setting, the same generator's files (data/arithmetic.py) written to a temporary folder."""
+    task = dict(min_terms=cfg.task_min_terms, max_terms=cfg.task_max_terms, digits=cfg.task_digits,
+                word_frac=cfg.task_word_frac)
+    committed = arithmetic.COMMITTED
+    as_committed = (cfg.seed == committed["seed"] and all(task[k] == committed[k] for k in task)
+                    and cfg.task_size <= committed["train_size"] and cfg.eval_size <= committed["test_size"])
+    with tempfile.TemporaryDirectory(prefix="salt-arithmetic-") as tmp:
+        if as_committed:  # the files hold the first rows of any smaller draw
+            train_file, test_file = arithmetic.FOLDER / "train.jsonl", arithmetic.FOLDER / "test.jsonl"
+        else:
+            try:
+                train_file, test_file = arithmetic.write(Path(tmp), cfg.seed, cfg.task_size, max(cfg.eval_size, 1),
+                                                         **task)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        # the built-in prompts carry their own instruction, and its columns are GSM8K's
+        builtin = dataclasses.replace(cfg, dataset=str(train_file), dataset_split="train", eval_dataset=str(test_file),
+                                      eval_split="", prompt_column="question", prompt_suffix="")
+        train, test = load_rows(builtin)
+    return train[: cfg.task_size], test
+
+
 def format_prompt(tok, prompt, system_prompt: str = "") -> str:
     """The chat template (with the generation prompt) when the tokenizer has one; else the messages' contents, one
     per line. A text prompt is one user message; the system prompt goes first unless the prompt has its own."""
@@ -427,669 +1099,33 @@ def prompts_for_round(n_rows: int, per_round: int, round_idx: int, seed: int) ->
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rollouts: `generate` with per-rollout seeded sampling, so results do not depend on the process count
-# ----------------------------------------------------------------------------------------------------------
-
-class GumbelSampler:
-    """Exact sampling from softmax(z/τ) (after top-p) by the Gumbel-max trick, used as a logits processor of a
-    greedy `generate`. Each rollout owns a seeded generator, so its tokens depend only on (seed, round, prompt, g),
-    never on which process or batch it landed in (HF's own sampling draws from the global RNG)."""
-
-    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
-        self.gens, self.t, self.top_p = generators, temperature, top_p
-
-    def __call__(self, input_ids, scores):
-        z = scores.float() / self.t
-        if self.top_p < 1.0:
-            s, idx = torch.sort(z, descending=True, dim=-1)
-            drop = torch.softmax(s, -1).cumsum(-1) - torch.softmax(s, -1) > self.top_p  # keep the first past p
-            z = z.scatter(-1, idx, s.masked_fill(drop, float("-inf")))
-        u = torch.stack([torch.rand(z.shape[-1], generator=g, device=g.device) for g in self.gens])
-        return z - torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
-
-
-def rollout_seed(seed: int, round_idx: int, prompt_idx: int, g: int) -> int:
-    return zlib.crc32(f"{seed}/{round_idx}/{prompt_idx}/{g}".encode()) + (seed % 1000) * 2**32
-
-
-def bf16_native(device: torch.device) -> bool:
-    """bf16 autocast pays only with bf16 matmuls in hardware: CUDA, or a CPU with AVX512-BF16/AMX (oneDNN). Elsewhere
-    the CPU emulates it: one demo step measured 878 s in bf16 against 58 s in fp32 on an AVX2-only CPU."""
-    return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def autocast(cfg: Config, device: torch.device):
-    if not cfg.bf16 or not bf16_native(device):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def eos_ids(model, tok) -> list[int]:
-    """Every id that ends a completion: generation_config.eos_token_id (an int or a list, e.g. Qwen2.5 and Llama-3
-    instruct models list two) and the tokenizer's EOS."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return list(dict.fromkeys(ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
-
-
-@torch.no_grad()
-def generate(model, tok, prompts: list[str], cfg: Config, device, max_new_tokens: int, generators=None,
-             eos: list[int] | None = None, synced: bool = False):
-    """Left-padded batched `generate`; any EOS id stops a row. Prompts keep their last max_prompt_length tokens.
-    synced: every process runs the same number of forwards (FSDP and ZeRO-3 gather weights inside each forward).
-    Returns prompt ids, prompt mask, completion ids and the completion mask (tokens up to and including EOS)."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    eos = eos or [tok.eos_token_id]
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None))
-    L = cfg.max_prompt_length  # left padding: the last L columns keep every prompt's end
-    ids, am = enc.input_ids[:, -L:].to(device), enc.attention_mask[:, -L:].to(device)
-    # every sampling-related field explicit: generate fills unset ones from the model's generation_config (e.g. a
-    # hub model's repetition_penalty), which would make the sampler differ from the policy being trained
-    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=None,
-                          repetition_penalty=1.0, min_length=0, no_repeat_ngram_size=0, pad_token_id=tok.pad_token_id,
-                          eos_token_id=eos, bos_token_id=tok.bos_token_id)
-    procs = LogitsProcessorList([GumbelSampler(generators, cfg.temperature, cfg.top_p)] if generators else [])
-    with autocast(cfg, device):
-        out = model.generate(input_ids=ids, attention_mask=am, generation_config=gc, logits_processor=procs,
-                             synced_gpus=synced)
-    comp = out[:, ids.shape[1]:]
-    is_eos = torch.isin(comp, torch.tensor(eos, device=comp.device))
-    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    mask = (~after).long()
-    comp = comp.masked_fill(after, tok.pad_token_id)
-    return ids, am, comp, mask
-
-
-def truncated(comp: torch.Tensor, mask: torch.Tensor, eos: list[int]) -> torch.Tensor:
-    """Rows that used every new token without emitting an EOS."""
-    return (mask[:, -1] == 1) & ~torch.isin(comp[:, -1], torch.tensor(eos, device=comp.device))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Featurization: the Gram K_ij = <g_i, g_j> of per-rollout gradients (salt.md §1.2, §3.4)
-# ----------------------------------------------------------------------------------------------------------
-#
-# Official: g_i = ∂ℓ_i/∂W_lm = Σ_t (softmax(z_t) − e_{y_t}) h_tᵀ with ℓ_i = −Σ_t log π(y_t), the full V×H matrix.
-# Default here: its exact Gram from the hidden states and logits of a forward we already run, by token-pair
-# ("ghost") inner products (common.lm_head_gram), never forming V×H. A scope part is either features F (rows ×
-# d: sketch, kronecker) or the scope's flattened tokens (a dict) for an exact Gram.
-
-class FeatureSpec:
-    """What the Gram needs: the LM head (and a kronecker projection pair), or the salt_layers and a Featurizer."""
-
-    def __init__(self, model, cfg: Config):
-        self.kind, self.cfg = (cfg.salt_features if cfg.salt != "off" else "none"), cfg
-        self.head = next(iter(common.select_linear_layers(model, "lm_head").values()))
-        self.p_out = self.p_in = self.featurizer = None
-        self.width = self.head.out_features + self.head.in_features  # Σ (d_out + d_in) of an exact Gram
-        if self.kind == "layers":
-            self.featurizer = common.Featurizer(model, cfg.salt_layers, cfg.salt_k_out, cfg.salt_k_in,
-                                                seed=cfg.seed, reduction="sum", temperature=cfg.temperature)
-            self.width = sum(m.out_features + m.in_features + (m.bias is not None)
-                             for m in self.featurizer.layers.values())
-        elif self.kind == "kronecker":
-            proj = common.FactoredProjector({"lm_head": self.head}, cfg.salt_k_out, cfg.salt_k_in, seed=cfg.seed)
-            self.p_out, self.p_in = proj.mats["lm_head"]
-
-    @property
-    def from_forward(self) -> bool:  # LM-head features come free with the policy forward's hidden states and logits
-        return self.kind != "layers"
-
-    def exact(self, acc, batches: list[dict], gather: bool) -> bool:
-        """Exact Gram for this scope: N²·Σ(d_out + d_in) ≤ salt_exact_budget, N its scored completion tokens (LM
-        head) or non-padding tokens (layers), summed over processes when `gather` (the same answer on each)."""
-        n = sum(float(b["comp_mask"].sum() + (b["prompt_mask"].sum() if self.kind == "layers" else 0)) for b in batches)
-        n = float(common.gather_rows(acc, torch.tensor([n], device=acc.device)).sum()) if gather else n
-        return self.kind in ("lm_head", "layers") and n ** 2 * self.width <= self.cfg.salt_exact_budget
-
-
-@contextlib.contextmanager
-def capture_lm_head_input(head, store: dict):
-    """Forward hook keeping h_t, the LM-head input (after the final norm), detached."""
-    h = head.register_forward_hook(lambda m, i, o: store.__setitem__("h", i[0].detach()))
-    try:
-        yield
-    finally:
-        h.remove()
-
-
-def policy_forward(model, head, batch: dict, cfg: Config, device, want_hidden: bool):
-    """Per-token log π(y_t) of the completion tokens and the entropy of π (fp32), the logits and, optionally, the
-    LM-head inputs.
-
-    Only the completion positions go through the LM head (logits_to_keep), which saves a V-wide matmul per
-    prompt token. Position t of the kept logits predicts completion token t.
-    """
-    ids = torch.cat([batch["prompt_ids"], batch["comp_ids"]], 1)
-    am = torch.cat([batch["prompt_mask"], batch["comp_mask"]], 1)  # position ids as in generate (left padding)
-    C = batch["comp_ids"].shape[1]
-    store: dict = {}
-    ctx = capture_lm_head_input(head, store) if want_hidden else contextlib.nullcontext()
-    with ctx, autocast(cfg, device):
-        logits = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(1) - 1).clamp(min=0),
-                       logits_to_keep=C + 1, use_cache=False).logits[:, :-1]
-    logp, entropy = common.token_logprobs(logits, batch["comp_ids"], cfg.temperature, with_entropy=True)
-    hidden = store["h"][:, -(C + 1):-1] if want_hidden else None
-    return logp, entropy, hidden, logits
-
-
-def gram_part(model, spec: FeatureSpec, b: dict, hidden, logits, cfg: Config, exact: bool):
-    """One micro-batch's share of the scope: its tokens (exact) or its features (sketch, kronecker, projected)."""
-    n = b["comp_ids"].shape[0]
-    if spec.kind == "layers":
-        ids, am = torch.cat([b["prompt_ids"], b["comp_ids"]], 1), torch.cat([b["prompt_mask"], b["comp_mask"]], 1)
-        lm = torch.cat([torch.zeros_like(b["prompt_mask"]), b["comp_mask"]], 1)
-        if exact:
-            io = common.linear_io_grads(model, spec.featurizer.layers, ids, am, lm, "sum", cfg.temperature)
-            return {"n": n, **common.linear_tokens(io, am)}
-        return spec.featurizer(ids, am, lm).float()
-    if spec.kind == "kronecker":
-        return common.lm_head_score_features(hidden, logits, b["comp_ids"], b["comp_mask"], spec.p_out, spec.p_in,
-                                             cfg.temperature)
-    tok = common.lm_head_tokens(hidden, logits, b["comp_ids"], b["comp_mask"])
-    return {"n": n, **tok} if exact else common.lm_head_sketch(tok, n, cfg.salt_sketch_dim, cfg.seed, cfg.temperature)
-
-
-@torch.no_grad()
-def feature_pass(model, spec: FeatureSpec, batches: list[dict], cfg: Config, device, exact: bool = False) -> list:
-    """Gram parts of every local rollout before any backward (mini scope with several micro-batches, or layers)."""
-    out = []
-    for b in batches:
-        hidden = logits = None
-        if spec.from_forward:
-            _, _, hidden, logits = policy_forward(model, spec.head, b, cfg, device, want_hidden=True)
-        with autocast(cfg, device) if spec.kind == "layers" else contextlib.nullcontext():  # LM head: fp32 matmuls
-            out.append(gram_part(model, spec, b, hidden, logits, cfg, exact))
-    return out
-
-
-def scope_gram(acc, spec: FeatureSpec, parts: list, gather: bool) -> torch.Tensor:
-    """K (float64, CPU) of the scope from its parts; `gather`: the scope spans every process (rows in rank order)."""
-    if torch.is_tensor(parts[0]):
-        F = torch.cat(parts)
-        return common.gram((common.gather_rows(acc, F) if gather else F).detach().cpu().double())
-    n, tok, off = sum(p["n"] for p in parts), {}, 0
-    for p in parts:  # rows of later micro-batches (and processes) follow the earlier ones
-        for k, v in p.items():
-            if k != "n":
-                tok.setdefault(k, []).append(v + off if k.startswith("r") else v)
-        off += p["n"]
-    tok = {k: torch.cat(v) for k, v in tok.items()}
-    if gather:
-        tok = {k: common.gather_rows(acc, v + acc.process_index * n if k.startswith("r") else v) for k, v in tok.items()}
-        n *= acc.num_processes
-    if "z" in tok:
-        return common.lm_head_gram_tokens(tok, n, spec.cfg.temperature).cpu()
-    return sum(common.linear_gram(tok[f"x:{m}"], tok[f"d:{m}"], tok[f"r:{m}"], n) for m in spec.featurizer.layers).cpu()
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The algorithm: group-relative advantages, SALT, the clipped policy loss
-# ----------------------------------------------------------------------------------------------------------
-
-def group_advantages(r: torch.Tensor, G: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
-    """GRPO advantage a_i = (r_i − mean_g r) / (std + eps), groups of G consecutive rollouts.
-
-    std: Bessel-corrected (unbiased) std of the rollout's group (`group`), of the whole batch (`batch`, LitePPO),
-    or 1 (`none`, Dr. GRPO). eps guards zero-variance groups (their advantages are 0 either way).
-    """
-    g = r.double().view(-1, G)
-    centred = (g - g.mean(1, keepdim=True)).flatten()
-    if scale == "none":
-        return centred
-    std = g.std(1, keepdim=True).expand_as(g).flatten() if scale == "group" else r.double().std().expand_as(centred)
-    return centred / (std + eps)
-
-
-def subspace_size(pr: float, B: int, cfg: Config) -> int:
-    """k = max(k_min, min(round(ρ·PR), k_max, B−1)) (Python's round: half to even, as the released code)."""
-    return min(B, max(cfg.salt_k_min, min(int(round(cfg.salt_rho * pr)), cfg.salt_k_max, B - 1)))
-
-
-def spectral_projector(K: torch.Tensor, k: int, random: bool = False, generator: torch.Generator | None = None):
-    """P = V_k V_kᵀ, V_k the top-k eigenvectors of K (torch.linalg.eigh, ascending, exact and deterministic; the
-    official code uses lobpcg when B ≥ 3k, which is iterative). random=True: a random k-dim subspace (control).
-    Returns (P, the kept eigenvalues)."""
-    evals, evecs = torch.linalg.eigh(K)
-    B = K.shape[0]
-    if random:
-        Vk, _ = torch.linalg.qr(torch.randn(B, k, generator=generator, dtype=K.dtype))
-    else:
-        Vk = evecs[:, B - k:]
-    return Vk @ Vk.T, evals[B - k:]
-
-
-def mixing_alpha(n_eff: float, cfg: Config) -> float:
-    """α = clip(1 − n_eff, α_min, α_max): the tail channel's weight grows with signed cancellation."""
-    return min(max(1.0 - n_eff, cfg.salt_alpha_min), cfg.salt_alpha_max)
-
-
-def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torch.Generator | None = None):
-    """SALT's advantage reweighting (salt.md §3.1), a pure function of the Gram K (B×B) and advantages a (B,).
-
-        PR   = (tr K)² / ‖K‖_F²                          spectral spread (effective rank)
-        k    = max(k_min, min(round(ρ·PR), k_max, B−1))  adaptive subspace size
-        P    = V_k V_kᵀ                                  top-k eigenvectors of K (float64 eigh)
-        n_eff = aᵀKa / Σ_i a_i² K_ii                     signed-update effective sample size
-        α    = clip(1 − n_eff, α_min, α_max)
-        a′   = P a + α (I − P) φ(a),  φ = relu (or identity with --no_salt_relu); optional renorm of a′
-
-    Modes: `official` as above; `identity` (φ = id, α ≡ 1) gives a′ = a exactly and checks it; `random_subspace`
-    uses a random k-dim subspace instead of the top-k (control); `amplify` is a′ = P a + (1 + λ c)(I − P) a with
-    c = clip(1 − n_eff, 0, 1), renormalised to ‖a‖ (a literal reading of the abstract, not the authors' rule);
-    `positive_only` ignores K: a′_i = a⁺_i − mean_{j ∈ group(i)} a⁺_j (salt.md §5.3, the relu without the geometry;
-    groups are G consecutive rows, so it needs the mini scope).
-    B = 1 or a ≡ 0 returns a unchanged. Errors are raised, never replaced by GRPO. Returns (a′, diagnostics).
-    """
-    t0 = time.perf_counter()
-    K = K.detach().to("cpu", torch.float64)
-    K = (K + K.T) / 2
-    a64 = a.detach().to("cpu", torch.float64)
-    B = a64.numel()
-    if K.shape != (B, B):
-        raise ValueError(f"salt_reweight: K is {tuple(K.shape)} but a has {B} entries")
-    if not torch.isfinite(K).all() or not torch.isfinite(a64).all():
-        raise FloatingPointError("salt_reweight: non-finite Gram matrix or advantages")
-    if cfg.salt == "off" or B == 1 or not (a64 != 0).any():
-        return a.clone(), {"B": B, "skipped": 1.0, "time_s": time.perf_counter() - t0}
-
-    pr = common.participation_ratio(K)
-    k = subspace_size(pr, B, cfg)
-    P, top = spectral_projector(K, k, cfg.salt == "random_subspace", generator)
-    I = torch.eye(B, dtype=torch.float64)
-    n_eff = common.signed_neff(K, a64)
-    c = 1.0 - n_eff
-
-    a_dom = P @ a64                                   # dominant ("shared") channel
-    if cfg.salt == "amplify":
-        alpha, a_tail = 1.0 + cfg.salt_lambda * min(max(c, 0.0), 1.0), (I - P) @ a64
-    elif cfg.salt == "identity":
-        alpha, a_tail = 1.0, (I - P) @ a64
-    else:
-        alpha = mixing_alpha(n_eff, cfg)
-        a_tail = (I - P) @ (a64.clamp(min=0) if cfg.salt_relu else a64)   # spectral-tail ("residual") channel
-    a_new = a_dom + alpha * a_tail
-    if cfg.salt == "positive_only":
-        pos = a64.clamp(min=0).view(-1, cfg.num_generations)
-        a_new = (pos - pos.mean(1, keepdim=True)).flatten()
-
-    renorm = "l2" if cfg.salt == "amplify" else ("none" if cfg.salt == "identity" else cfg.salt_renorm)
-    if renorm == "std" and a_new.std() > 1e-8:      # official normalize_final
-        a_new = a_new * (a64.std() / a_new.std())
-    elif renorm == "l2" and a_new.norm() > 1e-8:
-        a_new = a_new * (a64.norm() / a_new.norm())
-    if cfg.salt == "identity" and (a_new - a64).abs().max() > 1e-9 * max(1.0, a64.abs().max().item()):
-        raise RuntimeError(f"SALT identity self-check failed: max |a′ − a| = {(a_new - a64).abs().max():.3e}")
-
-    e_dom, e_tail = float(a_dom @ a_dom), alpha ** 2 * float(a_tail @ a_tail)
-    aKa, bKb, aKb = float(a64 @ K @ a64), float(a_new @ K @ a_new), float(a64 @ K @ a_new)
-    zero = a64 == 0
-    # advantage mass kept on the positive (negative) rows: Σ_{a_i>0} v_i / Σ_{a_i>0} a_i for v = P a and v = a′
-    kept = lambda v, m: float(v[m].sum() / a64[m].sum()) if m.any() else float("nan")  # noqa: E731
-    G = cfg.num_generations  # groups: G consecutive rows; a scope holds whole groups or lies inside one
-    same = (torch.arange(B)[:, None] // G == torch.arange(B)[None, :] // G) & ~torch.eye(B, dtype=torch.bool)
-    diag = {
-        "B": B, "participation_ratio": pr, "pr_over_B": pr / B, "k": k, "alpha": alpha,
-        "neff": n_eff, "neff_over_B": n_eff / B, "neff_after": common.signed_neff(K, a_new), "cancellation": c,
-        "main_contrib_ratio": e_dom / max(e_dom + e_tail, 1e-30), "exp_contrib_ratio": e_tail / max(e_dom + e_tail, 1e-30),
-        "cos_grpo_salt": aKb / math.sqrt(max(aKa * bKb, 1e-300)),  # cos(Gᵀa, Gᵀa′) from K alone
-        "zero_adv_mass": float(a_new[zero].abs().sum() / a_new.abs().sum().clamp(min=1e-30)),
-        "positive_adv_ratio": float((a64 > 0).double().mean()),
-        "pos_mass_kept": kept(a_dom, a64 > 0), "neg_mass_kept": kept(a_dom, a64 < 0),
-        "pos_mass_after": kept(a_new, a64 > 0), "neg_mass_after": kept(a_new, a64 < 0),
-        "cos_within_abs": float(common.cosine_matrix(K)[same].abs().mean())  # mean |cos(g_i, g_j)|, i ≠ j in a group
-        if (B % G == 0 or G % B == 0) and same.any() else float("nan"),
-        "eigenvalue_max": float(top.max()), "eigenvalue_min": float(top.min()),
-        "adv_change_norm": float((a_new - a64).norm() / a64.norm().clamp(min=1e-30)),
-        "time_s": time.perf_counter() - t0,
-    }
-    if cfg.salt == "positive_only":  # no channels: the dominant/tail split does not apply
-        diag.update(alpha=float("nan"), main_contrib_ratio=float("nan"), exp_contrib_ratio=float("nan"))
-    return a_new.to(a.dtype), diag
-
-
-def per_sample_advantage(A_tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Collapse token advantages to one per rollout: a_i = Σ_t A_it m_it / max(1, Σ_t m_it) (official)."""
-    m = mask.to(A_tok.dtype)
-    return (A_tok * m).sum(1) / m.sum(1).clamp(min=1)
-
-
-def broadcast_advantage(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A′_it = a′_i · m_it."""
-    return a[:, None] * mask.to(a.dtype)
-
-
-def clipped_policy_loss(logp, old_logp, adv, mask, cfg: Config, ref_logp=None):
-    """Per-token PPO surrogate −min(ρ_t A, clip(ρ_t, 1−ε, 1+ε_high) A), ρ_t = exp(log π − log π_old), plus
-    β·KL_k3 with KL_k3 = exp(q − p) − (q − p) − 1 (q = log π_ref, p = log π) when β > 0. All fp32.
-    Returns (per-token loss (B, T), stats of summed counts for logging)."""
-    eps_hi = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
-    ratio = torch.exp(logp - old_logp)
-    A = broadcast_advantage(adv.to(logp.dtype), mask)  # A_it = a_i m_it
-    per_tok = -torch.min(ratio * A, ratio.clamp(1 - cfg.epsilon, 1 + eps_hi) * A)
-    m = mask.to(logp.dtype)
-    stats = {"clip_low": (((ratio < 1 - cfg.epsilon) & (A < 0)).to(m.dtype) * m).sum(),
-             "clip_high": (((ratio > 1 + eps_hi) & (A > 0)).to(m.dtype) * m).sum(), "kl": torch.zeros(())}
-    if cfg.beta > 0:
-        d = ref_logp - logp
-        kl = torch.exp(d) - d - 1
-        per_tok = per_tok + cfg.beta * kl
-        stats["kl"] = (kl.detach() * m).sum()
-    return per_tok, stats
-
-
-def aggregate_loss(per_tok, mask, loss_type: str, n_seq: int, n_tok: int, max_len: int) -> torch.Tensor:
-    """The loss of this micro-batch's share of the scope; normalisers are over the whole scope (all processes),
-    so summing micro-batches and processes gives the loss of the full batch, whatever the split.
-      grpo:     (1/N_seq) Σ_i (Σ_t ℓ_it m_it / Σ_t m_it)
-      dr_grpo:  (1/(N_seq·L_max)) Σ_it ℓ_it m_it
-      dapo / token-mean: (1/N_tok) Σ_it ℓ_it m_it
-    """
-    m = mask.to(per_tok.dtype)
-    if loss_type == "grpo":
-        return ((per_tok * m).sum(1) / m.sum(1).clamp(min=1)).sum() / n_seq
-    if loss_type == "dr_grpo":
-        return (per_tok * m).sum() / (n_seq * max_len)
-    return (per_tok * m).sum() / max(n_tok, 1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The loop: rollouts → advantages → (features → SALT) → loss → AdamW, on Accelerate
-# ----------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Trainer:
-    cfg: Config
-    acc: object
-    model: object        # as prepared by accelerate (DDP / FSDP2 / DeepSpeed)
-    raw: object          # the unwrapped model (generation, no-grad forwards, features)
-    ref: object          # frozen reference for β > 0 (None: none, or the LoRA base with the adapter disabled)
-    tok: object
-    opt: object
-    sched: object
-    spec: FeatureSpec
-    train_rows: list
-    eval_rows: list
-    rewards: list        # (name, function) pairs
-    reward_weights: torch.Tensor
-    eos: list            # every EOS id
-    synced: bool         # generation must run the same number of forwards on every process (sharded weights)
-    buffer: dict | None = None
-    last_advantages: tuple | None = None  # (a, a′) of the last SALT scope, for inspection and tests
-    num_tokens: int = 0  # TRL's num_tokens: prompt + completion tokens generated so far (all processes)
-    history: list = field(default_factory=list)  # every logged row of the run, resumed runs included
-    resume: dict | None = None  # state.json of --resume_from, checked in build
-
-
-def slice_rows(batch: dict, lo: int, hi: int) -> dict:
-    return {k: v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
-
-
-def micro_batches(batch: dict, cfg: Config) -> list[dict]:
-    n = batch["comp_ids"].shape[0]
-    mb = cfg.micro_batch_size or n
-    return [slice_rows(batch, i, min(i + mb, n)) for i in range(0, n, mb)]
-
-
-def score(t: Trainer, rows: list[dict], comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Rewards (n, n_funcs): each function called as TRL calls it, f(prompts=, completions=, completion_ids=,
-    **every other column), completions as text or, for conversational prompts, [{"role": "assistant", ...}]."""
-    texts = t.tok.batch_decode(comp, skip_special_tokens=True)
-    conv = isinstance(rows[0]["prompt"], list)
-    kw = dict(prompts=[r["prompt"] for r in rows], completion_ids=[c[m.bool()].tolist() for c, m in zip(comp, mask)],
-              completions=[[{"role": "assistant", "content": c}] for c in texts] if conv else texts,
-              **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
-    out = []
-    for name, fn in t.rewards:
-        v = fn(**kw)
-        if not isinstance(v, (list, tuple)) or len(v) != len(rows):
-            raise UserError(f"reward function {name!r} returned {type(v).__name__}"
-                            f"{f' of length {len(v)}' if isinstance(v, (list, tuple)) else ''}, expected a list "
-                            f"of {len(rows)} numbers (one per completion)")
-        bad = [x for x in v if not isinstance(x, numbers.Real) or not math.isfinite(x)]
-        if bad:
-            raise UserError(f"reward function {name!r} returned {bad[0]!r}; every reward must be a finite number")
-        out.append(v)
-    return torch.tensor(out, dtype=torch.float64).T
-
-
-def make_rollouts(t: Trainer, round_idx: int) -> dict:
-    """One generation round: prompts_per_step × steps_per_generation prompts, G rollouts each. Every process
-    generates its share of each step's groups (slice j is optimizer step j of the round), scores them, and the
-    advantages come from the rewards of all processes (so `batch` scaling and the logged statistics are global)."""
-    cfg, acc = t.cfg, t.acc
-    G, S, P, rank = cfg.num_generations, cfg.steps_per_generation, cfg.prompts_per_step, acc.process_index
-    per = P // acc.num_processes
-    idx = prompts_for_round(len(t.train_rows), P * S, round_idx, cfg.seed)
-    t0 = time.perf_counter()
-    t.raw.eval()
-    slices = []
-    for j in range(S):  # one generate call per optimizer step's share: memory stays that of one step
-        pos = [j * P + rank * per + k for k in range(per)]  # positions in the round, as if on one process
-        rows = [t.train_rows[idx[p]] for p in pos for _ in range(G)]
-        gens = [torch.Generator(device=acc.device).manual_seed(rollout_seed(cfg.seed, round_idx, idx[p], g))
-                for p in pos for g in range(G)]
-        pids, pam, comp, cmask = generate(t.raw, t.tok, [format_prompt(t.tok, r["prompt"], cfg.system_prompt)
-                                                         for r in rows], cfg, acc.device, cfg.max_completion_length,
-                                          gens, t.eos, t.synced)
-        slices.append({"prompt_ids": pids, "prompt_mask": pam, "comp_ids": comp, "comp_mask": cmask,
-                       "rewards": score(t, rows, comp, cmask)})
-    t_gen = time.perf_counter() - t0
-    gather = lambda x: torch.cat([common.gather_rows(acc, x(s).to(acc.device)).cpu() for s in slices])  # noqa: E731
-    per_func = gather(lambda s: s["rewards"])               # global order: step by step, process by process
-    total = per_func @ t.reward_weights
-    adv = group_advantages(total, G, cfg.scale_rewards, cfg.adv_eps)
-    lens = gather(lambda s: s["comp_mask"].sum(1).float())
-    trunc = gather(lambda s: truncated(s["comp_ids"], s["comp_mask"], t.eos).float())
-    t.num_tokens += int(gather(lambda s: (s["prompt_mask"].sum(1) + s["comp_mask"].sum(1)).float()).sum())
-    n = per * G
-    reuse = S * cfg.num_iterations > 1  # a slice trained after an update needs the log-probs it was sampled with
-    for j, s in enumerate(slices):
-        s["adv"] = adv[j * P * G + rank * n:][:n].float().to(acc.device)
-        if cfg.mask_truncated_completions:  # TRL: such completions carry no EOS signal, leave them out of the loss
-            s["comp_mask"] = s["comp_mask"] * ~truncated(s["comp_ids"], s["comp_mask"], t.eos)[:, None]
-        with torch.no_grad():
-            if reuse:
-                s["old_logp"] = torch.cat([policy_forward(t.raw, t.spec.head, b, cfg, acc.device, False)[0]
-                                           for b in micro_batches(s, cfg)])
-            if cfg.beta > 0:
-                with t.raw.disable_adapter() if t.ref is None else contextlib.nullcontext():
-                    s["ref_logp"] = torch.cat([policy_forward(t.ref or t.raw, t.spec.head, b, cfg, acc.device,
-                                                              False)[0] for b in micro_batches(s, cfg)])
-    grp = total.view(-1, G)
-    metrics = {
-        "reward": float(total.mean()), "reward_std": float(total.std()),  # TRL: std over the whole batch
-        "reward_std_within_group": float(grp.std(1).mean()),
-        "frac_reward_zero_std": float(torch.isclose(grp.std(1), torch.zeros((), dtype=grp.dtype)).double().mean()),
-        **{f"rewards/{name}/{k}": float(getattr(per_func[:, i], k)()) for i, (name, _) in enumerate(t.rewards)
-           for k in ("mean", "std")},
-        "completions/mean_length": float(lens.mean()), "completions/max_length": float(lens.max()),
-        "completions/min_length": float(lens.min()), "completions/clipped_ratio": float(trunc.mean()),
-        "time/generation_s": t_gen,
-    }
-    s0 = slices[0]
-    sample = {"prompt": format_prompt(t.tok, t.train_rows[idx[rank * per]]["prompt"], cfg.system_prompt),
-              "completion": t.tok.decode(s0["comp_ids"][0], skip_special_tokens=True),
-              "reward": float(s0["rewards"][0] @ t.reward_weights)}
-    return {"round": round_idx, "slices": slices, "metrics": metrics, "sample": sample}
-
-
-def salt_on_scope(t: Trainer, parts: list, a_local: torch.Tensor, step: int, gather: bool, exact: bool):
-    """Gram over the scope (gathered across processes for `mini`), SALT, and this process's slice of a′."""
-    acc = t.acc
-    a = common.gather_rows(acc, a_local) if gather else a_local
-    K = scope_gram(acc, t.spec, parts, gather) / a.shape[0]  # K = G Gᵀ / B (the 1/B is immaterial: scale-invariant)
-    gen = torch.Generator().manual_seed(rollout_seed(t.cfg.seed, step, -1, -1))
-    a_new, diag = salt_reweight(K, a.detach().cpu().double(), t.cfg, gen)
-    diag["gram"] = float(exact)  # salt/gram: 1 exact Gram, 0 an approximation (sketch, kronecker, projected layers)
-    lo = acc.process_index * a_local.shape[0] if gather else 0
-    return a_new[lo:lo + a_local.shape[0]].float().to(a_local.device), diag, (a.cpu(), a_new)
-
-
-def guarded_salt(t: Trainer, parts, a, step: int, gather: bool, exact: bool):
-    """salt_on_scope; non-finite features (the weights diverged) leave a unchanged and are reported, so that every
-    process reaches the step's gathered check below and stops there together."""
-    try:
-        return salt_on_scope(t, parts, a, step, gather, exact)
-    except FloatingPointError:
-        return a, {"nonfinite": 1.0}, None
-
-
-def accumulate_gradients(t: Trainer, batch: dict, step: int) -> dict:
-    """One optimizer step's forward/backward over the local rollouts, inside `accelerator.accumulate` (one
-    gradient sync, and one DeepSpeed step, per optimizer step); leaves the scope's summed gradient in .grad.
-
-    With SALT in `mini` scope, features of all local rollouts are needed before the first backward: they come from
-    the training forward itself when there is a single micro-batch (no extra cost), else from a no-grad pass.
-    """
-    cfg, acc = t.cfg, t.acc
-    mbs = micro_batches(batch, cfg)
-    acc.gradient_accumulation_steps, acc.step = len(mbs), 0  # sync on the last micro-batch
-    salt_on = cfg.salt != "off"
-    # whole-scope normalisers (all processes), so the loss does not depend on the split
-    n_tok = int(common.gather_rows(acc, batch["comp_mask"].sum().view(1).float()).sum())
-    n_seq = batch["comp_ids"].shape[0] * acc.num_processes
-    timing = {"time/features_s": 0.0, "time/salt_s": 0.0, "time/backward_s": 0.0}  # backward_s: forward + backward
-    diags, a_pair = [], None
-    adv = batch["adv"]
-    inline = salt_on and cfg.salt_scope == "mini" and len(mbs) == 1 and t.spec.from_forward
-    exact = salt_on and cfg.salt_scope == "mini" and t.spec.exact(acc, [batch], True)  # one decision per scope
-    if salt_on and cfg.salt_scope == "mini" and not inline:
-        t0 = time.perf_counter()
-        parts = feature_pass(t.raw, t.spec, mbs, cfg, acc.device, exact)
-        timing["time/features_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        adv, d, a_pair = guarded_salt(t, parts, adv, step, True, exact)
-        timing["time/salt_s"] += time.perf_counter() - t0
-        diags.append(d)
-    t.model.train()
-    sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "entropy": 0.0, "nonfinite": 0.0}
-    off = 0
-    for b in mbs:
-        n = b["comp_ids"].shape[0]
-        with acc.accumulate(t.model):
-            t0 = time.perf_counter()
-            want = salt_on and (inline or (cfg.salt_scope == "micro" and t.spec.from_forward))
-            logp, ent, hidden, logits = policy_forward(t.model, t.spec.head, b, cfg, acc.device, want_hidden=want)
-            a_b = adv[off:off + n]
-            if salt_on and (inline or cfg.salt_scope == "micro"):
-                t1 = time.perf_counter()
-                exact = exact if inline else t.spec.exact(acc, [b], False)
-                if t.spec.from_forward:
-                    with torch.no_grad():
-                        parts = [gram_part(t.raw, t.spec, b, hidden, logits.detach(), cfg, exact)]
-                else:
-                    parts = feature_pass(t.raw, t.spec, [b], cfg, acc.device, exact)
-                t2 = time.perf_counter()
-                a_b, d, pair = guarded_salt(t, parts, a_b, step, inline, exact)
-                t3 = time.perf_counter()
-                timing["time/features_s"] += t2 - t1
-                timing["time/salt_s"] += t3 - t2
-                t0 += t3 - t1  # keep features and SALT out of the forward/backward time
-                diags.append(d)
-                a_pair = pair if inline else a_pair
-            old = b["old_logp"] if "old_logp" in b else logp.detach()
-            per_tok, st = clipped_policy_loss(logp, old, a_b, b["comp_mask"], cfg, b.get("ref_logp"))
-            loss = aggregate_loss(per_tok, b["comp_mask"], cfg.loss_type, n_seq, n_tok, cfg.max_completion_length)
-            # DDP / FSDP / DeepSpeed average over processes and accelerate divides by the accumulation steps; undo
-            # both, so .grad is the scope's summed gradient whatever the split
-            acc.backward(loss * acc.num_processes * acc.gradient_accumulation_steps)
-            timing["time/backward_s"] += time.perf_counter() - t0
-        for k in ("clip_low", "clip_high", "kl"):
-            sums[k] += float(st[k])
-        sums["loss"] += float(loss.detach())
-        sums["entropy"] += float((ent * b["comp_mask"]).sum())
-        off += n
-    sums["nonfinite"] = float(sum(d.get("nonfinite", 0) for d in diags))
-    tot = common.gather_rows(acc, torch.tensor([[sums[k] for k in sums]], device=acc.device)).sum(0).tolist()
-    sums = dict(zip(sums, tot))
-    m = {"loss": sums["loss"], "clip_ratio/low_mean": sums["clip_low"] / max(n_tok, 1),
-         "clip_ratio/high_mean": sums["clip_high"] / max(n_tok, 1),
-         "clip_ratio/region_mean": (sums["clip_low"] + sums["clip_high"]) / max(n_tok, 1),
-         "entropy": sums["entropy"] / max(n_tok, 1), **timing}  # entropy: TRL's, mean over completion tokens
-    if not math.isfinite(sums["loss"]) or sums["nonfinite"]:
-        raise UserError(f"step {step + 1}: the loss is {sums['loss']} or the SALT features are non-finite; stopped "
-                        "before saving anything of this step",
-                        hint="lower --learning_rate, check the rewards, or use --dtype float32")
-    if cfg.beta > 0:
-        m["kl"] = sums["kl"] / max(n_tok, 1)
-    if diags:  # micro scope: mean over this process's micro-batches where defined (a skipped one has fewer keys)
-        for key in dict.fromkeys(k for d in diags for k in d):
-            vals = [d[key] for d in diags if key in d and d[key] == d[key]]
-            m[f"salt/{key}"] = sum(vals) / len(vals) if vals else float("nan")
-        m["salt/skipped"] = sum(d.get("skipped", 0.0) for d in diags) / len(diags)
-    t.last_advantages = a_pair
-    return m
-
-
-def optimizer_step(t: Trainer, step: int = -1) -> float:
-    """Clip (max_grad_norm 0: only measure), refuse a non-finite gradient before the update and anything is saved
-    (DeepSpeed's engine has stepped inside the last backward already), step AdamW and the schedule."""
-    gn = t.acc.clip_grad_norm_(t.model.parameters(), t.cfg.max_grad_norm or math.inf)
-    if gn is not None and not math.isfinite(float(gn)):  # None: DeepSpeed reports no norm before its first step
-        raise UserError(f"step {step + 1}: the gradient norm is {float(gn)} (non-finite); stopped before the update "
-                        "and before saving anything of this step",
-                        hint="lower --learning_rate, check the rewards, or use --dtype float32")
-    t.opt.step()
-    t.sched.step()
-    t.opt.zero_grad(set_to_none=True)
-    return float("nan") if gn is None else float(gn)
-
-
-def eval_key(cfg: Config) -> str:
-    """eval/accuracy for the default exact-match reward (mean reward = accuracy), else eval/reward."""
-    return "eval/accuracy" if reward_names(cfg) == ["exact_match"] else "eval/reward"
-
-
-@torch.no_grad()
-def evaluate(t: Trainer) -> float:
-    """Mean total reward of greedy completions on the held-out rows. Every process runs the same number of generate
-    calls of the same size (its block padded with row 0, not counted), as FSDP and ZeRO-3 need; sums are gathered."""
-    cfg, acc = t.cfg, t.acc
-    per = -(-len(t.eval_rows) // acc.num_processes)
-    mine = t.eval_rows[acc.process_index * per:][:per]
-    rows = mine + t.eval_rows[:1] * (per - len(mine))
-    t.raw.eval()
-    total = 0.0
-    for s in range(0, per, cfg.eval_batch_size):
-        chunk = rows[s:s + cfg.eval_batch_size]
-        texts = [format_prompt(t.tok, r["prompt"], cfg.system_prompt) for r in chunk]
-        _, _, comp, cmask = generate(t.raw, t.tok, texts, cfg, acc.device, cfg.max_completion_length, eos=t.eos,
-                                     synced=t.synced)
-        total += float((score(t, chunk, comp, cmask) @ t.reward_weights)[: max(0, len(mine) - s)].sum())
-    tot = common.gather_rows(acc, torch.tensor([[total, len(mine)]], device=acc.device, dtype=torch.float64)).sum(0)
-    return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Checkpoints: accelerate's save_state (model, optimizer, RNG; sharded under FSDP2 / DeepSpeed) + our state
 # ----------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(t: Trainer, step: int, path: Path) -> None:
+def save_checkpoint(trainer: Trainer, step: int, path: Path) -> None:
     """save_state into a temporary folder, plus state.json (step, schedule, config), the run's metrics so far and,
     mid-round, each process's rollouts; then renamed, so a checkpoint-N folder is always complete."""
-    acc, tmp = t.acc, path.parent / f".{path.name}.tmp"
-    if acc.is_main_process:
+    accelerator, tmp = trainer.accelerator, path.parent / f".{path.name}.tmp"
+    if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))  # collective: every process writes its part
-    if step % (t.cfg.steps_per_generation * t.cfg.num_iterations):  # mid-round: the rollouts are state too
-        tensors = {f"{j}.{k}": v for j, s in enumerate(t.buffer["slices"]) for k, v in s.items() if torch.is_tensor(v)}
-        common.save_safetensors(tmp / f"rollouts-{acc.process_index}.safetensors", tensors,
-                                {"round": str(t.buffer["round"])})
-    if acc.is_main_process:
-        common.write_jsonl(tmp / "metrics.jsonl", t.history)
-        common.write_json(tmp / "state.json", {"step": step, "num_tokens": t.num_tokens, "processes": acc.num_processes,
-                                               "scheduler": t.sched.state_dict(), "config": dataclasses.asdict(t.cfg)})
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # collective: every process writes its part
+    if step % (trainer.cfg.steps_per_generation * trainer.cfg.num_iterations):  # mid-round: the rollouts are state too
+        tensors = {f"{j}.{k}": v for j, s in enumerate(trainer.buffer["slices"]) for k, v in s.items()
+                   if torch.is_tensor(v)}
+        common.save_safetensors(tmp / f"rollouts-{accelerator.process_index}.safetensors", tensors,
+                                {"round": str(trainer.buffer["round"])})
+    if accelerator.is_main_process:
+        common.write_jsonl(tmp / "metrics.jsonl", trainer.history)
+        common.write_json(tmp / "state.json", {"step": step, "num_tokens": trainer.num_tokens,
+                                               "processes": accelerator.num_processes,
+                                               "scheduler": trainer.sched.state_dict(),
+                                               "config": dataclasses.asdict(trainer.cfg)})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
 
 def read_checkpoint(cfg: Config, num_processes: int) -> dict:
@@ -1117,48 +1153,49 @@ def read_checkpoint(cfg: Config, num_processes: int) -> dict:
     return state
 
 
-def load_checkpoint(t: Trainer, path: Path, state: dict) -> int:
+def load_checkpoint(trainer: Trainer, path: Path, state: dict) -> int:
     """load_state (weights_only loading), then the schedule, token count, metrics and mid-round rollouts."""
     from safetensors import safe_open
 
     try:
-        t.acc.load_state(str(path))
-        t.history = common.read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
-        step, S = int(state["step"]), t.cfg.steps_per_generation
-        if step % (S * t.cfg.num_iterations):
-            with safe_open(str(path / f"rollouts-{t.acc.process_index}.safetensors"), "pt", device="cpu") as f:
+        trainer.accelerator.load_state(str(path))
+        trainer.history = common.read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
+        step, S = int(state["step"]), trainer.cfg.steps_per_generation
+        if step % (S * trainer.cfg.num_iterations):
+            rollouts = path / f"rollouts-{trainer.accelerator.process_index}.safetensors"
+            with safe_open(str(rollouts), "pt", device="cpu") as f:
                 slices = [{} for _ in range(S)]
                 for key in f.keys():
                     j, k = key.split(".", 1)
-                    slices[int(j)][k] = f.get_tensor(key).to(t.acc.device)
-                t.buffer = {"round": int(f.metadata()["round"]), "slices": slices, "metrics": {}, "sample": {}}
+                    slices[int(j)][k] = f.get_tensor(key).to(trainer.accelerator.device)
+                trainer.buffer = {"round": int(f.metadata()["round"]), "slices": slices, "metrics": {}, "sample": {}}
     except Exception as e:  # truncated or foreign files: safetensors, torch.load, load_state_dict, JSON errors
         raise UserError(f"--resume_from {path}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
                         hint="it is incomplete or from another model; pass an intact checkpoint-N") from None
-    t.sched.load_state_dict(state["scheduler"])
-    t.num_tokens = int(state["num_tokens"])
+    trainer.sched.load_state_dict(state["scheduler"])
+    trainer.num_tokens = int(state["num_tokens"])
     return step
 
 
-def save_final(t: Trainer, final: Path) -> None:
+def save_final(trainer: Trainer, final: Path) -> None:
     """The trained model (all weights, or the LoRA adapter) and tokenizer, written to a temporary folder and renamed:
     an interrupted save never leaves a `final/` without weights (a leftover .final.tmp is removed by the next save)."""
-    acc = t.acc
-    sd = acc.get_state_dict(t.model)  # collective under FSDP/DeepSpeed: call it on every process
-    if acc.is_main_process:
+    accelerator = trainer.accelerator
+    sd = accelerator.get_state_dict(trainer.model)  # collective under FSDP/DeepSpeed: call it on every process
+    if accelerator.is_main_process:
         tmp, old = final.parent / ".final.tmp", final.parent / ".final.old"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             with common._quiet_transformers():
-                t.raw.save_pretrained(tmp, state_dict=sd)
-                t.tok.save_pretrained(tmp)
+                trainer.raw.save_pretrained(tmp, state_dict=sd)
+                trainer.tok.save_pretrained(tmp)
             if final.exists():
                 os.replace(final, old)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1176,22 +1213,50 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     rewards = load_reward_funcs(cfg)
     resume = read_checkpoint(cfg, n_proc) if cfg.resume_from else None
     train_rows, eval_rows = load_rows(cfg)
-    acc = accelerator or Accelerator(log_with=report_to(cfg) or None, project_dir=cfg.output_dir)
+    accelerator = accelerator or Accelerator(log_with=report_to(cfg) or None, project_dir=cfg.output_dir)
     stale = ["checkpoint-*", ".checkpoint-*.tmp", "final", ".final.tmp"]  # what --overwrite_output_dir replaces
-    common.on_main(acc, lambda: common.prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from,
-                                                          stale))
-    dt = acc.distributed_type
-    if dt == DistributedType.FSDP and not acc.is_fsdp2:
+    common.on_main(accelerator, lambda: common.prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir,
+                                                                  cfg.resume_from, stale))
+    dt = accelerator.distributed_type
+    if dt == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise UserError("FSDP1 is not supported: generation needs FSDP2's per-forward gathering",
                         hint="set fsdp_version: 2 in the accelerate config's fsdp_config")
-    n_local = cfg.prompts_per_step // acc.num_processes * cfg.num_generations
+    n_local = cfg.prompts_per_step // accelerator.num_processes * cfg.num_generations
     mb = min(cfg.micro_batch_size or n_local, n_local)
-    acc.gradient_accumulation_steps = -(-n_local // mb)
+    accelerator.gradient_accumulation_steps = -(-n_local // mb)
     if dt == DistributedType.DEEPSPEED:  # our flags own the batch shape and the clipping
-        acc.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=acc.gradient_accumulation_steps,
-            train_batch_size=mb * acc.gradient_accumulation_steps * acc.num_processes,
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
+            train_batch_size=mb * accelerator.gradient_accumulation_steps * accelerator.num_processes,
             gradient_clipping=cfg.max_grad_norm)
+    zero3 = dt == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    model, tok, ref = load_policy(cfg, accelerator.device, zero3)
+    if accelerator.is_main_process:
+        warn_about(cfg, tok, train_rows + eval_rows, accelerator.device, n_local)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+
+    def lr_lambda(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return 1.0
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)  # not prepared: accelerate would step it per process
+    prepared, opt = accelerator.prepare(model, opt)
+    raw = accelerator.unwrap_model(prepared)
+    spec = FeatureSpec(raw, cfg)  # after prepare: projections live on the model's device
+    synced = accelerator.num_processes > 1 and dt in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return Trainer(cfg=cfg, accelerator=accelerator, model=prepared, raw=raw, ref=ref, tok=tok, opt=opt, sched=sched,
+                   spec=spec, train_rows=train_rows, eval_rows=eval_rows, rewards=rewards,
+                   reward_weights=torch.tensor(reward_weights(cfg), dtype=torch.float64), eos=eos_ids(raw, tok),
+                   synced=synced, resume=resume)
+
+
+def load_policy(cfg: Config, device, zero3: bool):
+    """(policy, tokenizer, frozen reference or None): the model, with a seeded LoRA adapter under --use_peft (whose
+    KL reference is the base with the adapter disabled, so no second copy), else a reference copy when β > 0."""
     model, tok = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -1200,7 +1265,6 @@ def build(cfg: Config, accelerator=None) -> Trainer:
         from peft import LoraConfig, get_peft_model
 
         targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
-        zero3 = dt == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
         with torch.random.fork_rng(devices=[]):  # seeded adapter init, whatever ran before
             torch.manual_seed(cfg.seed)
             model = get_peft_model(model, LoraConfig(
@@ -1209,111 +1273,106 @@ def build(cfg: Config, accelerator=None) -> Trainer:
                 autocast_adapter_dtype=not zero3)  # ZeRO-3 gathers in one dtype (as TRL does)
     elif cfg.beta > 0:
         ref, _ = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
-        ref.requires_grad_(False).eval().to(acc.device)
-    texts = [format_prompt(tok, r["prompt"], cfg.system_prompt) for r in train_rows + eval_rows]
+        ref.requires_grad_(False).eval().to(device)
+    return model, tok, ref
+
+
+def warn_about(cfg: Config, tok, rows: list[dict], device, n_local: int) -> None:
+    """Warnings (stderr) for settings that run, but not as the user likely expects."""
+    texts = [format_prompt(tok, r["prompt"], cfg.system_prompt) for r in rows]
     long = sum(len(x) > cfg.max_prompt_length for x in tok(texts, add_special_tokens=not tok.chat_template).input_ids)
-    if long and acc.is_main_process:
+    if long:
         print(f"warning: {long} of {len(texts)} prompts are longer than --max_prompt_length {cfg.max_prompt_length} "
               "tokens; they are cut on the left (TRL's rule)", file=sys.stderr)
-    if cfg.bf16 and not bf16_native(acc.device) and acc.is_main_process:
+    if cfg.bf16 and not bf16_native(device):
         print("warning: this CPU has no native bf16 matmul (about 15x slower emulated), so --bf16 runs in fp32 here",
               file=sys.stderr)
-    if cfg.micro_batch_size == 0 and acc.device.type != "cpu" and acc.is_main_process:
+    if cfg.micro_batch_size == 0 and device.type != "cpu":
         print(f"warning: --micro_batch_size 0 puts all {n_local} rollouts of a step through one forward/backward per "
               "process; set it (e.g. 16) if memory runs out", file=sys.stderr)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-
-    def lr_lambda(s):
-        if s < cfg.warmup_steps:
-            return (s + 1) / (cfg.warmup_steps + 1)
-        if cfg.lr_scheduler_type == "linear":
-            return max(0.0, (cfg.max_steps - s) / max(1, cfg.max_steps - cfg.warmup_steps))
-        return 1.0
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)  # not prepared: accelerate would step it per process
-    prepared, opt = acc.prepare(model, opt)
-    raw = acc.unwrap_model(prepared)
-    spec = FeatureSpec(raw, cfg)  # after prepare: projections live on the model's device
-    synced = acc.num_processes > 1 and dt in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    return Trainer(cfg, acc, prepared, raw, ref, tok, opt, sched, spec, train_rows, eval_rows, rewards,
-                   torch.tensor(reward_weights(cfg), dtype=torch.float64), eos_ids(raw, tok), synced, resume=resume)
 
 
 def train(cfg: Config, accelerator=None) -> dict:
     """The whole run; returns the summary (on every process)."""
     from tqdm.auto import tqdm
 
-    t_start = time.perf_counter()
-    t = build(cfg, accelerator)
-    acc, out, key = t.acc, Path(cfg.output_dir), eval_key(cfg)
-    start = load_checkpoint(t, Path(cfg.resume_from), t.resume) if cfg.resume_from else 0
+    run_start = time.perf_counter()
+    trainer = build(cfg, accelerator)
+    accelerator, out, key = trainer.accelerator, Path(cfg.output_dir), eval_key(cfg)
+    start = load_checkpoint(trainer, Path(cfg.resume_from), trainer.resume) if cfg.resume_from else 0
     if report_to(cfg):
-        acc.init_trackers("salt_grpo", config={k: v for k, v in dataclasses.asdict(cfg).items()
-                                               if isinstance(v, (int, float, str, bool))})
-    logger = common.MetricsLogger(acc, out, resume=bool(cfg.resume_from))
-    if cfg.resume_from and acc.is_main_process:  # the run so far from the checkpoint, not a killed run's later lines
-        common.write_jsonl(logger.path, t.history)
+        accelerator.init_trackers("salt_grpo", config={k: v for k, v in dataclasses.asdict(cfg).items()
+                                                       if isinstance(v, (int, float, str, bool))})
+    logger = common.MetricsLogger(accelerator, out, resume=bool(cfg.resume_from))
+    if cfg.resume_from and accelerator.is_main_process:  # the run up to the checkpoint, not a killed run's later lines
+        common.write_jsonl(logger.path, trainer.history)
 
     def log(m: dict, step: int):
         logger.log(m, step=step)
-        t.history.append({"step": step, **m})
+        trainer.history.append({"step": step, **m})
 
     if start == 0 and cfg.eval_size:
-        log({key: evaluate(t)}, 0)
+        log({key: evaluate(trainer)}, 0)
     per_round, S = cfg.steps_per_generation * cfg.num_iterations, cfg.steps_per_generation
-    bar = tqdm(range(start, cfg.max_steps), desc=f"GRPO+SALT[{cfg.salt}]", disable=not acc.is_main_process,
+    bar = tqdm(range(start, cfg.max_steps), desc=f"GRPO+SALT[{cfg.salt}]", disable=not accelerator.is_main_process,
                initial=start, total=cfg.max_steps, dynamic_ncols=True)
     for step in bar:
-        t0 = time.perf_counter()
-        round_idx, pos = divmod(step, per_round)
-        if t.buffer is None or t.buffer["round"] != round_idx:
-            t.buffer = make_rollouts(t, round_idx)
-        m = dict(t.buffer["metrics"]) if pos == 0 else {}
-        m.update(accumulate_gradients(t, t.buffer["slices"][pos % S], step))
-        m["learning_rate"] = t.sched.get_last_lr()[0]  # the rate this step uses
-        t1 = time.perf_counter()
-        m["grad_norm"] = optimizer_step(t, step)
-        m.update({"time/optimizer_s": time.perf_counter() - t1, "step_time": time.perf_counter() - t0,
-                  "num_tokens": t.num_tokens})
+        timing = {"time/optimizer_s": 0.0, "step_time": 0.0}
+        with timed(timing, "step_time"):
+            round_idx, pos = divmod(step, per_round)
+            if trainer.buffer is None or trainer.buffer["round"] != round_idx:
+                trainer.buffer = make_rollouts(trainer, round_idx)
+            m = dict(trainer.buffer["metrics"]) if pos == 0 else {}
+            m.update(accumulate_gradients(trainer, trainer.buffer["slices"][pos % S], step))
+            m["learning_rate"] = trainer.sched.get_last_lr()[0]  # the rate this step uses
+            with timed(timing, "time/optimizer_s"):
+                m["grad_norm"] = optimizer_step(trainer, step)
+        m.update({**timing, "num_tokens": trainer.num_tokens})
         if torch.cuda.is_available():
             m["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            m[key] = evaluate(t)
+            m[key] = evaluate(trainer)
         log(m, step + 1)
-        if acc.is_main_process and t.buffer.get("sample"):
-            common.write_json(out / "last_sample.json", t.buffer["sample"])
+        if accelerator.is_main_process and trainer.buffer.get("sample"):
+            common.write_json(out / "last_sample.json", trainer.buffer["sample"])
         bar.set_postfix({k: f"{m.get(name, math.nan):.2f}" for k, name in
                          (("reward", "reward"), ("neff", "salt/neff"), ("alpha", "salt/alpha"))})
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(t, step + 1, out / f"checkpoint-{step + 1}")
+            save_checkpoint(trainer, step + 1, out / f"checkpoint-{step + 1}")
     bar.close()
-    end = evaluate(t) if cfg.eval_size else None
+    end = evaluate(trainer) if cfg.eval_size else None
     if end is not None:
         log({key: end}, cfg.max_steps)
-    save_final(t, out / "final")
-    if acc.is_main_process and t.last_advantages is not None:  # the last SALT scope: a and a′ (whole scope)
-        common.save_safetensors(out / "last_advantages.safetensors", dict(zip(("a", "a_new"), t.last_advantages)))
-    rewards = [h["reward"] for h in t.history if "reward" in h]
-    evals = [(h["step"], h[key]) for h in t.history if key in h]
+    save_final(trainer, out / "final")
+    if accelerator.is_main_process and trainer.last_advantages is not None:  # a and a′ of the last SALT scope
+        a, a_new = trainer.last_advantages
+        common.save_safetensors(out / "last_advantages.safetensors", {"a": a, "a_new": a_new})
+    summary = summarise(trainer, start, end, wall_time_s=time.perf_counter() - run_start)
+    if accelerator.is_main_process:
+        common.write_json(out / "summary.json", summary)
+    if report_to(cfg):
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def summarise(trainer: Trainer, start: int, end: float | None, wall_time_s: float) -> dict:
+    """summary.json: the run's settings, reward and held-out score at the start and the end, and its outputs."""
+    cfg, out, key = trainer.cfg, Path(trainer.cfg.output_dir), eval_key(trainer.cfg)
+    rewards = [h["reward"] for h in trainer.history if "reward" in h]
+    evals = [(h["step"], h[key]) for h in trainer.history if key in h]
     k = max(1, min(8, len(rewards) // 4))  # reward is noisy per step: average the first / last quarter
-    summary = {
+    return {
         "salt": cfg.salt, "model": cfg.model, "steps": cfg.max_steps, "resumed_from_step": start,
-        "processes": acc.num_processes, "eval_metric": key,
+        "processes": trainer.accelerator.num_processes, "eval_metric": key,
         "reward_start": sum(rewards[:k]) / k if rewards else None,
         "reward_end": sum(rewards[-k:]) / k if rewards else None,
         "eval_accuracy_start": evals[0][1] if evals and evals[0][0] == 0 else None, "eval_accuracy_end": end,
-        "eval_size": len(t.eval_rows), "eval_history": evals, "reward_steps_averaged": k,
-        "wall_time_s": time.perf_counter() - t_start,
+        "eval_size": len(trainer.eval_rows), "eval_history": evals, "reward_steps_averaged": k,
+        "wall_time_s": wall_time_s,
         "outputs": {"dir": str(out), "metrics": str(out / "metrics.jsonl"), "final_model": str(out / "final"),
                     "summary": str(out / "summary.json")},
     }
-    if acc.is_main_process:
-        common.write_json(out / "summary.json", summary)
-    if report_to(cfg):
-        acc.end_training()
-    acc.wait_for_everyone()
-    return summary
 
 
 PLOT_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "eval/accuracy", "eval/reward", "loss", "entropy",
@@ -1341,16 +1400,15 @@ def main(argv: list[str] | None = None) -> dict | None:
             raise UserError("usage: python salt_grpo.py plot RUN_DIR")
         print(f"wrote {plot(argv[1])}")
         return None
-    cfg = parse_config(argv)
-    s = train(cfg)
+    s = train(parse_config(argv))
     if s["processes"] == 1 or int(os.environ.get("RANK", "0")) == 0:
-        acc_ = s["eval_metric"] == "eval/accuracy"
+        pct = s["eval_metric"] == "eval/accuracy"
         print(f"SALT[{s['salt']}] GRPO on {s['model']}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
               f"({s['processes']} process{'es' if s['processes'] > 1 else ''})")
         print(f"  train reward        {_fmt(s['reward_start'])} -> {_fmt(s['reward_end'])} "
               f"(sampled; mean over the first / last {s['reward_steps_averaged']} step(s))")
-        print(f"  held-out {'accuracy  ' if acc_ else 'reward    '} {_fmt(s['eval_accuracy_start'], acc_)} -> "
-              f"{_fmt(s['eval_accuracy_end'], acc_)} (greedy, {s['eval_size']} problems)")
+        print(f"  held-out {'accuracy  ' if pct else 'reward    '} {_fmt(s['eval_accuracy_start'], pct)} -> "
+              f"{_fmt(s['eval_accuracy_end'], pct)} (greedy, {s['eval_size']} problems)")
         print(f"  outputs             {s['outputs']['dir']}/ (metrics.jsonl, summary.json, final/; "
               f"plot: python salt_grpo.py plot {s['outputs']['dir']})")
     return s

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import common as C  # noqa: E402
+from tests import reference as R  # noqa: E402
 
 B, T = 16, 128
 
@@ -132,7 +133,7 @@ def salt_frontier(args) -> list[dict]:
 
     def kron(s, k):
         p = C.FactoredProjector({"lm_head": head}, k, k, seed=s).mats["lm_head"]
-        return _kron_rows(tok, B, *p)
+        return C.lm_head_kron_tokens(tok, B, *p)
     methods += [("kronecker", k * k, lambda s, k=k: kron(s, k), True) for k in (16, 32, 64)]
     for name, d, fn, approx in methods:
         med, _, _ = timed(lambda: fn(0), args.repeats)
@@ -161,13 +162,6 @@ def salt_frontier(args) -> list[dict]:
         print(f"{r['method']:24} {r['d']:9d} {r['time_s']:9.3f} {r['peak_mib']:9.0f} {r['gram_err']:9.4f} "
               f"{r['cos_err']:8.4f} {r['pr']:6.2f} {r['pr_err']:7.4f} {r['a_err']:7.4f}")
     return rows
-
-
-def _kron_rows(tok, B, p_out, p_in):
-    """lm_head_score_features on flattened tokens: rows of f_i = Σ_t (P_out δ_t)(P_in h_t)ᵀ."""
-    dp = C.score_delta(tok["z"], tok["y"]) if p_out is None else torch.softmax(tok["z"].float(), -1) @ p_out.T - p_out.T[tok["y"]]
-    f = torch.einsum("no,ni->noi", dp, tok["h"].float() if p_in is None else tok["h"].float() @ p_in.T).flatten(1)
-    return torch.zeros(B, f.shape[1]).index_add_(0, tok["r"], f)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,11 +211,11 @@ def spice_frontier(args) -> list[dict]:
         model.eval().requires_grad_(False)
         layers = C.select_linear_layers(model, spec)
         D = sum(m.weight.numel() for m in layers.values())
-        for p in C.linear_params(layers).values():  # the loop differentiates these; the Featurizer never reads .grad
+        for p in R.linear_params(layers).values():  # the loop differentiates these; the Featurizer never reads .grad
             p.requires_grad_(True)
         h0 = _hwm_reset()
         t = time.perf_counter()
-        G = C.exact_per_sample_grads(model, C.linear_params(layers), ids, am, lm, reduction="mean")
+        G = R.exact_per_sample_grads(model, R.linear_params(layers), ids, am, lm, reduction="mean")
         t_loop, mem_loop = time.perf_counter() - t, _rss("VmHWM:") - h0
         K_exact = C.gram(G)
         picks_exact = set(S.spice_select(G, args.picks).indices)
@@ -245,7 +239,7 @@ def spice_frontier(args) -> list[dict]:
             run(name, f.dim, lambda f=f: f(ids, am, lm), args.repeats)
         h0 = _hwm_reset()
         t = time.perf_counter()
-        F = C.dense_jl(G, args.dense_d)
+        F = R.dense_jl(G, args.dense_d)
         t_jl = time.perf_counter() - t
         rows.append({"layers": set_name, "D": D, **_frontier_row(
             "loop + dense JL", args.dense_d, [t_loop + t_jl], max(mem_loop, _rss("VmHWM:") - h0), F, K_exact,

@@ -27,15 +27,15 @@ import salt_grpo as sg  # noqa: E402
 PARTS = ["time/generation_s", "time/features_s", "time/salt_s", "time/backward_s", "time/optimizer_s"]
 
 
-def one_step(t, step):
-    t0 = time.perf_counter()
-    rnd = sg.make_rollouts(t, step)
-    m = dict(rnd["metrics"])
-    m.update(sg.accumulate_gradients(t, rnd["slices"][0], step))
-    t1 = time.perf_counter()
-    sg.optimizer_step(t)
-    m["time/optimizer_s"] = time.perf_counter() - t1
-    m["step_time"] = time.perf_counter() - t0
+def one_step(trainer, step):
+    step_start = time.perf_counter()
+    rollouts = sg.make_rollouts(trainer, step)
+    m = dict(rollouts["metrics"])
+    m.update(sg.accumulate_gradients(trainer, rollouts["slices"][0], step))
+    m["time/optimizer_s"] = 0.0
+    with sg.timed(m, "time/optimizer_s"):
+        sg.optimizer_step(trainer)
+    m["step_time"] = time.perf_counter() - step_start
     return m
 
 
@@ -91,8 +91,8 @@ def main():
     trainers = {m: sg.build(dataclasses.replace(base, salt=m)) for m in ("off", "official")}
     rows = {m: [] for m in trainers}
     for step in range(a.steps + 1):  # interleaved; step 0 is the warm-up
-        for m, t in trainers.items():
-            r = one_step(t, step)
+        for m, trainer in trainers.items():
+            r = one_step(trainer, step)
             if step > 0:
                 rows[m].append(r)
             print(f"step {step} {m:8s} {r['step_time']:6.2f} s  reward {r['reward']:.2f}", file=sys.stderr)

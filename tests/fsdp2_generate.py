@@ -26,7 +26,7 @@ new = 12 if rank == 0 else 3
 out = []
 for m, kw in ((model, dict(synced=synced)), (ref, {})):
     gens = [torch.Generator().manual_seed(10 * rank + i) for i in range(len(prompts))]
-    out.append(sg.generate(m, tok, prompts, cfg, torch.device("cpu"), new, gens, **kw)[2])
+    out.append(sg.generate(m, tok, prompts, cfg, torch.device("cpu"), new, generators=gens, **kw)[2])
 print(f"rank {rank} {'EQUAL' if torch.equal(out[0], out[1]) else 'DIFFERENT'}", flush=True)
 dist.barrier()
 dist.destroy_process_group()

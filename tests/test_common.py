@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common as C
+import reference as R
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def test_identity_projection_equals_exact_per_sample_gradients(tiny, spec):
     model, _, ids, am, lm = tiny
     layers = C.select_linear_layers(model, spec)
     F = C.per_sample_features(model, layers, C.FactoredProjector(layers, None, None), ids, am, lm)
-    G = C.exact_per_sample_grads(model, C.linear_params(layers), ids, am, lm)
+    G = R.exact_per_sample_grads(model, R.linear_params(layers), ids, am, lm)
     assert F.shape == G.shape
     assert rel(F, G) <= 1e-5
     assert G.norm(dim=1).min() > 0  # every sample has a real gradient (the test is not vacuous)
@@ -50,7 +51,7 @@ def test_identity_projection_equals_exact_per_sample_gradients(tiny, spec):
 def test_mean_reduction_matches_exact(tiny):
     model, _, ids, am, lm = tiny
     fz = C.Featurizer(model, "last:1", k_out=None, k_in=None, reduction="mean")
-    G = C.exact_per_sample_grads(model, C.linear_params(fz.layers), ids, am, lm, reduction="mean")
+    G = R.exact_per_sample_grads(model, R.linear_params(fz.layers), ids, am, lm, reduction="mean")
     assert rel(fz(ids, am, lm), G) <= 1e-5
 
 
@@ -99,7 +100,7 @@ def test_projected_gram_is_unbiased(tiny):
     """Averaged over projection seeds, <f_i, f_j> converges to the exact <g_i, g_j>; one seed does not."""
     model, _, ids, am, lm = tiny
     layers = C.select_linear_layers(model, "last:1")
-    K_exact = C.gram(C.exact_per_sample_grads(model, C.linear_params(layers), ids, am, lm))
+    K_exact = C.gram(R.exact_per_sample_grads(model, R.linear_params(layers), ids, am, lm))
     n = 400
     Ks = [C.gram(C.Featurizer(model, "last:1", 4, 4, seed=s)(ids, am, lm)) for s in range(n)]
     single = sum(rel(K, K_exact) for K in Ks[:20]) / 20
@@ -114,7 +115,7 @@ def test_projected_gram_is_unbiased(tiny):
 def test_lm_head_score_feature_equals_exact_lm_head_gradient(tiny):
     model, _, ids, am, lm = tiny
     fz = C.Featurizer(model, "lm_head", k_out=None, k_in=None)
-    G = C.exact_per_sample_grads(model, C.linear_params(fz.layers), ids, am, lm)
+    G = R.exact_per_sample_grads(model, R.linear_params(fz.layers), ids, am, lm)
     out = model(input_ids=ids, attention_mask=am, output_hidden_states=True)
     F = C.lm_head_score_features(out.hidden_states[-1][:, :-1], out.logits[:, :-1], ids[:, 1:], lm[:, 1:],
                                  None, None, chunk_tokens=7)
@@ -156,7 +157,7 @@ def test_lm_head_score_feature_memory_bounded_at_49k_vocab():
 def test_dense_jl_is_unbiased_for_norms():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5000, generator=g)
-    est = torch.stack([C.dense_jl(x, 256, seed=s, chunk=1024).pow(2).sum(1) for s in range(100)]).mean(0)
+    est = torch.stack([R.dense_jl(x, 256, seed=s, chunk=1024).pow(2).sum(1) for s in range(100)]).mean(0)
     assert torch.allclose(est, x.pow(2).sum(1), rtol=0.04)  # relative std of the mean ≈ 0.009
 
 
@@ -180,7 +181,7 @@ def test_lora_layers_with_peft(tiny):
     layers = C.select_linear_layers(pm, "lora")
     assert len(layers) == 2 * 2 * 2  # 2 blocks × (q, v) × (A, B)
     F = C.per_sample_features(pm, layers, C.FactoredProjector(layers, None, None), ids, am, lm)
-    G = C.exact_per_sample_grads(pm, C.linear_params(layers), ids, am, lm)
+    G = R.exact_per_sample_grads(pm, R.linear_params(layers), ids, am, lm)
     assert rel(F, G) <= 1e-5
 
 
@@ -204,7 +205,7 @@ def test_lora_per_sample_grads_all_targets_equal_one_backward_per_sample(tiny, i
     layers = C.select_linear_layers(pm, "lora")
     assert len(layers) == 2 * 7 * 2
     F = C.Featurizer(pm, "lora", None, None, reduction="mean")(ids, am, lm)
-    G = C.exact_per_sample_grads(pm, C.linear_params(layers), ids, am, lm, reduction="mean")
+    G = R.exact_per_sample_grads(pm, R.linear_params(layers), ids, am, lm, reduction="mean")
     assert F.dtype == torch.float32 and rel(F.double(), G.double()) <= 1e-6  # features are stored in fp32
     assert G.norm(dim=1).min() > 0
     sizes = [m.weight.numel() for m in layers.values()]
@@ -255,7 +256,7 @@ def test_count_sketch_is_unbiased_and_within_its_bound():
 
     Ks = [C.gram(sketch(s)) for s in range(300)]
     single = sum(rel(k, K) for k in Ks[:40]) / 40
-    dense = sum(rel(C.gram(C.dense_jl(X, d, seed=s)), K) for s in range(40)) / 40
+    dense = sum(rel(C.gram(R.dense_jl(X, d, seed=s)), K) for s in range(40)) / 40
     bound = float(((K ** 2 + torch.outer(K.diag(), K.diag())).sum() / d).sqrt() / K.norm())  # dense JL's rms
     assert single <= 1.3 * bound and single <= 1.3 * dense  # CountSketch variance ≤ dense JL's, term by term
     assert single > 0.02  # a single sketch is noisy (the test is not vacuous) ...
@@ -267,7 +268,7 @@ def test_sketch_features_equal_the_sketch_of_exact_gradients(tiny):
     _, _, ids, am, lm = tiny
     pm = _lora_tiny(False).float()
     fz = C.Featurizer(pm, "lora", sketch_dim=512, seed=2)
-    G = C.exact_per_sample_grads(pm, C.linear_params(fz.layers), ids, am, lm)
+    G = R.exact_per_sample_grads(pm, R.linear_params(fz.layers), ids, am, lm)
     blocks = G.split([m.weight.numel() for m in fz.layers.values()], 1)
     ref = sum(fz.projector(n, b) for n, b in zip(fz.layers, blocks))
     assert fz.dim == 512 and rel(fz(ids, am, lm), ref) <= 1e-5
@@ -302,7 +303,7 @@ def test_neff_identities_and_bounds():
         F = torch.randn(B, 4, generator=g, dtype=torch.float64)
         a = torch.randn(B, generator=g, dtype=torch.float64)
         n = C.signed_neff(C.gram(F), a)
-        assert n == pytest.approx(C.signed_neff_direct(F, a), rel=1e-10)
+        assert n == pytest.approx(R.signed_neff_direct(F, a), rel=1e-10)
         assert 0.0 <= n <= B + 1e-9
 
 

@@ -1,4 +1,4 @@
-"""Smoke tests of the round-2 experiment commands (issue 12: docs/experiments/salt_mechanism.py, salt_smollm.py,
+"""Smoke tests of the round-2 experiment commands (issue 12: experiments/salt_mechanism.py, salt_smollm.py,
 salt_offpolicy.py, spice_clean.py, spice_penalty.py): each runs --smoke in a subprocess, from an empty working
 directory that must stay empty, and must write sane numbers. The real runs live in docs/results/."""
 import json
@@ -21,10 +21,10 @@ def cache(tmp_path_factory):
 
 def run_smoke(name: str, out: Path, *extra: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cwd = out / "elsewhere"
     cwd.mkdir()
-    p = subprocess.run([sys.executable, str(ROOT / f"docs/experiments/{name}.py"), "--smoke", "--out", str(out),
+    p = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--smoke", "--out", str(out),
                         *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert not any(cwd.iterdir()), "wrote under the working directory"
@@ -108,9 +108,8 @@ def test_spice_penalty_smoke(tmp_path):
 def test_changed_share_counts_picks_the_penalty_changed():
     """g1 is picked first (largest norm); g2 then has the larger gain (0.344 nats against 0.223 for g3) but points
     against g1 (conflict ≈ 1): λ = 0 takes g2, λ = 1 takes g3, a pick the penalty changed (1 of 2 steps)."""
-    sys.path.insert(0, str(ROOT / "docs/experiments"))
-    import spice_penalty
     import spice_select as ss
+    from experiments import spice_penalty
 
     G = torch.tensor([[3.0, 0.0], [-2.0, 0.1], [0.0, 0.5]], dtype=torch.float64)
     assert ss.spice_select(G, 2, 1.0, 0.0).indices == [0, 1]
@@ -122,8 +121,7 @@ def test_changed_share_counts_picks_the_penalty_changed():
 
 
 def test_contradictory_pool_pairs_one_instruction_with_two_answers():
-    sys.path.insert(0, str(ROOT / "docs/experiments"))
-    import spice_penalty
+    from experiments import spice_penalty
 
     rows = spice_penalty.contradictory_pool(60, seed=3)
     assert len(rows) == 120 and len({r["instruction"] for r in rows}) == 60

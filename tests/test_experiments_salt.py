@@ -1,9 +1,8 @@
-"""Smoke tests of the SALT experiment commands (docs/experiments/salt_*.py) on tiny settings, so they cannot rot.
+"""Smoke tests of the SALT experiment commands (experiments/salt_*.py) on tiny settings, so they cannot rot.
 
 The real runs (minutes to tens of minutes) are not part of the suite; their results live in docs/results/.
 """
 import json
-import math
 import os
 import subprocess
 import sys
@@ -20,8 +19,8 @@ def cache(tmp_path_factory):
 
 
 def run_experiment(name: str, out: Path, cache: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(ROOT / f"docs/experiments/{name}.py"), "--smoke", "--out", str(out),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--smoke", "--out", str(out),
                         "--cache_dir", str(cache)], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
@@ -57,11 +56,16 @@ def test_salt_training_smoke(tmp_path, cache):
 
 
 def test_run_sh_dispatches_experiments(tmp_path, cache):
-    """`bash run.sh experiments` lists every script in docs/experiments/ and runs one by name."""
+    """`bash run.sh experiments` lists every experiment in experiments/ and runs one by name."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VENV": sys.prefix}  # this interpreter's venv: no new install
     p = subprocess.run(["bash", str(ROOT / "run.sh"), "experiments"], capture_output=True, text=True, env=env)
     assert p.returncode == 2
-    assert all(f.stem in p.stderr for f in (ROOT / "docs/experiments").glob("*.py"))
+    names = p.stderr.split("one of:")[1].split("(see")[0].split()
+    assert sorted(names) == sorted(f.stem for f in (ROOT / "experiments").glob("*.py")
+                                   if f.stem not in ("__init__", "shared"))  # the helpers are not experiments
+    for name in ("shared", "__init__", "salt"):
+        assert subprocess.run(["bash", str(ROOT / "run.sh"), "experiments", name], capture_output=True,
+                              env=env).returncode == 2
     p = subprocess.run(["bash", str(ROOT / "run.sh"), "experiments", "salt_geometry", "--smoke", "--out",
                         str(tmp_path), "--cache_dir", str(cache)], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

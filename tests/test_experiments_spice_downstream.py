@@ -1,4 +1,4 @@
-"""Smoke test of docs/experiments/spice_downstream.py (tiny model, 80-row pool, 2 seeds), run from an empty working
+"""Smoke test of experiments/spice_downstream.py (tiny model, 80-row pool, 2 seeds), run from an empty working
 directory that must stay empty (the selection cache is ROOT-based)."""
 import json
 import math
@@ -12,11 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_spice_downstream_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    subprocess.run([sys.executable, str(ROOT / "docs/experiments/spice_downstream.py"), "--smoke", "--out",
-                    str(tmp_path)], cwd=cwd, env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "experiments.spice_downstream", "--smoke", "--out", str(tmp_path)], cwd=cwd,
+                   env=env, check=True, capture_output=True, timeout=120)
     assert not any(cwd.iterdir()), "wrote under the working directory instead of ROOT"
     res = json.loads((tmp_path / "results.json").read_text())
     for f in ("overall.png", "per_family.png", "summary.csv", "table.md"):

@@ -1,4 +1,4 @@
-"""Smoke tests of the SPICE experiment commands (docs/experiments/spice_decay.py, spice_selectors.py): each runs
+"""Smoke tests of the SPICE experiment commands (experiments/spice_decay.py, spice_selectors.py): each runs
 with --smoke (tiny model, small pool) in a subprocess and must write sane JSON / CSV / PNG. They run from an empty
 working directory, which must stay empty: every cache path is ROOT-based."""
 import json
@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_smoke(name: str, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cwd = out / "elsewhere"
     cwd.mkdir()
-    proc = subprocess.run([sys.executable, str(ROOT / "docs/experiments" / f"{name}.py"), "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--smoke", "--out", str(out)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not any(cwd.iterdir()), "wrote under the working directory instead of ROOT"
@@ -88,13 +88,13 @@ def test_spice_selectors_smoke(tmp_path):
 
 
 def test_mean_std_is_shared():
-    """spice_selectors uses spice_decay's mean_std: finite values only, sample std (ddof = 1)."""
-    sys.path.insert(0, str(ROOT / "docs/experiments"))
-    import spice_decay
-    import spice_selectors
+    """spice_decay and spice_selectors use experiments.shared's finite_mean_std: finite values only, sample std
+    (ddof = 1)."""
+    from experiments import shared, spice_decay, spice_selectors
 
     assert spice_selectors.spice_decay is spice_decay
     assert not hasattr(spice_selectors, "mean_std") and not hasattr(spice_selectors, "pool_features")
-    r = spice_decay.mean_std([1, None, 3.0, float("nan"), True])
+    assert spice_decay.finite_mean_std is spice_selectors.finite_mean_std is shared.finite_mean_std
+    r = shared.finite_mean_std([1, None, 3.0, float("nan"), True])
     assert r["n"] == 3 and abs(r["mean"] - 5 / 3) < 1e-12 and abs(r["std"] - math.sqrt(4 / 3)) < 1e-12
-    assert spice_decay.mean_std([None]) == {"mean": None, "std": None, "n": 0}
+    assert shared.finite_mean_std([None]) == {"mean": None, "std": None, "n": 0}

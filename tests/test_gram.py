@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import common as C
+import reference as R
 from test_common import rel, tiny  # noqa: F401  (fixture)
 
 
@@ -18,7 +19,7 @@ def materialised(x, delta, rows, n):
 def test_lm_head_gram_equals_the_gram_of_exact_gradients(tiny, temperature):  # noqa: F811
     model, _, ids, am, lm = tiny  # left-padded rows of unequal length, unscored prompt tokens
     head = C.select_linear_layers(model, "lm_head")
-    G = C.exact_per_sample_grads(model, C.linear_params(head), ids, am, lm, temperature=temperature)
+    G = R.exact_per_sample_grads(model, R.linear_params(head), ids, am, lm, temperature=temperature)
     out = model(input_ids=ids, attention_mask=am, output_hidden_states=True)
     h, z = out.hidden_states[-1][:, :-1], out.logits[:, :-1]
     K = C.lm_head_gram(h, z, ids[:, 1:], lm[:, 1:], temperature, chunk_tokens=5) / temperature ** 2  # 1/τ dropped
@@ -51,7 +52,7 @@ def test_lm_head_gram_at_full_vocabulary():
 def test_linear_gram_equals_the_gram_of_exact_layer_gradients(tiny):  # noqa: F811
     model, _, ids, am, lm = tiny
     layers = C.select_linear_layers(model, "last:2")
-    G = C.exact_per_sample_grads(model, C.linear_params(layers), ids, am, lm)
+    G = R.exact_per_sample_grads(model, R.linear_params(layers), ids, am, lm)
     tok = C.linear_tokens(C.linear_io_grads(model, layers, ids, am, lm), am)
     K = sum(C.linear_gram(tok[f"x:{n}"], tok[f"d:{n}"], tok[f"r:{n}"], len(ids), chunk_tokens=9) for n in layers)
     assert rel(K, C.gram(G)) <= 1e-5
@@ -77,7 +78,7 @@ def test_tensor_sketch_is_unbiased_and_within_twice_dense_jl():
     d = 256
     Ks = [C.gram(C.tensor_sketch(x, delta, rows, B, d, seed=s, chunk_tokens=100)) for s in range(300)]
     single = sum(rel(k, K) for k in Ks[:30]) / 30
-    jl = sum(rel(C.gram(C.dense_jl(G, d, seed=s)), K) for s in range(30)) / 30
+    jl = sum(rel(C.gram(R.dense_jl(G, d, seed=s)), K) for s in range(30)) / 30
     assert single <= 2 * jl  # the required quality: within 2× of a dense Gaussian JL at equal d
     mean_err = rel(torch.stack(Ks).mean(0), K)
     assert mean_err < single / 8  # unbiased: the average over 300 seeds converges (≈ 1/√300 of one)

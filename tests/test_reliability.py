@@ -2,7 +2,6 @@
 file, row or field, with exit status 2, and leaves the output_dir as it was; SPICE's selected.jsonl feeds a
 standard SFT loop as is. The common config layer is checked for both scripts' CLIs (salt_grpo-specific classes
 are in test_reliability_salt.py). Tiny model and pools only."""
-import importlib.util
 import json
 import math
 import os
@@ -290,15 +289,16 @@ def test_json_outputs_have_no_bare_nan_and_the_usual_mode(tmp_path):
 # ---------------------------------------------------------------------------------------------- experiments
 
 def test_experiment_smoke_never_overwrites_the_published_results(tmp_path, monkeypatch):
-    for f in sorted((ROOT / "docs/experiments").glob("*.py")):
-        assert f'common.results_dir("{f.stem}", args.smoke)' in f.read_text(), f
+    scripts = [f for f in sorted((ROOT / "experiments").glob("*.py")) if f.stem not in ("__init__", "shared")]
+    assert len(scripts) == 11
+    for f in scripts:  # every script's --out default comes from experiment_args, which calls results_dir
+        assert f'experiment_args("{f.stem}", __doc__, argv' in f.read_text(), f
+    assert "common.results_dir(name, args.smoke)" in (ROOT / "experiments/shared.py").read_text()
     assert common.results_dir("x", True) == ROOT / "outputs/experiments-smoke/x"
     assert common.results_dir("x", False) == ROOT / "docs/results/x"
     calls = []
     monkeypatch.setattr(common, "results_dir", lambda name, smoke: calls.append((name, smoke)) or tmp_path / name)
-    spec = importlib.util.spec_from_file_location("salt_geometry", ROOT / "docs/experiments/salt_geometry.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from experiments import salt_geometry as mod
     mod.main(["--smoke", "--cache_dir", str(tmp_path / "cache")])
     assert calls == [("salt_geometry", True)] and (tmp_path / "salt_geometry/results.json").exists()
     with pytest.raises(common.UserError, match="unrecognized arguments: --smok"):  # one line, not a usage block

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import common
+import reference
 import salt_grpo as sg
 from common import UserError
+from data import arithmetic
 
 
 def cfg(**kw):
@@ -145,7 +147,7 @@ def test_5_pr_bounds_and_scale(rank):
 def test_6_neff_formula_range_and_limits():
     F, a = rand_feats(16, 9, 4), grpo_adv(16, 4, 4)
     _, d = sg.salt_reweight(K_of(F), a, cfg())
-    assert math.isclose(d["neff"], common.signed_neff_direct(F, a), rel_tol=1e-9)
+    assert math.isclose(d["neff"], reference.signed_neff_direct(F, a), rel_tol=1e-9)
     assert 0 <= d["neff"] <= 16
     # identical features, zero-sum a: complete cancellation → n_eff = 0, α = α_max
     same = rand_feats(1, 5, 5).expand(4, 5).clone()
@@ -224,7 +226,7 @@ def test_10_orthogonal_projection_is_exact_and_jl_error_shrinks():
     for d in (32, 1024):
         e = []
         for s in range(5):
-            Fp = common.dense_jl(F.float(), d, seed=s).double()
+            Fp = reference.dense_jl(F.float(), d, seed=s).double()
             e.append(float((sg.salt_reweight(K_of(Fp), a, cfg())[0] - exact).norm() / exact.norm()))
         errs[d] = float(np.median(e))
     assert errs[1024] < errs[32] and errs[1024] < 0.1
@@ -232,10 +234,16 @@ def test_10_orthogonal_projection_is_exact_and_jl_error_shrinks():
 
 # 11. token broadcast round trip -----------------------------------------------------------------------------
 
+def per_sample_advantage(A_tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The official collapse of token advantages to one per rollout: a_i = Σ_t A_it m_it / max(1, Σ_t m_it)."""
+    m = mask.to(A_tok.dtype)
+    return (A_tok * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def test_11_broadcast_round_trip():
     a = torch.tensor([0.3, -1.2, 2.0])
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
-    assert torch.allclose(sg.per_sample_advantage(sg.broadcast_advantage(a, mask), mask), a)
+    assert torch.allclose(per_sample_advantage(sg.broadcast_advantage(a, mask), mask), a)
 
 
 # 12. fp32 vs fp64 ---------------------------------------------------------------------------------------
@@ -386,14 +394,30 @@ def test_answer_checker_and_garbage():
 
 
 def test_builtin_task_is_seeded_and_held_out_is_disjoint():
-    tr = sg.arithmetic_task(300, 0, False, 2, 3, 1, 0.3)
-    ev = sg.arithmetic_task(50, 0, True, 2, 3, 1, 0.3)
-    assert tr == sg.arithmetic_task(300, 0, False, 2, 3, 1, 0.3) and tr != sg.arithmetic_task(300, 1, False, 2, 3, 1, 0.3)
+    tr = arithmetic.arithmetic_task(300, 0, False, 2, 3, 1, 0.3)
+    ev = arithmetic.arithmetic_task(50, 0, True, 2, 3, 1, 0.3)
+    assert tr == arithmetic.arithmetic_task(300, 0, False, 2, 3, 1, 0.3) and tr != arithmetic.arithmetic_task(300, 1, False, 2, 3, 1, 0.3)
     nums = lambda rows: {tuple(int(x) for x in __import__("re").findall(r"\d+", r["prompt"])) for r in rows}
     assert not nums(tr) & nums(ev)
     for r in tr[:50] + ev:
         assert sum(int(x) for x in __import__("re").findall(r"\d+", r["prompt"])) == r["answer"]
     assert any("How many" in r["prompt"] for r in tr) and any(r["prompt"].startswith("What is") for r in tr)
+
+
+def test_committed_task_files_are_the_generators_output(tmp_path):
+    c = dict(arithmetic.COMMITTED)
+    for new in arithmetic.write(tmp_path, c.pop("seed"), c.pop("train_size"), c.pop("test_size"), **c):
+        assert new.read_bytes() == (arithmetic.FOLDER / new.name).read_bytes(), f"rerun python -m data.arithmetic"
+
+
+def test_builtin_task_rows_are_the_generators_through_the_loader():
+    for c in (cfg(), cfg(seed=1, task_size=40, eval_size=9, task_max_terms=3, task_word_frac=0.5)):
+        kw = dict(min_terms=c.task_min_terms, max_terms=c.task_max_terms, digits=c.task_digits,
+                  word_frac=c.task_word_frac)
+        for rows, want in zip(sg.load_rows(c), (arithmetic.arithmetic_task(c.task_size, c.seed, False, **kw),
+                                                arithmetic.arithmetic_task(c.eval_size, c.seed, True, **kw))):
+            assert [(r["prompt"], sg.extract_final_number(r["answer"])) for r in rows] == \
+                [(w["prompt"], w["answer"]) for w in want]
 
 
 def test_prompts_for_round_covers_epochs_without_repeats():

@@ -18,27 +18,23 @@ with a 50 % cap (to see where the ω rule stops on its own). Two schedules: whol
 Scaled down from the paper (Qwen2-7B SFT on real data, downstream accuracy) to the selection-side statistics only.
 
     bash run.sh experiments spice_selectors         # seconds with a warm feature cache (spice_decay makes it)
-    python docs/experiments/spice_selectors.py --smoke --out /tmp/x
+    python -m experiments.spice_selectors --smoke --out /tmp/x
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import common  # noqa: E402
-import spice_decay  # noqa: E402  (the same feature path, pool_features, and the same mean_std)
-import spice_select as S  # noqa: E402
+import common
+import spice_select as S
+from experiments import spice_decay  # the same feature path and pool_features
+from experiments.shared import experiment_args, finite_mean_std, pyplot
 
 PAPER = {"jaccard_spice_fisher": 0.47, "claim": "SPICE selects subsets with higher log-det than other criteria"}
 METRICS = ("log_det", "frac_corrupted", "frac_duplicates", "n_families_covered", "min_family_share",
@@ -108,7 +104,7 @@ def run_schedule(G: torch.Tensor, rows: list[dict], cfg: dict, pool_size, select
         res[label] = {k: v for k, v in measure(sel, G, rows, cfg["alpha"], greedy_set).items() if k in METRICS}
         res[label]["indices"] = sel.indices
     rand = [measure(random_sel(s), G, rows, cfg["alpha"], greedy_set) for s in cfg["random_seeds"]]
-    res["random"] = {m: spice_decay.mean_std([r[m] for r in rand]) for m in METRICS}
+    res["random"] = {m: finite_mean_std([r[m] for r in rand]) for m in METRICS}
     return res
 
 
@@ -134,7 +130,7 @@ def aggregate(runs: list[dict]) -> dict:
         for m in METRICS:
             xs = [r[label][m]["mean"] if isinstance(r[label][m], dict) else r[label][m] for r in runs]
             xs = [x for x in xs if x is not None]
-            vals[m] = spice_decay.mean_std(xs)
+            vals[m] = finite_mean_std(xs)
         out[label] = vals
     return out
 
@@ -144,12 +140,7 @@ def aggregate(runs: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    ap = common.ArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="default: docs/results/spice_selectors; with --smoke "
-                    "outputs/experiments-smoke/spice_selectors (never the published results)")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args(argv)
-    args.out = args.out or common.results_dir("spice_selectors", args.smoke)
+    args = experiment_args("spice_selectors", __doc__, argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = settings(args.smoke)
     out = args.out
@@ -205,11 +196,7 @@ def main(argv=None) -> dict:
 
 
 def plot(whole: dict, per_pool: dict, pool_info: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("log_det", "exact log det(I + αF_S)"), ("min_cos_to_mean", "min cos(g, ḡ_S) over the picks"),
               ("frac_corrupted", "fraction corrupted"), ("frac_duplicates", "fraction near-duplicates"),
               ("min_family_share", "min family share"), ("jaccard_greedy", "Jaccard with plain greedy")]

@@ -13,20 +13,15 @@ statistics are split by its pass j ∈ {1, 2, 3, 4} within the round; j = 1 is o
 """
 from __future__ import annotations
 
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from salt_cancellation import mean_std  # noqa: E402
-from salt_mechanism import SETTINGS as MECHANISM, SMOKE as MECHANISM_SMOKE, auc, config, paired, run_cached  # noqa: E402
-from salt_training import series, warm_start  # noqa: E402
+import common
+from experiments.salt_mechanism import SETTINGS as MECHANISM, SMOKE as MECHANISM_SMOKE, auc, config, run_cached
+from experiments.salt_training import warm_start
+from experiments.shared import experiment_args, mean_or_nan, mean_std, paired, pyplot, series
 
 MU = 4
 ARMS = {"grpo": dict(salt="identity", salt_scope="mini"), "official": dict(salt="official", salt_scope="mini")}
@@ -40,8 +35,7 @@ TRACE = ["reward", "eval/accuracy", "eval/reward", *KEYS, "clip_ratio/region_mea
 def by_pass(run: dict, key: str, j: int) -> float:
     """Mean of a per-step statistic over the steps that are pass j (1-based) of their round."""
     steps, ys = series(run, key)
-    ys = [y for st, y in zip(steps, ys) if (st - 1) % MU + 1 == j]
-    return statistics.fmean(ys) if ys else float("nan")
+    return mean_or_nan([y for st, y in zip(steps, ys) if (st - 1) % MU + 1 == j])
 
 
 def summarise(runs: list[dict], s: dict) -> dict:
@@ -57,8 +51,7 @@ def summarise(runs: list[dict], s: dict) -> dict:
                 # off-policy minus on-policy, per run: pass μ minus pass 1
                 row[name]["last_minus_first"] = paired([by_pass(r, key, MU) - by_pass(r, key, 1) for r in rs])
             steps_alpha = [[a > 0 for st, a in zip(*series(r, "salt/alpha")) if (st - 1) % MU] for r in rs]
-            row["alpha_positive_share_off_policy"] = mean_std([statistics.fmean(x) if x else float("nan")
-                                                               for x in steps_alpha])
+            row["alpha_positive_share_off_policy"] = mean_std([mean_or_nan(x) for x in steps_alpha])
             if arm != "grpo":
                 row["auc_minus_grpo"] = paired([auc(r) - auc(base[r["seed"]]) for r in rs if r["seed"] in base])
                 row["end_minus_grpo"] = paired([r["eval_end"] - base[r["seed"]]["eval_end"] for r in rs
@@ -68,11 +61,7 @@ def summarise(runs: list[dict], s: dict) -> dict:
 
 
 def plot(summary: dict, s: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [("cos_within_abs", "within-group mean |cos|"), ("neff", "n_eff of a"), ("alpha", "α (official)")]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4))
     for ax, (name, title) in zip(axes, names):
@@ -99,20 +88,16 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    ap = common.ArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="default: docs/results/salt_offpolicy; with --smoke "
-                    "outputs/experiments-smoke/salt_offpolicy (never the published results)")
-    ap.add_argument("--smoke", action="store_true", help="1 seed, G = 4, 4 steps (one round), both arms (seconds)")
-    ap.add_argument("--cache_dir", default=str(ROOT / "outputs/experiments"))
-    args = ap.parse_args(argv)
-    out, cache = args.out or common.results_dir("salt_offpolicy", args.smoke), Path(args.cache_dir)
+    args = experiment_args("salt_offpolicy", __doc__, argv,
+                           smoke="1 seed, G = 4, 4 steps (one round), both arms (seconds)", cache_dir=True)
+    out, cache = args.out, args.cache_dir
     t0 = time.perf_counter()
     s = SMOKE if args.smoke else SETTINGS
     accelerator = Accelerator(cpu=True)
     runs = []
     for seed, G, arm in tqdm([(a, b, c) for a in s["seeds"] for b in s["G_values"] for c in ARMS], desc="runs"):
-        cfg = config(s, ARMS[arm], G, seed, warm_start(s, seed, cache), cache / f"salt_offpolicy_runs/{arm}_G{G}_s{seed}",
-                     num_iterations=MU)
+        run_dir = cache / f"salt_offpolicy_runs/{arm}_G{G}_s{seed}"
+        cfg = config(s, ARMS[arm], G, seed, warm_start(s, seed, cache), run_dir, num_iterations=MU)
         runs.append({"arm": arm, "G": G, "seed": seed, **run_cached(cfg, accelerator, TRACE)})
     result = {"experiment": "salt_offpolicy", "settings": {**s, "num_iterations": MU, "arms": ARMS},
               "summary": summarise(runs, s), "runs": runs, "wall_time_s": time.perf_counter() - t0,

@@ -22,23 +22,16 @@ Features: FEATURES below, the exact Gram of the LM-head score feature (V × H = 
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import salt_grpo as sg  # noqa: E402
-from salt_cancellation import mean_std  # noqa: E402
-from salt_training import SETTINGS as TRAINING, series, warm_start  # noqa: E402
+import common
+import salt_grpo as sg
+from experiments.salt_training import SETTINGS as TRAINING, train_cached, warm_start
+from experiments.shared import experiment_args, mean_std, paired, pyplot, series, step_mean
 
 # The per-rollout feature every SALT arm uses: the exact LM-head Gram (issue 9). The published results were measured
 # with its predecessor `lm_head_exact` (the unprojected feature, the same exact Gram for this 104-token vocabulary).
@@ -55,9 +48,9 @@ SETTINGS = dict(TRAINING, steps=30, eval_every=10)  # 30 steps (round 1: 80): si
 # smoke: partial-credit rewards, so that even a barely trained model has mixed groups and SALT acts
 SMOKE = dict(SETTINGS, seeds=[0], G_values=[4], prompts_per_step=2, steps=2, eval_every=0, eval_size=8, warm_steps=5,
              reward_funcs="closeness")
-TRACE = ["reward", "eval/accuracy", "eval/reward", "frac_reward_zero_std", "salt/B", "salt/k", "salt/alpha", "salt/neff",
-         "salt/neff_after", "salt/pos_mass_kept", "salt/neg_mass_kept", "salt/pos_mass_after", "salt/neg_mass_after",
-         "salt/cos_within_abs", "salt/participation_ratio", "salt/skipped", "step_time"]
+TRACE = ["reward", "eval/accuracy", "eval/reward", "frac_reward_zero_std", "salt/B", "salt/k", "salt/alpha",
+         "salt/neff", "salt/neff_after", "salt/pos_mass_kept", "salt/neg_mass_kept", "salt/pos_mass_after",
+         "salt/neg_mass_after", "salt/cos_within_abs", "salt/participation_ratio", "salt/skipped", "step_time"]
 
 
 def config(s: dict, arm: dict, G: int, seed: int, model_dir: Path, out: Path, **extra) -> sg.Config:
@@ -72,37 +65,15 @@ def config(s: dict, arm: dict, G: int, seed: int, model_dir: Path, out: Path, **
 
 
 def run_cached(cfg: sg.Config, accelerator, trace_keys: list[str]) -> dict:
-    """sg.train, or the finished run with the same Config read back; returns summary + trace of `trace_keys`."""
-    out = Path(cfg.output_dir)
-    key = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()
-    done = out / "run_key.json"
-    if done.exists() and json.loads(done.read_text())["key"] == key:
-        summary = json.loads((out / "summary.json").read_text())
-    else:
-        summary = sg.train(cfg, accelerator)
-        common.write_json(done, {"key": key})
-    trace = [{k: m[k] for k in ["step", *trace_keys] if k in m} for m in common.read_metrics(out / "metrics.jsonl")]
-    return {"eval_metric": summary["eval_metric"], "eval_start": summary["eval_accuracy_start"], "eval_end": summary["eval_accuracy_end"],
-            "wall_time_s": summary["wall_time_s"], "trace": trace}
+    """salt_training.train_cached, the fields these experiments read from the summary, and the trace."""
+    summary, trace = train_cached(cfg, accelerator, trace_keys)
+    return {"eval_metric": summary["eval_metric"], "eval_start": summary["eval_accuracy_start"],
+            "eval_end": summary["eval_accuracy_end"], "wall_time_s": summary["wall_time_s"], "trace": trace}
 
 
 def auc(run: dict) -> float:
     """Mean held-out accuracy (reward, in the smoke) over the evaluation points (step 0 included)."""
     return statistics.fmean(series(run, run["eval_metric"])[1])
-
-
-def step_mean(run: dict, key: str) -> float:
-    ys = series(run, key)[1]
-    return statistics.fmean(ys) if ys else float("nan")
-
-
-def paired(xs: list[float]) -> dict:
-    """Mean, std, n of paired differences and the pre-registered reading: better if mean > 2·SE, worse if
-    mean < −2·SE, else no detectable difference (SE = std/√n)."""
-    d = mean_std(xs)
-    se = d["std"] / d["n"] ** 0.5 if d["n"] > 1 else float("nan")
-    word = "better" if d["mean"] > 2 * se else "worse" if d["mean"] < -2 * se else "no detectable difference"
-    return {**d, "se": se, "outcome": word, "n_positive": sum(x > 0 for x in xs)}
 
 
 def summarise(runs: list[dict], s: dict) -> dict:
@@ -131,11 +102,7 @@ def summarise(runs: list[dict], s: dict) -> dict:
 
 
 def plot(runs: list[dict], s: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     keys = [(runs[0]["eval_metric"], "held-out accuracy"), ("salt/pos_mass_kept", "positive mass kept by P a"),
             ("salt/neg_mass_kept", "negative mass kept by P a"), ("salt/alpha", "α")]
@@ -166,20 +133,17 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    ap = common.ArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="default: docs/results/salt_mechanism; with --smoke "
-                    "outputs/experiments-smoke/salt_mechanism (never the published results)")
-    ap.add_argument("--smoke", action="store_true", help="1 seed, G = 4, 2 steps, every arm (seconds)")
-    ap.add_argument("--cache_dir", default=str(ROOT / "outputs/experiments"))
-    args = ap.parse_args(argv)
-    out, cache = args.out or common.results_dir("salt_mechanism", args.smoke), Path(args.cache_dir)
+    args = experiment_args("salt_mechanism", __doc__, argv, smoke="1 seed, G = 4, 2 steps, every arm (seconds)",
+                           cache_dir=True)
+    out, cache = args.out, args.cache_dir
     t0 = time.perf_counter()
     s = SMOKE if args.smoke else SETTINGS
     accelerator = Accelerator(cpu=True)
     runs = []
     jobs = [(seed, G, arm) for seed in s["seeds"] for G in s["G_values"] for arm in ARMS]
     for seed, G, arm in tqdm(jobs, desc="runs"):
-        cfg = config(s, ARMS[arm], G, seed, warm_start(s, seed, cache), cache / f"salt_mechanism_runs/{arm}_G{G}_s{seed}")
+        run_dir = cache / f"salt_mechanism_runs/{arm}_G{G}_s{seed}"
+        cfg = config(s, ARMS[arm], G, seed, warm_start(s, seed, cache), run_dir)
         runs.append({"arm": arm, "G": G, "seed": seed, **run_cached(cfg, accelerator, TRACE)})
     result = {"experiment": "salt_mechanism", "settings": {**s, "features": FEATURES, "arms": ARMS},
               "summary": summarise(runs, s), "runs": runs, "wall_time_s": time.perf_counter() - t0,

@@ -16,22 +16,16 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import common  # noqa: E402
-import spice_downstream as sd  # noqa: E402
-import spice_select as ss  # noqa: E402
-from spice_clean import SETTINGS as CLEAN, finetune, pool_features  # noqa: E402
-from salt_mechanism import paired  # noqa: E402  (the pre-registered paired rule)
+import common
+import spice_select as ss
+from experiments import spice_downstream as sd
+from experiments.shared import ROOT, experiment_args, paired  # paired: the pre-registered rule
+from experiments.spice_clean import SETTINGS as CLEAN, finetune, pool_features
 
 LAMBDAS = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 # Scaled for a 1-core CPU (RESULTS.md, experiment 11's amendment): 50 instructions (B: 100 rows), pools of 20 → 2, and
@@ -130,12 +124,8 @@ def pair_cosines(G: torch.Tensor, rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = common.ArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="default: docs/results/spice_penalty; with --smoke "
-                    "outputs/experiments-smoke/spice_penalty (never the published results)")
-    ap.add_argument("--smoke", action="store_true", help="tiny model, small pools, 3 λ, 1 seed (seconds)")
-    args = ap.parse_args(argv)
-    out = args.out or common.results_dir("spice_penalty", args.smoke)
+    args = experiment_args("spice_penalty", __doc__, argv, smoke="tiny model, small pools, 3 λ, 1 seed (seconds)")
+    out = args.out
     S, lambdas = (SMOKE, SMOKE_LAMBDAS) if args.smoke else (SETTINGS, LAMBDAS)
     cache = CACHE / ("smoke" if args.smoke else "full")
     t0 = time.perf_counter()

@@ -25,18 +25,15 @@ import hashlib
 import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import salt_grpo as sg  # noqa: E402
-from salt_cancellation import mean_std  # noqa: E402  (mean, std, n over seeds, NaN left out)
+import common
+import salt_grpo as sg
+from data.arithmetic import arithmetic_task
+from experiments.shared import experiment_args, mean_std, pyplot, series, step_mean
 
 ARMS = ["off", "official", "random_subspace", "positive_only"]
 SETTINGS = dict(seeds=[0, 1, 2, 3, 4], G_values=[4, 16], prompts_per_step=8, steps=80, eval_every=10, eval_size=256,
@@ -77,7 +74,7 @@ def warm_start(s: dict, seed: int, cache_dir: Path) -> Path:
         return path
     torch.manual_seed(seed)
     model, tok = common.tiny_llama(seed=seed, hidden_size=s["hidden"], num_layers=s["layers"])
-    rows = sg.arithmetic_task(4096, seed, False, **task_kwargs(s))
+    rows = arithmetic_task(4096, seed, False, **task_kwargs(s))
     opt = torch.optim.AdamW(model.parameters(), lr=s["warm_lr"])
     rng = random.Random(seed)
     model.train()
@@ -108,10 +105,10 @@ TRACE = ["reward", "eval/accuracy", "frac_reward_zero_std", "salt/neff", "salt/n
          "salt/pr_over_B", "salt/alpha", "salt/k", "salt/cos_grpo_salt", "salt/adv_change_norm", "step_time"]
 
 
-def one_run(s: dict, arm: str, G: int, seed: int, model_dir: Path, work: Path, accelerator) -> dict:
-    """One training run; a finished run with the same configuration is read back instead of repeated."""
-    out = work / f"{arm}_G{G}_seed{seed}"
-    cfg = run_config(s, arm, G, seed, model_dir, out)
+def train_cached(cfg: sg.Config, accelerator, trace_keys: list[str]) -> tuple[dict, list[dict]]:
+    """sg.train, or the finished run with the same Config read back from its output folder (the run's cache);
+    returns its summary and the trace of `trace_keys` per step."""
+    out = Path(cfg.output_dir)
     key = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()
     done = out / "run_key.json"
     if done.exists() and json.loads(done.read_text())["key"] == key:
@@ -119,7 +116,14 @@ def one_run(s: dict, arm: str, G: int, seed: int, model_dir: Path, work: Path, a
     else:
         summary = sg.train(cfg, accelerator)
         common.write_json(done, {"key": key})
-    trace = [{k: m[k] for k in ["step", *TRACE] if k in m} for m in common.read_metrics(out / "metrics.jsonl")]
+    trace = [{k: m[k] for k in ["step", *trace_keys] if k in m} for m in common.read_metrics(out / "metrics.jsonl")]
+    return summary, trace
+
+
+def one_run(s: dict, arm: str, G: int, seed: int, model_dir: Path, work: Path, accelerator) -> dict:
+    """One training run; a finished run with the same configuration is read back instead of repeated."""
+    cfg = run_config(s, arm, G, seed, model_dir, work / f"{arm}_G{G}_seed{seed}")
+    summary, trace = train_cached(cfg, accelerator, TRACE)
     return {"arm": arm, "G": G, "seed": seed, "rollouts_per_step": G * s["prompts_per_step"],
             "eval_start": summary["eval_accuracy_start"], "eval_end": summary["eval_accuracy_end"],
             "reward_start": summary["reward_start"], "reward_end": summary["reward_end"],
@@ -127,11 +131,6 @@ def one_run(s: dict, arm: str, G: int, seed: int, model_dir: Path, work: Path, a
 
 
 # ---- analysis -----------------------------------------------------------------------------------------------
-
-def series(run: dict, key: str) -> tuple[list[int], list[float]]:
-    pts = [(m["step"], m[key]) for m in run["trace"] if key in m and m[key] is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
 
 def summarise(runs: list[dict], arms: list[str], s: dict) -> dict:
     """Per (G, arm): final held-out accuracy, its gain over the start, the mean reward over the last quarter of
@@ -152,19 +151,15 @@ def summarise(runs: list[dict], arms: list[str], s: dict) -> dict:
                                                 if r["seed"] in base]),
                 "eval_auc_minus_off": mean_std([auc(r) - auc(base[r["seed"]]) for r in rs if r["seed"] in base]),
                 "reward_last_quarter": mean_std([statistics.fmean(series(r, "reward")[1][-q:]) for r in rs]),
-                "neff": mean_std([statistics.fmean(series(r, "salt/neff")[1] or [float("nan")]) for r in rs]),
-                "alpha": mean_std([statistics.fmean(series(r, "salt/alpha")[1] or [float("nan")]) for r in rs]),
-                "neff_after": mean_std([statistics.fmean(series(r, "salt/neff_after")[1] or [float("nan")]) for r in rs]),
+                "neff": mean_std([step_mean(r, "salt/neff") for r in rs]),
+                "alpha": mean_std([step_mean(r, "salt/alpha") for r in rs]),
+                "neff_after": mean_std([step_mean(r, "salt/neff_after") for r in rs]),
             }
     return out
 
 
 def plot(runs: list[dict], arms: list[str], s: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     colors = dict(zip(ARMS, ["k", "C3", "C0", "C2"]))
     fig, axes = plt.subplots(2, 2 * len(s["G_values"]), figsize=(5 * len(s["G_values"]) * 2, 7), squeeze=False)
     for j, G in enumerate(s["G_values"]):
@@ -181,7 +176,8 @@ def plot(runs: list[dict], arms: list[str], s: dict, path: Path) -> None:
                     m, sd = ys.mean(0), (ys.std(0) if len(rs) > 1 else torch.zeros_like(ys[0]))
                     ax.plot(x, m, color=colors[arm], label=arm)
                     ax.fill_between(x, m - sd, m + sd, color=colors[arm], alpha=0.15)
-                ax.set_title(f"G = {G}: {'held-out accuracy' if key == 'eval/accuracy' else 'train reward (5-step avg)'}")
+                what = "held-out accuracy" if key == "eval/accuracy" else "train reward (5-step avg)"
+                ax.set_title(f"G = {G}: {what}")
                 ax.set_xlabel("rollouts consumed" if per_rollout else "step")
                 ax.grid(alpha=0.3)
     axes[0, 0].legend()
@@ -194,21 +190,15 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    ap = common.ArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="default: docs/results/salt_training; with --smoke "
-                    "outputs/experiments-smoke/salt_training (never the published results)")
-    ap.add_argument("--smoke", action="store_true", help="2 arms, 1 seed, 2 steps (seconds)")
-    ap.add_argument("--cache_dir", default=str(ROOT / "outputs/experiments"))
-    ap.add_argument("--seeds", type=int, nargs="*", help="override the seeds (e.g. a calibration seed)")
-    ap.add_argument("--arms", nargs="*", choices=ARMS, help="override the arms")
-    args = ap.parse_args(argv)
-    args.out = args.out or common.results_dir("salt_training", args.smoke)
+    args = experiment_args("salt_training", __doc__, argv, smoke="2 arms, 1 seed, 2 steps (seconds)", cache_dir=True,
+                           seeds=dict(type=int, nargs="*", help="override the seeds (e.g. a calibration seed)"),
+                           arms=dict(nargs="*", choices=ARMS, help="override the arms"))
     t0 = time.perf_counter()
     s = dict(SMOKE if args.smoke else SETTINGS)
     if args.seeds:
         s["seeds"] = args.seeds
     arms = args.arms or s.get("arms", ARMS)
-    out, cache = Path(args.out), Path(args.cache_dir)
+    out, cache = args.out, args.cache_dir
     accelerator = Accelerator(cpu=True)
     runs = []
     jobs = [(seed, G, arm) for seed in s["seeds"] for G in s["G_values"] for arm in arms]

@@ -50,19 +50,17 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: its thread pool reads it once
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import common  # noqa: E402
 import spice_select as ss  # noqa: E402
+from experiments.shared import ROOT, experiment_args, mean_std_pair, pyplot, verdict  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -279,11 +277,6 @@ def evaluate(model, tok, tokens, families: list[str]) -> dict:
 # Analysis and plots
 # ----------------------------------------------------------------------------------------------------------
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
-
-
 def summarize(runs: dict, null: dict, comp: dict, groups: list[str]) -> list[dict]:
     table = [{"method": "null", "n_seeds": 1, "frac_corrupted": float("nan"),
               **{f"{g}_{k}": null[g][k] for g in groups for k in ("exact_match", "loss")},
@@ -293,31 +286,28 @@ def summarize(runs: dict, null: dict, comp: dict, groups: list[str]) -> list[dic
         if not seeds:
             continue
         row = {"method": m, "n_seeds": len(seeds),
-               "frac_corrupted": mean_std([comp[m][s]["frac_corrupted"] for s in seeds])[0]}
+               "frac_corrupted": mean_std_pair([comp[m][s]["frac_corrupted"] for s in seeds])[0]}
         for g in groups:
             for k in ("exact_match", "loss"):
-                row[f"{g}_{k}"], row[f"{g}_{k}_std"] = mean_std([runs[m][s]["eval"][g][k] for s in seeds])
+                row[f"{g}_{k}"], row[f"{g}_{k}_std"] = mean_std_pair([runs[m][s]["eval"][g][k] for s in seeds])
         table.append(row)
     return table
 
 
-def verdict(table: list[dict], a: str, b: str) -> dict:
+def compare(table: list[dict], a: str, b: str) -> dict:
+    """The decision rule on overall exact match: d = mean_a − mean_b, SE = √(s_a²/n_a + s_b²/n_b)."""
     ra, rb = next((r for r in table if r["method"] == a), None), next((r for r in table if r["method"] == b), None)
     if not ra or not rb:
         return {}
     d = ra["overall_exact_match"] - rb["overall_exact_match"]
-    se = math.sqrt(ra["overall_exact_match_std"] ** 2 / ra["n_seeds"] + rb["overall_exact_match_std"] ** 2 / rb["n_seeds"])
-    word = "better" if d > 2 * se else "worse" if d < -2 * se else "no detectable difference"
-    return {"a": a, "b": b, "diff_exact_match": d, "se": se, "outcome": word,
+    se = math.sqrt(ra["overall_exact_match_std"] ** 2 / ra["n_seeds"]
+                   + rb["overall_exact_match_std"] ** 2 / rb["n_seeds"])
+    return {"a": a, "b": b, "diff_exact_match": d, "se": se, "outcome": verdict(d, se),
             "diff_loss": ra["overall_loss"] - rb["overall_loss"]}
 
 
 def plot(table: list[dict], groups: list[str], counts: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [r["method"] for r in table]
     colors = ["#999999" if n == "null" else "#d62728" if n in ("spice", "online") else "#1f77b4" if n == "full"
               else "#7f7f7f" if n == "random" else "#2ca02c" for n in names]
@@ -359,7 +349,8 @@ def fmt_table(table: list[dict]) -> str:
     for r in table:
         fc = "–" if r["method"] == "null" or math.isnan(r["frac_corrupted"]) else f"{100 * r['frac_corrupted']:.0f} %"
         lines.append(f"| {r['method']} | {r['n_seeds']} | {fc} | {100 * r['overall_exact_match']:.1f} ± "
-                     f"{100 * r['overall_exact_match_std']:.1f} | {r['overall_loss']:.3f} ± {r['overall_loss_std']:.3f} |")
+                     f"{100 * r['overall_exact_match_std']:.1f} | {r['overall_loss']:.3f} ± "
+                     f"{r['overall_loss_std']:.3f} |")
     return "\n".join(lines)
 
 
@@ -378,15 +369,10 @@ def fmt_family_table(table: list[dict], groups: list[str], result: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    ap = common.ArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="default: docs/results/spice_downstream; with --smoke "
-                    "outputs/experiments-smoke/spice_downstream (never the published results)")
-    ap.add_argument("--smoke", action="store_true", help="tiny model, 80-row pool, 2 seeds: seconds")
-    ap.add_argument("--seeds", type=int, nargs="*", help="override the seeds")
-    ap.add_argument("--epochs", type=int, help="override the epochs (same for every selection)")
-    ap.add_argument("--select_only", action="store_true", help="compute and cache the selections, then stop")
-    args = ap.parse_args(argv)
-    args.out = args.out or common.results_dir("spice_downstream", args.smoke)
+    args = experiment_args("spice_downstream", __doc__, argv, smoke="tiny model, 80-row pool, 2 seeds: seconds",
+                           seeds=dict(type=int, nargs="*", help="override the seeds"),
+                           epochs=dict(type=int, help="override the epochs (same for every selection)"),
+                           select_only=dict(action="store_true", help="compute and cache the selections, then stop"))
     S = dict(SMOKE if args.smoke else FULL)
     if args.seeds:
         S["seeds"] = tuple(args.seeds)
@@ -451,8 +437,8 @@ def main(argv=None) -> dict:
     # Analysis
     table = summarize(runs, result["null"], comp, groups)
     result["summary"] = table
-    result["verdicts"] = [verdict(table, "spice", "full"), verdict(table, "spice", "random"),
-                          verdict(table, "online", "full"), verdict(table, "greedy", "full")]
+    result["verdicts"] = [compare(table, "spice", "full"), compare(table, "spice", "random"),
+                          compare(table, "online", "full"), compare(table, "greedy", "full")]
     result["wall_seconds"] = time.perf_counter() - t_start
     common.write_json(out / "results.json", result)
     import csv

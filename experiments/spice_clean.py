@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import common  # noqa: E402
-import spice_downstream as sd  # noqa: E402  (held-out set, target, training and evaluation of experiment 6)
-import spice_select as ss  # noqa: E402
+import common
+import spice_select as ss
+from experiments import spice_downstream as sd  # held-out set, target, training and evaluation of experiment 6
+from experiments.shared import ROOT, experiment_args, mean_std_pair, verdict
 
 # The authors' features: per-sample gradients of a LoRA proxy (r 8, all linear layers), in spice_select's default mode:
 # exact when the rows held at once fit --feature_memory_gb (2 GB), else the CountSketch to d = 8192 (the official
@@ -72,23 +68,19 @@ def finetune(S: dict, rows: list[dict], idx: list[int], epochs: int, seed: int, 
 
 
 def compare(runs: dict, a: str, b: str) -> dict:
-    """Experiment 6's rule on exact match: d = mean_a − mean_b, SE = √(s_a²/n_a + s_b²/n_b); better / worse beyond 2·SE."""
+    """Experiment 6's rule on exact match: d = mean_a − mean_b, SE = √(s_a²/n_a + s_b²/n_b); better / worse beyond
+    2·SE."""
     xa, xb = [r["eval"]["exact_match"] for r in runs[a].values()], [r["eval"]["exact_match"] for r in runs[b].values()]
-    (ma, sa), (mb, sb) = sd.mean_std(xa), sd.mean_std(xb)
+    (ma, sa), (mb, sb) = mean_std_pair(xa), mean_std_pair(xb)
     d, se = ma - mb, math.sqrt(sa ** 2 / len(xa) + sb ** 2 / len(xb))
-    loss = sd.mean_std([r["eval"]["loss"] for r in runs[a].values()])[0] - \
-        sd.mean_std([r["eval"]["loss"] for r in runs[b].values()])[0]
-    return {"a": a, "b": b, "diff_exact_match": d, "se": se, "diff_loss": loss,
-            "outcome": "better" if d > 2 * se else "worse" if d < -2 * se else "no detectable difference"}
+    loss = mean_std_pair([r["eval"]["loss"] for r in runs[a].values()])[0] - \
+        mean_std_pair([r["eval"]["loss"] for r in runs[b].values()])[0]
+    return {"a": a, "b": b, "diff_exact_match": d, "se": se, "diff_loss": loss, "outcome": verdict(d, se)}
 
 
 def main(argv=None) -> dict:
-    ap = common.ArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="default: docs/results/spice_clean; with --smoke "
-                    "outputs/experiments-smoke/spice_clean (never the published results)")
-    ap.add_argument("--smoke", action="store_true", help="tiny model, 40-row pool, 1 seed (seconds)")
-    args = ap.parse_args(argv)
-    out = args.out or common.results_dir("spice_clean", args.smoke)
+    args = experiment_args("spice_clean", __doc__, argv, smoke="tiny model, 40-row pool, 1 seed (seconds)")
+    out = args.out
     S = SMOKE if args.smoke else SETTINGS
     cache = CACHE / ("smoke" if args.smoke else "full")
     t0 = time.perf_counter()
@@ -110,11 +102,12 @@ def main(argv=None) -> dict:
     verdicts = [compare(runs, "spice@equal_steps", "full"), compare(runs, "spice@equal_steps", "random@equal_steps"),
                 compare(runs, "spice@equal_steps", "greedy@equal_steps"), compare(runs, "spice@equal_epochs", "full"),
                 compare(runs, "random@equal_steps", "full")]
-    table = {name: {k2: dict(zip(("mean", "std"), sd.mean_std([r["eval"][k2] for r in v.values()])))
+    table = {name: {k2: dict(zip(("mean", "std"), mean_std_pair([r["eval"][k2] for r in v.values()])))
                     for k2 in ("exact_match", "loss")} | {"steps": next(iter(v.values()))["train"]["steps"]}
              for name, v in runs.items()}
-    result = {"experiment": "spice_clean", "settings": {**S, "features": FEATURES, "feature_mode": cfg.features, "k": k, "equal_steps_epochs":
-                                                          equal_steps},
+    result = {"experiment": "spice_clean",
+              "settings": {**S, "features": FEATURES, "feature_mode": cfg.features, "k": k,
+                           "equal_steps_epochs": equal_steps},
               "pool": {"n": len(rows), "corrupted": sum(r["corrupted"] for r in rows), "feature_dim": G.shape[1]},
               "heldout_n": len(held), "selection_stats": stats, "selections": sels, "table": table,
               "verdicts": verdicts, "runs": runs, "wall_time_s": time.perf_counter() - t0}
@@ -123,7 +116,8 @@ def main(argv=None) -> dict:
         print(f"{name:<28} steps {v['steps']:>4}  exact match {100 * v['exact_match']['mean']:5.1f} ± "
               f"{100 * v['exact_match']['std']:.1f}  NLL {v['loss']['mean']:.3f} ± {v['loss']['std']:.3f}")
     for v in verdicts:
-        print(f"{v['a']} − {v['b']}: {100 * v['diff_exact_match']:+.1f} pts (2·SE {200 * v['se']:.1f}) → {v['outcome']}")
+        print(f"{v['a']} − {v['b']}: {100 * v['diff_exact_match']:+.1f} pts (2·SE {200 * v['se']:.1f}) → "
+              f"{v['outcome']}")
     print(f"wrote {out}/results.json in {result['wall_time_s']:.0f} s")
     return result
 

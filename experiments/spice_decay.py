@@ -30,25 +30,22 @@ Protocol fixed before looking at any number:
     |ε| exceeding the first-order term alone (C = 1), which is defined whatever α is.
 
     bash run.sh experiments spice_decay            # ~3 min with a cold feature cache, seconds when warm
-    python docs/experiments/spice_decay.py --smoke --out /tmp/x
+    python -m experiments.spice_decay --smoke --out /tmp/x
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import common  # noqa: E402
-import spice_select as S  # noqa: E402
+import common
+import spice_select as S
+from experiments.shared import ROOT, experiment_args, finite_mean_std, pyplot
 
 PAPER = {"spearman_conflict_delta": -0.792, "spearman_conflict_abs_eps": 0.901, "half_life_steps": "10-30",
          "table4": {16: (0.723, 0.501, 6.4), 32: (0.756, 0.515, 7.1), 64: (0.789, 0.528, 10.3),
@@ -249,27 +246,15 @@ def measure_subset(G_all: torch.Tensor, seed: int, cfg: dict) -> dict:
 # Analysis: aggregate over steps (within a subset) and over subset seeds
 # ----------------------------------------------------------------------------------------------------------
 
-def mean_std(xs: list) -> dict:
-    """Mean and sample std (ddof = 1) of the finite values; None / NaN / inf are dropped and n counts the rest.
-
-    Shared with spice_selectors.py, which imports it from here.
-    """
-    xs = [float(x) for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return {"mean": None, "std": None, "n": 0}
-    t = torch.tensor(xs, dtype=torch.float64)
-    return {"mean": float(t.mean()), "std": float(t.std()) if len(xs) > 1 else 0.0, "n": len(xs)}
-
-
 def step_summary(per_seed: list[dict], key: str, which: str) -> dict:
     """(a) one step-wise statistic: mean and std over the steps where it is defined, per seed, then over seeds."""
     per = []
     for s in per_seed:
         vals = [r[key] for r in s[which]["steps"] if math.isfinite(r[key])]
-        per.append({"mean_over_steps": mean_std(vals)["mean"], "std_over_steps": mean_std(vals)["std"],
+        per.append({"mean_over_steps": finite_mean_std(vals)["mean"], "std_over_steps": finite_mean_std(vals)["std"],
                     "n_steps_defined": len(vals), "n_steps": len(s[which]["steps"])})
-    return {"per_seed": per, "mean_over_seeds": mean_std([p["mean_over_steps"] for p in per]),
-            "std_over_steps_mean": mean_std([p["std_over_steps"] for p in per])["mean"]}
+    return {"per_seed": per, "mean_over_seeds": finite_mean_std([p["mean_over_steps"] for p in per]),
+            "std_over_steps_mean": finite_mean_std([p["std_over_steps"] for p in per])["mean"]}
 
 
 def table_summary(per_seed: list[dict], which: str, checkpoints: list[int]) -> list[dict]:
@@ -279,12 +264,12 @@ def table_summary(per_seed: list[dict], which: str, checkpoints: list[int]) -> l
         ent = [s[which]["table4"][i] for s in per_seed]
         rows_out.append({"S": size, "alpha": which,
                          "assumptions_hold_frac": sum(e["assumptions_hold"] for e in ent) / len(ent),
-                         "violation_rate": mean_std([e["violation_rate"] for e in ent]),
-                         "first_order_exceed_rate": mean_std([e["first_order_exceed_rate"] for e in ent]),
-                         "spearman_abs_eps_sum": mean_std([e["spearman_abs_eps_sum"] for e in ent]),
-                         "pearson_abs_eps_sum": mean_std([e["pearson_abs_eps_sum"] for e in ent]),
-                         "norm_F_S": mean_std([e["norm_F_S"] for e in ent]),
-                         "rho": mean_std([e["rho"] for e in ent]),
+                         "violation_rate": finite_mean_std([e["violation_rate"] for e in ent]),
+                         "first_order_exceed_rate": finite_mean_std([e["first_order_exceed_rate"] for e in ent]),
+                         "spearman_abs_eps_sum": finite_mean_std([e["spearman_abs_eps_sum"] for e in ent]),
+                         "pearson_abs_eps_sum": finite_mean_std([e["pearson_abs_eps_sum"] for e in ent]),
+                         "norm_F_S": finite_mean_std([e["norm_F_S"] for e in ent]),
+                         "rho": finite_mean_std([e["rho"] for e in ent]),
                          "decomposition_error_max": max(e["decomposition_error_max"] for e in ent),
                          "max_abs_eps_over_bound": max((e.get("max_abs_eps_over_bound") or 0.0) for e in ent)})
     return rows_out
@@ -295,17 +280,17 @@ def split_summary(per_seed: list[dict]) -> dict:
     part_b = {}
     for g in ("low", "medium", "high"):
         ent = [s["split"][g] for s in per_seed]
-        part_b[g] = {"curvature": mean_std([e["curvature"] for e in ent]),
-                     "curvature_ratio": mean_std([e["curvature_ratio"] for e in ent]),
-                     "curvature_alpha_safe": mean_std([e["curvature_alpha_safe"] for e in ent]),
-                     "mean_neg_cos": mean_std([e["mean_neg_cos"] for e in ent]),
-                     "frac_positive_conflict": mean_std([e["frac_positive_conflict"] for e in ent])}
+        part_b[g] = {"curvature": finite_mean_std([e["curvature"] for e in ent]),
+                     "curvature_ratio": finite_mean_std([e["curvature_ratio"] for e in ent]),
+                     "curvature_alpha_safe": finite_mean_std([e["curvature_alpha_safe"] for e in ent]),
+                     "mean_neg_cos": finite_mean_std([e["mean_neg_cos"] for e in ent]),
+                     "frac_positive_conflict": finite_mean_std([e["frac_positive_conflict"] for e in ent])}
         if g != "medium":
             part_b[g].update(half_life=[e["half_life"] for e in ent],
-                             half_life_stats=mean_std([e["half_life"] for e in ent]),
-                             delta_1=mean_std([e["delta_1"] for e in ent]),
-                             log_det=mean_std([e["log_det"] for e in ent]),
-                             log_det_first_32=mean_std([e["log_det_first_32"] for e in ent]))
+                             half_life_stats=finite_mean_std([e["half_life"] for e in ent]),
+                             delta_1=finite_mean_std([e["delta_1"] for e in ent]),
+                             log_det=finite_mean_std([e["log_det"] for e in ent]),
+                             log_det_first_32=finite_mean_std([e["log_det_first_32"] for e in ent]))
     return part_b
 
 
@@ -315,7 +300,7 @@ def aggregate(per_seed: list[dict], cfg: dict) -> tuple[dict, dict, dict]:
                                                             "spearman_negcos_delta", "spearman_negcos_abs_eps")}
               for w in ("alpha_main", "alpha_safe_trace")}
     for w in part_a:
-        part_a[w]["frac_conflict_positive"] = mean_std(
+        part_a[w]["frac_conflict_positive"] = finite_mean_std(
             [r["frac_conflict_positive"] for s in per_seed for r in s[w]["steps"]])
     part_c = {"alpha_main": table_summary(per_seed, "alpha_main", cfg["checkpoints"]),
               "alpha_safe": table_summary(per_seed, "alpha_safe_trace", cfg["checkpoints"])}
@@ -374,7 +359,8 @@ def print_summary(result: dict, out: Path) -> None:
         for r in tab:
             v = r["violation_rate"]["mean"]
             print(f"    {r['S']:<4} {w[6:]:<6} {r['assumptions_hold_frac']:.2f}   "
-                  f"{'  n/a ' if v is None else f'{100 * v:5.1f}%'}     {100 * r['first_order_exceed_rate']['mean']:5.1f}%"
+                  f"{'  n/a ' if v is None else f'{100 * v:5.1f}%'}     "
+                  f"{100 * r['first_order_exceed_rate']['mean']:5.1f}%"
                   f"        {r['spearman_abs_eps_sum']['mean']:+.3f}    {r['pearson_abs_eps_sum']['mean']:+.3f}   "
                   f"{r['norm_F_S']['mean']:.3g}  {r['decomposition_error_max']:.1e}")
     print(f"wrote {out}/results.json, table4.csv, spice_decay.png in {result['wall_seconds']:.1f} s")
@@ -385,11 +371,7 @@ def print_summary(result: dict, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def plot(per_seed: list[dict], part_c: dict, cfg: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(1, 3, figsize=(18, 4.6))
     # (b) decay curves
     for g, col in (("low", "tab:blue"), ("high", "tab:red")):
@@ -441,12 +423,7 @@ def plot(per_seed: list[dict], part_c: dict, cfg: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    ap = common.ArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="default: docs/results/spice_decay; with --smoke "
-                    "outputs/experiments-smoke/spice_decay (never the published results)")
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args(argv)
-    args.out = args.out or common.results_dir("spice_decay", args.smoke)
+    args = experiment_args("spice_decay", __doc__, argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = settings(args.smoke)
     t0 = time.perf_counter()

@@ -22,17 +22,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
-import salt_grpo as sg  # noqa: E402
+import common
+import salt_grpo as sg
+from experiments.shared import experiment_args, mean_std, pyplot
 
 G_VALUES = [2, 4, 8, 16]
 SETTINGS = dict(model=common.EMBEDDED, prompts=16, batches=6, g_max=16, seed=0, micro_batch=64)
@@ -103,14 +100,6 @@ def grpo_gram(K: torch.Tensor, r: torch.Tensor, G: int) -> tuple[torch.Tensor, t
     return K / K.shape[0], sg.group_advantages(r.double(), G, "group", sg.Config().adv_eps)
 
 
-def mean_std(xs: list[float]) -> dict:
-    """Mean, sample std and n; NaN (a batch with no mixed group, a quantity an arm lacks) is left out of all three.
-    Shared with salt_geometry.py and salt_training.py."""
-    xs = [x for x in xs if x == x]
-    return {"mean": statistics.fmean(xs) if xs else float("nan"),
-            "std": statistics.stdev(xs) if len(xs) > 1 else float("nan"), "n": len(xs)}
-
-
 def geometry(K: torch.Tensor, r: torch.Tensor, groups: torch.Tensor, G: int) -> dict:
     """H1's statistics for one batch at one G."""
     K, a = grpo_gram(K, r, G)
@@ -136,13 +125,10 @@ KEYS = ["participation_ratio", "pr_over_B", "neff", "neff_over_B", "neff_over_B_
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("participation_ratio", "PR"), ("pr_over_B", "PR / B"), ("neff", "n_eff (GRPO)"),
-              ("neff_over_B", "n_eff / B"), ("neff_within", "per-group n_eff"), ("neff_within_over_G", "per-group n_eff / G")]
+              ("neff_over_B", "n_eff / B"), ("neff_within", "per-group n_eff"),
+              ("neff_within_over_G", "per-group n_eff / G")]
     fig, axes = plt.subplots(2, 3, figsize=(11, 6))
     for ax, (k, title) in zip(axes.flat, panels):
         m = [summary[G][k]["mean"] for G in G_VALUES]
@@ -159,17 +145,12 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = common.ArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="default: docs/results/salt_cancellation; with --smoke "
-                    "outputs/experiments-smoke/salt_cancellation (never the published results)")
-    ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 small batches (seconds)")
-    ap.add_argument("--cache_dir", default=str(ROOT / "outputs/experiments"))
-    args = ap.parse_args(argv)
-    args.out = args.out or common.results_dir("salt_cancellation", args.smoke)
+    args = experiment_args("salt_cancellation", __doc__, argv, smoke="tiny random model, 2 small batches (seconds)",
+                           cache_dir=True)
     t0 = time.perf_counter()
     s = SMOKE if args.smoke else SETTINGS
-    out = Path(args.out)
-    batches = collect_batches(s, Path(args.cache_dir))
+    out = args.out
+    batches = collect_batches(s, args.cache_dir)
     rows = [{"batch": b, **geometry(*subset(batch, G, s["g_max"]), G)} for b, batch in enumerate(batches)
             for G in G_VALUES]
     summary = summarise(rows, KEYS)

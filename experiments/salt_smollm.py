@@ -8,18 +8,13 @@ factored projection, which is why this experiment was not run in round 2).
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import salt_grpo as sg  # noqa: E402
-from salt_cancellation import mean_std  # noqa: E402
-from salt_mechanism import TRACE, auc, paired, run_cached, step_mean  # noqa: E402
-from salt_training import series  # noqa: E402
+import common
+import salt_grpo as sg
+from experiments.salt_mechanism import TRACE, auc, run_cached
+from experiments.shared import experiment_args, mean_std, paired, series, step_mean
 
 FEATURES = "lm_head"  # the exact LM-head Gram (issue 9)
 ARMS = {"grpo": dict(salt="off"), "micro4": dict(salt="official", salt_scope="micro", micro_batch_size=4)}
@@ -57,13 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    ap = common.ArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="default: docs/results/salt_smollm; with --smoke "
-                    "outputs/experiments-smoke/salt_smollm (never the published results)")
-    ap.add_argument("--smoke", action="store_true", help="tiny random model, 1 seed, 2 steps, both arms (seconds)")
-    ap.add_argument("--cache_dir", default=str(ROOT / "outputs/experiments"))
-    args = ap.parse_args(argv)
-    out, cache = args.out or common.results_dir("salt_smollm", args.smoke), Path(args.cache_dir)
+    args = experiment_args("salt_smollm", __doc__, argv,
+                           smoke="tiny random model, 1 seed, 2 steps, both arms (seconds)", cache_dir=True)
+    out, cache = args.out, args.cache_dir
     t0 = time.perf_counter()
     s = SMOKE if args.smoke else SETTINGS
     accelerator = Accelerator(cpu=True)

@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import salt_cancellation as exp1  # noqa: E402  (same batches, same G values)
-import salt_grpo as sg  # noqa: E402
+import common
+import salt_grpo as sg
+from experiments import salt_cancellation as exp1  # same batches, same G values
+from experiments.shared import experiment_args, mean_std, pyplot
 
 MODES = ["off", "official", "random_subspace", "positive_only"]
 RANDOM_DRAWS = 8
@@ -66,15 +63,12 @@ def measure(K: torch.Tensor, r: torch.Tensor, G: int, seed: int) -> dict:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     width = 0.2
-    for ax, (k, title) in zip(axes, [("neff", "n_eff of the applied update"), ("pr", "PR of the signed updates a′_i g_i"),
-                                     ("cos_to_grpo", "cos(update, GRPO update)")]):
+    panels = [("neff", "n_eff of the applied update"), ("pr", "PR of the signed updates a′_i g_i"),
+              ("cos_to_grpo", "cos(update, GRPO update)")]
+    for ax, (k, title) in zip(axes, panels):
         for i, mode in enumerate(MODES):
             xs = [j + (i - 1.5) * width for j in range(len(exp1.G_VALUES))]
             m = [summary[f"G{G}/{mode}"][k]["mean"] for G in exp1.G_VALUES]
@@ -90,16 +84,11 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = common.ArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="default: docs/results/salt_geometry; with --smoke "
-                    "outputs/experiments-smoke/salt_geometry (never the published results)")
-    ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 small batches (seconds)")
-    ap.add_argument("--cache_dir", default=str(ROOT / "outputs/experiments"))
-    args = ap.parse_args(argv)
-    args.out = args.out or common.results_dir("salt_geometry", args.smoke)
+    args = experiment_args("salt_geometry", __doc__, argv, smoke="tiny random model, 2 small batches (seconds)",
+                           cache_dir=True)
     t0 = time.perf_counter()
     s = exp1.SMOKE if args.smoke else exp1.SETTINGS
-    batches = exp1.collect_batches(s, Path(args.cache_dir))
+    batches = exp1.collect_batches(s, args.cache_dir)
     rows = []
     for b, batch in enumerate(batches):
         for G in exp1.G_VALUES:
@@ -110,8 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     for G in exp1.G_VALUES:
         for mode in MODES:
             sel = [x for x in rows if x["G"] == G and x["mode"] == mode]
-            summary[f"G{G}/{mode}"] = {k: exp1.mean_std([x[k] for x in sel]) for k in ["neff", "pr", "cos_to_grpo", "k", "alpha"]}
-    out = Path(args.out)
+            summary[f"G{G}/{mode}"] = {k: mean_std([x[k] for x in sel])
+                                       for k in ["neff", "pr", "cos_to_grpo", "k", "alpha"]}
+    out = args.out
     result = {"experiment": "salt_geometry", "settings": {**s, "G_values": exp1.G_VALUES, "modes": MODES,
               "random_draws": RANDOM_DRAWS}, "per_batch": rows, "summary": summary,
               "wall_time_s": time.perf_counter() - t0}
@@ -120,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'G/mode':<22} {'n_eff(a′)':>16} {'PR(a′)':>16} {'cos to GRPO':>14} {'k':>6} {'alpha':>6}")
     for name, v in summary.items():
         print(f"{name:<22} {v['neff']['mean']:>8.3f} ± {v['neff']['std']:<5.3f} {v['pr']['mean']:>8.2f} ± "
-              f"{v['pr']['std']:<5.2f} {v['cos_to_grpo']['mean']:>14.3f} {v['k']['mean']:>6.1f} {v['alpha']['mean']:>6.2f}")
+              f"{v['pr']['std']:<5.2f} {v['cos_to_grpo']['mean']:>14.3f} {v['k']['mean']:>6.1f} "
+              f"{v['alpha']['mean']:>6.2f}")
     print(f"wrote {out}/results.json and geometry_after_reweighting.png in {result['wall_time_s']:.0f} s")
     return result
 

@@ -1,0 +1,98 @@
+"""What the experiment scripts share: the repository root, the command line, the statistics and the verdict rule."""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def experiment_args(name: str, doc: str, argv: list[str] | None, smoke: str | None = None, cache_dir: bool = False,
+                    **flags: dict) -> argparse.Namespace:
+    """Parse an experiment's command line: --out, --smoke (its help: `smoke`), --cache_dir when the script caches
+    under a folder the user may move (default outputs/experiments), then one `--FLAG` per `flags` entry, built from
+    its add_argument keywords. args.out defaults to common.results_dir, so a --smoke run never overwrites the
+    published results; errors are one-line UserErrors (common.ArgParser)."""
+    ap = common.ArgParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", type=Path, help=f"default: docs/results/{name}; with --smoke "
+                    f"outputs/experiments-smoke/{name} (never the published results)")
+    ap.add_argument("--smoke", action="store_true", help=smoke)
+    if cache_dir:
+        ap.add_argument("--cache_dir", type=Path, default=ROOT / "outputs/experiments")
+    for flag, kw in flags.items():
+        ap.add_argument(f"--{flag}", **kw)
+    args = ap.parse_args(argv)
+    args.out = args.out or common.results_dir(name, args.smoke)
+    return args
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only: no display is needed), imported only when a script plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# Three mean/std recipes, not one: each experiment's published numbers were computed with its own, and their sums
+# round differently (exact fsum, torch's pairwise sum, a plain loop), so merging them would move the last digits.
+
+def mean_std(xs: list[float]) -> dict:
+    """Mean, sample std and n; NaN (a batch with no mixed group, a quantity an arm lacks) is left out of all three.
+    The SALT experiments' statistic."""
+    xs = [x for x in xs if x == x]
+    return {"mean": statistics.fmean(xs) if xs else float("nan"),
+            "std": statistics.stdev(xs) if len(xs) > 1 else float("nan"), "n": len(xs)}
+
+
+def finite_mean_std(xs: list) -> dict:
+    """Mean and sample std (ddof = 1) of the finite values; None / NaN / inf are dropped and n counts the rest.
+    Experiments 4 and 5 (spice_decay, spice_selectors)."""
+    xs = [float(x) for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0}
+    t = torch.tensor(xs, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def mean_std_pair(xs: list[float]) -> tuple[float, float]:
+    """(mean, sample std), std 0 for one value. Experiments 6, 10 and 11 (spice_downstream and those built on it)."""
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def mean_or_nan(xs: list[float]) -> float:
+    """The mean of xs, NaN when there is none (a statistic a run never logged)."""
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def series(run: dict, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one logged statistic in a salt_grpo run's trace, the steps that logged it."""
+    pts = [(m["step"], m[key]) for m in run["trace"] if key in m and m[key] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def step_mean(run: dict, key: str) -> float:
+    """The mean of a per-step statistic over a run, NaN when it was never logged."""
+    return mean_or_nan(series(run, key)[1])
+
+
+def verdict(d: float, se: float) -> str:
+    """The pre-registered reading of a difference d with standard error SE: better if d > 2·SE, worse if
+    d < −2·SE, else no detectable difference (always the last when SE is NaN: one seed)."""
+    return "better" if d > 2 * se else "worse" if d < -2 * se else "no detectable difference"
+
+
+def paired(xs: list[float]) -> dict:
+    """Mean, std, n of paired differences (one per seed), SE = std/√n, the verdict and how many are positive."""
+    d = mean_std(xs)
+    se = d["std"] / d["n"] ** 0.5 if d["n"] > 1 else float("nan")
+    return {**d, "se": se, "outcome": verdict(d["mean"], se), "n_positive": sum(x > 0 for x in xs)}
