@@ -63,7 +63,8 @@ case "$cmd" in
   experiments)  # every module of experiments/ but the package's own and the helpers they share
     names=$(ls experiments/*.py | xargs -n1 basename | sed 's/\.py$//' | grep -vx '__init__\|shared' | tr '\n' ' ')
     case " $names" in
-      *" ${1:-} "*) ;;
+      *" ${1:-} "*)  # a whole word of the list, not two adjacent names in one argument
+        [[ "${1:-}" =~ ^[a-z_0-9]+$ ]] || { echo "usage: bash run.sh experiments NAME (one name)" >&2; exit 2; } ;;
       *) echo "usage: bash run.sh experiments NAME [--smoke] [--out DIR]; NAME is one of:" \
            "$names(see docs/RESULTS.md)" >&2
          exit 2 ;;

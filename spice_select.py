@@ -120,7 +120,8 @@ class Config:
                                       "Chang-pw/SPICE train.py)", choices=["mean", "official_sum"])
     online_micro_batch: int = option(4, "rows per proxy forward in online mode", ge=1)
     # run
-    seed: int = option(0, "seed of the pool order, LoRA init, projections and random baselines", ge=0)
+    seed: int = option(0, "seed of the pool order, LoRA init, projections and random baselines (the demo pool file "
+                       "is one fixed draw; another: python -m data.spice_pool --seed S --out F)", ge=0)
     output_dir: str = option("outputs/spice", "selected.jsonl, picks.jsonl, summary.json, feature cache")
     save_to_disk: Optional[str] = option(None, "also save selected.jsonl's rows as a HF datasets folder here")
     column_prefix: str = option("spice_", "prefix of the columns selected.jsonl adds to the pool's own")
@@ -1020,7 +1021,7 @@ def print_comparison(cfg: Config, label: str, rows: list[dict], fz, stats: list[
     if "family" in rows[0]:  # a tagged pool (data/spice_pool.py): what a good selection avoids
         corrupted = sum(bool(r.get("corrupted")) for r in rows) / len(rows)
         duplicates = sum(r.get("duplicate_of") is not None for r in rows) / len(rows)
-        families = len({r["family"] for r in rows})
+        families = len({r.get("family") for r in rows} - {None})
         print(f"pool: {corrupted:.3f} corrupted, {duplicates:.3f} near-duplicates, {families} families")
     print(format_table(stats))
 

@@ -3,8 +3,8 @@ every row tagged so a selection can be scored (how many corrupted rows, duplicat
 
 spice_select.py reads the files this writes like any user's dataset (`--pool`); nothing here is imported by it.
 
-    python data/spice_pool.py           # rewrites spice_pool.jsonl (500 rows) and spice_pool_smoke.jsonl (64)
-    python data/spice_pool.py --rows 2000 --seed 1 --corrupt_frac 0 --out my_pool.jsonl
+    python -m data.spice_pool           # rewrites spice_pool.jsonl (500 rows) and spice_pool_smoke.jsonl (64)
+    python -m data.spice_pool --rows 2000 --seed 1 --corrupt_frac 0 --out my_pool.jsonl
 
 Stdlib only. A pool of n rows is the first n rows of any larger pool with the same seed and fractions.
 """

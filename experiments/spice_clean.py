@@ -1,12 +1,13 @@
 """SPICE experiment 10 (issue 12, round 2): 10 % selections on a clean pool, at equal epochs and at equal steps.
 
-Experiment 6 found every gradient-information selector chasing the pool's corrupted rows, and gave each 10 % arm
-10× fewer steps than `full` (equal epochs), so "10 % ≈ full" was out of reach whatever the selector. Here the pool has
-no corrupted rows (the embedded pool, 1000 rows, corrupt fraction 0, near-duplicates 15 %), the features are the
-authors' LoRA features (FEATURES), and each 10 % arm is trained twice: at equal epochs (1 epoch: 25 steps against
-`full`'s 250) and at equal steps (10 epochs = 250 steps). Target, held-out set, metrics and the SE rule are experiment
-6's (spice_downstream): SmolLM2-135M-Instruct with LoRA r 8, AdamW lr 5e-4, batch 4, warmup 10 % + cosine; held-out
-clean rows of a fresh pool (seed 1) whose instruction is not in the training pool; exact match and response NLL.
+Experiment 6 found every gradient-information selector chasing the pool's corrupted rows, and gave each 10 % arm 10×
+fewer steps than `full` (equal epochs), so "10 % ≈ full" was out of reach whatever the selector. Here the pool has no
+corrupted rows (data/spice_pool.py, corrupt fraction 0, near-duplicates 15 %; SETTINGS["pool_n"] rows, 100 by the
+amendment in docs/RESULTS.md), the features are the authors' LoRA features (FEATURES), and each 10 % arm is trained
+twice: at equal epochs (1 epoch: 25 steps against `full`'s 250) and at equal steps (10 epochs = 250 steps). Target,
+held-out set, metrics and the SE rule are experiment 6's (spice_downstream): SmolLM2-135M-Instruct with LoRA r 8,
+AdamW lr 5e-4, batch 4, warmup 10 % + cosine; held-out clean rows of a fresh pool (seed 1) whose instruction is not in
+the training pool; exact match and response NLL.
 """
 from __future__ import annotations
 

@@ -72,11 +72,11 @@ def settings(smoke: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: gradient features of the embedded pool by spice_select's feature path (cached)
+# Data: gradient features of the demo pool generator (data/spice_pool.py) by spice_select's feature path (cached)
 # ----------------------------------------------------------------------------------------------------------
 
 def pool_features(model: str, dtype: str, rows: int, seed: int, cache_dir: str) -> tuple[list[dict], torch.Tensor]:
-    """(rows, G) for the embedded pool: load_pool → build_proxy → tokenize → compute_features, cached by key.
+    """(rows, G) for a pool of data/spice_pool.py: load_pool → build_proxy → tokenize → compute_features, cached.
 
     cache_dir is taken relative to ROOT (an absolute path is used as is), never to the working directory.
     Shared with spice_selectors.py, which imports it from here.

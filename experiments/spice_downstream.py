@@ -4,8 +4,8 @@ Paper claim (spice.md §5.2, Table 1/14, Qwen2-7B, mean of 3 runs): LoRA on the 
 over 8 benchmarks, against 56.4 for the full 97.5 K pool, 55.5 for a random 10 % and 53.6 untuned ("Null").
 
 Protocol, fixed before any result was seen:
-- Pool: the embedded pool (1000 rows, 8 families, seed 0): 17 % corrupted responses (15 % is only the generator's
-  rate parameter), 15 % near-duplicates.
+- Pool: the demo pool generator (data/spice_pool.py; 1000 rows, 8 families, seed 0): 17 % corrupted responses (15 % is
+  only the generator's rate parameter), 15 % near-duplicates.
 - Held-out set: a fresh demo pool (data/spice_pool.py), seed 1; clean rows only, no near-duplicates, and no
   instruction that appears in the training pool (near-duplicate prefixes stripped before comparing); at most
   HELDOUT_PER_FAMILY per family. `capitals` and `opposites` have so few distinct instructions (24 / 18) that the
@@ -95,7 +95,7 @@ def core_instruction(s: str) -> str:
 
 
 def heldout_rows(pool: list[dict], per_family: int) -> list[dict]:
-    """Clean, non-duplicate rows of a fresh embedded pool whose instruction is not in the training pool."""
+    """Clean, non-duplicate rows of a fresh pool (data/spice_pool.py) whose instruction is not in the training pool."""
     seen = {core_instruction(r["instruction"]) for r in pool}
     fresh = spice_pool.generate(8000, seed=HELDOUT_SEED)
     out, count = [], {f: 0 for f in spice_pool.FAMILIES}

@@ -394,9 +394,11 @@ def test_answer_checker_and_garbage():
 
 
 def test_builtin_task_is_seeded_and_held_out_is_disjoint():
-    tr = arithmetic.arithmetic_task(300, 0, False, 2, 3, 1, 0.3)
-    ev = arithmetic.arithmetic_task(50, 0, True, 2, 3, 1, 0.3)
-    assert tr == arithmetic.arithmetic_task(300, 0, False, 2, 3, 1, 0.3) and tr != arithmetic.arithmetic_task(300, 1, False, 2, 3, 1, 0.3)
+    task = dict(min_terms=2, max_terms=3, digits=1, word_frac=0.3)
+    tr = arithmetic.arithmetic_task(300, seed=0, held_out_split=False, **task)
+    ev = arithmetic.arithmetic_task(50, seed=0, held_out_split=True, **task)
+    assert tr == arithmetic.arithmetic_task(300, seed=0, held_out_split=False, **task)
+    assert tr != arithmetic.arithmetic_task(300, seed=1, held_out_split=False, **task)
     nums = lambda rows: {tuple(int(x) for x in __import__("re").findall(r"\d+", r["prompt"])) for r in rows}
     assert not nums(tr) & nums(ev)
     for r in tr[:50] + ev:

@@ -86,7 +86,8 @@ def test_salt_changes_the_update_when_neff_below_one(tmp_path):
     batch = sg.make_rollouts(runs["off"], 0)["slices"][0]
     # advantages along K's smallest eigenvector: strong signed cancellation, n_eff < 1
     t = runs["official"]
-    K = sg.scope_gram(t.accelerator, t.spec, sg.feature_pass(t.raw, t.spec, [batch], t.cfg, t.accelerator.device, True), False)
+    parts = sg.feature_pass(t.raw, t.spec, [batch], t.cfg, t.accelerator.device, True)
+    K = sg.scope_gram(t.accelerator, t.spec, parts, False)
     v = torch.linalg.eigh(K)[1][:, 0]
     batch["adv"] = (v / v.abs().max()).float()
     before = {n: p.detach().clone() for n, p in t.raw.named_parameters()}

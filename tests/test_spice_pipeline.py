@@ -58,7 +58,7 @@ def test_demo_pool_is_seeded_and_tagged():
 
 
 def test_demo_pool_files_regenerate_byte_for_byte(tmp_path):
-    """The committed files are what `python data/spice_pool.py` writes; a pool is a prefix of a larger one."""
+    """The committed files are what `python -m data.spice_pool` writes; a pool is a prefix of a larger one."""
     for path, n in spice_pool.FILES.items():
         assert spice_pool.write(tmp_path / path.name, spice_pool.generate(n)).read_bytes() == path.read_bytes()
     assert set(spice_pool.FILES) == {S.DEMO_POOL, S.SMOKE_POOL}
