@@ -1,4 +1,4 @@
-"""SALT experiment 1: does signed cancellation grow with the number of rollouts per prompt? (salt.md §5.2–5.3, H1)
+"""SALT experiment 1: does signed cancellation grow with the number of rollouts per prompt? (H1, docs/RESULTS.md §1)
 
 The paper's premise: more rollouts per prompt add redundant, partly cancelling gradient directions, so the
 per-rollout efficiency of a GRPO update falls as G grows. We measure it on the embedded SmolLM2-135M-Instruct

@@ -1,4 +1,4 @@
-"""SALT experiment 3: the geometry of the applied update after reweighting (salt.md §4, §5.3 H2).
+"""SALT experiment 3: the geometry of the applied update after reweighting (H2, docs/RESULTS.md §3).
 
 SALT replaces the GRPO advantages a by a′ and claims a less cancelling, more spread update. On the same rollouts
 and features as experiment 1 (embedded SmolLM2-135M-Instruct, built-in task, LM-head features; the cache of
@@ -15,8 +15,8 @@ and measure, for the applied coefficients a′:
              (GRPO's a is 0 on zero-variance groups while P a is dense: part of a PR difference is support)
   cos(Gᵀa, Gᵀa′) = aᵀKa′ / √(aᵀKa · a′ᵀKa′)   how far the update turns away from GRPO's
 
-Part of SALT's n_eff increase is mechanical (P a puts coefficient mass on high-eigenvalue directions, salt.md §4):
-the random-subspace control, with the same k and the same α rule, shows how much.
+Part of SALT's n_eff increase is mechanical (P a puts coefficient mass on high-eigenvalue directions; see
+docs/salt.md#paper-to-code-map): the random-subspace control, with the same k and the same α rule, shows how much.
 """
 from __future__ import annotations
 

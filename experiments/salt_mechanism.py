@@ -8,7 +8,8 @@ Arms (same warm starts, prompts and budget; `salt_grpo.train` throughout):
 - `grpo`: --salt off.
 - `mini`: the released rule over all rollouts of a step (experiment 2's SALT arm).
 - `micro4`, `micro8`: the released rule on each micro-batch of 4 / 8 rollouts (--salt_scope micro), the official
-  code's scope (salt.md §1.9); micro-batches are consecutive rollouts, so at G = 16 one holds part of a group.
+  code's scope (docs/salt.md: where this differs from the official code); micro-batches are consecutive
+  rollouts, so at G = 16 one holds part of a group.
 - `tail_on`: the released rule at mini scope with α forced to 1 (--salt_alpha_min 1; relu on): the tail channel
   α (I − P) relu(a) always on, the part the paper says "amplifies the residual when cancellation is severe".
 - `positive_only`: a′_i = a⁺_i − mean over the group of a⁺ (the relu without geometry).

@@ -1,4 +1,4 @@
-"""SALT experiment 2: does SALT train better than GRPO and than geometry-free controls? (salt.md §5.3, H3)
+"""SALT experiment 2: does SALT train better than GRPO and than geometry-free controls? (H3, docs/RESULTS.md §2)
 
 Arms, all with `salt_grpo.train` and the same budget: `off` (GRPO), `official` (the released SALT rule),
 `random_subspace` (SALT's rule with a random k-dim subspace instead of the top-k: does the geometry matter?) and
@@ -9,10 +9,11 @@ reward and held-out accuracy are plotted against steps and against rollouts cons
 Model (scaled down, as the issue allows): SmolLM2-135M takes about 12 s per 32-rollout step on this CPU, so 40 runs
 would take days. We use a tiny Llama (2 layers, width 64, character tokenizer, about 0.14 M parameters) warm-started
 by a short supervised phase on the training problems, so that sampled completions pass about a third of the time
-and groups are mixed, as salt.md §5.3 proposes. Each seed gets its own warm start (its own SFT seed), shared by
-the four arms of that seed. Task: the built-in arithmetic task with 2–3 one-digit terms and no word problems;
-held-out accuracy is greedy on operand tuples never seen in training (salt_grpo's split). Features: the exact
-LM-head score feature (V × H = 104 × 64), SALT scope `mini` (the paper's rule over all rollouts of a step).
+and groups are mixed, as the protocol in docs/RESULTS.md §2 states. Each seed gets its own warm start (its own
+SFT seed), shared by the four arms of that seed. Task: the built-in arithmetic task with 2–3 one-digit terms and
+no word problems; held-out accuracy is greedy on operand tuples never seen in training (salt_grpo's split).
+Features: the exact LM-head score feature (V × H = 104 × 64), SALT scope `mini` (the paper's rule over all
+rollouts of a step).
 
 The RL learning rate and the warm-start length were chosen by checking that GRPO (`off`) learns within the step
 budget on a calibration seed (100) that is not among the reported seeds (lr 1e-3 collapsed held-out accuracy;

@@ -1,6 +1,6 @@
 """Experiment 4 — conflict vs. diminishing returns on real LM gradients (SPICE paper Fig. 2, Tables 4–5).
 
-Claims tested (research notes spice.md §5.4, §1.3–1.5, §7.3 E2):
+Claims tested (docs/RESULTS.md §4):
   (a) along plain log-det greedy, the step-wise Spearman ρ(conflict(x|S), Δ_x(S)) ≈ −0.792 and
       ρ(conflict(x|S), |ε_x(S)|) ≈ 0.901 over the candidates (conflict = Definition 4, against the mean of the
       picks so far);

@@ -1,6 +1,6 @@
 """Experiment 6 (issue 5): does fine-tuning on the 10 % SPICE picks match or beat fine-tuning on the full pool?
 
-Paper claim (spice.md §5.2, Table 1/14, Qwen2-7B, mean of 3 runs): LoRA on the 10 % SPICE selection averages 58.0
+Paper claim (paper Table 1/14, Qwen2-7B, mean of 3 runs): LoRA on the 10 % SPICE selection averages 58.0
 over 8 benchmarks, against 56.4 for the full 97.5 K pool, 55.5 for a random 10 % and 53.6 untuned ("Null").
 
 Protocol, fixed before any result was seen:

@@ -1,11 +1,11 @@
-"""Experiment 5 — static selector comparison on real LM gradient features (SPICE paper §5.4; research notes E3).
+"""Experiment 5 — static selector comparison on real LM gradient features (SPICE paper §5.4; docs/RESULTS.md §5).
 
-Claims tested (research notes spice.md §1.7, §5.4, §7.2–7.3):
+Claims tested (docs/RESULTS.md §5):
   * the paper: SPICE "selects subsets with higher log-determinant information than original criteria";
     Jaccard(SPICE, FisherSFT) = 0.47 (Table 12); SPICE avoids conflicting / redundant samples;
-  * the research notes' expectation (§7.2, E3): on a fixed pool SPICE's exact log-det is at most plain greedy's,
-    while SPICE raises the minimum cosine to the selected-set mean and lowers the fraction of negative cosines;
-    SPICE ≫ random and ≥ top_norm in log-det.
+  * the expectation written before the run (docs/RESULTS.md §5): on a fixed pool SPICE's exact log-det is at
+    most plain greedy's, while SPICE raises the minimum cosine to the selected-set mean and lowers the fraction of
+    negative cosines; SPICE ≫ random and ≥ top_norm in log-det.
 
 Setting: the same cached features as spice_decay.py (the embedded 1,000-row pool: 8 task families, 17 % corrupted
 responses (170 rows; 15 % is only the generator's rate parameter), 15 % near-duplicates, all tagged;
