@@ -48,6 +48,9 @@ from data import arithmetic
 # ----------------------------------------------------------------------------------------------------------
 
 
+SALT_MODES: dict = {"off": None}  # filled after the rules below; the `salt` field accepts each key
+
+
 @dataclass
 class Config:
     # model and run
@@ -130,7 +133,7 @@ class Config:
     # SALT
     salt: str = _f("official", "off = GRPO; official = released rule; identity = GRPO through SALT (self-check); "
                    "random_subspace / amplify / positive_only = research controls, not the authors' rule",
-                   choices=["off", "official", "identity", "random_subspace", "amplify", "positive_only"])
+                   choices=SALT_MODES)
     salt_scope: str = _f("mini", "mini: all rollouts of an optimizer step (whole groups); "
                          "micro: each micro-batch on each process (the official code)", choices=["mini", "micro"])
     salt_features: str = _f("lm_head", "lm_head: exact Gram of the LM-head score gradients (official; sketch above "
@@ -261,7 +264,7 @@ def salt_rule(K: torch.Tensor, a: torch.Tensor, cfg: Config, relu: bool, alpha_o
     a_dom = P @ a                                      # the dominant ("shared") channel
     a_tail = (I - P) @ phi                             # the spectral-tail ("residual") channel
     a_new = a_dom + alpha * a_tail                     # a′ = P a + α (I − P) φ(a)
-    return a_new, dict(pr=pr, k=k, top=top, n_eff=n_eff, alpha=alpha, a_dom=a_dom, a_tail=a_tail)
+    return a_new, dict(pr=pr, k=k, top=top, n_eff=n_eff, alpha=alpha, a_dom=a_dom, a_tail=a_tail, p_diag=torch.diagonal(P))
 
 
 def subspace_size(pr: float, B: int, cfg: Config) -> int:
@@ -304,6 +307,47 @@ def renormalise(a_new: torch.Tensor, a: torch.Tensor, how: str) -> torch.Tensor:
     return a_new
 
 
+def _official(K, a, cfg: Config, generator=None):
+    """The released rule: φ = relu (--salt_relu), α = clip(1 − n_eff), then --salt_renorm."""
+    a_new, terms = salt_rule(K, a, cfg, relu=cfg.salt_relu, alpha_of=functools.partial(mixing_alpha, cfg=cfg))
+    return renormalise(a_new, a, cfg.salt_renorm), terms
+
+
+def _identity(K, a, cfg: Config, generator=None):
+    """Self-check: φ = id and α ≡ 1 give a′ = P a + (I − P) a = a exactly; a mismatch stops the run."""
+    a_new, terms = salt_rule(K, a, cfg, relu=False, alpha_of=lambda n_eff: 1.0)
+    if (a_new - a).abs().max() > 1e-9 * max(1.0, a.abs().max().item()):
+        raise RuntimeError(f"SALT identity self-check failed: max |a′ − a| = {(a_new - a).abs().max():.3e}")
+    return a_new, terms
+
+
+def _random_subspace(K, a, cfg: Config, generator=None):
+    """Control: the released rule with P a random k-dim subspace (seeded by `generator`)."""
+    a_new, terms = salt_rule(K, a, cfg, relu=cfg.salt_relu, alpha_of=functools.partial(mixing_alpha, cfg=cfg),
+                             random_subspace=True, generator=generator)
+    return renormalise(a_new, a, cfg.salt_renorm), terms
+
+
+def _amplify(K, a, cfg: Config, generator=None):
+    """Control: a′ = P a + (1 + λ c)(I − P) a, c = clip(1 − n_eff, 0, 1), renormalised to ‖a‖ (a literal reading of
+    the abstract, not the authors' rule)."""
+    a_new, terms = salt_rule(K, a, cfg, relu=False,
+                             alpha_of=lambda n_eff: 1.0 + cfg.salt_lambda * min(max(1.0 - n_eff, 0.0), 1.0))
+    return renormalise(a_new, a, "l2"), terms
+
+
+def _positive_only(K, a, cfg: Config, generator=None):
+    """Control: a′ = relu(a) recentred per group, K unused (the rule still runs, for its diagnostics)."""
+    _, terms = salt_rule(K, a, cfg, relu=cfg.salt_relu, alpha_of=functools.partial(mixing_alpha, cfg=cfg))
+    return renormalise(positive_only(a, cfg.num_generations), a, cfg.salt_renorm), terms
+
+
+# --salt mode → f(K, a, cfg, generator) → (a′, the rule's terms). Experiments may add their own arms here before
+# building a Config (the `salt` field accepts every key of this table).
+SALT_MODES.update(official=_official, identity=_identity, random_subspace=_random_subspace, amplify=_amplify,
+                  positive_only=_positive_only)
+
+
 def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torch.Generator | None = None):
     """a′ for the --salt mode, a pure function of the Gram K (B×B) and the advantages a (B,). Returns (a′, diagnostics).
 
@@ -311,7 +355,7 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
     `identity` (φ = id, α ≡ 1) gives a′ = a exactly and checks it; `random_subspace` uses a random k-dim subspace
     (seeded by `generator`); `amplify` is a′ = P a + (1 + λ c)(I − P) a, c = clip(1 − n_eff, 0, 1), renormalised to
     ‖a‖ (a literal reading of the abstract, not the authors' rule); `positive_only` does not use K (the rule still
-    runs, for its diagnostics).
+    runs, for its diagnostics). SALT_MODES maps each mode to its function.
     B = 1 or a ≡ 0 returns a unchanged. Errors are raised, never replaced by GRPO.
     """
     t0 = time.perf_counter()
@@ -325,25 +369,7 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
         raise FloatingPointError("salt_reweight: non-finite Gram matrix or advantages")
     if cfg.salt == "off" or B == 1 or not (a64 != 0).any():
         return a.clone(), {"B": B, "skipped": 1.0, "time_s": time.perf_counter() - t0}
-
-    official_alpha = functools.partial(mixing_alpha, cfg=cfg)
-    if cfg.salt == "positive_only":
-        a_new = renormalise(positive_only(a64, cfg.num_generations), a64, cfg.salt_renorm)
-        _, terms = salt_rule(K, a64, cfg, relu=cfg.salt_relu, alpha_of=official_alpha)  # for the diagnostics only
-    elif cfg.salt == "identity":
-        a_new, terms = salt_rule(K, a64, cfg, relu=False, alpha_of=lambda n_eff: 1.0)
-        if (a_new - a64).abs().max() > 1e-9 * max(1.0, a64.abs().max().item()):
-            raise RuntimeError(f"SALT identity self-check failed: max |a′ − a| = {(a_new - a64).abs().max():.3e}")
-    elif cfg.salt == "amplify":
-        def amplify(n_eff):  # 1 + λ·c, c = clip(1 − n_eff, 0, 1)
-            return 1.0 + cfg.salt_lambda * min(max(1.0 - n_eff, 0.0), 1.0)
-
-        a_new, terms = salt_rule(K, a64, cfg, relu=False, alpha_of=amplify)
-        a_new = renormalise(a_new, a64, "l2")
-    else:  # official, random_subspace
-        a_new, terms = salt_rule(K, a64, cfg, relu=cfg.salt_relu, alpha_of=official_alpha,
-                                 random_subspace=cfg.salt == "random_subspace", generator=generator)
-        a_new = renormalise(a_new, a64, cfg.salt_renorm)
+    a_new, terms = SALT_MODES[cfg.salt](K, a64, cfg, generator)
     diag = salt_diagnostics(K, a64, a_new, terms, cfg)
     diag["time_s"] = time.perf_counter() - t0
     return a_new.to(a.dtype), diag
@@ -358,6 +384,11 @@ def salt_diagnostics(K: torch.Tensor, a: torch.Tensor, a_new: torch.Tensor, term
     def kept(v, rows):  # advantage mass kept on some rows: Σ_rows v_i / Σ_rows a_i
         return float(v[rows].sum() / a[rows].sum()) if rows.any() else float("nan")
 
+    def mean_on(v, rows):
+        return float(v[rows].mean()) if rows.any() else float("nan")
+
+    kii, pos, neg = torch.diagonal(K), a > 0, a < 0  # K_ii = ‖g_i‖²/B: the leverage of row i on the top eigenvectors
+
     G = cfg.num_generations  # groups: G consecutive rows; a scope holds whole groups or lies inside one
     same = (torch.arange(B)[:, None] // G == torch.arange(B)[None, :] // G) & ~torch.eye(B, dtype=torch.bool)
     diag = {
@@ -370,6 +401,12 @@ def salt_diagnostics(K: torch.Tensor, a: torch.Tensor, a_new: torch.Tensor, term
         "positive_adv_ratio": float((a > 0).double().mean()),
         "pos_mass_kept": kept(a_dom, a > 0), "neg_mass_kept": kept(a_dom, a < 0),
         "pos_mass_after": kept(a_new, a > 0), "neg_mass_after": kept(a_new, a < 0),
+        # squared feature norm of positive- / negative-advantage rows relative to the scope's mean, their ratio, and
+        # the mean diagonal of P on each (P_ii: how much of e_i the kept subspace holds)
+        "kii_pos": mean_on(kii, pos) / max(float(kii.mean()), 1e-300),
+        "kii_neg": mean_on(kii, neg) / max(float(kii.mean()), 1e-300),
+        "kii_pos_over_neg": mean_on(kii, pos) / max(mean_on(kii, neg), 1e-300) if pos.any() and neg.any() else float("nan"),
+        "pii_pos": mean_on(terms["p_diag"], pos), "pii_neg": mean_on(terms["p_diag"], neg),
         "cos_within_abs": float(common.cosine_matrix(K)[same].abs().mean())  # mean |cos(g_i, g_j)|, i ≠ j in a group
         if (B % G == 0 or G % B == 0) and same.any() else float("nan"),
         "eigenvalue_max": float(terms["top"].max()), "eigenvalue_min": float(terms["top"].min()),
