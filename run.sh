@@ -46,8 +46,8 @@ case "$cmd" in
   setup) setup ;;
   main)
     setup
-    launch salt_grpo.py --overwrite_output_dir "$@"  # the demo replaces its previous run
-    [ -f spice_select.py ] && launch spice_select.py
+    launch salt_grpo.py --overwrite_output_dir "$@"  # each demo replaces its previous run (once the new one is good)
+    launch spice_select.py --overwrite_output_dir
     ;;
   salt) setup; launch salt_grpo.py "$@" ;;
   spice) setup; launch spice_select.py "$@" ;;

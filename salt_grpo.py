@@ -54,14 +54,15 @@ SALT_MODES: dict = {"off": None}  # filled after the rules below; the `salt` fie
 @dataclass
 class Config:
     # model and run
-    model: str = _f(common.EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a local folder or a hub id")
+    model: str = _f(common.EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a local folder or a hub id",
+                    path=True)
     preset: str = _f("", "`smoke`: tiny random model, partial-credit reward, a few steps (seconds)",
                      choices=["", "smoke"])
-    config: str = _f("", "optional YAML/JSON file with any of these fields (CLI flags override it)")
-    output_dir: str = _f("outputs/salt_grpo", "metrics.jsonl, checkpoints, final model, summary.json")
-    overwrite_output_dir: bool = _f(False, "allow a non-empty output_dir (as HF Trainer); its old checkpoint-*/final "
-                                    "folders are removed so two runs never mix")
-    seed: int = _f(0, "seed of data order, rollouts, projections", ge=0)
+    config: str = _f("", "optional YAML/JSON file with any of these fields (CLI flags override it)", path=True)
+    output_dir: str = _f("outputs/salt_grpo", "metrics.jsonl, checkpoints, final model, summary.json", path=True)
+    overwrite_output_dir: bool = _f(False, "replace the run in a non-empty output_dir (as HF Trainer), once the new "
+                                    "run has a checkpoint or its final model; until then the old run stays whole")
+    seed: int = _f(0, "seed of data order, rollouts, projections", ge=0, le=2**32 - 1)
     dtype: str = _f("float32", "weights dtype (TRL's ModelConfig.dtype); auto: the checkpoint's own",
                     choices=["auto", "float32", "bfloat16", "float16"])
     bf16: bool = _f(True, "bf16 autocast for forwards and generation (log-probs, ratios and the loss stay fp32)")
@@ -74,11 +75,13 @@ class Config:
     lora_target_modules: str = _f("", "comma-separated module names or `all-linear`; empty: peft's default")
     trust_remote_code: bool = _f(False, "passed to from_pretrained")
     # data and rewards
-    dataset: str = _f("", "empty: the built-in arithmetic task; else a hub id or a local .jsonl/.json/.parquet/.csv")
+    dataset: str = _f("", "empty: the built-in arithmetic task; else a hub id or a local .jsonl/.json/.parquet/.csv",
+                      path=True)
     dataset_config: Optional[str] = _f(None, "hub dataset config name (e.g. `main` for gsm8k)")
     dataset_split: str = _f("train", "split or slice to train on (train[:1000]); a local file is the one split train")
     eval_split: str = _f("", "split to evaluate on (hub datasets); empty: hold out eval_size distinct prompts")
-    eval_dataset: str = _f("", "a separate evaluation file or hub id (same columns); overrides eval_split")
+    eval_dataset: str = _f("", "a separate evaluation file or hub id (same columns); overrides eval_split",
+                           path=True)
     prompt_column: str = _f("question", "column holding the prompt: text, or a [{role, content}] conversation")
     answer_column: str = _f("answer", "column the built-in rewards read (a number, or text ending in `#### N`)")
     prompt_suffix: str = _f("", "appended to every prompt (to the last message of a conversation)")
@@ -128,7 +131,7 @@ class Config:
     eval_every: int = _f(0, "greedy held-out evaluation every N steps (0: only at start and end)", ge=0)
     eval_batch_size: int = _f(64, "prompts per greedy generate call", ge=1)
     save_every: int = _f(0, "checkpoint every N steps (0: only the final model)", ge=0)
-    resume_from: str = _f("", "checkpoint folder to continue from (output_dir/checkpoint-N)")
+    resume_from: str = _f("", "checkpoint folder to continue from (output_dir/checkpoint-N)", path=True)
     report_to: str = _f("none", "comma-separated accelerate trackers (tensorboard, wandb, ...) or none")
     # SALT
     salt: str = _f("official", "off = GRPO; official = released rule; identity = GRPO through SALT (self-check); "
@@ -193,13 +196,25 @@ def validate(cfg: Config, num_processes: int = 1) -> Config:
          "(B = 1), so it could never act", "raise --micro_batch_size, use --salt_scope mini, or pass --salt off")
     need(reward_names(cfg), "--reward_funcs is empty", "pass exact_match, closeness or module:function")
     reward_weights(cfg)
+    need(cfg.eval_size > 0 or not cfg.eval_every, f"--eval_every {cfg.eval_every} with --eval_size 0: there is nothing "
+         "to evaluate", "pass --eval_size N, or drop --eval_every")
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    lora_set = [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules") if getattr(cfg, k) != defaults[k]]
+    need(cfg.use_peft or not lora_set, f"--{lora_set[0] if lora_set else ''} is set but --use_peft is off, so no "
+         "adapter would use it", "pass --use_peft to train a LoRA adapter, or drop the LoRA flags")
+    check_trackers(cfg)
+    return cfg
+
+
+def check_trackers(cfg: Config) -> None:
+    """--report_to names accelerate trackers that are installed (checked before the Accelerator, which takes them)."""
     trackers = {"tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio"}
     for name in report_to(cfg):
-        need(name in trackers, f"--report_to {name!r} is not an accelerate tracker ({', '.join(sorted(trackers))})")
+        if name not in trackers:
+            raise UserError(f"--report_to {name!r} is not an accelerate tracker ({', '.join(sorted(trackers))})")
         mods = ["tensorboard", "tensorboardX"] if name == "tensorboard" else [name]
-        need(any(importlib.util.find_spec(m) for m in mods), f"--report_to {name}: {name} is not installed",
-             f"pip install {name}")
-    return cfg
+        if not any(importlib.util.find_spec(m) for m in mods):
+            raise UserError(f"--report_to {name}: {name} is not installed", hint=f"pip install {name}")
 
 
 def report_to(cfg: Config) -> list[str]:
@@ -236,14 +251,16 @@ def group_advantages(r: torch.Tensor, G: int, scale: str = "group", eps: float =
     """GRPO advantage a_i = (r_i − mean_g r) / (std + eps), groups of G consecutive rollouts.
 
     std: Bessel-corrected (unbiased) std of the rollout's group (`group`), of the whole batch (`batch`, LitePPO),
-    or 1 (`none`, Dr. GRPO). eps guards zero-variance groups (their advantages are 0 either way).
+    or 1 (`none`, Dr. GRPO). A group whose rewards are all equal gets advantage 0 exactly, whatever eps (eps = 0
+    included; its mean can differ from its rewards in the last bit, which eps alone would turn into ±1/eps·1e-17).
     """
     g = r.double().view(-1, G)
-    centred = (g - g.mean(1, keepdim=True)).flatten()
+    constant = (g == g[:, :1]).all(1, keepdim=True).expand_as(g).flatten()
+    centred = (g - g.mean(1, keepdim=True)).flatten().masked_fill(constant, 0.0)
     if scale == "none":
         return centred
     std = g.std(1, keepdim=True).expand_as(g).flatten() if scale == "group" else r.double().std().expand_as(centred)
-    return centred / (std + eps)
+    return torch.where(constant, 0.0, centred / (std + eps))
 
 
 def salt_rule(K: torch.Tensor, a: torch.Tensor, cfg: Config, relu: bool, alpha_of, random_subspace: bool = False,
@@ -682,7 +699,9 @@ class Trainer:
     buffer: dict | None = None
     last_advantages: tuple | None = None  # (a, a′) of the last SALT scope, saved as last_advantages.safetensors
     num_tokens: int = 0  # TRL's num_tokens: prompt + completion tokens generated so far (all processes)
+    data_sha: str = ""   # data_fingerprint of the rows, kept in checkpoints
     history: list = field(default_factory=list)  # every logged row of the run, resumed runs included
+    folder: common.OutputFolder | None = None  # where the run writes (folder.path: in place, or staged until commit)
     resume: dict | None = None  # state.json of --resume_from, checked in build
 
 
@@ -697,22 +716,68 @@ def score(trainer: Trainer, rows: list[dict], comp: torch.Tensor, mask: torch.Te
     """Rewards (n, n_funcs): each function called as TRL calls it, f(prompts=, completions=, completion_ids=,
     **every other column), completions as text or, for conversational prompts, [{"role": "assistant", ...}]."""
     texts = trainer.tok.batch_decode(comp, skip_special_tokens=True)
+    kw = reward_kwargs(rows, texts, [c[m.bool()].tolist() for c, m in zip(comp, mask)])
+    return torch.tensor([call_reward(name, fn, kw, len(rows)) for name, fn in trainer.rewards], dtype=torch.float64).T
+
+
+# The keywords every reward function receives besides the dataset's columns (TRL's names); a column of the same name
+# would be passed twice.
+REWARD_KEYWORDS = ("prompts", "completions", "completion_ids")
+
+
+def reward_kwargs(rows: list[dict], texts: list[str], completion_ids: list[list[int]]) -> dict:
     conv = isinstance(rows[0]["prompt"], list)
-    kw = dict(prompts=[r["prompt"] for r in rows], completion_ids=[c[m.bool()].tolist() for c, m in zip(comp, mask)],
-              completions=[[{"role": "assistant", "content": c}] for c in texts] if conv else texts,
-              **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
-    out = []
-    for name, fn in trainer.rewards:
+    return dict(prompts=[r["prompt"] for r in rows], completion_ids=completion_ids,
+                completions=[[{"role": "assistant", "content": c}] for c in texts] if conv else texts,
+                **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
+
+
+def call_reward(name: str, fn, kw: dict, n: int) -> list:
+    """fn(**kw), checked: it runs (an exception, or sys.exit inside it, stops the run with one line naming it) and
+    returns a list of n finite numbers."""
+    try:
         v = fn(**kw)
-        if not isinstance(v, (list, tuple)) or len(v) != len(rows):
-            raise UserError(f"reward function {name!r} returned {type(v).__name__}"
-                            f"{f' of length {len(v)}' if isinstance(v, (list, tuple)) else ''}, expected a list "
-                            f"of {len(rows)} numbers (one per completion)")
-        bad = [x for x in v if not isinstance(x, numbers.Real) or not math.isfinite(x)]
-        if bad:
-            raise UserError(f"reward function {name!r} returned {bad[0]!r}; every reward must be a finite number")
-        out.append(v)
-    return torch.tensor(out, dtype=torch.float64).T
+    except SystemExit as e:
+        raise UserError(f"reward function {name!r} called sys.exit({e.code!r}); a reward must return its list",
+                        hint="return a list of numbers instead of exiting") from None
+    except Exception as e:
+        raise UserError(f"reward function {name!r} raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                        hint="fix the function (called as TRL calls it: prompts=, completions=, completion_ids=, "
+                             "and every dataset column as a keyword)") from None
+    if not isinstance(v, (list, tuple)) or len(v) != n:
+        raise UserError(f"reward function {name!r} returned {type(v).__name__}"
+                        f"{f' of length {len(v)}' if isinstance(v, (list, tuple)) else ''}, expected a list "
+                        f"of {n} numbers (one per completion)")
+    bad = [x for x in v if not isinstance(x, numbers.Real) or not math.isfinite(x)]
+    if bad:
+        raise UserError(f"reward function {name!r} returned {bad[0]!r}; every reward must be a finite number")
+    return list(v)
+
+
+def probe_rewards(cfg: Config, rewards: list, tok, row: dict) -> None:
+    """Before any work: each reward function accepts the keywords it will get and runs on one row (an empty
+    completion), so that a bad function stops the run before the output folder is touched."""
+    import inspect
+
+    kw = reward_kwargs([row], [""], [[tok.eos_token_id]])
+    for name, fn in rewards:
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):  # a builtin or C function: no signature to read
+            params = None
+        if params is not None:
+            missing = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                    p.KEYWORD_ONLY) and p.name not in kw]
+            if missing:
+                raise UserError(f"reward function {name!r} needs argument {missing[0]!r}, which salt_grpo does not "
+                                f"pass (it passes {', '.join(kw)})",
+                                hint="give it a default, or add the column to the dataset")
+            if not any(p.kind == p.VAR_KEYWORD for p in params):
+                extra = [k for k in kw if k not in {p.name for p in params}]
+                if extra:
+                    raise UserError(f"reward function {name!r} does not accept the keyword {extra[0]!r}, which every "
+                                    "reward function receives (TRL's contract)", hint="add **kwargs to its signature")
+        call_reward(name, fn, kw, 1)
 
 
 def make_rollouts(trainer: Trainer, round_idx: int) -> dict:
@@ -744,6 +809,11 @@ def make_rollouts(trainer: Trainer, round_idx: int) -> dict:
     per_func = gather(lambda s: s["rewards"])
     total = per_func @ trainer.reward_weights
     adv = group_advantages(total, G, cfg.scale_rewards, cfg.adv_eps)
+    if not (torch.isfinite(total).all() and torch.isfinite(adv).all()):  # each reward is finite, their sum or std not
+        raise UserError(f"generation round {round_idx}: the weighted rewards overflow (largest |reward| "
+                        f"{float(per_func.abs().max()):.3g}, weights {trainer.reward_weights.tolist()}), so the "
+                        "advantages are not finite", hint="rescale the reward functions or --reward_weights "
+                                                          "(advantages do not depend on a common scale)")
     lens = gather(lambda s: s["comp_mask"].sum(1).float())
     trunc = gather(lambda s: truncated(s["comp_ids"], s["comp_mask"], trainer.eos).float())
     trainer.num_tokens += int(gather(lambda s: (s["prompt_mask"].sum(1) + s["comp_mask"].sum(1)).float()).sum())
@@ -843,7 +913,8 @@ def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
         adv, d, a_pair = salt_on_scope(trainer, mbs, adv, step, timing, gather=True, exact=exact)
         diags.append(d)
     trainer.model.train()
-    sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "entropy": 0.0, "nonfinite": 0.0}
+    sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "entropy": 0.0, "nonfinite": 0.0,
+            "bad_logp": 0.0}
     off = 0
     for b in mbs:
         n = b["comp_ids"].shape[0]
@@ -870,6 +941,7 @@ def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
             sums[k] += float(st[k])
         sums["loss"] += float(loss.detach())
         sums["entropy"] += float((ent * b["comp_mask"]).sum())
+        sums["bad_logp"] += float((~torch.isfinite(logp.detach()) & b["comp_mask"].bool()).sum())
         off += n
     sums["nonfinite"] = float(sum(d.get("nonfinite", 0) for d in diags))
     local = torch.tensor([list(sums.values())], device=accelerator.device)
@@ -878,6 +950,11 @@ def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
          "clip_ratio/high_mean": sums["clip_high"] / max(n_tok, 1),
          "clip_ratio/region_mean": (sums["clip_low"] + sums["clip_high"]) / max(n_tok, 1),
          "entropy": sums["entropy"] / max(n_tok, 1), **timing}  # entropy: TRL's, mean over completion tokens
+    if sums["bad_logp"]:  # the cause, where it can be named: the log-probs themselves
+        raise UserError(f"step {step + 1}: log π of {int(sums['bad_logp'])} completion tokens is non-finite (logits / "
+                        f"--temperature {cfg.temperature:g} overflow, or the weights diverged); stopped before saving "
+                        "anything of this step",
+                        hint="use a --temperature of 0.01 or more, a lower --learning_rate, or --dtype float32")
     if not math.isfinite(sums["loss"]) or sums["nonfinite"]:
         raise UserError(f"step {step + 1}: the loss is {sums['loss']} or the SALT features are non-finite; stopped "
                         "before saving anything of this step",
@@ -946,7 +1023,8 @@ def evaluate(trainer: Trainer) -> float:
 # Data and rewards: datasets from files or the hub (the built-in task is data/arithmetic), reward functions
 # ----------------------------------------------------------------------------------------------------------
 
-_N = r"-?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?(?:[eE][-+]?\d+)?"  # -1,234.5e3; a comma only before groups of three digits
+_N = r"[-−‒–]?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?(?:[eE][-+]?\d+)?"  # -1,234.5e3; a comma only before groups of three
+_MINUS = str.maketrans("−‒–", "---")  # U+2212 minus, figure dash, en dash before a number: a minus sign
 _NUM = re.compile(rf"\\d?frac\{{\s*({_N})\s*\}}\{{\s*({_N})\s*\}}|({_N})(?:\s*/\s*({_N}))?")
 
 
@@ -966,7 +1044,7 @@ def extract_final_number(text) -> Optional[float]:
         return None
     num, den = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
     with contextlib.suppress(ZeroDivisionError, OverflowError):
-        x = float(num.replace(",", "")) / (float(den.replace(",", "")) if den else 1.0)
+        x = float(num.replace(",", "").translate(_MINUS)) / (float(den.replace(",", "").translate(_MINUS)) if den else 1.0)
         return x if math.isfinite(x) else None
     return None
 
@@ -1014,18 +1092,29 @@ def load_reward_funcs(cfg: Config) -> list[tuple[str, object]]:
                             "module:function")
         try:
             if mod_name.endswith(".py"):
-                ispec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+                path = common.expand_path(mod_name)
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"no file {path}")
+                ispec = importlib.util.spec_from_file_location(Path(path).stem, path)
                 mod = importlib.util.module_from_spec(ispec)
                 ispec.loader.exec_module(mod)
             else:
                 sys.path[:0] = [] if os.getcwd() in sys.path else [os.getcwd()]
                 mod = importlib.import_module(mod_name)
-        except (ImportError, OSError) as e:
-            raise UserError(f"--reward_funcs {spec!r}: cannot import {mod_name} ({e})") from None
+        except SystemExit as e:
+            raise UserError(f"--reward_funcs {spec!r}: importing {mod_name} called sys.exit({e.code!r})") from None
+        except Exception as e:  # ImportError, a SyntaxError or any error the module raises while it loads
+            raise UserError(f"--reward_funcs {spec!r}: cannot import {mod_name} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
         fn = getattr(mod, fn_name, None)
         if not callable(fn):
             raise UserError(f"--reward_funcs {spec!r}: {mod_name} has no function {fn_name!r}")
         out.append((fn_name, fn))
+    names = [n for n, _ in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise UserError(f"--reward_funcs {cfg.reward_funcs!r}: two reward functions are named {dup!r}; their "
+                        f"rewards/{dup}/* metrics would be one", hint="rename one of the functions")
     return out
 
 
@@ -1045,6 +1134,24 @@ def check_prompt(label: str, i: int, row: dict, cfg: Config):
     return common.require_str(label, i, row, cfg.prompt_column) + cfg.prompt_suffix
 
 
+class Row(dict):
+    """A dataset row (every column, plus `prompt`) that knows where it came from (`where`: file and row)."""
+    where = "a row"
+
+
+def check_prompts(cfg: Config, tok, train_rows: list[Row], eval_rows: list[Row]) -> None:
+    """Every prompt through the tokenizer's chat template (with --system_prompt) before any work: a template that
+    rejects a role or a system message stops the run here, naming the row."""
+    for r in train_rows + eval_rows:
+        try:
+            format_prompt(tok, r["prompt"], cfg.system_prompt)
+        except Exception as e:  # jinja2's TemplateError, or any error a template raises
+            raise UserError(f"{r.where}: the chat template of --model {cfg.model} rejects this prompt"
+                            f"{' with --system_prompt' if cfg.system_prompt else ''} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else ''})",
+                            hint="drop --system_prompt, or pass prompts with the roles this template accepts") from None
+
+
 def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     """(train, eval) rows: every column of the dataset plus `prompt` (text or conversation), validated up front;
     errors name file, row and field. The built-in rewards need a numeric answer in answer_column."""
@@ -1052,14 +1159,27 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
         return builtin_task_rows(cfg)
     builtin = any(n in BUILTIN_REWARDS for n in reward_names(cfg))
 
+    reserved = REWARD_KEYWORDS + (("answer_column",) if builtin else ())
+
     def convert(rows, label):
         out = []
         for i, row in enumerate(rows):
+            clash = [c for c in reserved if c in row]
+            if clash:
+                raise UserError(f"{common.row_location(label, i, row)}: column {clash[0]!r} has the name of a keyword "
+                                "every reward function receives, so it would be passed twice",
+                                hint="rename the column in the data")
             if builtin and extract_final_number(common.require_str(label, i, row, cfg.answer_column)) is None:
                 raise UserError(f"{common.row_location(label, i, row)}: field {cfg.answer_column!r} holds no number "
                                 f"({str(row[cfg.answer_column])[:60]!r})",
                                 hint="answers must be a number or end in `#### N` (GSM8K)")
-            out.append({**{k: v for k, v in row.items() if k != "_line"}, "prompt": check_prompt(label, i, row, cfg)})
+            r = Row({**{k: v for k, v in row.items() if k != "_line"}, "prompt": check_prompt(label, i, row, cfg)})
+            r.where = common.row_location(label, i, row)
+            if out and isinstance(r["prompt"], list) != isinstance(out[0]["prompt"], list):
+                kinds = ("a conversation", "text") if isinstance(r["prompt"], list) else ("text", "a conversation")
+                raise UserError(f"{r.where}: field {cfg.prompt_column!r} is {kinds[0]}, but {out[0].where}'s is "
+                                f"{kinds[1]}", hint="a dataset holds text prompts or conversations, not both")
+            out.append(r)
         if not out:
             raise UserError(f"{label}: no rows")
         return out
@@ -1140,8 +1260,20 @@ def prompts_for_round(n_rows: int, per_round: int, round_idx: int, seed: int) ->
 # ----------------------------------------------------------------------------------------------------------
 
 def save_checkpoint(trainer: Trainer, step: int, path: Path) -> None:
-    """save_state into a temporary folder, plus state.json (step, schedule, config), the run's metrics so far and,
-    mid-round, each process's rollouts; then renamed, so a checkpoint-N folder is always complete."""
+    """save_state into a temporary folder, plus state.json (step, schedule, data fingerprint, config), the run's
+    metrics so far and, mid-round, each process's rollouts; then renamed, so a checkpoint-N folder is always
+    complete. A write error (disk full, a folder turned read-only) stops the run with one line, the temporary
+    folder removed."""
+    try:
+        _save_checkpoint(trainer, step, path)
+    except OSError as e:
+        common.remove(path.parent / f".{path.name}.tmp")
+        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}",
+                        hint="free disk space or make the output folder writable, then --resume_from the last "
+                             "checkpoint") from None
+
+
+def _save_checkpoint(trainer: Trainer, step: int, path: Path) -> None:
     accelerator, tmp = trainer.accelerator, path.parent / f".{path.name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1156,12 +1288,11 @@ def save_checkpoint(trainer: Trainer, step: int, path: Path) -> None:
         common.write_jsonl(tmp / "metrics.jsonl", trainer.history)
         common.write_json(tmp / "state.json", {"step": step, "num_tokens": trainer.num_tokens,
                                                "processes": accelerator.num_processes,
-                                               "scheduler": trainer.sched.state_dict(),
+                                               "scheduler": trainer.sched.state_dict(), "data": trainer.data_sha,
                                                "config": dataclasses.asdict(trainer.cfg)})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        common.replace_path(tmp, path)  # an older checkpoint-N (a resumed run's) stays until the new one is whole
     accelerator.wait_for_everyone()
 
 
@@ -1190,6 +1321,26 @@ def read_checkpoint(cfg: Config, num_processes: int) -> dict:
     return state
 
 
+def data_fingerprint(train_rows: list[dict], eval_rows: list[dict]) -> str:
+    """A hash of the rows a run trains and evaluates on, kept in each checkpoint's state.json."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for rows in (train_rows, eval_rows):
+        for r in rows:
+            h.update(json.dumps(r, sort_keys=True, default=str).encode())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def check_same_data(cfg: Config, state: dict, train_rows: list[dict], eval_rows: list[dict]) -> None:
+    """A run resumes on the data it started with (same rows, same held-out split)."""
+    if state.get("data") and state["data"] != data_fingerprint(train_rows, eval_rows):
+        raise UserError(f"--resume_from {cfg.resume_from}: the dataset changed since the checkpoint was written "
+                        f"({cfg.dataset or 'the built-in task'} now gives other rows)",
+                        hint="resume with the data the run started with, or start a new run")
+
+
 def load_checkpoint(trainer: Trainer, path: Path, state: dict) -> int:
     """load_state (weights_only loading), then the schedule, token count, metrics and mid-round rollouts."""
     from safetensors import safe_open
@@ -1215,23 +1366,28 @@ def load_checkpoint(trainer: Trainer, path: Path, state: dict) -> int:
 
 
 def save_final(trainer: Trainer, final: Path) -> None:
-    """The trained model (all weights, or the LoRA adapter) and tokenizer, written to a temporary folder and renamed:
-    an interrupted save never leaves a `final/` without weights (a leftover .final.tmp is removed by the next save)."""
+    """The trained model (all weights, or the LoRA adapter) and tokenizer, written to a temporary folder, then put in
+    place of an old final/ in one step (common.replace_path): at every instant final/ is the old model or the new
+    one. A write error stops the run with one line; the temporary folder never stays."""
     accelerator = trainer.accelerator
     sd = accelerator.get_state_dict(trainer.model)  # collective under FSDP/DeepSpeed: call it on every process
+    err = None
     if accelerator.is_main_process:
-        tmp, old = final.parent / ".final.tmp", final.parent / ".final.old"
+        tmp = final.parent / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             with common._quiet_transformers():
                 trainer.raw.save_pretrained(tmp, state_dict=sd)
                 trainer.tok.save_pretrained(tmp)
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
+            common.replace_path(tmp, final)
+        except OSError as e:
+            err = f"cannot write the final model to {final}: {e.strerror or e}"
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
+    err = common.broadcast_object(accelerator, err)
+    if err:
+        raise UserError(err, hint="free disk space or make the output folder writable; the last checkpoint (if "
+                                  "--save_every) can be resumed")
     accelerator.wait_for_everyone()
 
 
@@ -1239,21 +1395,44 @@ def save_final(trainer: Trainer, final: Path) -> None:
 # Setup, training run, summary
 # ----------------------------------------------------------------------------------------------------------
 
+# What a run of salt_grpo.py writes in its output folder (what --overwrite_output_dir replaces; nothing else there is
+# touched), the folder being the contract of common.OutputFolder.
+OWNED = ["checkpoint-*", ".checkpoint-*.tmp", "final", ".final.tmp", "metrics.jsonl", "summary.json",
+         "last_sample.json", "last_advantages.safetensors", "metrics.png"]
+
+
+def output_folder(cfg: Config) -> common.OutputFolder:
+    """The run's output folder, with every input it must not hold: local data files, a local model, the checkpoint
+    resumed (whose own run folder is written in place)."""
+    local = [("--dataset", cfg.dataset), ("--eval_dataset", cfg.eval_dataset), ("--model", cfg.model)]
+    inputs = [(flag, p) for flag, p in local if p and Path(p).exists()]
+    if cfg.resume_from:
+        inputs.append(("--resume_from", cfg.resume_from))
+    return common.OutputFolder(cfg.output_dir, overwrite=cfg.overwrite_output_dir, owned=OWNED, inputs=inputs,
+                               resume_dir=Path(cfg.resume_from).parent if cfg.resume_from else None)
+
+
 def build(cfg: Config, accelerator=None) -> Trainer:
-    from accelerate import Accelerator, PartialState
+    """Everything before the first step. The Accelerator comes first (it alone decides the process count); then
+    every check that can fail (settings, output paths, reward functions, the checkpoint, the data, the model, the
+    chat template on every prompt, each reward function called on one row). Nothing is written: train() opens the
+    output folder after this, so a run that cannot start leaves it as it was."""
+    from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     if accelerator is not None:
         accelerator.free_memory()  # a reused Accelerator must not save or load the previous run's model
-    n_proc = accelerator.num_processes if accelerator else PartialState().num_processes
-    validate(cfg, n_proc)  # everything that can be checked before any work, in this order
+    check_trackers(cfg)  # the Accelerator takes them: a bad name must be our one-line error, not accelerate's
+    accelerator = accelerator or Accelerator(log_with=report_to(cfg) or None, project_dir=cfg.output_dir)
+    n_proc = accelerator.num_processes
+    validate(cfg, n_proc)
+    folder = output_folder(cfg)
+    folder.check()
     rewards = load_reward_funcs(cfg)
     resume = read_checkpoint(cfg, n_proc) if cfg.resume_from else None
     train_rows, eval_rows = load_rows(cfg)
-    accelerator = accelerator or Accelerator(log_with=report_to(cfg) or None, project_dir=cfg.output_dir)
-    stale = ["checkpoint-*", ".checkpoint-*.tmp", "final", ".final.tmp"]  # what --overwrite_output_dir replaces
-    common.on_main(accelerator, lambda: common.prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir,
-                                                                  cfg.resume_from, stale))
+    if resume is not None:
+        check_same_data(cfg, resume, train_rows, eval_rows)
     dt = accelerator.distributed_type
     if dt == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise UserError("FSDP1 is not supported: generation needs FSDP2's per-forward gathering",
@@ -1268,6 +1447,8 @@ def build(cfg: Config, accelerator=None) -> Trainer:
             gradient_clipping=cfg.max_grad_norm)
     zero3 = dt == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
     model, tok, ref = load_policy(cfg, accelerator.device, zero3)
+    check_prompts(cfg, tok, train_rows, eval_rows)
+    probe_rewards(cfg, rewards, tok, train_rows[0])
     if accelerator.is_main_process:
         warn_about(cfg, tok, train_rows + eval_rows, accelerator.device, n_local)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
@@ -1288,7 +1469,7 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     return Trainer(cfg=cfg, accelerator=accelerator, model=prepared, raw=raw, ref=ref, tok=tok, opt=opt, sched=sched,
                    spec=spec, train_rows=train_rows, eval_rows=eval_rows, rewards=rewards,
                    reward_weights=torch.tensor(reward_weights(cfg), dtype=torch.float64), eos=eos_ids(raw, tok),
-                   synced=synced, resume=resume)
+                   synced=synced, folder=folder, resume=resume, data_sha=data_fingerprint(train_rows, eval_rows))
 
 
 def load_policy(cfg: Config, device, zero3: bool):
@@ -1302,12 +1483,20 @@ def load_policy(cfg: Config, device, zero3: bool):
         from peft import LoraConfig, get_peft_model
 
         targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
-        with torch.random.fork_rng(devices=[]):  # seeded adapter init, whatever ran before
-            torch.manual_seed(cfg.seed)
-            model = get_peft_model(model, LoraConfig(
-                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                target_modules="all-linear" if targets == ["all-linear"] else targets or None),
-                autocast_adapter_dtype=not zero3)  # ZeRO-3 gathers in one dtype (as TRL does)
+        try:
+            with torch.random.fork_rng(devices=[]):  # seeded adapter init, whatever ran before
+                torch.manual_seed(cfg.seed)
+                model = get_peft_model(model, LoraConfig(
+                    r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                    target_modules="all-linear" if targets == ["all-linear"] else targets or None),
+                    autocast_adapter_dtype=not zero3)  # ZeRO-3 gathers in one dtype (as TRL does)
+        except (ValueError, TypeError, KeyError) as e:  # peft's "Target modules ... not found", bad values
+            raise UserError(f"--lora_target_modules {cfg.lora_target_modules or '(peft default)'}: "
+                            f"{str(e).splitlines()[0][:200]}",
+                            hint="name Linear modules of the model (e.g. q_proj,v_proj) or `all-linear`") from None
+        except (RuntimeError, MemoryError) as e:  # an adapter too large to allocate
+            raise UserError(f"--lora_r {cfg.lora_r}: the LoRA adapter cannot be built ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else ''})", hint="pass a smaller --lora_r") from None
     elif cfg.beta > 0:
         ref, _ = common.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
         ref.requires_grad_(False).eval().to(device)
@@ -1330,17 +1519,28 @@ def warn_about(cfg: Config, tok, rows: list[dict], device, n_local: int) -> None
 
 
 def train(cfg: Config, accelerator=None) -> dict:
-    """The whole run; returns the summary (on every process)."""
-    from tqdm.auto import tqdm
-
+    """The whole run; returns the summary (on every process). The output folder is released however it ends."""
     run_start = time.perf_counter()
     trainer = build(cfg, accelerator)
-    accelerator, out, key = trainer.accelerator, Path(cfg.output_dir), eval_key(cfg)
+    trainer.folder.open_on_all(trainer.accelerator)  # the first write: every check has passed
+    try:
+        return training_loop(trainer, run_start)
+    finally:
+        trainer.folder.close()
+
+
+def training_loop(trainer: Trainer, run_start: float) -> dict:
+    """Resume or evaluate, then step to max_steps: rollouts, gradients, AdamW, metrics, checkpoints; the final model."""
+    from tqdm.auto import tqdm
+
+    cfg, accelerator, folder, key = trainer.cfg, trainer.accelerator, trainer.folder, eval_key(trainer.cfg)
     start = load_checkpoint(trainer, Path(cfg.resume_from), trainer.resume) if cfg.resume_from else 0
-    if report_to(cfg):
+    if report_to(cfg):  # the trackers write where the run writes (staged with it until the first commit)
+        accelerator.project_configuration.project_dir = str(folder.path)
+        accelerator.project_configuration.logging_dir = str(folder.path)
         accelerator.init_trackers("salt_grpo", config={k: v for k, v in dataclasses.asdict(cfg).items()
                                                        if isinstance(v, (int, float, str, bool))})
-    logger = common.MetricsLogger(accelerator, out, resume=bool(cfg.resume_from))
+    logger = common.MetricsLogger(accelerator, folder, resume=bool(cfg.resume_from))
     if cfg.resume_from and accelerator.is_main_process:  # the run up to the checkpoint, not a killed run's later lines
         common.write_jsonl(logger.path, trainer.history)
 
@@ -1371,22 +1571,24 @@ def train(cfg: Config, accelerator=None) -> dict:
             m[key] = evaluate(trainer)
         log(m, step + 1)
         if accelerator.is_main_process and trainer.buffer.get("sample"):
-            common.write_json(out / "last_sample.json", trainer.buffer["sample"])
+            common.write_json(folder.path / "last_sample.json", trainer.buffer["sample"])
         bar.set_postfix({k: f"{m.get(name, math.nan):.2f}" for k, name in
                          (("reward", "reward"), ("neff", "salt/neff"), ("alpha", "salt/alpha"))})
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(trainer, step + 1, out / f"checkpoint-{step + 1}")
+            save_checkpoint(trainer, step + 1, folder.path / f"checkpoint-{step + 1}")
+            folder.commit(accelerator)  # something to keep: a replaced run's files go now, not before
     bar.close()
     end = evaluate(trainer) if cfg.eval_size else None
     if end is not None:
         log({key: end}, cfg.max_steps)
-    save_final(trainer, out / "final")
+    save_final(trainer, folder.path / "final")
+    folder.commit(accelerator)
     if accelerator.is_main_process and trainer.last_advantages is not None:  # a and a′ of the last SALT scope
         a, a_new = trainer.last_advantages
-        common.save_safetensors(out / "last_advantages.safetensors", {"a": a, "a_new": a_new})
+        common.save_safetensors(folder.path / "last_advantages.safetensors", {"a": a, "a_new": a_new})
     summary = summarise(trainer, start, end, wall_time_s=time.perf_counter() - run_start)
     if accelerator.is_main_process:
-        common.write_json(out / "summary.json", summary)
+        common.write_json(folder.path / "summary.json", summary)
     if report_to(cfg):
         accelerator.end_training()
     accelerator.wait_for_everyone()
@@ -1421,7 +1623,7 @@ PLOT_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "eval/accuracy", "e
 def plot(run_dir: str) -> Path:
     p = Path(run_dir)
     jsonl = p / "metrics.jsonl" if p.is_dir() else p
-    if not jsonl.exists():
+    if not jsonl.is_file():
         raise UserError(f"{jsonl} does not exist", hint="pass a run folder (output_dir) holding metrics.jsonl")
     return common.plot_metrics(jsonl, PLOT_KEYS, jsonl.parent / "metrics.png")
 

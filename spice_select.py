@@ -51,11 +51,11 @@ METHODS = ("spice", "greedy", "top_norm", "random", "official_diag")
 
 @dataclass
 class Config:
-    config: Optional[str] = option(None, "YAML/JSON file of these fields (flags override it)")
+    config: Optional[str] = option(None, "YAML/JSON file of these fields (flags override it)", path=True)
     preset: str = option("", "`smoke`: tiny random model, small pool (seconds)", choices=["", "smoke"])
     # pool
     pool: Optional[str] = option(None, "local .jsonl/.json/.parquet/.csv, a folder (save_to_disk or data files) or "
-                                       "a HF dataset id; none: the demo pool data/spice_pool.jsonl")
+                                       "a HF dataset id; none: the demo pool data/spice_pool.jsonl", path=True)
     split: Optional[str] = option(None, "split or slice, e.g. test or train[:1000]; default train (a local file "
                                         "is the one split train)")
     dataset_config: Optional[str] = option(None, "hub dataset config name")
@@ -67,7 +67,7 @@ class Config:
     skip_malformed: bool = option(False, "skip malformed rows and report their count (default: stop with an "
                                          "error naming the row)")
     # proxy model and features
-    model: str = option(common.EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a folder or a HF id")
+    model: str = option(common.EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a folder or a HF id", path=True)
     dtype: str = option("auto", "proxy weights dtype; auto: bfloat16 on CUDA, float32 on CPU (no native bf16 matmul "
                                 "there: 6× slower measured)", choices=["auto", "float32", "bfloat16", "float16"])
     layers: Optional[str] = option(None, "layer spec (common.select_linear_layers); default `lora`, or `last:2` "
@@ -93,7 +93,8 @@ class Config:
     max_length: int = option(96, "tokens per row (prompt + response), longer rows are cut", ge=2)
     batch_size: int = option(16, "rows per featurization forward", ge=1)
     shard_batches: int = option(8, "batches per cached feature shard", ge=1)
-    cache_dir: Optional[str] = option(None, "feature cache (default <output_dir>/feature_cache); `none` disables it")
+    cache_dir: Optional[str] = option(None, "feature cache (default <output_dir>/feature_cache); `none` disables it",
+                                      path=True)
     # selection
     method: str = option("spice", "spice | greedy (λ=0) | top_norm (official default) | random | official_diag "
                                   "(den += α·g⁴)", choices=list(METHODS))
@@ -121,9 +122,13 @@ class Config:
     online_micro_batch: int = option(4, "rows per proxy forward in online mode", ge=1)
     # run
     seed: int = option(0, "seed of the pool order, LoRA init, projections and random baselines (the demo pool file "
-                       "is one fixed draw; another: python -m data.spice_pool --seed S --out F)", ge=0)
-    output_dir: str = option("outputs/spice", "selected.jsonl, picks.jsonl, summary.json, feature cache")
-    save_to_disk: Optional[str] = option(None, "also save selected.jsonl's rows as a HF datasets folder here")
+                       "is one fixed draw; another: python -m data.spice_pool --seed S --out F)", ge=0, le=2**32 - 1)
+    output_dir: str = option("outputs/spice", "selected.jsonl, picks.jsonl, summary.json, feature cache", path=True)
+    overwrite_output_dir: bool = option(False, "replace the selection in a non-empty output_dir (and an existing "
+                                               "--save_to_disk dataset) once the new one is written; a folder holding "
+                                               "only feature_cache/ (an interrupted run) is continued without it")
+    save_to_disk: Optional[str] = option(None, "also save selected.jsonl's rows as a HF datasets folder here",
+                                         path=True)
     column_prefix: str = option("spice_", "prefix of the columns selected.jsonl adds to the pool's own")
 
 
@@ -303,6 +308,10 @@ def check_features(G: torch.Tensor, k: int, alpha: float = 1.0) -> None:
                                                          "dividing g by c equals α/c²)")
     if not 1 <= k <= G.shape[0]:
         raise UserError(f"budget k={k} must be between 1 and the number of candidates ({G.shape[0]})")
+    if 0 < alpha * float(sq.max()) < 1e-12:
+        raise UserError(f"--alpha {alpha:g}: α·max‖g‖² = {alpha * float(sq.max()):.3g}, so 1 + α‖g‖² rounds to 1 and "
+                        "every gain to about 0: the picks would be the first rows, not the most informative",
+                        hint="raise --alpha (U(S) depends on α·‖g‖² only)")
 
 
 def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, eta: float = 1e-8,
@@ -515,11 +524,19 @@ def per_pool(cfg: Config) -> Union[int, float]:
     return cfg.select_k if cfg.select_k is not None else cfg.budget
 
 
-def per_pool_k(per: float, size: int, pool_size: int) -> int:
-    """Picks from one window: select_k (count or fraction of pool_size); a shorter last window gets its
-    proportional share (at least 1), so the tail of the pool is not over-sampled."""
-    k = budget_count(per, pool_size, "--select_k")
-    return k if size == pool_size else max(1, min(size, round(k * size / pool_size)))
+def window_quotas(sizes: list[int], per: Union[int, float], pool_size: int, seed: int) -> list[int]:
+    """Picks from each window, summing to the requested budget: window w's target is per·s_w (a fraction) or
+    c·s_w/pool_size (a count c per full window); each gets its target's floor, and the rest of the total
+    max(1, round(Σ targets)) goes one each to the windows with the largest remainders, ties in a seeded order
+    (largest remainder apportionment). A full window gets exactly its share; a window may get 0."""
+    budget_count(per, pool_size, "--select_k")  # a count ≤ pool_size, or a fraction in (0, 1]
+    targets = [round(per * s if isinstance(per, float) else per * s / pool_size, 9) for s in sizes]
+    quotas = [math.floor(t) for t in targets]
+    tie = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = sorted(range(len(sizes)), key=lambda w: (quotas[w] - targets[w], tie[w]))  # largest remainder first
+    for w in order[: max(1, round(sum(targets))) - sum(quotas)]:
+        quotas[w] += 1
+    return quotas
 
 
 def pool_windows(n: int, pool_size: int, seed: int) -> list[list[int]]:
@@ -534,12 +551,13 @@ def select_offline(G: torch.Tensor, cfg: Config, method: str, progress: bool = F
     if not cfg.pool_size or cfg.pool_size >= n:
         return run_method(method, G, budget_count(cfg.budget, n), cfg, progress)
     t0 = time.perf_counter()
-    per = per_pool(cfg)
+    windows = pool_windows(n, cfg.pool_size, cfg.seed)
+    quotas = window_quotas([len(w) for w in windows], per_pool(cfg), cfg.pool_size, cfg.seed)
     picks, records, stops = [], [], 0
-    for w, win in enumerate(tqdm(pool_windows(n, cfg.pool_size, cfg.seed), desc=method, disable=not progress,
-                                 leave=False)):
-        k = per_pool_k(per, len(win), cfg.pool_size)
-        sel = run_method(method, G[win], k, cfg)
+    for w, win in enumerate(tqdm(windows, desc=method, disable=not progress, leave=False)):
+        if not quotas[w]:
+            continue
+        sel = run_method(method, G[win], quotas[w], cfg)
         picks += [win[i] for i in sel.indices]
         records += [{**rec, "pool": w, "index": win[rec["index"]]} for rec in sel.records]
         stops += sel.stopped_early
@@ -583,16 +601,15 @@ def select_online(cfg: Config, accelerator, *, model, tok, fz, tokens, method: s
     t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per = per_pool(cfg)
     picks, records, buffer, stops = [], [], [], 0
     windows = pool_windows(len(tokens), cfg.pool_size, cfg.seed)
+    quotas = window_quotas([len(w) for w in windows], per_pool(cfg), cfg.pool_size, cfg.seed)
     for w, win in enumerate(tqdm(windows, desc=f"online {method}", disable=not accelerator.is_main_process)):
-        G = compute_features(fz, tok, [tokens[i] for i in win], cfg, accelerator, cache=None, desc=f"pool {w}")
-        sel = None
-        if accelerator.is_main_process:
-            k = per_pool_k(per, len(win), cfg.pool_size)
-            sel = run_method(method, G, k, cfg)
-        sel = common.broadcast_object(accelerator, sel)
+        sel = Selection(method, [], [], log_det=0.0)  # a window whose quota is 0 is not featurized
+        if quotas[w]:
+            G = compute_features(fz, tok, [tokens[i] for i in win], cfg, accelerator, cache=None, desc=f"pool {w}")
+            sel = run_method(method, G, quotas[w], cfg) if accelerator.is_main_process else None
+            sel = common.broadcast_object(accelerator, sel)
         picks += [win[i] for i in sel.indices]
         records += [{**rec, "pool": w, "index": win[rec["index"]]} for rec in sel.records]
         buffer += [win[i] for i in sel.indices]
@@ -614,9 +631,10 @@ def select_online(cfg: Config, accelerator, *, model, tok, fz, tokens, method: s
 
 @dataclass
 class Example:
-    """A pool row ready for featurization: the prompt messages / text and the response text."""
+    """A pool row ready for featurization: the prompt messages / text, the response text, where the row is."""
     prompt: str | list[dict]
     response: str
+    where: str = ""
 
 
 def resolve_fields(cfg: Config, pool_columns: list[str]) -> dict[str, Optional[str]]:
@@ -651,7 +669,7 @@ def row_to_example(label: str, i: int, row: Any, fields: dict) -> Example:
                 raise UserError(f"{where}: field {f!r}: every message needs string `role` and `content`")
         if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
             raise UserError(f"{where}: field {f!r}: the last message must be a non-empty assistant reply")
-        return Example([{"role": m["role"], "content": m["content"]} for m in msgs[:-1]], msgs[-1]["content"])
+        return Example([{"role": m["role"], "content": m["content"]} for m in msgs[:-1]], msgs[-1]["content"], where)
     instruction = common.require_str(label, i, row, fields["instruction"])
     response = common.require_str(label, i, row, fields["response"])
     inp = fields.get("input")
@@ -659,7 +677,7 @@ def row_to_example(label: str, i: int, row: Any, fields: dict) -> Example:
         extra = common.require_str(label, i, row, inp, allow_empty=True)
         if extra.strip():
             instruction = f"{instruction}\n\nInput:\n{extra}"
-    return Example(instruction, response)
+    return Example(instruction, response, where)
 
 
 def columns(rows: list) -> list[str]:
@@ -703,7 +721,12 @@ def tokenize(examples: list[Example], tok, cfg: Config) -> list[tuple[list[int],
     for ex in examples:
         if cfg.prompt_format == "chat" or isinstance(ex.prompt, list) and getattr(tok, "chat_template", None):
             msgs = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
-            prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            try:
+                prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            except Exception as e:  # jinja2's TemplateError, or any error a template raises (a role it rejects)
+                raise UserError(f"{ex.where or 'a pool row'}: the chat template of --model {cfg.model} rejects this "
+                                f"conversation ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+                                hint="fix the row's roles, or use --prompt_format plain") from None
         elif isinstance(ex.prompt, list):  # chat rows without a template: role-tagged plain text
             prompt = "".join(f"{m['role'].capitalize()}:\n{m['content']}\n\n" for m in ex.prompt) + "Assistant:\n"
         else:
@@ -804,10 +827,15 @@ def load_shard(path: Path, idx: torch.Tensor, dim: int) -> Optional[torch.Tensor
 
     try:
         blob = load_file(str(path))
-        return blob["features"] if torch.equal(blob["index"], idx) and blob["features"].shape[1] == dim else None
     except Exception as e:  # safetensors raises its own error types for a damaged header or body
         tqdm.write(f"feature cache: {path} is unreadable ({str(e).splitlines()[0]}); recomputing it", file=sys.stderr)
         return None
+    if not torch.equal(blob["index"], idx) or blob["features"].shape[1] != dim:
+        return None
+    if not torch.isfinite(blob["features"]).all():
+        tqdm.write(f"feature cache: {path} holds non-finite features; recomputing it", file=sys.stderr)
+        return None
+    return blob["features"]
 
 
 def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, accelerator,
@@ -889,25 +917,51 @@ def messages_column(cfg: Config, pool_columns: list[str]) -> Optional[str]:
     return msgs
 
 
-def check_outputs(cfg: Config) -> None:
-    """Every output folder writable, and --save_to_disk never replacing a folder that is not a saved dataset."""
-    common.writable_dir(cfg.output_dir, "--output_dir")
-    if cfg.cache_dir and cfg.cache_dir.lower() != "none":
-        common.writable_dir(cfg.cache_dir, "--cache_dir")
+# What a run of spice_select.py writes in its output folder (what --overwrite_output_dir replaces); feature_cache/
+# (keyed by everything the features depend on) is kept and may be present without the flag: an interrupted run
+# continues from it. The folder is the contract of common.OutputFolder.
+OWNED = ["selected.jsonl", "picks.jsonl", "summary.json", "metrics.jsonl"]
+
+
+def output_folder(cfg: Config) -> common.OutputFolder:
+    """The run's output folder; its outputs are staged and appear together (a kill never mixes two runs')."""
+    inputs = [(flag, p) for flag, p in (("--pool", cfg.pool), ("--model", cfg.model)) if p and Path(p).exists()]
+    return common.OutputFolder(cfg.output_dir, overwrite=cfg.overwrite_output_dir, owned=OWNED,
+                               keep=["feature_cache"], inputs=inputs, stage_always=True)
+
+
+def check_outputs(cfg: Config, folder: common.OutputFolder) -> None:
+    """Every output folder writable and none holding an input or another output, before any work: --output_dir
+    (common.OutputFolder.check), --cache_dir, and --save_to_disk, which may only replace a saved dataset, and only
+    with --overwrite_output_dir."""
+    inputs = [(flag, Path(p)) for flag, p in (("--pool", cfg.pool), ("--model", cfg.model)) if p and Path(p).exists()]
     if cfg.save_to_disk:
         p = Path(cfg.save_to_disk)
         if p.exists() and not (p / "state.json").exists() and (p.is_file() or any(p.iterdir())):
             raise UserError(f"--save_to_disk {p} exists and is not a saved dataset: it would be replaced",
                             hint="pass a new folder")
-        common.writable_dir(p.parent, "--save_to_disk's parent")
+        for flag, q in inputs + [("--output_dir", Path(cfg.output_dir))]:
+            if common.same_or_inside(q, p):
+                raise UserError(f"--save_to_disk {p} {'is' if q.resolve() == p.resolve() else 'holds'} the {flag} "
+                                f"{q}: saving the selection there would replace it", hint="pass another --save_to_disk")
+        if p.exists() and not cfg.overwrite_output_dir:
+            raise UserError(f"--save_to_disk {p} holds a saved dataset already; replacing it needs "
+                            "--overwrite_output_dir", hint="pass --overwrite_output_dir, or another --save_to_disk")
+        common.check_writable(p.parent, "--save_to_disk's parent")
+    if cfg.cache_dir and cfg.cache_dir.lower() != "none":
+        common.check_writable(Path(cfg.cache_dir), "--cache_dir")
+        for flag, q in inputs:
+            if common.same_or_inside(q, Path(cfg.cache_dir)):
+                raise UserError(f"--cache_dir {cfg.cache_dir} holds the {flag} {q}", hint="pass another --cache_dir")
+    folder.check()
 
 
-def write_outputs(cfg: Config, sel: Selection, rows: list[dict], examples: list[Example], positions: list[int],
-                  summary: dict) -> Optional[str]:
+def write_outputs(cfg: Config, out: Path, sel: Selection, rows: list[dict], examples: list[Example],
+                  positions: list[int], summary: dict) -> tuple[Optional[str], list[dict]]:
     """selected.jsonl: each picked row with all its own columns, the conversation as `messages` (messages_column)
-    and <prefix>index/t/delta/score; picks.jsonl (per-pick records); summary.json; --save_to_disk. Indices are
-    0-based positions in the pool as read (row N of an error message is index N − 1)."""
-    out, pre, msgs = Path(cfg.output_dir), cfg.column_prefix, messages_column(cfg, columns(rows))
+    and <prefix>index/t/delta/score; picks.jsonl (per-pick records); summary.json; written into `out` (the run's
+    staging folder). Indices are 0-based rows of the pool file (row N of an error message is index N − 1)."""
+    pre, msgs = cfg.column_prefix, messages_column(cfg, columns(rows))
     rec_by_index = {rec["index"]: rec for rec in sel.records}
     picked = []
     for i in sel.indices:
@@ -919,24 +973,24 @@ def write_outputs(cfg: Config, sel: Selection, rows: list[dict], examples: list[
     common.write_jsonl(out / "selected.jsonl", picked)
     common.write_jsonl(out / "picks.jsonl", [{**rec, "index": positions[rec["index"]]} for rec in sel.records])
     common.write_json(out / "summary.json", summary)
-    if cfg.mode == "offline":  # an earlier online run's log would not describe these outputs
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    if cfg.save_to_disk:
-        save_dataset(picked, Path(cfg.save_to_disk))
-    return msgs
+    return msgs, picked
 
 
 def save_dataset(rows: list[dict], path: Path) -> None:
-    """rows as a datasets folder (load_from_disk), written beside `path` and renamed into place; every column of
-    every row kept (Dataset.from_list alone takes row 0's), a column of mixed types stored as JSON."""
+    """rows as a datasets folder (load_from_disk), written beside `path` and put in its place in one step
+    (common.replace_path); every column of every row kept (Dataset.from_list alone takes row 0's), a column of mixed
+    types stored as JSON."""
     import datasets
 
     keys = columns(rows)
     ds = datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in rows], on_mixed_types="use_json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    ds.save_to_disk(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    try:
+        ds.save_to_disk(str(tmp))
+        common.replace_path(tmp, path)
+    finally:
+        common.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -944,7 +998,9 @@ def save_dataset(rows: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def run(cfg: Config, accelerator=None) -> dict:
-    """The whole pipeline on every process; returns the summary (selection made on the main process)."""
+    """The whole pipeline on every process; returns the summary (selection made on the main process). The
+    Accelerator comes first; every check that can fail (pool, budget, columns, output paths, proxy model, LoRA
+    targets, chat template) runs before the output folder is opened; the outputs appear together at the end."""
     from accelerate import Accelerator
 
     accelerator = accelerator or Accelerator()
@@ -952,13 +1008,26 @@ def run(cfg: Config, accelerator=None) -> dict:
     rows, examples, label, skipped = load_pool(cfg)
     check_budget(cfg, len(rows))  # every check that needs the pool, before the proxy and its features
     messages_column(cfg, columns(rows))
-    check_outputs(cfg)
+    folder = output_folder(cfg)
+    check_outputs(cfg, folder)
+    file_index = (lambda i: label.rows[i] - 1) if getattr(label, "rows", None) else (lambda i: i)
     gone = {s["index"] for s in skipped}
-    positions = [i for i in range(len(rows) + len(skipped)) if i not in gone]  # kept row → index in the pool
+    positions = [file_index(i) for i in range(len(rows) + len(skipped)) if i not in gone]  # kept row → file row − 1
+    skipped = [{**s_, "index": file_index(s_["index"])} for s_ in skipped]
     lora = cfg.lora or cfg.mode == "online"
     model, tok, fz = build_proxy(cfg, lora, cfg.pool_size if cfg.mode == "online" else len(rows))
     model.to(accelerator.device)
     tokens = tokenize(examples, tok, cfg)
+    folder.open_on_all(accelerator)  # the first write: everything above has passed
+    try:
+        return select_and_write(cfg, accelerator, folder, t0, timings, rows=rows, examples=examples, label=label,
+                                skipped=skipped, positions=positions, model=model, tok=tok, fz=fz, tokens=tokens)
+    finally:
+        folder.close()
+
+
+def select_and_write(cfg: Config, accelerator, folder: common.OutputFolder, t0: float, timings: dict, *, rows,
+                     examples, label, skipped, positions, model, tok, fz, tokens) -> dict:
     timings["load"] = time.perf_counter() - t0
     summary: dict[str, Any] = {"pool": label, "n_pool": len(rows), "n_skipped": len(skipped), "skipped": skipped[:50],
                                "features": fz.mode, "feature_dim": fz.dim, "gradient_dim": fz.full_dim,
@@ -967,7 +1036,7 @@ def run(cfg: Config, accelerator=None) -> dict:
     if cfg.mode == "online":
         t1 = time.perf_counter()
         sel = select_online(cfg, accelerator, model=model, tok=tok, fz=fz, tokens=tokens, method=cfg.method,
-                            logger=common.MetricsLogger(accelerator, cfg.output_dir))
+                            logger=common.MetricsLogger(accelerator, folder))
         timings["online"] = time.perf_counter() - t1
     else:
         t1 = time.perf_counter()
@@ -989,6 +1058,7 @@ def run(cfg: Config, accelerator=None) -> dict:
         sel = common.broadcast_object(accelerator, sel)
         timings["selection"] = time.perf_counter() - t1 - timings["features"]
     if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()  # the main process writes and commits the outputs
         return {"indices": [positions[i] for i in sel.indices]}
     conf = [r["conflict"] for r in sel.records if math.isfinite(r["conflict"])]
     timings["total"] = time.perf_counter() - t0
@@ -1001,7 +1071,17 @@ def run(cfg: Config, accelerator=None) -> dict:
         "comparison": stats, "timings": timings})
     if stats:
         summary["curvature_selected"] = stats[0].get("curvature_selected")
-    msgs = write_outputs(cfg, sel, rows=rows, examples=examples, positions=positions, summary=summary)
+    try:
+        msgs, picked = write_outputs(cfg, folder.path, sel, rows=rows, examples=examples, positions=positions,
+                                     summary=summary)
+        folder.commit()  # selected.jsonl, picks.jsonl and summary.json replace the old ones together
+        if cfg.save_to_disk:
+            save_dataset(picked, Path(cfg.save_to_disk))
+    except OSError as e:
+        raise UserError(f"cannot write the outputs in {cfg.output_dir}: {e.strerror or e}",
+                        hint="free disk space or make the folder writable; the features are cached") from None
+    finally:
+        accelerator.wait_for_everyone()
     if stats:
         print_comparison(cfg, label, rows, fz, stats)
     if skipped:

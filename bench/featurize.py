@@ -16,6 +16,8 @@ peak RSS growth, Gram relative Frobenius error, off-diagonal cosine error, PR er
 against the exact rule (errors: mean over 5 seeds).
 
     python bench/featurize.py --consumer salt [--json FILE]
+
+--smoke: the same code on the tiny random model, small sizes, one repeat (seconds; the figures mean nothing).
 """
 import argparse
 import json
@@ -38,12 +40,13 @@ B, T = 16, 128
 
 
 def batch(tok, seed=0):
-    """16 random token sequences of 128 tokens; the first 32 are an unscored prompt."""
+    """B random token sequences of T tokens (16 × 128); the first T/4 are an unscored prompt."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(100, len(tok) - 100, (B, T), generator=g)
+    lo = min(100, len(tok) // 4)  # ids away from the special tokens at both ends of the vocabulary
+    ids = torch.randint(lo, len(tok) - lo, (B, T), generator=g)
     am = torch.ones(B, T, dtype=torch.long)
     lm = am.clone()
-    lm[:, :32] = 0
+    lm[:, :T // 4] = 0
     return ids, am, lm
 
 
@@ -65,12 +68,12 @@ def timed(fn, repeats, warmup=True):
 
 # ---------------------------------------------------------------------------------------------- SALT frontier
 
-def salt_batch(seed=0):
+def salt_batch(seed=0, model_name=C.EMBEDDED):
     """One demo step: (model, LM-head tokens, B, advantages, Config), as salt_grpo samples and scores it."""
     import salt_grpo as sg
 
     cfg = sg.Config(bf16=False, seed=seed, prompts_per_step=4, num_generations=8, max_completion_length=24)
-    model, tok = C.load_model(C.EMBEDDED, dtype=torch.float32)
+    model, tok = C.load_model(model_name, dtype=torch.float32)
     model.eval()
     rows = sg.load_rows(cfg)[0]
     idx = sg.prompts_for_round(len(rows), cfg.prompts_per_step, 0, seed)
@@ -123,18 +126,18 @@ def salt_errors(K, K_exact, a, cfg):
 
 def salt_frontier(args) -> list[dict]:
     """SALT's Gram options on one SmolLM2 demo batch (rows: method, d, time_s, peak_mib, errors vs exact)."""
-    model, tok, B, a, cfg = salt_batch()
+    model, tok, B, a, cfg = salt_batch(model_name=args.model)
     head = model.lm_head
     V, H = head.out_features, head.in_features
     seeds, rows = range(5), []
     K_exact = C.lm_head_gram_tokens(tok, B)
     methods = [("exact", V * H, lambda s: C.lm_head_gram_tokens(tok, B), False)]
-    methods += [("sketch", d, lambda s, d=d: C.lm_head_sketch(tok, B, d, seed=s), True) for d in (1024, 4096, 16384)]
+    methods += [("sketch", d, lambda s, d=d: C.lm_head_sketch(tok, B, d, seed=s), True) for d in args.sketch_dims]
 
     def kron(s, k):
         p = C.FactoredProjector({"lm_head": head}, k, k, seed=s).mats["lm_head"]
         return C.lm_head_kron_tokens(tok, B, *p)
-    methods += [("kronecker", k * k, lambda s, k=k: kron(s, k), True) for k in (16, 32, 64)]
+    methods += [("kronecker", k * k, lambda s, k=k: kron(s, k), True) for k in args.kron_ks]
     for name, d, fn, approx in methods:
         med, _, _ = timed(lambda: fn(0), args.repeats)
         _, mem = _peak(lambda: fn(0))
@@ -143,18 +146,18 @@ def salt_frontier(args) -> list[dict]:
                      **{k: statistics.mean(e[k] for e in errs) for k in errs[0]}})
     # materialise + dense JL at d = 4096: timed on 1/16 of the vocabulary and scaled (the cost is linear in it); its
     # errors from F = K^{1/2} Z / √d, which has exactly the distribution of G Pᵀ for a Gaussian P (rotation invariance)
-    d, frac = 4096, args.jl_fraction
+    d, frac = args.sketch_dims[len(args.sketch_dims) // 2], args.jl_fraction
     t0 = time.perf_counter()
     _, mem = _peak(lambda: materialise_dense_jl(tok, B, d, fraction=frac))
     med = time.perf_counter() - t0
     L = torch.linalg.cholesky(K_exact + 1e-9 * K_exact.diagonal().mean() * torch.eye(B, dtype=K_exact.dtype))
-    for dd in (1024, 4096, 16384):
+    for dd in args.sketch_dims:
         errs = [salt_errors(C.gram(L @ torch.randn(B, dd, dtype=L.dtype, generator=torch.Generator().manual_seed(s))
                                    / dd ** 0.5), K_exact, a, cfg) for s in seeds]
         rows.append({"method": "materialise + dense JL", "d": dd, "time_s": med / frac if dd == d else float("nan"),
                      "peak_mib": mem / 2**20 if dd == d else float("nan"),
                      **{k: statistics.mean(e[k] for e in errs) for k in errs[0]}})
-    print(f"SALT frontier: SmolLM2-135M, one demo batch of {B} rollouts, {len(tok['y'])} scored tokens, V = {V}, "
+    print(f"SALT frontier: {args.model}, one demo batch of {B} rollouts, {len(tok['y'])} scored tokens, V = {V}, "
           f"H = {H}; exact PR = {C.participation_ratio(K_exact):.2f}; errors: mean of {len(seeds)} seeds")
     print(f"{'method':24} {'d':>9} {'median s':>9} {'peak MiB':>9} {'Gram err':>9} {'cos err':>8} {'PR':>6} "
           f"{'PR err':>7} {'a′ err':>7}")
@@ -201,10 +204,10 @@ def spice_frontier(args) -> list[dict]:
     from peft import LoraConfig, get_peft_model
 
     rows = []
-    base, tok = C.load_model(C.EMBEDDED, dtype=torch.float32)
+    base, tok = C.load_model(args.model, dtype=torch.float32)
     ids, am, lm = batch(tok)
     torch.manual_seed(0)  # peft draws lora_A from the global RNG
-    lora = get_peft_model(C.load_model(C.EMBEDDED, dtype=torch.float32)[0], LoraConfig(
+    lora = get_peft_model(C.load_model(args.model, dtype=torch.float32)[0], LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj"], init_lora_weights=False))  # B ≠ 0: ∂/∂A carries signal
     for set_name, model, spec in [("lora", lora, "lora"), (args.last, base, args.last)]:
@@ -266,12 +269,19 @@ def main():
     ap.add_argument("--last", default="last:4", help="SPICE: the second layer set")
     ap.add_argument("--picks", type=int, default=4, help="SPICE picks of the 16 rows for the Jaccard column")
     ap.add_argument("--json", default="", help="write the frontier rows to this file")
+    ap.add_argument("--model", default=C.EMBEDDED, help="the model (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, small sizes, one repeat (seconds)")
     args = ap.parse_args()
+    if args.smoke:
+        global B, T
+        B, T = 4, 24
+        args.model, args.repeats, args.picks, args.dense_d = C.TINY, 1, 2, 64
+        args.sketch_dims, args.kron_ks, args.jl_fraction, args.last = [64, 256, 1024], [4], 1.0, "last:1"
     out = {}
     if args.consumer in ("salt", "both"):
         out["salt"] = salt_frontier(args)
     if args.consumer in ("spice", "both"):
-        print(f"SPICE features, SmolLM2-135M fp32, {B} rows × {T} tokens (mean loss over the last {T - 32}); "
+        print(f"SPICE features, {args.model} fp32, {B} rows × {T} tokens (mean loss over the last {T - T // 4}); "
               f"{torch.get_num_threads()} threads; median of {args.repeats}; peak = VmHWM growth in-process")
         print(f"{'layers':7} {'method':18} {'d':>8} {'median s':>9} {'peak MiB':>9} {'Gram err':>9} {'cos err':>8} "
               f"{'PR err':>7} {'Jaccard':>7}")

@@ -156,7 +156,7 @@ def make_selections(S: dict, cache: Path, rows: list[dict]) -> dict:
     t1 = time.perf_counter()
     ocfg = dataclasses.replace(cfg, mode="online", method="spice", pool_size=S["online_pool"],
                                select_k=S["online_k"], update_every=S["online_T"], cache_dir="none",
-                               output_dir=str(cache / "online"))
+                               output_dir=str(cache / "online"), overwrite_output_dir=True)
     summ = ss.run(ocfg, accelerator=acc)
     sel["online"] = summ["indices"]
     stats["online"] = {"method": "online", "k": summ["k"], "log_det_final_proxy": summ["log_det"]}

@@ -91,10 +91,12 @@ def sweep(G: torch.Tensor, raw: torch.Tensor, rows: list[dict], S: dict, lambdas
     """Every λ on one feature set and one schedule (whole pool when pool_size is None)."""
     alpha, k_total, res = 1.0, ss.budget_count(S["budget"], len(rows)), {}
     windows = ss.pool_windows(len(rows), pool_size, 0) if pool_size else [list(range(len(rows)))]
+    quotas = ss.window_quotas([len(w) for w in windows], S["select_k"], pool_size, 0) if pool_size else [k_total]
     for lam in lambdas:
         picks, changed, records = [], [], []
-        for win in windows:
-            k = ss.per_pool_k(S["select_k"], len(win), pool_size) if pool_size else k_total
+        for win, k in zip(windows, quotas):
+            if not k:
+                continue
             sel = ss.spice_select(G[win], k, alpha, lam)
             changed.append(changed_share(G[win], sel.indices, alpha) * len(sel.indices))
             picks += [win[i] for i in sel.indices]

@@ -112,9 +112,12 @@ def run_schedule(G: torch.Tensor, rows: list[dict], cfg: dict, pool_size, select
 def _random_windows(G, cfg, pool_size, select_k, window_seed, seed) -> S.Selection:
     """Random pool by pool: the same windows as the other selectors, a seeded random draw inside each."""
     picks = []
-    for w, win in enumerate(S.pool_windows(G.shape[0], pool_size, window_seed)):
-        k = S.per_pool_k(select_k, len(win), pool_size)
-        sel = S.random_select(G[win], k, cfg["alpha"], seed=1000 * seed + w)
+    windows = S.pool_windows(G.shape[0], pool_size, window_seed)
+    quotas = S.window_quotas([len(w) for w in windows], select_k, pool_size, window_seed)
+    for w, win in enumerate(windows):
+        if not quotas[w]:
+            continue
+        sel = S.random_select(G[win], quotas[w], cfg["alpha"], seed=1000 * seed + w)
         picks += [win[i] for i in sel.indices]
     return S.Selection("random", picks, [], S.log_det(G[picks], cfg["alpha"]))
 

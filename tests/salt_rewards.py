@@ -34,3 +34,44 @@ def conversational(completions, prompts, **_):
     assert all(isinstance(p, list) and p[-1]["role"] == "user" for p in prompts), prompts[0]
     assert all(isinstance(c, list) and c[0]["role"] == "assistant" for c in completions), completions[0]
     return parity(completions)
+
+
+def raises(completions, **_):
+    raise ValueError("boom")
+
+
+def no_kwargs(completions):
+    return [0.0] * len(completions)
+
+
+def needs_x(completions, x, **_):
+    return [0.0] * len(completions)
+
+
+def exits(completions, **_):
+    import sys
+
+    sys.exit(0)
+
+
+def huge(completions, **_):
+    """Finite, but two of them (weights 1, 1) overflow float64 when summed."""
+    return [1e308] * len(completions)
+
+
+_calls = {"n": 0}
+
+
+def closeness_or_hang(completions, **kw):
+    """`closeness`, until call number $SALT_TEST_HANG_AFTER + 1 (1: the check on one row before any work): then it
+    sleeps, so that a test can kill the run at a known step (eval_size 0: call t + 1 generates step t)."""
+    import os
+    import time
+
+    import salt_grpo
+
+    _calls["n"] += 1
+    limit = os.environ.get("SALT_TEST_HANG_AFTER")
+    if limit and _calls["n"] > int(limit) + 1:
+        time.sleep(3600)
+    return salt_grpo.closeness(completions, **kw)

@@ -2,6 +2,7 @@
 file, row or field, with exit status 2, and leaves the output_dir as it was; SPICE's selected.jsonl feeds a
 standard SFT loop as is. The common config layer is checked for both scripts' CLIs (salt_grpo-specific classes
 are in test_reliability_salt.py). Tiny model and pools only."""
+import dataclasses
 import json
 import math
 import os
@@ -206,7 +207,7 @@ def test_selected_keeps_every_pool_column(tmp_path):
     rows = [{"instruction": f"q{i}", "response": f"r{i}", "score": -i, "delta": "mine", "pool_index": 100 + i,
              "messages": f"a note {i}"} for i in range(12)]
     cfg = tiny(tmp_path, pool=write(tmp_path / "p.jsonl", rows), instruction_field="instruction",
-               response_field="response", budget=4, save_to_disk=str(tmp_path / "ds"))
+               response_field="response", budget=4, save_to_disk=str(tmp_path / "ds"), overwrite_output_dir=True)
     (tmp_path / "run").mkdir()
     (tmp_path / "run/metrics.jsonl").write_text('{"step": 0}\n')  # an earlier online run's log
     res = S.run(cfg, Accelerator(cpu=True))
@@ -244,7 +245,7 @@ def test_corrupt_cache_shard_is_recomputed(tmp_path, capfd):
     shard = sorted((tmp_path / "cache").glob("*/shard_*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:100])  # a truncated shard
     capfd.readouterr()
-    again = S.run(cfg, Accelerator(cpu=True))
+    again = S.run(dataclasses.replace(cfg, overwrite_output_dir=True), Accelerator(cpu=True))  # the same folder
     assert again["indices"] == first["indices"] and "unreadable" in capfd.readouterr().err
     from safetensors.torch import load_file
 

@@ -169,15 +169,16 @@ def test_resume_after_a_kill_mid_line_and_with_harmless_changes(run_dir, capsys)
     assert s["resumed_from_step"] == 1 and s["eval_accuracy_start"] is not None  # from the original run's step 0
 
 
-@pytest.mark.parametrize("fn,words", [("text", ["'text'", "'1.0'"]), ("short", ["'short'", "length 15"]),
+@pytest.mark.parametrize("fn,words", [("text", ["'text'", "'1.0'"]), ("short", ["'short'", "length 0"]),
                                       ("nan", ["'nan'", "nan"]), ("none", ["'none'", "NoneType"])])
 def test_a_bad_reward_function_is_named(tmp_path, capsys, fn, words):
+    """Each function is called on one row before any work (salt_grpo.probe_rewards): the folder is never made."""
     out = tmp_path / "o"
     code, err = main(SMOKE + ["--output_dir", str(out), "--reward_funcs", f"{REWARDS}:{fn}", "--eval_size", "0",
                               "--prompts_per_step", "4"], capsys)
     assert code == 2
     one_error(err, "reward function", *words)
-    assert not (out / "final").exists() and not (out / "summary.json").exists()
+    assert not out.exists()
 
 
 def test_non_finite_training_stops_before_saving(tmp_path, capsys):

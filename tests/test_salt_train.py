@@ -218,7 +218,7 @@ def test_resume_under_two_processes_matches_uninterrupted(tmp_path, lora):
     """Resumed mid-round (steps_per_generation=2) under 2 processes, with a KL reference (for LoRA: the base with the
     adapter disabled): the same weights as the uninterrupted run."""
     kw = dict(max_steps=3, steps_per_generation=2, beta=0.05, lr_scheduler_type="linear", seed=3, use_peft=lora,
-              lora_dropout=0.0)
+              **({"lora_dropout": 0.0} if lora else {}))  # LoRA flags without --use_peft are refused
     full = smoke(tmp_path, "full", save_every=1, **kw)
     launch(2, full, tmp_path)
     res = smoke(tmp_path, "res", resume_from=str(Path(full.output_dir) / "checkpoint-1"), **kw)
