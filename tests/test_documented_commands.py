@@ -33,10 +33,8 @@ SKIP = {
     "python -m experiments.NAME": "a template (NAME)",
     "bash run.sh bench [featurize|salt_overhead|spice_speed]": "a usage line; each benchmark runs below",
     "accelerate launch": "the word, in prose",
-    "accelerate launch --num_processes N script.py": "a template (N, script.py); the 2-process form runs in "
-                                                      "tests/test_launch.py",
-    "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 script.py": "a template (script.py); both "
-                                                                                      "scripts run so in test_launch.py",
+    "accelerate launch --num_processes N salt_grpo.py ...": "GPUs (a template: N); the 2-process CPU form runs in "
+                                                            "tests/test_launch.py",
     "accelerate launch --cpu --num_processes 2": "quoted as what NOT to do (it silently runs one process)",
     "accelerate launch --num_processes 8 salt_grpo.py ...": "8 GPUs",
     "accelerate launch --config_file fsdp2.yaml salt_grpo.py ...": "GPUs (FSDP2); the FSDP2 path runs on CPU under "
@@ -74,7 +72,7 @@ def extract(text: str) -> list[str]:
         s = re.sub(r"\s+#\s.*$", "", s).strip()
         if s.startswith(STARTS):
             out.append(re.sub(r"\s+", " ", s))
-    for m in re.finditer(r"`([^`\n]+)`", "\n".join(prose)):
+    for m in re.finditer(r"`([^`]+)`", "\n".join(prose)):  # a span may wrap onto the next line
         if m.group(1).startswith(STARTS):
             out.append(re.sub(r"\s+", " ", m.group(1).strip()))
     return out
