@@ -25,7 +25,7 @@ setup() {
       || { grep -v "is ignored" "$VENV/pip.log" | tail -30; exit 1; }
     touch "$stamp"
   fi
-  "$VENV/bin/python" -c "import common; print('[setup] embedded model:', common.embedded_model_dir())"
+  "$VENV/bin/python" -c "import harness; print('[setup] embedded model:', harness.embedded_model_dir())"
 }
 
 launch() {  # accelerate launch on whatever this machine has; all cores to one process on CPU

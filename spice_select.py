@@ -23,12 +23,11 @@ online) → pool and tokens → features (cached shards) → outputs → run(). 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -40,7 +39,10 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from common import UserError, option
+
+import harness
+from common import UserError
+from harness import option
 
 METHODS = ("spice", "greedy", "top_norm", "random", "official_diag")
 
@@ -67,7 +69,7 @@ class Config:
     skip_malformed: bool = option(False, "skip malformed rows and report their count (default: stop with an "
                                          "error naming the row)")
     # proxy model and features
-    model: str = option(common.EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a folder or a HF id", path=True)
+    model: str = option(harness.EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a folder or a HF id", path=True)
     dtype: str = option("auto", "proxy weights dtype; auto: bfloat16 on CUDA, float32 on CPU (no native bf16 matmul "
                                 "there: 6× slower measured)", choices=["auto", "float32", "bfloat16", "float16"])
     layers: Optional[str] = option(None, "layer spec (common.select_linear_layers); default `lora`, or `last:2` "
@@ -136,18 +138,18 @@ class Config:
 DEMO_POOL = Path(__file__).resolve().parent / "data" / "spice_pool.jsonl"  # 500 rows, the default --pool
 SMOKE_POOL = DEMO_POOL.with_name("spice_pool_smoke.jsonl")  # its first 64 rows
 
-PRESETS = {"smoke": dict(model=common.TINY, dtype="float32", pool=str(SMOKE_POOL), max_length=48,
+PRESETS = {"smoke": dict(model=harness.TINY, dtype="float32", pool=str(SMOKE_POOL), max_length=48,
                          output_dir="outputs/spice_smoke")}
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Defaults < --preset < --config file < CLI flags, each field checked (common.parse_config), then combinations."""
-    return check_combinations(common.parse_config(Config, sys.argv[1:] if argv is None else argv, PRESETS))
+    """Defaults < --preset < --config file < CLI flags, each field checked (harness.parse_config), then combinations."""
+    return check_combinations(harness.parse_config(Config, sys.argv[1:] if argv is None else argv, PRESETS))
 
 
 def validate(cfg: Config) -> Config:
-    """A Config built in code: every field's declared checks (common.check_config), then combinations."""
-    return check_combinations(common.check_config(cfg))
+    """A Config built in code: every field's declared checks (harness.check_config), then combinations."""
+    return check_combinations(harness.check_config(cfg))
 
 
 def check_combinations(cfg: Config) -> Config:
@@ -565,20 +567,26 @@ def select_offline(G: torch.Tensor, cfg: Config, method: str, progress: bool = F
                      form="per-pool", seconds=time.perf_counter() - t0)
 
 
-def train_proxy_step(model, opt, cfg: Config, accelerator, *, tokens, buffer: list[int], pad_id: int) -> float:
+def train_proxy_step(model, opt, cfg: Config, accelerator, *, tokens, buffer: list[int], pad_id: int,
+                     rng_seed: Optional[int] = None) -> float:
     """One AdamW step of the LoRA proxy on the buffer (each process its share of the rows, gradients summed).
 
     online_loss=mean: the mean per-sample SFT loss over the buffer. official_sum: the sum over micro-batches of
     `online_micro_batch` rows of each micro-batch's mean loss (Chang-pw/SPICE train.py sums before one step).
+    rng_seed: LoRA dropout seeded per micro-batch from it (the same masks whatever the process count); None: the
+    global RNG as it is.
     """
     model.train()
     opt.zero_grad(set_to_none=True)
     mb = cfg.online_micro_batch
     chunks = [buffer[s:s + mb] for s in range(0, len(buffer), mb)]
     total = torch.zeros((), device=accelerator.device)
-    for c in chunks[accelerator.process_index::accelerator.num_processes]:
+    for j in range(accelerator.process_index, len(chunks), accelerator.num_processes):
+        c = chunks[j]
         ids, am, lm = (x.to(accelerator.device) for x in collate([tokens[i] for i in c], pad_id, cfg.mask_prompt))
-        with torch.enable_grad():
+        seeded = (harness.seeded_rng("proxy dropout", rng_seed, j, device=accelerator.device) if rng_seed is not None
+                  else contextlib.nullcontext())
+        with torch.enable_grad(), seeded:
             nll = common.sequence_nll(model, ids, am, lm, cfg.reduction)
             loss = nll.sum() / len(buffer) if cfg.online_loss == "mean" else nll.mean()
             loss.backward()
@@ -616,7 +624,8 @@ def select_online(cfg: Config, accelerator, *, model, tok, fz, tokens, method: s
         stops += sel.stopped_early
         logger.log({"pool_log_det": sel.log_det, "picks": len(sel.indices)}, step=w)
         if (w + 1) % cfg.update_every == 0 and buffer:
-            loss = train_proxy_step(model, opt, cfg, accelerator, tokens=tokens, buffer=buffer, pad_id=tok.pad_token_id)
+            loss = train_proxy_step(model, opt, cfg, accelerator, tokens=tokens, buffer=buffer, pad_id=tok.pad_token_id,
+                                    rng_seed=cfg.seed * 100_003 + w)
             logger.log({"proxy_loss": loss, "buffer": len(buffer)}, step=w)
             buffer = []
     # U(S) of the union of picks, with features of the final proxy (gains in the records are per pool)
@@ -654,7 +663,7 @@ def resolve_fields(cfg: Config, pool_columns: list[str]) -> dict[str, Optional[s
 
 def row_to_example(label: str, i: int, row: Any, fields: dict) -> Example:
     """Validate one row (UserError naming file, row and field) and turn it into an Example."""
-    where = common.row_location(label, i, row)
+    where = harness.row_location(label, i, row)
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected an object with fields, got {type(row).__name__}")
     if "messages" in fields:
@@ -670,11 +679,11 @@ def row_to_example(label: str, i: int, row: Any, fields: dict) -> Example:
         if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
             raise UserError(f"{where}: field {f!r}: the last message must be a non-empty assistant reply")
         return Example([{"role": m["role"], "content": m["content"]} for m in msgs[:-1]], msgs[-1]["content"], where)
-    instruction = common.require_str(label, i, row, fields["instruction"])
-    response = common.require_str(label, i, row, fields["response"])
+    instruction = harness.require_str(label, i, row, fields["instruction"])
+    response = harness.require_str(label, i, row, fields["response"])
     inp = fields.get("input")
     if inp and row.get(inp) is not None:
-        extra = common.require_str(label, i, row, inp, allow_empty=True)
+        extra = harness.require_str(label, i, row, inp, allow_empty=True)
         if extra.strip():
             instruction = f"{instruction}\n\nInput:\n{extra}"
     return Example(instruction, response, where)
@@ -688,7 +697,7 @@ def columns(rows: list) -> list[str]:
 def load_pool(cfg: Config) -> tuple[list[dict], list[Example], str, list[dict]]:
     """(rows kept, as read; examples; label; skipped: {index, error}) — malformed rows raise, or are skipped
     and reported if asked."""
-    rows, label = common.read_rows(cfg.pool or str(DEMO_POOL), cfg.split, cfg.dataset_config)
+    rows, label = harness.read_rows(cfg.pool or str(DEMO_POOL), cfg.split, cfg.dataset_config)
     if not rows:
         raise UserError(f"{label}: the pool is empty", hint="pass a file with at least one row")
     fields = resolve_fields(cfg, columns(rows))
@@ -768,7 +777,7 @@ def build_proxy(cfg: Config, lora: bool, rows: int = 0):
     """The proxy model (frozen base; LoRA adapters trainable when asked), its tokenizer and the Featurizer
     (`fz.mode`: the feature mode for `rows` candidates held at once)."""
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if torch.cuda.is_available() else "float32"
-    model, tok = common.load_model(cfg.model, dtype, seed=cfg.seed)
+    model, tok = harness.load_model(cfg.model, dtype, seed=cfg.seed)
     model.requires_grad_(False)  # the features need ∂ℓ/∂y of the chosen layers only, never parameter .grad
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -872,7 +881,7 @@ def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, 
                 raise UserError(f"non-finite gradient features for pool rows {bad[:10]}",
                                 hint="try --dtype float32 or a smaller --max_length")
             if path is not None:
-                common.save_safetensors(path, {"features": F, "index": idx})
+                harness.save_safetensors(path, {"features": F, "index": idx})
         feats.append(F.to(device))
         index.append(idx)
         bar.update(len(idx))
@@ -919,20 +928,20 @@ def messages_column(cfg: Config, pool_columns: list[str]) -> Optional[str]:
 
 # What a run of spice_select.py writes in its output folder (what --overwrite_output_dir replaces); feature_cache/
 # (keyed by everything the features depend on) is kept and may be present without the flag: an interrupted run
-# continues from it. The folder is the contract of common.OutputFolder.
+# continues from it. The folder is the contract of harness.OutputFolder.
 OWNED = ["selected.jsonl", "picks.jsonl", "summary.json", "metrics.jsonl"]
 
 
-def output_folder(cfg: Config) -> common.OutputFolder:
+def output_folder(cfg: Config) -> harness.OutputFolder:
     """The run's output folder; its outputs are staged and appear together (a kill never mixes two runs')."""
     inputs = [(flag, p) for flag, p in (("--pool", cfg.pool), ("--model", cfg.model)) if p and Path(p).exists()]
-    return common.OutputFolder(cfg.output_dir, overwrite=cfg.overwrite_output_dir, owned=OWNED,
+    return harness.OutputFolder(cfg.output_dir, overwrite=cfg.overwrite_output_dir, owned=OWNED,
                                keep=["feature_cache"], inputs=inputs, stage_always=True)
 
 
-def check_outputs(cfg: Config, folder: common.OutputFolder) -> None:
+def check_outputs(cfg: Config, folder: harness.OutputFolder) -> None:
     """Every output folder writable and none holding an input or another output, before any work: --output_dir
-    (common.OutputFolder.check), --cache_dir, and --save_to_disk, which may only replace a saved dataset, and only
+    (harness.OutputFolder.check), --cache_dir, and --save_to_disk, which may only replace a saved dataset, and only
     with --overwrite_output_dir."""
     inputs = [(flag, Path(p)) for flag, p in (("--pool", cfg.pool), ("--model", cfg.model)) if p and Path(p).exists()]
     if cfg.save_to_disk:
@@ -941,17 +950,17 @@ def check_outputs(cfg: Config, folder: common.OutputFolder) -> None:
             raise UserError(f"--save_to_disk {p} exists and is not a saved dataset: it would be replaced",
                             hint="pass a new folder")
         for flag, q in inputs + [("--output_dir", Path(cfg.output_dir))]:
-            if common.same_or_inside(q, p):
+            if harness.same_or_inside(q, p):
                 raise UserError(f"--save_to_disk {p} {'is' if q.resolve() == p.resolve() else 'holds'} the {flag} "
                                 f"{q}: saving the selection there would replace it", hint="pass another --save_to_disk")
         if p.exists() and not cfg.overwrite_output_dir:
             raise UserError(f"--save_to_disk {p} holds a saved dataset already; replacing it needs "
                             "--overwrite_output_dir", hint="pass --overwrite_output_dir, or another --save_to_disk")
-        common.check_writable(p.parent, "--save_to_disk's parent")
+        harness.check_writable(p.parent, "--save_to_disk's parent")
     if cfg.cache_dir and cfg.cache_dir.lower() != "none":
-        common.check_writable(Path(cfg.cache_dir), "--cache_dir")
+        harness.check_writable(Path(cfg.cache_dir), "--cache_dir")
         for flag, q in inputs:
-            if common.same_or_inside(q, Path(cfg.cache_dir)):
+            if harness.same_or_inside(q, Path(cfg.cache_dir)):
                 raise UserError(f"--cache_dir {cfg.cache_dir} holds the {flag} {q}", hint="pass another --cache_dir")
     folder.check()
 
@@ -970,15 +979,15 @@ def write_outputs(cfg: Config, out: Path, sel: Selection, rows: list[dict], exam
             prompt = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
             row[msgs] = prompt + [{"role": "assistant", "content": ex.response}]
         picked.append({**row, **{pre + c: positions[i] if c == "index" else rec.get(c) for c in SPICE_COLUMNS}})
-    common.write_jsonl(out / "selected.jsonl", picked)
-    common.write_jsonl(out / "picks.jsonl", [{**rec, "index": positions[rec["index"]]} for rec in sel.records])
-    common.write_json(out / "summary.json", summary)
+    harness.write_jsonl(out / "selected.jsonl", picked)
+    harness.write_jsonl(out / "picks.jsonl", [{**rec, "index": positions[rec["index"]]} for rec in sel.records])
+    harness.write_json(out / "summary.json", summary)
     return msgs, picked
 
 
 def save_dataset(rows: list[dict], path: Path) -> None:
     """rows as a datasets folder (load_from_disk), written beside `path` and put in its place in one step
-    (common.replace_path); every column of every row kept (Dataset.from_list alone takes row 0's), a column of mixed
+    (harness.replace_path); every column of every row kept (Dataset.from_list alone takes row 0's), a column of mixed
     types stored as JSON."""
     import datasets
 
@@ -988,9 +997,9 @@ def save_dataset(rows: list[dict], path: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         ds.save_to_disk(str(tmp))
-        common.replace_path(tmp, path)
+        harness.replace_path(tmp, path)
     finally:
-        common.remove(tmp)
+        harness.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1026,7 +1035,7 @@ def run(cfg: Config, accelerator=None) -> dict:
         folder.close()
 
 
-def select_and_write(cfg: Config, accelerator, folder: common.OutputFolder, t0: float, timings: dict, *, rows,
+def select_and_write(cfg: Config, accelerator, folder: harness.OutputFolder, t0: float, timings: dict, *, rows,
                      examples, label, skipped, positions, model, tok, fz, tokens) -> dict:
     timings["load"] = time.perf_counter() - t0
     summary: dict[str, Any] = {"pool": label, "n_pool": len(rows), "n_skipped": len(skipped), "skipped": skipped[:50],
@@ -1036,7 +1045,7 @@ def select_and_write(cfg: Config, accelerator, folder: common.OutputFolder, t0: 
     if cfg.mode == "online":
         t1 = time.perf_counter()
         sel = select_online(cfg, accelerator, model=model, tok=tok, fz=fz, tokens=tokens, method=cfg.method,
-                            logger=common.MetricsLogger(accelerator, folder))
+                            logger=harness.MetricsLogger(accelerator, folder))
         timings["online"] = time.perf_counter() - t1
     else:
         t1 = time.perf_counter()
@@ -1111,4 +1120,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

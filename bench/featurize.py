@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import common as C  # noqa: E402
+import harness as H  # noqa: E402
+from data import arithmetic as A  # noqa: E402
 from tests import reference as R  # noqa: E402
 
 B, T = 16, 128
@@ -68,26 +70,45 @@ def timed(fn, repeats, warmup=True):
 
 # ---------------------------------------------------------------------------------------------- SALT frontier
 
-def salt_batch(seed=0, model_name=C.EMBEDDED):
+def salt_batch(seed=0, model_name=H.EMBEDDED):
     """One demo step: (model, LM-head tokens, B, advantages, Config), as salt_grpo samples and scores it."""
     import salt_grpo as sg
 
     cfg = sg.Config(bf16=False, seed=seed, prompts_per_step=4, num_generations=8, max_completion_length=24)
-    model, tok = C.load_model(model_name, dtype=torch.float32)
+    model, tok = H.load_model(model_name, dtype=torch.float32)
     model.eval()
     rows = sg.load_rows(cfg)[0]
-    idx = sg.prompts_for_round(len(rows), cfg.prompts_per_step, 0, seed)
+    idx = H.prompts_for_round(len(rows), cfg.prompts_per_step, 0, seed)
     G = cfg.num_generations
     gens = [torch.Generator().manual_seed(sg.rollout_seed(seed, 0, i, g)) for i in idx for g in range(G)]
-    texts = [sg.format_prompt(tok, rows[i]["prompt"]) for i in idx for _ in range(G)]
+    texts = [H.format_prompt(tok, rows[i]["prompt"]) for i in idx for _ in range(G)]
     with torch.no_grad():
         pids, pam, comp, cmask = sg.generate(model, tok, texts, cfg, "cpu", cfg.max_completion_length, gens)
         b = {"prompt_ids": pids, "prompt_mask": pam, "comp_ids": comp, "comp_mask": cmask}
         _, _, hidden, logits = sg.policy_forward(model, model.lm_head, b, cfg, "cpu", want_hidden=True)
-    r = torch.tensor([sg.reward_fn(c, rows[i]["answer"]) for c, i in
+    r = torch.tensor([A.reward_fn(c, rows[i]["answer"]) for c, i in
                       zip(tok.batch_decode(comp, skip_special_tokens=True), [i for i in idx for _ in range(G)])])
     a = sg.group_advantages(r, G, cfg.scale_rewards, cfg.adv_eps)
     return model, C.lm_head_tokens(hidden, logits, comp, cmask), len(comp), a, cfg
+
+
+def lm_head_kron_tokens(tok: dict, n_rows: int, p_out: torch.Tensor | None, p_in: torch.Tensor | None,
+                        temperature: float = 1.0, chunk_tokens: int = 4096) -> torch.Tensor:
+    """The Kronecker-projected LM-head score feature f_i = Σ_t (P_out δ_t)(P_in h_t)ᵀ from flattened tokens {h, z, y, r}
+    (common.lm_head_tokens), the projection salt_grpo.py had as `--salt_features kronecker` (dropped in issue 23; the
+    sketch is more accurate at equal cost, the frontier below): kept here as the bench's reference."""
+    k_o = tok["z"].shape[1] if p_out is None else p_out.shape[0]
+    k_i = tok["h"].shape[1] if p_in is None else p_in.shape[0]
+    feats = torch.zeros(n_rows, k_o * k_i, device=tok["h"].device)
+    for s in range(0, len(tok["y"]), chunk_tokens):
+        h, z, y, r = (tok[k][s:s + chunk_tokens] for k in "hzyr")
+        if p_out is None:
+            dp = C.score_delta(z, y, temperature)
+        else:  # P_out (p − e_y) without forming p − e_y
+            dp = torch.softmax(z.float() / temperature, -1) @ p_out.T - p_out.T[y]
+        xp = h.float() if p_in is None else h.float() @ p_in.T
+        feats.index_add_(0, r, torch.einsum("no,ni->noi", dp, xp).flatten(1))
+    return feats
 
 
 def materialise_dense_jl(tok, B, d, seed=0, cols=1 << 16, fraction=1.0):
@@ -136,7 +157,7 @@ def salt_frontier(args) -> list[dict]:
 
     def kron(s, k):
         p = C.FactoredProjector({"lm_head": head}, k, k, seed=s).mats["lm_head"]
-        return C.lm_head_kron_tokens(tok, B, *p)
+        return lm_head_kron_tokens(tok, B, *p)
     methods += [("kronecker", k * k, lambda s, k=k: kron(s, k), True) for k in args.kron_ks]
     for name, d, fn, approx in methods:
         med, _, _ = timed(lambda: fn(0), args.repeats)
@@ -204,10 +225,10 @@ def spice_frontier(args) -> list[dict]:
     from peft import LoraConfig, get_peft_model
 
     rows = []
-    base, tok = C.load_model(args.model, dtype=torch.float32)
+    base, tok = H.load_model(args.model, dtype=torch.float32)
     ids, am, lm = batch(tok)
     torch.manual_seed(0)  # peft draws lora_A from the global RNG
-    lora = get_peft_model(C.load_model(args.model, dtype=torch.float32)[0], LoraConfig(
+    lora = get_peft_model(H.load_model(args.model, dtype=torch.float32)[0], LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj"], init_lora_weights=False))  # B ≠ 0: ∂/∂A carries signal
     for set_name, model, spec in [("lora", lora, "lora"), (args.last, base, args.last)]:
@@ -269,13 +290,13 @@ def main():
     ap.add_argument("--last", default="last:4", help="SPICE: the second layer set")
     ap.add_argument("--picks", type=int, default=4, help="SPICE picks of the 16 rows for the Jaccard column")
     ap.add_argument("--json", default="", help="write the frontier rows to this file")
-    ap.add_argument("--model", default=C.EMBEDDED, help="the model (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default=H.EMBEDDED, help="the model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, small sizes, one repeat (seconds)")
     args = ap.parse_args()
     if args.smoke:
         global B, T
         B, T = 4, 24
-        args.model, args.repeats, args.picks, args.dense_d = C.TINY, 1, 2, 64
+        args.model, args.repeats, args.picks, args.dense_d = H.TINY, 1, 2, 64
         args.sketch_dims, args.kron_ks, args.jl_fraction, args.last = [64, 256, 1024], [4], 1.0, "last:1"
     out = {}
     if args.consumer in ("salt", "both"):

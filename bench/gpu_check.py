@@ -44,9 +44,9 @@ def make_model(path: Path, cpu: bool) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import common
+    import harness
 
-    tok = common.char_tokenizer()
+    tok = harness.char_tokenizer()
     shape = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2) if cpu else \
         dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,

@@ -21,8 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import common  # noqa: E402
+
+import harness  # noqa: E402
 import salt_grpo as sg  # noqa: E402
+from data import arithmetic
 
 PARTS = ["time/generation_s", "time/features_s", "time/salt_s", "time/backward_s", "time/optimizer_s"]
 
@@ -45,12 +47,12 @@ def time_trl(cfg, steps):
     from trl import GRPOConfig, GRPOTrainer
 
     train_rows, _ = sg.load_rows(cfg)
-    model, tok = common.load_model(cfg.model)
+    model, tok = harness.load_model(cfg.model)
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                             for r in train_rows])
 
     def reward(completions, answer, **_):
-        return [sg.reward_fn(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
+        return [arithmetic.reward_fn(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
 
     times = []
 
@@ -75,7 +77,7 @@ def time_trl(cfg, steps):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=common.EMBEDDED)
+    ap.add_argument("--model", default=harness.EMBEDDED)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per mode (after one warm-up step each)")
     ap.add_argument("--prompts_per_step", type=int, default=4)
     ap.add_argument("--num_generations", type=int, default=8)
@@ -118,8 +120,8 @@ def main():
             print(f"TRL GRPOTrainer median step {trl_t:.3f} s; ours (official)/TRL = "
                   f"{med['official']['step_time'] / trl_t:.3f} (target <= 1.0)")
     if a.out:
-        common.write_json(a.out, out)
+        harness.write_json(a.out, out)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

@@ -4,12 +4,17 @@
     python -m data.arithmetic          # rewrite the committed files (tests/test_salt.py checks they match)
 
 Train and test draw from disjoint operand tuples (`held_out`), so test accuracy measures generalisation.
-Standard library only.
+The task's verifier lives here too: `extract_final_number` and the reward functions salt_grpo.py names `exact_match`
+and `closeness` (TRL's signature). Standard library only.
 """
+import contextlib
 import json
+import math
 import random
+import re
 import zlib
 from pathlib import Path
+from typing import Optional
 
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana"]
 ITEMS = ["apples", "books", "coins", "pens", "stamps", "shells", "cards", "marbles"]
@@ -62,6 +67,63 @@ def write(folder: Path, seed: int, train_size: int, test_size: int, **task) -> t
         lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in gsm8k_rows(arithmetic_task(n, seed, split, **task))]
         path.write_text("".join(lines), encoding="utf-8")
     return paths
+
+
+# ---- the verifier: the answer parser and the built-in reward functions ----
+
+_N = r"[-−‒–]?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?(?:[eE][-+]?\d+)?"  # -1,234.5e3; a comma only before groups of three
+_MINUS = str.maketrans("−‒–", "---")  # U+2212 minus, figure dash, en dash before a number: a minus sign
+_NUM = re.compile(rf"\\d?frac\{{\s*({_N})\s*\}}\{{\s*({_N})\s*\}}|({_N})(?:\s*/\s*({_N}))?")
+
+
+def extract_final_number(text) -> Optional[float]:
+    """The last number in a text (after `####` when present, GSM8K style): integers, decimals, 1e3, thousands
+    separators, fractions 3/4 and \\frac{3}{4} (as 0.75); None when there is none. Parsed, never eval()-ed."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    if not isinstance(text, str):
+        return None
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    m = None
+    for m in _NUM.finditer(text):
+        pass
+    if m is None:
+        return None
+    num, den = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
+    with contextlib.suppress(ZeroDivisionError, OverflowError):
+        x = float(num.replace(",", "").translate(_MINUS)) / (float(den.replace(",", "").translate(_MINUS)) if den else 1.0)
+        return x if math.isfinite(x) else None
+    return None
+
+
+def completion_text(c) -> str:
+    """A completion as text: TRL passes conversational completions as [{"role": "assistant", "content": ...}]."""
+    return c[-1]["content"] if isinstance(c, list) else c
+
+
+def reward_fn(completion: str, answer) -> float:
+    """Verifiable reward: 1 when the completion's final number equals the answer, else 0 (garbage → 0)."""
+    x, y = extract_final_number(completion), extract_final_number(answer)
+    return float(x is not None and y is not None and abs(x - y) <= 1e-6 * max(1.0, abs(y)))
+
+
+def exact_match(completions, answer_column="answer", **columns) -> list[float]:
+    """Built-in reward (the default): 1 when the final number of the completion equals the answer, else 0."""
+    return [reward_fn(completion_text(c), a) for c, a in zip(completions, columns[answer_column])]
+
+
+def closeness(completions, answer_column="answer", **columns) -> list[float]:
+    """Built-in partial credit 1 / (1 + |x − answer|) for the completion's final number x (0 without a number). Dense,
+    so even a random model gets mixed groups: `--preset smoke` uses it to exercise SALT end to end."""
+    out = []
+    for c, a in zip(completions, columns[answer_column]):
+        x, y = extract_final_number(completion_text(c)), extract_final_number(a)
+        out.append(0.0 if x is None or y is None else 1.0 / (1.0 + min(abs(x - y), 1e300)))
+    return out
+
+
+REWARDS = {"exact_match": exact_match, "closeness": closeness}  # --reward_funcs names
 
 
 if __name__ == "__main__":

@@ -28,12 +28,15 @@ from pathlib import Path
 import torch
 
 import common
+
+import harness
 import salt_grpo as sg
-from experiments.shared import experiment_args, mean_std, pyplot
+from data import arithmetic
+from experiments.shared import experiment_args, group_geometry, mean_std, pyplot
 
 G_VALUES = [2, 4, 8, 16]
-SETTINGS = dict(model=common.EMBEDDED, prompts=16, batches=6, g_max=16, seed=0, micro_batch=64)
-SMOKE = dict(model=common.TINY, prompts=4, batches=2, g_max=16, seed=0, micro_batch=64)
+SETTINGS = dict(model=harness.EMBEDDED, prompts=16, batches=6, g_max=16, seed=0, micro_batch=64)
+SMOKE = dict(model=harness.TINY, prompts=4, batches=2, g_max=16, seed=0, micro_batch=64)
 
 
 # ---- rollouts and features (shared with salt_geometry.py) ----------------------------------------------------
@@ -42,7 +45,7 @@ def rollout_config(s: dict) -> sg.Config:
     """The demo's task and SALT's default (exact LM-head) Gram; smoke: the tiny model, 8 new tokens."""
     cfg = sg.Config(model=s["model"], seed=s["seed"], num_generations=s["g_max"], prompts_per_step=s["prompts"],
                     micro_batch_size=s["micro_batch"], bf16=False, salt="official")
-    if s["model"] == common.TINY:
+    if s["model"] == harness.TINY:
         cfg = dataclasses.replace(cfg, max_completion_length=8)
     return cfg
 
@@ -60,29 +63,29 @@ def collect_batches(s: dict, cache_dir: Path) -> list[dict]:
 
     cfg = rollout_config(s)
     torch.manual_seed(s["seed"])
-    model, tok = common.load_model(cfg.model, torch.float32, seed=s["seed"])
+    model, tok = harness.load_model(cfg.model, torch.float32, seed=s["seed"])
     model.eval()
     spec = sg.FeatureSpec(model, cfg)
     train_rows, _ = sg.load_rows(cfg)
     device, G = torch.device("cpu"), s["g_max"]
     out, tensors = [], {}
     for b in tqdm(range(s["batches"]), desc="rollouts + features"):
-        idx = sg.prompts_for_round(len(train_rows), s["prompts"], b, s["seed"])
+        idx = harness.prompts_for_round(len(train_rows), s["prompts"], b, s["seed"])
         F_parts, r_parts = [], []
         for lo in range(0, len(idx), max(1, s["micro_batch"] // G)):  # a few prompts × G rollouts at a time
             chunk = idx[lo:lo + max(1, s["micro_batch"] // G)]
-            texts = [sg.format_prompt(tok, train_rows[i]["prompt"]) for i in chunk for _ in range(G)]
+            texts = [harness.format_prompt(tok, train_rows[i]["prompt"]) for i in chunk for _ in range(G)]
             gens = [torch.Generator().manual_seed(sg.rollout_seed(s["seed"], b, i, g)) for i in chunk for g in range(G)]
             pids, pam, comp, cmask = sg.generate(model, tok, texts, cfg, device, cfg.max_completion_length, gens)
             done = tok.batch_decode(comp, skip_special_tokens=True)
-            r_parts.append(torch.tensor([sg.reward_fn(c, train_rows[i]["answer"])
+            r_parts.append(torch.tensor([arithmetic.reward_fn(c, train_rows[i]["answer"])
                                          for c, i in zip(done, [i for i in chunk for _ in range(G)])]))
             batch = {"prompt_ids": pids, "prompt_mask": pam, "comp_ids": comp, "comp_mask": cmask}
             F_parts += sg.feature_pass(model, spec, [batch], cfg, device, exact=True)  # tokens of these rollouts
         K, r = sg.scope_gram(None, spec, F_parts, gather=False), torch.cat(r_parts).float()
         out.append({"K": K, "r": r})
         tensors[f"K{b}"], tensors[f"r{b}"] = K, r
-    common.save_safetensors(path, tensors)
+    harness.save_safetensors(path, tensors)
     return out
 
 
@@ -104,7 +107,7 @@ def geometry(K: torch.Tensor, r: torch.Tensor, groups: torch.Tensor, G: int) -> 
     """H1's statistics for one batch at one G."""
     K, a = grpo_gram(K, r, G)
     B, active = a.numel(), int((a != 0).sum())
-    gg = common.group_geometry(K, a, groups)
+    gg = group_geometry(K, a, groups)
     neff = common.signed_neff(K, a) if active else float("nan")
     pr = common.participation_ratio(K)
     return {"G": G, "B": B, "B_active": active, "participation_ratio": pr, "pr_over_B": pr / B,
@@ -141,7 +144,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle("GRPO gradient geometry vs G (mean ± std over batches, same prompts, nested rollouts)")
     fig.tight_layout()
-    common.save_figure(fig, path, dpi=110)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
               "task": "built-in arithmetic (salt_grpo defaults)"},
               "per_batch": rows, "summary": {str(G): v for G, v in summary.items()},
               "wall_time_s": time.perf_counter() - t0}
-    common.write_json(out / "results.json", result)
+    harness.write_json(out / "results.json", result)
     plot(summary, out / "cancellation_vs_G.png")
     print(f"{'G':>3} " + " ".join(f"{k:>20}" for k in KEYS[:7]))
     for G in G_VALUES:
@@ -169,4 +172,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

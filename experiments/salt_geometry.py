@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 import common
+
+import harness
 import salt_grpo as sg
 from experiments import salt_cancellation as exp1  # same batches, same G values
 from experiments.shared import experiment_args, mean_std, pyplot
@@ -80,7 +82,7 @@ def plot(summary: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("Geometry after reweighting, same batches (mean ± std over batches)")
     fig.tight_layout()
-    common.save_figure(fig, path, dpi=110)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"experiment": "salt_geometry", "settings": {**s, "G_values": exp1.G_VALUES, "modes": MODES,
               "random_draws": RANDOM_DRAWS}, "per_batch": rows, "summary": summary,
               "wall_time_s": time.perf_counter() - t0}
-    common.write_json(out / "results.json", result)
+    harness.write_json(out / "results.json", result)
     plot(summary, out / "geometry_after_reweighting.png")
     print(f"{'G/mode':<22} {'n_eff(a′)':>16} {'PR(a′)':>16} {'cos to GRPO':>14} {'k':>6} {'alpha':>6}")
     for name, v in summary.items():
@@ -117,4 +119,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

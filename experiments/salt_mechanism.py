@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-import common
+
+import harness
 import salt_grpo as sg
 from experiments.salt_training import SETTINGS as TRAINING, train_cached, warm_start
 from experiments.shared import experiment_args, mean_std, paired, pyplot, series, step_mean
@@ -127,7 +128,7 @@ def plot(runs: list[dict], s: dict, path: Path) -> None:
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"SALT's mechanism by scope and channel, tiny warm-started Llama, mean over {len(s['seeds'])} seeds")
     fig.tight_layout()
-    common.save_figure(fig, path, dpi=100)
+    harness.save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"experiment": "salt_mechanism", "settings": {**s, "features": FEATURES, "arms": ARMS},
               "summary": summarise(runs, s), "runs": runs, "wall_time_s": time.perf_counter() - t0,
               "runs_wall_time_s": sum(r["wall_time_s"] for r in runs)}
-    common.write_json(out / "results.json", result)
+    harness.write_json(out / "results.json", result)
     plot(runs, s, out / "mechanism.png")
     for name, v in result["summary"].items():
         f = lambda d: f"{d['mean']:+.3f} ± {d['std']:.3f}" if d["n"] else "–"  # noqa: E731
@@ -161,4 +162,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-import common
+
+import harness
 from experiments.salt_mechanism import SETTINGS as MECHANISM, SMOKE as MECHANISM_SMOKE, auc, config, run_cached
 from experiments.salt_training import warm_start
 from experiments.shared import experiment_args, mean_or_nan, mean_std, paired, pyplot, series
@@ -81,7 +82,7 @@ def plot(summary: dict, s: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Off-policy passes (μ = {MU}, lr {s['lr']:g}), mean ± std over {len(s['seeds'])} seeds")
     fig.tight_layout()
-    common.save_figure(fig, path, dpi=100)
+    harness.save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"experiment": "salt_offpolicy", "settings": {**s, "num_iterations": MU, "arms": ARMS},
               "summary": summarise(runs, s), "runs": runs, "wall_time_s": time.perf_counter() - t0,
               "runs_wall_time_s": sum(r["wall_time_s"] for r in runs)}
-    common.write_json(out / "results.json", result)
+    harness.write_json(out / "results.json", result)
     plot(result["summary"], s, out / "offpolicy.png")
     for name, v in result["summary"].items():
         f = lambda d: f"{d['mean']:.3f}"  # noqa: E731
@@ -116,4 +117,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

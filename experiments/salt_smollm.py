@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import common
+
+import harness
 import salt_grpo as sg
 from experiments.salt_mechanism import TRACE, auc, run_cached
 from experiments.shared import experiment_args, mean_std, paired, series, step_mean
@@ -21,8 +22,8 @@ ARMS = {"grpo": dict(salt="off"), "micro4": dict(salt="official", salt_scope="mi
 # The protocol's scale but fp32 (RESULTS.md, experiment 8's third amendment): bf16 is emulated on an AVX2-only CPU,
 # 15x slower there. On a GPU set bf16=True for the protocol's run. The 8-step runs (first and second amendments) used
 # steps=8, eval_every=4; their results are docs/results/salt_smollm/results_8steps.json.
-SETTINGS = dict(model=common.EMBEDDED, seeds=[0, 1, 2], steps=32, eval_every=8, eval_size=64, bf16=False)
-SMOKE = dict(model=common.TINY, seeds=[0], steps=2, eval_every=0, eval_size=4, bf16=False, prompts_per_step=2,
+SETTINGS = dict(model=harness.EMBEDDED, seeds=[0, 1, 2], steps=32, eval_every=8, eval_size=64, bf16=False)
+SMOKE = dict(model=harness.TINY, seeds=[0], steps=2, eval_every=0, eval_size=4, bf16=False, prompts_per_step=2,
              num_generations=4, max_completion_length=6, reward_funcs="closeness")
 
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"experiment": "salt_smollm", "settings": {**s, "features": FEATURES, "arms": ARMS},
               "summary": summarise(runs), "runs": runs, "wall_time_s": time.perf_counter() - t0,
               "runs_wall_time_s": sum(r["wall_time_s"] for r in runs)}
-    common.write_json(out / "results.json", result)
+    harness.write_json(out / "results.json", result)
     for arm, v in result["summary"].items():
         d = v.get("auc_minus_grpo")
         print(f"{arm:<8} auc {v['eval_auc']['mean']:.3f} end {v['eval_end']['mean']:.3f} α {v['alpha']['mean']:.3f}"
@@ -76,4 +77,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-import common
+
+import harness
 import salt_grpo as sg
 from data.arithmetic import arithmetic_task
 from experiments.shared import experiment_args, mean_std, pyplot, series, step_mean
@@ -54,7 +55,7 @@ def sft_batch(tok, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.
     """Prompt (formatted exactly as salt_grpo formats it) + answer + EOS; the loss sees the answer and EOS only."""
     seqs, labels = [], []
     for r in rows:
-        p = tok(sg.format_prompt(tok, r["prompt"])).input_ids
+        p = tok(harness.format_prompt(tok, r["prompt"])).input_ids
         y = tok(str(int(r["answer"])), add_special_tokens=False).input_ids + [tok.eos_token_id]
         seqs.append(p + y)
         labels.append([-100] * len(p) + y)
@@ -74,7 +75,7 @@ def warm_start(s: dict, seed: int, cache_dir: Path) -> Path:
     if (path / "config.json").exists():
         return path
     torch.manual_seed(seed)
-    model, tok = common.tiny_llama(seed=seed, hidden_size=s["hidden"], num_layers=s["layers"])
+    model, tok = harness.tiny_llama(seed=seed, hidden_size=s["hidden"], num_layers=s["layers"])
     rows = arithmetic_task(4096, seed, False, **task_kwargs(s))
     opt = torch.optim.AdamW(model.parameters(), lr=s["warm_lr"])
     rng = random.Random(seed)
@@ -116,8 +117,8 @@ def train_cached(cfg: sg.Config, accelerator, trace_keys: list[str]) -> tuple[di
         summary = json.loads((out / "summary.json").read_text())
     else:
         summary = sg.train(cfg, accelerator)
-        common.write_json(done, {"key": key})
-    trace = [{k: m[k] for k in ["step", *trace_keys] if k in m} for m in common.read_metrics(out / "metrics.jsonl")]
+        harness.write_json(done, {"key": key})
+    trace = [{k: m[k] for k in ["step", *trace_keys] if k in m} for m in harness.read_metrics(out / "metrics.jsonl")]
     return summary, trace
 
 
@@ -184,7 +185,7 @@ def plot(runs: list[dict], arms: list[str], s: dict, path: Path) -> None:
     axes[0, 0].legend()
     fig.suptitle(f"GRPO vs SALT vs controls, tiny warm-started Llama, mean ± std over {len(s['seeds'])} seeds")
     fig.tight_layout()
-    common.save_figure(fig, path, dpi=100)
+    harness.save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarise(runs, arms, s)
     result = {"experiment": "salt_training", "settings": {**s, "arms": arms}, "summary": summary, "runs": runs,
               "wall_time_s": time.perf_counter() - t0, "runs_wall_time_s": sum(r["wall_time_s"] for r in runs)}
-    common.write_json(out / "results.json", result)
+    harness.write_json(out / "results.json", result)
     plot(runs, arms, s, out / "training_curves.png")
     print(f"{'G/arm':<22} {'eval_end':>16} {'eval_gain':>16} {'eval_auc':>16} {'end − off':>16} {'auc − off':>16} "
           f"{'reward_last_q':>16} {'alpha':>6} {'n_eff':>6} {'n_eff(a′)':>9}")
@@ -223,4 +224,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

@@ -5,21 +5,30 @@ import argparse
 import math
 import statistics
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 import common
 
+import harness
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def results_dir(name: str, smoke: bool) -> Path:
+    """An experiment's default output folder: docs/results/NAME, but outputs/experiments-smoke/NAME for --smoke,
+    so that a smoke run never overwrites the published results."""
+    return ROOT / ("outputs/experiments-smoke" if smoke else "docs/results") / name
 
 
 def experiment_args(name: str, doc: str, argv: list[str] | None, smoke: str | None = None, cache_dir: bool = False,
                     **flags: dict) -> argparse.Namespace:
     """Parse an experiment's command line: --out, --smoke (its help: `smoke`), --cache_dir when the script caches
     under a folder the user may move (default outputs/experiments), then one `--FLAG` per `flags` entry, built from
-    its add_argument keywords. args.out defaults to common.results_dir, so a --smoke run never overwrites the
-    published results; errors are one-line UserErrors (common.ArgParser)."""
-    ap = common.ArgParser(description=doc.splitlines()[0])
+    its add_argument keywords. args.out defaults to results_dir, so a --smoke run never overwrites the
+    published results; errors are one-line UserErrors (harness.ArgParser)."""
+    ap = harness.ArgParser(description=doc.splitlines()[0])
     ap.add_argument("--out", type=Path, help=f"default: docs/results/{name}; with --smoke "
                     f"outputs/experiments-smoke/{name} (never the published results)")
     ap.add_argument("--smoke", action="store_true", help=smoke)
@@ -28,7 +37,7 @@ def experiment_args(name: str, doc: str, argv: list[str] | None, smoke: str | No
     for flag, kw in flags.items():
         ap.add_argument(f"--{flag}", **kw)
     args = ap.parse_args(argv)
-    args.out = args.out or common.results_dir(name, args.smoke)
+    args.out = args.out or results_dir(name, args.smoke)
     return args
 
 
@@ -96,3 +105,42 @@ def paired(xs: list[float]) -> dict:
     d = mean_std(xs)
     se = d["std"] / d["n"] ** 0.5 if d["n"] > 1 else float("nan")
     return {**d, "se": se, "outcome": verdict(d["mean"], se), "n_positive": sum(x > 0 for x in xs)}
+
+
+# ---- geometry only the experiments read ----
+
+def group_geometry(K: torch.Tensor, a: torch.Tensor, groups: Sequence[int] | torch.Tensor) -> dict[str, float]:
+    """Within- and across-group statistics of a Gram K (B × B) with advantages a and group ids (one per row).
+
+    cos_within: mean pairwise cosine within a group (r_in without clipping); cos_within_pos: negatives clipped at 0
+    (the official code's r_in); cos_within_abs: mean |cosine| (the signed mean is ≈ 0 whatever the geometry, by the
+    score identity E[∇log π] = 0); cos_across: mean cosine between the groups' mean features (r_out without
+    clipping); neff_within / pr_within: mean over groups of the group's n_eff / participation ratio.
+    """
+    groups = torch.as_tensor(groups)
+    C = common.cosine_matrix(K)
+    ids = groups.unique().tolist()
+    within, within_pos, within_abs, neffs, prs = [], [], [], [], []
+    for g in ids:
+        idx = (groups == g).nonzero().flatten()
+        if len(idx) >= 2:
+            off = C[idx][:, idx][~torch.eye(len(idx), dtype=torch.bool)]
+            within.append(off.mean())
+            within_pos.append(off.clamp(min=0).mean())
+            within_abs.append(off.abs().mean())
+        Kg = K[idx][:, idx]
+        if (a[idx] != 0).any():
+            neffs.append(common.signed_neff(Kg, a[idx]))
+        if torch.trace(Kg) > 0:
+            prs.append(common.participation_ratio(Kg))
+    onehot = torch.stack([(groups == g).to(K.dtype) for g in ids])  # (P, B)
+    means = onehot / onehot.sum(1, keepdim=True)
+    Cm = common.cosine_matrix(means @ K @ means.T)  # cosines of the groups' mean features
+    across = Cm[~torch.eye(len(ids), dtype=torch.bool)] if len(ids) >= 2 else torch.zeros(0)
+
+    def mean(xs):
+        return float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in xs]).mean()) if xs else math.nan
+
+    return {"cos_within": mean(within), "cos_within_pos": mean(within_pos), "cos_within_abs": mean(within_abs),
+            "cos_across": float(across.mean()) if across.numel() else math.nan,
+            "neff_within": mean(neffs), "pr_within": mean(prs)}

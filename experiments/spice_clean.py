@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import common
+
+import harness
 import spice_select as ss
 from data import spice_pool
 from experiments import spice_downstream as sd  # held-out set, target, training and evaluation of experiment 6
@@ -95,7 +96,7 @@ def main(argv=None) -> dict:
     sels = {m: {s: select(G, cfg, m, s) for s in (S["seeds"] if m == "random" else S["seeds"][:1])} for m in SELECTORS}
     stats = {m: ss.selection_stats(ss.Selection(m, v[S["seeds"][0]], [], ss.log_det(G[v[S["seeds"][0]]], cfg.alpha)),
                                    G, rows, cfg.alpha) for m, v in sels.items()}
-    _, tok = common.load_model(S["model"], S["target_dtype"])
+    _, tok = harness.load_model(S["model"], S["target_dtype"])
     equal_steps = round(len(rows) / k)  # epochs of a 10 % arm that give it as many steps as one epoch of `full`
     runs: dict = {}
     jobs = [(s, m, b) for s in S["seeds"] for m in SELECTORS for b in ("epochs", "steps")] + \
@@ -116,7 +117,7 @@ def main(argv=None) -> dict:
               "pool": {"n": len(rows), "corrupted": sum(r["corrupted"] for r in rows), "feature_dim": G.shape[1]},
               "heldout_n": len(held), "selection_stats": stats, "selections": sels, "table": table,
               "verdicts": verdicts, "runs": runs, "wall_time_s": time.perf_counter() - t0}
-    common.write_json(out / "results.json", result)
+    harness.write_json(out / "results.json", result)
     for name, v in table.items():
         print(f"{name:<28} steps {v['steps']:>4}  exact match {100 * v['exact_match']['mean']:5.1f} ± "
               f"{100 * v['exact_match']['std']:.1f}  NLL {v['loss']['mean']:.3f} ± {v['loss']['std']:.3f}")
@@ -128,4 +129,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import common
+
+import harness
 import spice_select as S
 from data import spice_pool
 from experiments.shared import ROOT, experiment_args, finite_mean_std, pyplot
@@ -332,8 +333,8 @@ def table4_csv(part_c: dict) -> str:
 def write_outputs(out: Path, result: dict) -> None:
     """results.json and table4.csv under out (the plot is written by plot())."""
     out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / "results.json", result)
-    common.write_text(out / "table4.csv", table4_csv(result["part_c_theorem4"]))
+    harness.write_json(out / "results.json", result)
+    harness.write_text(out / "table4.csv", table4_csv(result["part_c_theorem4"]))
 
 
 def print_summary(result: dict, out: Path) -> None:
@@ -417,7 +418,7 @@ def plot(per_seed: list[dict], part_c: dict, cfg: dict, path: Path) -> None:
     ax[2].set(xlabel="|S|", ylabel="% of (x, S)", title="(c) Theorem 4 bound (ours: α_safe / first-order at α=1)")
     ax[2].legend(fontsize=7)
     fig.tight_layout()
-    common.save_figure(fig, path, dpi=120)
+    harness.save_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -447,4 +448,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

@@ -58,7 +58,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: its t
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-import common  # noqa: E402
+
+import harness  # noqa: E402
 import spice_select as ss  # noqa: E402
 from data import spice_pool  # noqa: E402
 from experiments.shared import ROOT, experiment_args, mean_std_pair, pyplot, verdict  # noqa: E402
@@ -164,7 +165,7 @@ def make_selections(S: dict, cache: Path, rows: list[dict]) -> dict:
     out = {"indices": sel, "stats": stats, "seconds": {"features": t_feat, "offline_selection_total":
                                                        time.perf_counter() - t0 - t_online, "online": t_online},
            "feature_dim": dim, "online_config": dataclasses.asdict(ocfg)}
-    common.write_json(path, out)
+    harness.write_json(path, out)
     return out
 
 
@@ -203,7 +204,7 @@ def per_row_nll(logits, targets, row, B):
 def fresh_target(S: dict, seed: int, lora: bool = True):
     from peft import LoraConfig, get_peft_model
 
-    model, tok = common.load_model(S["model"], S["target_dtype"], seed=0)  # the same pretrained weights every time
+    model, tok = harness.load_model(S["model"], S["target_dtype"], seed=0)  # the same pretrained weights every time
     model.requires_grad_(False)
     if lora:
         with torch.random.fork_rng(devices=[]):
@@ -326,7 +327,7 @@ def plot(table: list[dict], groups: list[str], counts: dict, out: Path) -> None:
             ax.text(i, v + e, f"{v:.1f}" if "exact" in key else f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     fig.suptitle("Fine-tuning SmolLM2-135M (LoRA) on 10 % selections vs the full pool; mean ± std over seeds")
     fig.tight_layout()
-    common.save_figure(fig, out / "overall.png", dpi=130)
+    harness.save_figure(fig, out / "overall.png", dpi=130)
 
     fams = [g for g in groups if g != "overall"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(table) + 1.6))
@@ -344,7 +345,7 @@ def plot(table: list[dict], groups: list[str], counts: dict, out: Path) -> None:
         fig.colorbar(im, ax=ax, fraction=0.04)
     fig.suptitle("Per family, mean over seeds (held-out rows)")
     fig.tight_layout()
-    common.save_figure(fig, out / "per_family.png", dpi=130)
+    harness.save_figure(fig, out / "per_family.png", dpi=130)
 
 
 def fmt_table(table: list[dict]) -> str:
@@ -411,7 +412,7 @@ def main(argv=None) -> dict:
     comp = {m: {s: composition(idx_of(m, s), pool) for s in S["seeds"]} for m in METHODS}
 
     # Measurement: null model, then every (seed, method)
-    _, tok = common.load_model(S["model"], S["target_dtype"])
+    _, tok = harness.load_model(S["model"], S["target_dtype"])
     cfg_tok = ss.Config(model=S["model"])
     tok_pool = ss.tokenize([ss.Example(r["instruction"], r["response"]) for r in pool], tok, cfg_tok)
     tok_held = ss.tokenize([ss.Example(r["instruction"], r["response"]) for r in held], tok, cfg_tok)
@@ -435,7 +436,7 @@ def main(argv=None) -> dict:
         runs.setdefault(m, {})[s] = {"train": tr, "eval": ev, "eval_seconds": time.perf_counter() - t1}
         del model
         result["wall_seconds"] = time.perf_counter() - t_start
-        common.write_json(out / "results.json", result)
+        harness.write_json(out / "results.json", result)
 
     # Analysis
     table = summarize(runs, result["null"], comp, groups)
@@ -443,7 +444,7 @@ def main(argv=None) -> dict:
     result["verdicts"] = [compare(table, "spice", "full"), compare(table, "spice", "random"),
                           compare(table, "online", "full"), compare(table, "greedy", "full")]
     result["wall_seconds"] = time.perf_counter() - t_start
-    common.write_json(out / "results.json", result)
+    harness.write_json(out / "results.json", result)
     import csv
     import io
 
@@ -451,9 +452,9 @@ def main(argv=None) -> dict:
     w = csv.DictWriter(buf, fieldnames=list(table[0]))
     w.writeheader()
     w.writerows(table)
-    common.write_text(out / "summary.csv", buf.getvalue())
+    harness.write_text(out / "summary.csv", buf.getvalue())
     plot(table, groups, result["heldout"]["per_family"], out)
-    common.write_text(out / "table.md", fmt_table(table) + "\n\n" + fmt_family_table(table, groups, result) + "\n")
+    harness.write_text(out / "table.md", fmt_table(table) + "\n\n" + fmt_family_table(table, groups, result) + "\n")
     print("\n" + fmt_table(table))
     for v in result["verdicts"]:
         if v:
@@ -464,4 +465,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

@@ -21,7 +21,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-import common
+
+import harness
 import spice_select as ss
 from data import spice_pool
 from experiments import spice_downstream as sd
@@ -134,7 +135,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     rows_a, G_a, _ = pool_features(S, {}, cache)
     b_path = cache / "contradictory_pool.jsonl"
-    common.write_jsonl(b_path, contradictory_pool(S["instructions"]))
+    harness.write_jsonl(b_path, contradictory_pool(S["instructions"]))
     rows_b, G_b, _ = pool_features(S, dict(pool=str(b_path)), cache)
     sets = {"A_unit": (unit(G_a), G_a, rows_a), "B": (G_b, G_b, rows_b), "B_unit": (unit(G_b), G_b, rows_b)}
     result = {"experiment": "spice_penalty", "settings": {**S, "lambdas": lambdas},
@@ -142,7 +143,7 @@ def main(argv=None) -> dict:
     for name, (G, raw, rows) in sets.items():
         result["sweeps"][name] = {"whole_pool": sweep(G, raw, rows, S, lambdas, None),
                                   "pool_by_pool": sweep(G, raw, rows, S, lambdas, S["pool_size"])}
-    _, tok = common.load_model(S["model"], S["target_dtype"])
+    _, tok = harness.load_model(S["model"], S["target_dtype"])
     for name, (G, raw, rows) in sets.items():  # downstream: each distinct whole-pool selection, equal steps
         if name not in S["downstream_sets"]:
             continue
@@ -160,7 +161,7 @@ def main(argv=None) -> dict:
         # d = NLL(λ = 0) − NLL(λ = 0.1), paired by seed: "better" reads λ = 0.1 has the lower held-out loss
         result["verdicts"][name] = paired([r0[s]["eval"]["loss"] - r1[s]["eval"]["loss"] for s in S["seeds"]])
     result["wall_time_s"] = time.perf_counter() - t0
-    common.write_json(out / "results.json", result)
+    harness.write_json(out / "results.json", result)
     for name in sets:
         for sched in ("whole_pool", "pool_by_pool"):
             for lam, v in result["sweeps"][name][sched].items():
@@ -175,4 +176,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

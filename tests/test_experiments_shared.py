@@ -41,7 +41,7 @@ def test_series_and_step_mean_read_a_trace():
 def test_experiment_args(tmp_path):
     doc = "Title line.\n\nMore."
     args = shared.experiment_args("x", doc, [])
-    assert args.out == common.results_dir("x", False) == shared.ROOT / "docs/results/x" and not args.smoke
+    assert args.out == shared.results_dir("x", False) == shared.ROOT / "docs/results/x" and not args.smoke
     assert not hasattr(args, "cache_dir")
     args = shared.experiment_args("x", doc, ["--smoke"], cache_dir=True, seeds=dict(type=int, nargs="*"))
     assert args.out == shared.ROOT / "outputs/experiments-smoke/x"  # a smoke run never overwrites the results

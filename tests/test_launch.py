@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+
+import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -58,7 +59,7 @@ def salt_runs(tmp_path_factory):
 def test_salt_two_processes_launched_as_documented_equal_one(salt_runs):
     s1, s2 = (json.loads((salt_runs / n / "summary.json").read_text()) for n in ("one", "two"))
     assert s1["processes"] == 1 and s2["processes"] == 2
-    m1, m2 = (numbers(common.read_metrics(salt_runs / n / "metrics.jsonl")) for n in ("one", "two"))
+    m1, m2 = (numbers(harness.read_metrics(salt_runs / n / "metrics.jsonl")) for n in ("one", "two"))
     assert len(m1) == len(m2) and [r["step"] for r in m1] == [r["step"] for r in m2]
     assert any("salt/neff" in r for r in m1)  # SALT acted
     for r1, r2 in zip(m1, m2):
@@ -108,7 +109,7 @@ def kill_tree(pid: int) -> None:
         except ProcessLookupError:
             pass
     deadline = time.time() + 30
-    while any(common._alive(q) for q in procs) and time.time() < deadline:
+    while any(harness._alive(q) for q in procs) and time.time() < deadline:
         time.sleep(0.1)
 
 
@@ -142,4 +143,4 @@ def test_two_process_kill_and_resume_through_the_cli(tmp_path):
         assert torch.equal(w1[k], w2[k]), k
     s = json.loads((cut / "summary.json").read_text())
     assert s["resumed_from_step"] == 2 and s["processes"] == 2
-    assert [r["step"] for r in common.read_metrics(cut / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in harness.read_metrics(cut / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -2,7 +2,7 @@
 
 Each case feeds a wrong input that must fail (exit status 2, ONE `error:` line naming the flag, file, row, field or
 function, no traceback) and checks that the run it would replace is byte for byte as it was. The contract itself
-(common.OutputFolder): every check before the folder is touched, --overwrite_output_dir replacing the old run only
+(harness.OutputFolder): every check before the folder is touched, --overwrite_output_dir replacing the old run only
 once the new one has something to keep, a lock, `~` expanded once, no output holding an input, each shared entry
 swapped in one step, an interrupted commit finished by the next run."""
 import errno
@@ -17,10 +17,13 @@ import pytest
 import torch
 
 import common
+
+import harness
 import salt_grpo as sg
+from data import arithmetic
 import spice_select as S
 from test_reliability_salt import SMOKE, finished, main, one_error, run_dir, snapshot  # noqa: F401 (fixtures)
-from test_salt_train import ROOT, reset_accelerate
+from test_salt_train import ROOT
 
 REWARDS = ROOT / "tests" / "salt_rewards.py"
 
@@ -29,7 +32,7 @@ def spice_main(argv, capsys) -> tuple[int, str]:
     capsys.readouterr()
     code = 0
     try:
-        common.run_main(lambda: S.main(list(argv)))
+        harness.run_main(lambda: S.main(list(argv)))
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
@@ -37,7 +40,7 @@ def spice_main(argv, capsys) -> tuple[int, str]:
 
 def template_model(path: Path, reject: str = "system") -> Path:
     """The tiny model with a chat template that raises on one role (as many templates do for `system`)."""
-    model, tok = common.tiny_llama(seed=0)
+    model, tok = harness.tiny_llama(seed=0)
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == '" + reject + "' %}"
                          "{{ raise_exception('no " + reject + " role') }}{% endif %}<{{ m['role'] }}>{{ m['content'] }}\n"
                          "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -190,7 +193,7 @@ def test_two_runs_started_at_once_on_one_fresh_folder(tmp_path):
     assert sorted(c for c, _ in res) == [0, 2], res
     err = next(e for c, e in res if c == 2)
     assert any(w in err for w in ("in use by another run", "is not empty")) and "Traceback" not in err
-    steps = [r["step"] for r in common.read_metrics(out / "metrics.jsonl")]
+    steps = [r["step"] for r in harness.read_metrics(out / "metrics.jsonl")]
     assert steps == [0, 1, 2, 2]  # one run's rows
 
 
@@ -235,8 +238,8 @@ def test_adv_eps_zero_trains(tmp_path, capsys):
 @pytest.mark.parametrize("text,value", [("The answer is −3", -3.0), ("x = ‒4.5", -4.5), ("–1,234", -1234.0),
                                         ("ranges 5 – 7 then -2", -2.0), ("3/−4", -0.75), ("#### −12", -12.0)])
 def test_unicode_minus_signs_before_a_number(text, value):
-    assert sg.extract_final_number(text) == value
-    assert sg.exact_match([text], answer=[f"#### {abs(value)}"]) == [0.0]
+    assert arithmetic.extract_final_number(text) == value
+    assert arithmetic.exact_match([text], answer=[f"#### {abs(value)}"]) == [0.0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ def test_spice_interrupted_mid_write_keeps_the_old_outputs_together(spice_done, 
     d = tmp_path / "copy"
     shutil.copytree(spice_done, d)
     before = snapshot(d / "run")
-    real = common.write_json
+    real = harness.write_json
 
     def killed(path, obj):
         if Path(path).name == "summary.json":
@@ -416,7 +419,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_old_files(run_dir, 
 def test_a_kill_inside_the_final_swap_leaves_a_whole_final(run_dir, capsys, monkeypatch):
     """final/ is swapped in one step (renameat2): killed right after it, final/ is the new model, whole."""
     old = (run_dir / "final" / "model.safetensors").read_bytes()
-    real = common.remove
+    real = harness.remove
 
     def killed(p):
         if Path(p).name == ".final.tmp" and (Path(p) / "model.safetensors").exists():
@@ -440,7 +443,7 @@ def test_common_replace_path_without_an_atomic_exchange(tmp_path, monkeypatch):
         (tmp_path / "t" / "f").write_text("old")
         (tmp_path / "n").mkdir()
         (tmp_path / "n" / "f").write_text("new")
-        common.replace_path(tmp_path / "n", tmp_path / "t")
+        harness.replace_path(tmp_path / "n", tmp_path / "t")
         assert (tmp_path / "t" / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["t"]
 
 
@@ -453,7 +456,7 @@ def test_an_interrupted_commit_is_finished_by_the_next_open(tmp_path, monkeypatc
     for name, text in (("metrics.jsonl", "old"), ("summary.json", "old"), ("checkpoint-4", None), ("final", None),
                        ("notes.txt", "mine")):
         (root / name).mkdir() if text is None else (root / name).write_text(text)
-    f = common.OutputFolder(root, overwrite=True, owned=sg.OWNED)
+    f = harness.OutputFolder(root, overwrite=True, owned=sg.OWNED)
     f.check()
     f.open()
     assert f.staged and f.path == root / f.STAGING
@@ -476,7 +479,7 @@ def test_an_interrupted_commit_is_finished_by_the_next_open(tmp_path, monkeypatc
         f.commit()
     monkeypatch.undo()
     (root / f.LOCK).unlink()  # as if the process had been killed (its lock is then stale)
-    g = common.OutputFolder(root, overwrite=True, owned=sg.OWNED)
+    g = harness.OutputFolder(root, overwrite=True, owned=sg.OWNED)
     g.open()
     g.close()
     names = sorted(p.name for p in root.iterdir())

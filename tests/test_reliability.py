@@ -15,6 +15,9 @@ import pytest
 import torch
 
 import common
+
+import harness
+from experiments import shared
 import salt_grpo as SG
 import spice_select as S
 
@@ -41,11 +44,11 @@ def out(tmp_path):
 
 
 def fails_in_one_line(capsys, script: str, argv: list[str], expect: str, out: Path) -> str:
-    """Run a script's CLI entry (common.run_main, as `python script.py` does): exit status 2, stderr one `error:`
+    """Run a script's CLI entry (harness.run_main, as `python script.py` does): exit status 2, stderr one `error:`
     line naming `expect` (plus at most one `hint:` line), no traceback, and the output_dir unchanged."""
     before = snapshot(out)
     with pytest.raises(SystemExit) as e:
-        common.run_main(lambda: MAINS[script](argv))
+        harness.run_main(lambda: MAINS[script](argv))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2, err
     assert len(err) <= 2 and err[0].startswith("error: ") and all(x.startswith("hint: ") for x in err[1:]), err
@@ -61,7 +64,7 @@ def write(path: Path, rows) -> str:
 
 # ---------------------------------------------------------------------------------------------- the config layer
 
-COMMON_CASES = [  # (argv, text the one line must hold), for BOTH scripts: they share common.parse_config
+COMMON_CASES = [  # (argv, text the one line must hold), for BOTH scripts: they share harness.parse_config
     (["--bogus", "1"], "unrecognized arguments: --bogus"),
     (["stray"], "unrecognized arguments: stray"),
     (["--se", "1"], "unrecognized arguments: --se"),  # no abbreviations
@@ -174,8 +177,8 @@ def test_split_slices_folders_and_saved_datasets_are_read(tmp_path):
     rows = [{"instruction": f"q{i}", "response": f"a{i}"} for i in range(6)]
     p = write(tmp_path / "pool.jsonl", rows)
     assert S.load_pool(S.Config(pool=p, split="train[2:4]"))[0] == rows[2:4]
-    rows_, label = common.read_rows(p, "train[2:4]")
-    assert common.row_location(label, 0) == f"{p} row 3"  # a slice keeps the file's row numbers
+    rows_, label = harness.read_rows(p, "train[2:4]")
+    assert harness.row_location(label, 0) == f"{p} row 3"  # a slice keeps the file's row numbers
     (tmp_path / "folder").mkdir()
     write(tmp_path / "folder" / "part.jsonl", rows)
     assert S.load_pool(S.Config(pool=str(tmp_path / "folder")))[0] == rows
@@ -271,9 +274,9 @@ def test_json_outputs_have_no_bare_nan_and_the_usual_mode(tmp_path):
 
     obj = {"a": float("nan"), "b": [float("inf"), torch.tensor([1.0, float("nan")])], "c": np.float64("nan"),
            "d": np.int64(3)}
-    common.write_json(tmp_path / "x.json", obj)
-    common.write_jsonl(tmp_path / "x.jsonl", [obj])
-    log = common.MetricsLogger(None, tmp_path)
+    harness.write_json(tmp_path / "x.json", obj)
+    harness.write_jsonl(tmp_path / "x.jsonl", [obj])
+    log = harness.MetricsLogger(None, tmp_path)
     log.log({"loss": float("nan"), "r": torch.tensor(float("inf"))}, step=0)
     want = {"a": None, "b": [None, [1.0, None]], "c": None, "d": 3}
     assert strict_json((tmp_path / "x.json").read_text()) == want
@@ -294,11 +297,11 @@ def test_experiment_smoke_never_overwrites_the_published_results(tmp_path, monke
     assert len(scripts) == 11
     for f in scripts:  # every script's --out default comes from experiment_args, which calls results_dir
         assert f'experiment_args("{f.stem}", __doc__, argv' in f.read_text(), f
-    assert "common.results_dir(name, args.smoke)" in (ROOT / "experiments/shared.py").read_text()
-    assert common.results_dir("x", True) == ROOT / "outputs/experiments-smoke/x"
-    assert common.results_dir("x", False) == ROOT / "docs/results/x"
+    assert "results_dir(name, args.smoke)" in (ROOT / "experiments/shared.py").read_text()
+    assert shared.results_dir("x", True) == ROOT / "outputs/experiments-smoke/x"
+    assert shared.results_dir("x", False) == ROOT / "docs/results/x"
     calls = []
-    monkeypatch.setattr(common, "results_dir", lambda name, smoke: calls.append((name, smoke)) or tmp_path / name)
+    monkeypatch.setattr(shared, "results_dir", lambda name, smoke: calls.append((name, smoke)) or tmp_path / name)
     from experiments import salt_geometry as mod
     mod.main(["--smoke", "--cache_dir", str(tmp_path / "cache")])
     assert calls == [("salt_geometry", True)] and (tmp_path / "salt_geometry/results.json").exists()
@@ -321,7 +324,7 @@ def test_selected_jsonl_trains_with_a_standard_sft_loop(tmp_path):
     ds = datasets.load_dataset("json", data_files=str(out / "selected.jsonl"), split="train")
     assert ds.num_rows == 6 and {"instruction", "response", "family", "messages", "spice_index"} <= set(ds.column_names)
     assert datasets.load_from_disk(str(tmp_path / "ds")).to_list() == ds.to_list()
-    model, tok = common.tiny_llama(seed=0)
+    model, tok = harness.tiny_llama(seed=0)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     train = ds.map(lambda r: tok(tok.apply_chat_template(r["messages"], tokenize=False)))
     args = TrainingArguments(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=2,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import common
+
+import harness
 import salt_grpo as sg
 from test_salt_train import PARITY, ROOT, chat_model, reset_accelerate
 
@@ -25,7 +26,7 @@ def main(argv, capsys) -> tuple[int, str]:
     capsys.readouterr()
     code = 0
     try:
-        common.run_main(lambda: sg.main(list(argv)))
+        harness.run_main(lambda: sg.main(list(argv)))
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
@@ -119,7 +120,7 @@ def test_output_dir_that_is_not_empty_a_file_or_unwritable(run_dir, tmp_path, ca
 def test_overwrite_output_dir_replaces_the_old_run_without_mixing(run_dir, capsys):
     code, _ = main(SMOKE + ["--output_dir", str(run_dir), "--overwrite_output_dir", "--max_steps", "1"], capsys)
     assert code == 0 and not (run_dir / "checkpoint-2").exists() and (run_dir / "final" / "model.safetensors").exists()
-    assert [r["step"] for r in common.read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 1]
+    assert [r["step"] for r in harness.read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 1]
 
 
 def _cut(p: Path, keep: float = 0.5):
@@ -163,7 +164,7 @@ def test_resume_after_a_kill_mid_line_and_with_harmless_changes(run_dir, capsys)
     code, err = main(SMOKE + ["--output_dir", str(run_dir), "--resume_from", str(run_dir / "checkpoint-1"),
                               "--max_steps", "3", "--eval_every", "2", "--save_every", "0"], capsys)
     assert code == 0, err[-2000:]
-    rows = common.read_metrics(run_dir / "metrics.jsonl")
+    rows = harness.read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and rows[0] == {"step": 0, **rows[0]}
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["resumed_from_step"] == 1 and s["eval_accuracy_start"] is not None  # from the original run's step 0

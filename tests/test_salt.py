@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import common
+
+import harness
 import reference
 import salt_grpo as sg
 from common import UserError
@@ -95,7 +97,7 @@ def test_2_official_default_is_not_grpo_even_at_alpha_one():
 @pytest.mark.parametrize("k", [1, 3, 7])
 def test_3_projector_properties(k):
     K = K_of(rand_feats(10, 6, k))
-    P, _ = sg.spectral_projector(K, k)
+    P, _ = sg.top_eigenspace(K, k)
     assert torch.allclose(P, P.T, atol=1e-12) and torch.allclose(P @ P, P, atol=1e-10)
     assert math.isclose(float(torch.trace(P)), k, abs_tol=1e-10)
     a = grpo_adv(10, 5, k)
@@ -124,10 +126,10 @@ def test_4_k_rule():
     out, d = sg.salt_reweight(torch.ones(1, 1, dtype=torch.float64), one, cfg())
     assert torch.equal(out, one) and d["skipped"] == 1.0
     # ρ scales k with Python rounding: PR = 6 → ρ=0.25 gives round(1.5) = 2, ρ=0.75 gives round(4.5) = 4
-    assert sg.subspace_size(6.0, 10, cfg(salt_rho=0.25)) == 2
-    assert sg.subspace_size(6.0, 10, cfg(salt_rho=0.75)) == 4
-    assert sg.subspace_size(6.0, 10, cfg(salt_rho=0.5)) == 3
-    assert sg.subspace_size(0.2, 10, cfg(salt_k_min=1)) == 1
+    assert sg.subspace_size(6.0, 10, rho=0.25, k_min=1, k_max=64) == 2
+    assert sg.subspace_size(6.0, 10, rho=0.75, k_min=1, k_max=64) == 4
+    assert sg.subspace_size(6.0, 10, rho=0.5, k_min=1, k_max=64) == 3
+    assert sg.subspace_size(0.2, 10, rho=1.0, k_min=1, k_max=64) == 1
 
 
 # 5. PR bounds and scale invariance ----------------------------------------------------------------------
@@ -260,10 +262,14 @@ def test_12_fp32_matches_fp64_on_well_conditioned_K():
 # 13. determinism ----------------------------------------------------------------------------------------
 
 def test_13_determinism_of_projection_and_reweighting():
-    model, _ = common.tiny_llama(seed=0)
-    s1, s2 = sg.FeatureSpec(model, cfg(salt_features="kronecker", salt_k_out=8, salt_k_in=4)), sg.FeatureSpec(model, cfg(salt_features="kronecker", salt_k_out=8, salt_k_in=4))
-    assert torch.equal(s1.p_out, s2.p_out) and torch.equal(s1.p_in, s2.p_in)
-    assert not torch.equal(s1.p_out, sg.FeatureSpec(model, cfg(salt_features="kronecker", salt_k_out=8, salt_k_in=4, seed=1)).p_out)
+    model, _ = harness.tiny_llama(seed=0)
+    def proj(seed):  # the projection pair of the first layer of a `layers` feature (salt_features=kronecker: dropped)
+        spec = sg.FeatureSpec(model, cfg(salt_features="layers", salt_layers="last:1", salt_k_out=8, salt_k_in=4,
+                                         seed=seed))
+        return next(iter(spec.featurizer.projector.mats.values()))
+    (o1, i1), (o2, i2) = proj(0), proj(0)
+    assert torch.equal(o1, o2) and torch.equal(i1, i2)
+    assert not torch.equal(o1, proj(1)[0])
     F, a = rand_feats(12, 7, 18), grpo_adv(12, 4, 18)
     assert torch.equal(sg.salt_reweight(K_of(F), a, cfg())[0], sg.salt_reweight(K_of(F), a, cfg())[0])
     r = [sg.salt_reweight(K_of(F), a, cfg(salt="random_subspace"), torch.Generator().manual_seed(3))[0] for _ in "ab"]
@@ -383,14 +389,14 @@ def test_clipped_loss_and_aggregation_by_hand():
 # --- task, checker, config -----------------------------------------------------------------------------
 
 def test_answer_checker_and_garbage():
-    assert sg.extract_final_number("so 3 + 4 = 7.") == 7.0
-    assert sg.extract_final_number("step 12 ... #### 1,234") == 1234.0
-    assert sg.extract_final_number("-5 is it") == -5.0
+    assert arithmetic.extract_final_number("so 3 + 4 = 7.") == 7.0
+    assert arithmetic.extract_final_number("step 12 ... #### 1,234") == 1234.0
+    assert arithmetic.extract_final_number("-5 is it") == -5.0
     for junk in ["", "no digits here", "\x00\xff", None, 42, "1e999999 __import__('os')"]:
-        r = sg.reward_fn(junk, 7.0)
+        r = arithmetic.reward_fn(junk, 7.0)
         assert r in (0.0, 1.0)
-    assert sg.reward_fn("The answer is 7", 7.0) == 1.0 and sg.reward_fn("7 or 8", 7.0) == 0.0
-    assert sg.reward_fn("__import__('os').system('true') or 7", 7.0) == 1.0  # parsed, never evaluated
+    assert arithmetic.reward_fn("The answer is 7", 7.0) == 1.0 and arithmetic.reward_fn("7 or 8", 7.0) == 0.0
+    assert arithmetic.reward_fn("__import__('os').system('true') or 7", 7.0) == 1.0  # parsed, never evaluated
 
 
 def test_builtin_task_is_seeded_and_held_out_is_disjoint():
@@ -418,14 +424,14 @@ def test_builtin_task_rows_are_the_generators_through_the_loader():
                   word_frac=c.task_word_frac)
         for rows, want in zip(sg.load_rows(c), (arithmetic.arithmetic_task(c.task_size, c.seed, False, **kw),
                                                 arithmetic.arithmetic_task(c.eval_size, c.seed, True, **kw))):
-            assert [(r["prompt"], sg.extract_final_number(r["answer"])) for r in rows] == \
+            assert [(r["prompt"], arithmetic.extract_final_number(r["answer"])) for r in rows] == \
                 [(w["prompt"], w["answer"]) for w in want]
 
 
 def test_prompts_for_round_covers_epochs_without_repeats():
     seen = []
     for r in range(5):
-        seen += sg.prompts_for_round(10, 4, r, seed=3)
+        seen += harness.prompts_for_round(10, 4, r, seed=3)
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
 
 
@@ -444,7 +450,7 @@ def test_dataset_rows_errors_name_file_row_field(tmp_path):
                     json.dumps({"question": "3+3?", "answer": "#### 6"}) + "\n" * 2 +
                     json.dumps({"question": "1+1?", "answer": 2}) + "\n")
     tr, ev = sg.load_rows(cfg(dataset=str(good), eval_size=1))
-    assert sorted(sg.extract_final_number(r["answer"]) for r in tr + ev) == [2.0, 4.0, 6.0]
+    assert sorted(arithmetic.extract_final_number(r["answer"]) for r in tr + ev) == [2.0, 4.0, 6.0]
     assert {r["prompt"] for r in tr + ev} == {"2+2?", "3+3?", "1+1?"}
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n" + json.dumps({"question": "x"}) + "\n")
@@ -470,7 +476,7 @@ def test_config_file_and_cli_precedence(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("preset: smoke\nnum_generations: 6\nsalt: identity\n")
     c = sg.parse_config(["--config", str(f), "--salt", "amplify"])
-    assert c.model == common.TINY and c.num_generations == 6 and c.salt == "amplify"
+    assert c.model == harness.TINY and c.num_generations == 6 and c.salt == "amplify"
     f.write_text("num_generation: 6\n")
     with pytest.raises(UserError, match="unknown field"):
         sg.parse_config(["--config", str(f)])

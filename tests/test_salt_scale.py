@@ -15,7 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 import common
+
+import harness
 import salt_grpo as sg
+from data import arithmetic
 from test_salt_train import PARITY, ROOT, chat_model, reset_accelerate, smoke
 
 REWARDS = PARITY.rsplit(":", 1)[0]
@@ -85,7 +88,7 @@ def test_steps_per_generation_splits_one_round_into_optimizer_steps(tmp_path):
     m1, m2 = sg.accumulate_gradients(one, r1["slices"][0], 0), sg.accumulate_gradients(two, r2["slices"][0], 0)
     assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-7)
     s = sg.train(smoke(tmp_path, "s2", steps_per_generation=2, max_steps=4))
-    rows = [r for r in common.read_metrics(Path(s["outputs"]["metrics"])) if "loss" in r]
+    rows = [r for r in harness.read_metrics(Path(s["outputs"]["metrics"])) if "loss" in r]
     assert [("time/generation_s" in r) for r in rows] == [True, False, True, False]
 
 
@@ -110,16 +113,16 @@ def test_conversational_prompts_system_prompt_and_chat_template(tmp_path):
               reward_funcs=f"{REWARDS}:conversational")
     t, m, changed = one_step(c)
     assert changed and math.isfinite(m["loss"])
-    text = sg.format_prompt(t.tok, t.train_rows[0]["prompt"], c.system_prompt)
+    text = harness.format_prompt(t.tok, t.train_rows[0]["prompt"], c.system_prompt)
     assert text.startswith("<system>Be brief.\n<user>What is") and text.endswith(" Just the number.\n<assistant>")
     own = next(r for r in t.train_rows + t.eval_rows if r["prompt"][0]["role"] == "system")
-    assert sg.format_prompt(t.tok, own["prompt"], c.system_prompt).startswith("<system>Own.\n<user>")
+    assert harness.format_prompt(t.tok, own["prompt"], c.system_prompt).startswith("<system>Own.\n<user>")
 
 
 def test_several_eos_ids_stop_mask_and_truncate(tmp_path):
     t = sg.build(smoke(tmp_path, model=str(chat_model(tmp_path / "m", eos_extra="!"))))
     assert t.eos == [t.tok.eos_token_id, t.tok.convert_tokens_to_ids("!")]  # from generation_config's list
-    model, tok = common.tiny_llama(seed=0)
+    model, tok = harness.tiny_llama(seed=0)
     c = sg.Config(bf16=False)
     _, _, comp, mask = sg.generate(model, tok, ["What is 1 + 2?\n"], c, torch.device("cpu"), 12)  # greedy
     assert int(mask.sum()) == 12 and bool(sg.truncated(comp, mask, [tok.eos_token_id])[0])
@@ -132,7 +135,7 @@ def test_several_eos_ids_stop_mask_and_truncate(tmp_path):
 
 
 def test_prompts_are_cut_on_the_left_with_a_warning(tmp_path, capsys):
-    model, tok = common.tiny_llama(seed=0)
+    model, tok = harness.tiny_llama(seed=0)
     long = "x" * 5000 + " What is 1 + 2?\n"
     ids, am, _, _ = sg.generate(model, tok, [long, "Hi\n"], sg.Config(bf16=False, max_prompt_length=10),
                                 torch.device("cpu"), 2)
@@ -157,7 +160,7 @@ def test_held_out_split_of_a_dataset_with_duplicates_is_disjoint_by_prompt(tmp_p
     ("1e3 apples", 1000), ("it is -12", -12), ("#### 1,234,567", 1234567), ("total: -1,234.5", -1234.5),
     ("3 / 4 of them", 0.75), ("12, 34", 34), ("x = 1/0", None), ("no number", None), ("2.5e-1", 0.25)])
 def test_answer_parsing(text, value):
-    assert sg.extract_final_number(text) == (None if value is None else pytest.approx(value))
+    assert arithmetic.extract_final_number(text) == (None if value is None else pytest.approx(value))
 
 
 def test_token_logprobs_match_log_softmax_without_an_fp32_copy():
@@ -201,7 +204,7 @@ def test_lora_final_model_is_an_adapter_that_loads_on_its_base(tmp_path):
     s = sg.train(smoke(tmp_path, model=str(base), use_peft=True, max_steps=1))
     final = Path(s["outputs"]["final_model"])
     assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
-    model, tok = common.load_model(str(final))  # transformers puts the adapter on base_model_name_or_path
+    model, tok = harness.load_model(str(final))  # transformers puts the adapter on base_model_name_or_path
     assert hasattr(model, "peft_config") and tok.chat_template
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+import harness  # noqa: E402
 import salt_grpo as sg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def grads_of(t):
 def test_rollouts_are_exact_samples_of_the_trained_policy():
     """generate + GumbelSampler draws token t from softmax(z_t/τ) of the model itself, with each rollout's own
     generator, ignoring sampling settings in the model's generation_config (here a repetition penalty)."""
-    model, tok = common.tiny_llama(seed=3)
+    model, tok = harness.tiny_llama(seed=3)
     model.generation_config.repetition_penalty, model.generation_config.do_sample = 3.0, True
     c = sg.Config(bf16=False, temperature=0.7)
     prompts = ["What is 1 + 2?\n", "Hi\n"]
@@ -108,8 +108,8 @@ def test_salt_changes_the_update_when_neff_below_one(tmp_path):
 def test_micro_scope_and_several_micro_batches_run(tmp_path):
     """mini scope with 2 micro-batches (no-grad feature pass) equals mini scope in one micro-batch; micro scope runs."""
     reset_accelerate()
-    one = sg.build(smoke(tmp_path, salt_features="kronecker", salt_k_out=8, salt_k_in=8))
-    two = sg.build(smoke(tmp_path, micro_batch_size=4, salt_features="kronecker", salt_k_out=8, salt_k_in=8))
+    one = sg.build(smoke(tmp_path, salt_features="sketch", salt_sketch_dim=64))  # (kronecker before issue 23)
+    two = sg.build(smoke(tmp_path, micro_batch_size=4, salt_features="sketch", salt_sketch_dim=64))
     micro = sg.build(smoke(tmp_path, micro_batch_size=4, salt_scope="micro"))
     layers = sg.build(smoke(tmp_path, salt_features="layers", salt_layers="last:1", salt_k_out=4, salt_k_in=4))
     batch = sg.make_rollouts(one, 0)["slices"][0]
@@ -126,7 +126,7 @@ def test_micro_scope_and_several_micro_batches_run(tmp_path):
     assert mz["salt/skipped"] == 0.5 and mz["salt/k"] >= 1
     ml = sg.accumulate_gradients(layers, batch, 0)
     assert ml["salt/B"] == 8 and ml["salt/participation_ratio"] >= 1
-    assert ml["salt/gram"] == mm["salt/gram"] == 1.0 and m1["salt/gram"] == 0.0  # layers, lm_head exact; kronecker
+    assert ml["salt/gram"] == mm["salt/gram"] == 1.0 and m1["salt/gram"] == 0.0  # layers, lm_head exact; sketch
 
 
 def _job(cfg_dict):
@@ -149,7 +149,7 @@ def launch(n: int, c, tmp_path) -> None:
 def chat_model(path: Path, eos_extra: str = "!") -> Path:
     """The tiny model saved with a chat template and several EOS ids in its generation_config (as Qwen2.5 / Llama-3
     have two): the tokenizer's and each character of eos_extra."""
-    model, tok = common.tiny_llama(seed=0)
+    model, tok = harness.tiny_llama(seed=0)
     tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
     model.generation_config.eos_token_id = [tok.eos_token_id] + [tok.convert_tokens_to_ids(ch) for ch in eos_extra]
@@ -173,7 +173,7 @@ def test_two_processes_equal_one_process(tmp_path, gram):
     assert w1.keys() == w2.keys()
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=2e-5, rtol=1e-4), k
-    m1, m2 = (common.read_metrics(Path(c.output_dir) / "metrics.jsonl") for c in (one, two))
+    m1, m2 = (harness.read_metrics(Path(c.output_dir) / "metrics.jsonl") for c in (one, two))
     assert len(m1) == len(m2)
     for r1, r2 in zip(m1, m2):
         assert r1.get("salt/gram", 0.0) == (0.0 if gram else 1.0) or "salt/neff" not in r1
@@ -202,7 +202,7 @@ def test_two_processes_equal_one_process_with_every_new_option(tmp_path):
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=2e-5, rtol=1e-4), k
     assert any(w1[k].abs().sum() > 0 for k in w1 if "lora_B" in k)  # the adapter trained (lora_B starts at 0)
-    m1, m2 = (common.read_metrics(Path(c.output_dir) / "metrics.jsonl") for c in (one, two))
+    m1, m2 = (harness.read_metrics(Path(c.output_dir) / "metrics.jsonl") for c in (one, two))
     assert [r["step"] for r in m1] == [r["step"] for r in m2] == [0, 1, 2, 3, 3]
     for r1, r2 in zip(m1, m2):
         assert r1.keys() == r2.keys()
@@ -246,12 +246,12 @@ def test_resume_matches_uninterrupted(tmp_path, iters, resume_at, spg):
     w1, w2 = (load_file(str(Path(c.output_dir) / "final" / "model.safetensors")) for c in (full, res))
     for k in w1:
         assert torch.equal(w1[k], w2[k]), k
-    tail = [r for r in common.read_metrics(Path(full.output_dir) / "metrics.jsonl") if r["step"] > resume_at and "loss" in r]
-    rows = common.read_metrics(Path(res.output_dir) / "metrics.jsonl")
+    tail = [r for r in harness.read_metrics(Path(full.output_dir) / "metrics.jsonl") if r["step"] > resume_at and "loss" in r]
+    rows = harness.read_metrics(Path(res.output_dir) / "metrics.jsonl")
     again = [r for r in rows if r["step"] > resume_at and "loss" in r]
     assert [r["loss"] for r in tail] == [r["loss"] for r in again]
     # the resumed run's metrics and summary describe the whole run, from step 0
-    full_rows = common.read_metrics(Path(full.output_dir) / "metrics.jsonl")
+    full_rows = harness.read_metrics(Path(full.output_dir) / "metrics.jsonl")
     assert [r["step"] for r in rows] == [r["step"] for r in full_rows]
     s_full = json.loads((Path(full.output_dir) / "summary.json").read_text())
     assert s["reward_start"] == s_full["reward_start"] and s["reward_end"] == s_full["reward_end"]
@@ -270,7 +270,7 @@ def test_script_end_to_end_smoke_and_plot(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "out"
     assert "held-out reward" in r.stdout and str(out) in r.stdout and "train reward" in r.stdout
-    rows = common.read_metrics(out / "metrics.jsonl")
+    rows = harness.read_metrics(out / "metrics.jsonl")
     steps = [x for x in rows if "loss" in x]
     assert [x["step"] for x in steps] == [1, 2, 3]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "clip_ratio/region_mean",
@@ -307,7 +307,7 @@ def test_smollm2_one_step(tmp_path):
     c = dataclasses.replace(sg.Config(), output_dir=str(tmp_path / "s"), max_steps=1, prompts_per_step=1,
                             num_generations=3, max_completion_length=4, eval_size=0, salt_alpha_min=0.5)
     sg.train(c)
-    rows = [r for r in common.read_metrics(tmp_path / "s" / "metrics.jsonl") if "loss" in r]
+    rows = [r for r in harness.read_metrics(tmp_path / "s" / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 1 and (tmp_path / "s" / "final" / "model.safetensors").exists()
     assert rows[0]["num_tokens"] > 0 and ("salt/k" in rows[0] or rows[0].get("salt/skipped") == 1.0)
 

