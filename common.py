@@ -124,9 +124,8 @@ class CountSketch:
     """Sparse JL (CountSketch, Charikar et al. 2002) of the exact per-sample gradient: f_i = S vec(G_i) ∈ R^d.
 
     Coordinate j of layer l goes to bucket h_l(j) with sign s_l(j), seeded by layer name: E⟨Sx, Sy⟩ = ⟨x, y⟩ and
-    Var⟨Sx, Sy⟩ = (⟨x,y⟩² + ‖x‖²‖y‖² − 2 Σ_j x_j² y_j²)/d, never above a dense Gaussian JL's. Measured on SmolLM2
-    (16 × 128 tokens, d = 8192): RMS Gram error 0.022 (LoRA r = 8) / 0.017 (last:4), a dense JL's to 1 %, in 42 s /
-    20 s on one core against 78 s / 146 s for the per-sample loop + dense JL at d = 1024 (docs/spice.md#features).
+    Var⟨Sx, Sy⟩ = (⟨x,y⟩² + ‖x‖²‖y‖² − 2 Σ_j x_j² y_j²)/d, never above a dense Gaussian JL's. Error and cost
+    against the exact gradients and the per-sample loop: docs/spice.md#features (bench/featurize.py).
     """
 
     def __init__(self, layers: dict[str, nn.Linear], d: int = 8192, seed: int = 0):
@@ -356,7 +355,7 @@ def lm_head_gram(hidden: torch.Tensor, logits: torch.Tensor, labels: torch.Tenso
     ManualLmHeadProxy feature) by `linear_gram`, δ_t = `score_delta`; shapes as `lm_head_tokens`; (B, B) float64.
 
     Memory O(chunk·V) beyond the logits. = the Gram of the materialised gradients to ≤ 1e-5 in fp32
-    (tests/test_gram.py); 0.7 s for a SmolLM2 demo batch (32 × 651 tokens, one core, `bench/featurize.py`).
+    (tests/test_gram.py); its cost: docs/salt.md#gram-options-accuracy-and-cost (bench/featurize.py).
     """
     return lm_head_gram_tokens(lm_head_tokens(hidden, logits, labels, mask), mask.shape[0], temperature, chunk_tokens)
 
@@ -376,9 +375,8 @@ def tensor_sketch(x: torch.Tensor, delta, rows: torch.Tensor, n_rows: int, d: in
     C_1, C_2 CountSketches, so E[f_i·f_j] = ⟨G_i, G_j⟩; (B, d) fp32 in O(N(d_out + d_in + d log d)). Inputs as
     `linear_gram`.
 
-    Measured (`bench/featurize.py --consumer salt`, SmolLM2 LM head, 32 rollouts, 5 seeds): Gram relative error
-    0.175 / 0.083 / 0.039 at d = 1k / 4k / 16k, 0.98–1.06× a dense Gaussian JL's; 0.48 s at d = 4k against
-    ~1800 s for materialise + dense JL.
+    Its error against the exact Gram and its cost, next to a dense Gaussian JL's: docs/salt.md#gram-options-accuracy-
+    and-cost (bench/featurize.py --consumer salt).
     """
     get, N = _delta_blocks(delta), x.shape[0]
     d_out = get(0, 1).shape[1] if N else 1

@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import errno
 import functools
+import hashlib
 import importlib
 import importlib.util
 import io
@@ -29,6 +30,7 @@ import shutil
 import socket
 import string
 import sys
+import time
 import tempfile
 import typing
 import zlib
@@ -42,7 +44,9 @@ from common import UserError, broadcast_object, on_main
 
 def run_main(fn: Callable[[], Any]) -> Any:
     """Run a script's main; a UserError becomes `error: ...` / `hint: ...` on stderr and exit status 2 (printed by
-    the first process only, when several run), and so does running out of memory."""
+    the first process only, when several run), and so does running out of memory. The process group of a
+    multi-process launch is destroyed before the process exits: left to interpreter shutdown, gloo's threads can
+    abort a rank (SIGABRT) after a run that succeeded."""
     try:
         return fn()
     except (UserError, MemoryError) as e:
@@ -54,6 +58,9 @@ def run_main(fn: Callable[[], Any]) -> Any:
             if e.hint:
                 print(f"hint: {e.hint}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -651,6 +658,36 @@ def check_run(cfg: TrainRunConfig) -> None:
     check_trackers(report_to(cfg))
 
 
+@dataclasses.dataclass
+class PoolRunConfig(RunConfig):
+    """A run over a pool of instruction rows: where the rows are and which columns hold what, how they are batched,
+    the feature cache, and what is written beside the outputs."""
+    pool: Optional[str] = option(None, "local .jsonl/.json/.parquet/.csv, a folder (save_to_disk or data files) or a "
+                                       "HF dataset id; none: the script's demo pool", path=True)
+    split: Optional[str] = option(None, "split or slice, e.g. test or train[:1000]; default train (a local file is "
+                                        "the one split train)")
+    dataset_config: Optional[str] = option(None, "hub dataset config name")
+    instruction_field: Optional[str] = option(None, "column of the instruction; default: auto (instruction, input)")
+    input_field: Optional[str] = option(None, "optional context appended to the instruction (default: auto, "
+                                              "`input` when the instruction is `instruction`)")
+    response_field: Optional[str] = option(None, "column of the response; default: auto (response, output)")
+    messages_field: Optional[str] = option(None, "column of chat rows; default: auto (messages)")
+    skip_malformed: bool = option(False, "skip malformed rows and report their count (default: stop with an error "
+                                         "naming the row)")
+    batch_size: int = option(16, "rows per forward", ge=1)
+    shard_batches: int = option(8, "batches per cached shard", ge=1)
+    cache_dir: Optional[str] = option(None, "cache (default <output_dir>/feature_cache); `none` disables it", path=True)
+    save_to_disk: Optional[str] = option(None, "also save selected.jsonl's rows as a HF datasets folder here",
+                                         path=True)
+    column_prefix: str = option("sel_", "prefix of the columns selected.jsonl adds to the pool's own")
+
+
+def check_pool_run(cfg: PoolRunConfig) -> None:
+    """The pool settings that cannot work together."""
+    if cfg.dataset_config and cfg.pool and Path(cfg.pool).is_file():
+        raise UserError(f"--dataset_config {cfg.dataset_config!r} applies to hub datasets, not the file {cfg.pool}")
+
+
 def report_to(cfg) -> list[str]:
     """--report_to as a list of tracker names ([] for none)."""
     return [s.strip() for s in cfg.report_to.split(",") if s.strip() and s.strip() != "none"]
@@ -679,10 +716,10 @@ def seeded_rng(*parts, device=None):
         yield
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, targets: list[str], seed: int, **peft_kwargs):
+def add_lora(model, r: int, alpha: int, dropout: float, targets: list[str], seed: int, flag: str, **peft_kwargs):
     """The model with a seeded LoRA adapter (peft draws lora_A from the global RNG: seeded here, whatever ran before).
-    targets: module names, ["all-linear"], or [] for peft's default. A bad target or an adapter too large to build
-    is a one-line error naming the flag."""
+    targets: module names, ["all-linear"], or [] for peft's default. A bad target (named with `flag`, the script's
+    targets flag) or an adapter too large to build is a one-line error."""
     from peft import LoraConfig, get_peft_model
 
     task_type = peft_kwargs.pop("task_type", None)
@@ -693,10 +730,8 @@ def add_lora(model, r: int, alpha: int, dropout: float, targets: list[str], seed
                 r=r, lora_alpha=alpha, lora_dropout=dropout, task_type=task_type,
                 target_modules="all-linear" if targets == ["all-linear"] else targets or None), **peft_kwargs)
     except (ValueError, TypeError, KeyError) as e:  # peft's "Target modules ... not found", bad values
-        raise UserError(f"LoRA target modules {','.join(targets) or '(peft default)'}: "
-                        f"{str(e).splitlines()[0][:200]}",
-                        hint="name Linear modules of the model (e.g. q_proj,v_proj) or `all-linear` "
-                             "(--lora_target_modules / --lora_targets)") from None
+        raise UserError(f"{flag} {','.join(targets) or '(peft default)'}: {str(e).splitlines()[0][:200]}",
+                        hint="name Linear modules of the model (e.g. q_proj,v_proj) or `all-linear`") from None
     except (RuntimeError, MemoryError) as e:  # an adapter too large to allocate
         raise UserError(f"--lora_r {r}: the LoRA adapter cannot be built ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120] if str(e) else ''})", hint="pass a smaller --lora_r") from None
@@ -1527,6 +1562,141 @@ def save_final(accelerator, model, raw, tok, final: Path) -> None:
     accelerator.wait_for_everyone()
 
 
+# ---- Generation: `generate` with per-rollout seeded sampling, so results do not depend on the process count ---------
+
+class GumbelSampler:
+    """Exact sampling from softmax(z/τ) (after top-p) by the Gumbel-max trick, used as a logits processor of a
+    greedy `generate`. Each rollout owns a seeded generator, so its tokens depend only on (seed, round, prompt, g),
+    never on which process or batch it landed in (HF's own sampling draws from the global RNG)."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
+        self.generators, self.temperature, self.top_p = generators, temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        z = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            s, idx = torch.sort(z, descending=True, dim=-1)
+            drop = torch.softmax(s, -1).cumsum(-1) - torch.softmax(s, -1) > self.top_p  # keep the first past p
+            z = z.scatter(-1, idx, s.masked_fill(drop, float("-inf")))
+        u = torch.stack([torch.rand(z.shape[-1], generator=g, device=g.device) for g in self.generators])
+        return z - torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
+
+def rollout_seed(seed: int, round_idx: int, prompt_idx: int, g: int) -> int:
+    """The seed of rollout g of a prompt in a round: a function of these four numbers alone."""
+    return zlib.crc32(f"{seed}/{round_idx}/{prompt_idx}/{g}".encode()) + (seed % 1000) * 2**32
+
+def bf16_native(device: torch.device) -> bool:
+    """bf16 autocast pays only with bf16 matmuls in hardware: CUDA, or a CPU with AVX512-BF16/AMX (oneDNN); elsewhere
+    the CPU emulates it, many times slower (measured in docs/salt.md)."""
+    return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+def autocast(cfg, device: torch.device):
+    if not cfg.bf16 or not bf16_native(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+def eos_ids(model, tok) -> list[int]:
+    """Every id that ends a completion: generation_config.eos_token_id (an int or a list, e.g. Qwen2.5 and Llama-3
+    instruct models list two) and the tokenizer's EOS."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return list(dict.fromkeys(ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], cfg, device, max_new_tokens: int, generators=None,
+             eos: list[int] | None = None, synced: bool = False):
+    """Left-padded batched `generate`; any EOS id stops a row. Prompts keep their last max_prompt_length tokens.
+    synced: every process runs the same number of forwards (FSDP and ZeRO-3 gather weights inside each forward).
+    Returns prompt ids, prompt mask, completion ids and the completion mask (tokens up to and including EOS)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    eos = eos or [tok.eos_token_id]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None))
+    L = cfg.max_prompt_length  # left padding: the last L columns keep every prompt's end
+    ids, am = enc.input_ids[:, -L:].to(device), enc.attention_mask[:, -L:].to(device)
+    # every sampling-related field explicit: generate fills unset ones from the model's generation_config (e.g. a
+    # hub model's repetition_penalty), which would make the sampler differ from the policy being trained
+    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=None,
+                          repetition_penalty=1.0, min_length=0, no_repeat_ngram_size=0, pad_token_id=tok.pad_token_id,
+                          eos_token_id=eos, bos_token_id=tok.bos_token_id)
+    procs = LogitsProcessorList([GumbelSampler(generators, cfg.temperature, cfg.top_p)] if generators else [])
+    with autocast(cfg, device):
+        out = model.generate(input_ids=ids, attention_mask=am, generation_config=gc, logits_processor=procs,
+                             synced_gpus=synced)
+    comp = out[:, ids.shape[1]:]
+    is_eos = torch.isin(comp, torch.tensor(eos, device=comp.device))
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    mask = (~after).long()
+    comp = comp.masked_fill(after, tok.pad_token_id)
+    return ids, am, comp, mask
+
+def truncated(comp: torch.Tensor, mask: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """Rows that used every new token without emitting an EOS."""
+    return (mask[:, -1] == 1) & ~torch.isin(comp[:, -1], torch.tensor(eos, device=comp.device))
+
+@contextlib.contextmanager
+def timed(timing: dict, key: str):
+    """Adds the seconds spent inside the block to timing[key]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[key] += time.perf_counter() - start
+
+
+def warn_about_run(cfg, tok, texts: list[str], device, n_local: int) -> None:
+    """Warnings (stderr) for settings that run, but not as the user likely expects."""
+    long = sum(len(x) > cfg.max_prompt_length for x in tok(texts, add_special_tokens=not tok.chat_template).input_ids)
+    if long:
+        print(f"warning: {long} of {len(texts)} prompts are longer than --max_prompt_length {cfg.max_prompt_length} "
+              "tokens; they are cut on the left (TRL's rule)", file=sys.stderr)
+    if cfg.bf16 and not bf16_native(device):
+        print("warning: this CPU has no native bf16 matmul (about 15x slower emulated), so --bf16 runs in fp32 here",
+              file=sys.stderr)
+    if cfg.micro_batch_size == 0 and device.type != "cpu":
+        print(f"warning: --micro_batch_size 0 puts all {n_local} rollouts of a step through one forward/backward per "
+              "process; set it (e.g. 16) if memory runs out", file=sys.stderr)
+
+
+# ---- The run's summary: summary.json and the lines a finished run prints ------------------------------------------
+
+def summarise_run(history: list[dict], *, eval_key: str, start: int, end: float | None, steps: int, wall_time_s: float,
+                  model: str, out: Path, processes: int, eval_size: int, **settings) -> dict:
+    """summary.json: `settings` (the method's, e.g. its mode), reward and held-out score at the start and the end
+    (reward is noisy per step: the mean of the first / last quarter, 1 to 8 steps), and where the outputs are."""
+    rewards = [h["reward"] for h in history if "reward" in h]
+    evals = [(h["step"], h[eval_key]) for h in history if eval_key in h]
+    k = max(1, min(8, len(rewards) // 4))
+    return {
+        **settings, "model": model, "steps": steps, "resumed_from_step": start, "processes": processes,
+        "eval_metric": eval_key, "reward_start": sum(rewards[:k]) / k if rewards else None,
+        "reward_end": sum(rewards[-k:]) / k if rewards else None,
+        "eval_accuracy_start": evals[0][1] if evals and evals[0][0] == 0 else None, "eval_accuracy_end": end,
+        "eval_size": eval_size, "eval_history": evals, "reward_steps_averaged": k, "wall_time_s": wall_time_s,
+        "outputs": {"dir": str(out), "metrics": str(out / "metrics.jsonl"), "final_model": str(out / "final"),
+                    "summary": str(out / "summary.json")},
+    }
+
+
+def print_run_summary(s: dict, title: str, plot_command: str) -> None:
+    """A finished run in four lines, printed by the first process only."""
+    if s["processes"] > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return
+
+    def fmt(x, pct=False):
+        return "n/a" if x is None else (f"{100 * x:.1f}%" if pct else f"{x:.3f}")
+
+    pct = s["eval_metric"] == "eval/accuracy"
+    print(f"{title} on {s['model']}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
+          f"({s['processes']} process{'es' if s['processes'] > 1 else ''})")
+    print(f"  train reward        {fmt(s['reward_start'])} -> {fmt(s['reward_end'])} "
+          f"(sampled; mean over the first / last {s['reward_steps_averaged']} step(s))")
+    print(f"  held-out {'accuracy  ' if pct else 'reward    '} {fmt(s['eval_accuracy_start'], pct)} -> "
+          f"{fmt(s['eval_accuracy_end'], pct)} (greedy, {s['eval_size']} problems)")
+    print(f"  outputs             {s['outputs']['dir']}/ (metrics.jsonl, summary.json, final/; "
+          f"plot: {plot_command} {s['outputs']['dir']})")
+
+
 def load_policy(cfg: TrainRunConfig, device, zero3: bool, reference: bool):
     """(policy, tokenizer, frozen reference or None): the model, with a seeded LoRA adapter under --use_peft (whose
     reference is the base with the adapter disabled, so no second copy), else a reference copy when `reference`."""
@@ -1536,7 +1706,8 @@ def load_policy(cfg: TrainRunConfig, device, zero3: bool, reference: bool):
     ref = None
     if cfg.use_peft:
         targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.seed, task_type="CAUSAL_LM",
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.seed, "--lora_target_modules",
+                         task_type="CAUSAL_LM",
                          autocast_adapter_dtype=not zero3)  # ZeRO-3 gathers in one dtype (as TRL does)
     elif reference:
         ref, _ = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
@@ -1551,3 +1722,217 @@ def plot_run(run_dir: str | Path, keys: Sequence[str]) -> Path:
     if not jsonl.is_file():
         raise UserError(f"{jsonl} does not exist", hint="pass a run folder (output_dir) holding metrics.jsonl")
     return plot_metrics(jsonl, keys, jsonl.parent / "metrics.png")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Instruction pools: rows → (prompt, response); the feature cache; the selection's outputs
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Example:
+    """A pool row ready for featurization: the prompt messages / text, the response text, where the row is."""
+    prompt: str | list[dict]
+    response: str
+    where: str = ""
+
+
+def resolve_fields(cfg: PoolRunConfig, pool_columns: list[str]) -> dict[str, Optional[str]]:
+    """Which columns hold what, decided from the columns of ALL rows (never from row 0 alone: a row that lacks
+    `input` must not hide every other row's): explicit flags win; otherwise messages, instruction/response,
+    instruction(/input)/output (Alpaca) or input/output, in that order. `input`, when present and not the
+    instruction, is appended to the instruction of every row that has it."""
+    if cfg.messages_field or (not cfg.instruction_field and not cfg.response_field and "messages" in pool_columns):
+        return {"messages": cfg.messages_field or "messages"}
+    instr = cfg.instruction_field or ("instruction" if "instruction" in pool_columns else
+                                      "input" if "input" in pool_columns else "instruction")
+    resp = cfg.response_field or ("response" if "response" in pool_columns else
+                                  "output" if "output" in pool_columns else "response")
+    inp = cfg.input_field or ("input" if "input" in pool_columns and "input" not in (instr, resp) else None)
+    return {"instruction": instr, "input": inp, "response": resp}
+
+
+def row_to_example(label: str, i: int, row: Any, fields: dict) -> Example:
+    """Validate one row (UserError naming file, row and field) and turn it into an Example."""
+    where = row_location(label, i, row)
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected an object with fields, got {type(row).__name__}")
+    if "messages" in fields:
+        f = fields["messages"]
+        msgs = row.get(f)
+        if f not in row:
+            raise UserError(f"{where}: missing field {f!r}", hint="pass --messages_field or the instruction flags")
+        check_messages(where, f, msgs)
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            raise UserError(f"{where}: field {f!r}: the last message must be a non-empty assistant reply")
+        return Example([{"role": m["role"], "content": m["content"]} for m in msgs[:-1]], msgs[-1]["content"], where)
+    instruction = require_str(label, i, row, fields["instruction"])
+    response = require_str(label, i, row, fields["response"])
+    inp = fields.get("input")
+    if inp and row.get(inp) is not None:
+        extra = require_str(label, i, row, inp, allow_empty=True)
+        if extra.strip():
+            instruction = f"{instruction}\n\nInput:\n{extra}"
+    return Example(instruction, response, where)
+
+
+def columns(rows: list) -> list[str]:
+    """Every column of the pool, in order of first appearance (rows of a JSON Lines file may differ)."""
+    return list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
+
+
+def load_pool(cfg: PoolRunConfig, default: str | Path | None = None) -> tuple[list[dict], list[Example], str, list[dict]]:
+    """(rows kept, as read; examples; label; skipped: {index, error}) of --pool (else `default`) — malformed rows
+    raise, or are skipped and reported if asked."""
+    rows, label = read_rows(cfg.pool or str(default), cfg.split, cfg.dataset_config)
+    if not rows:
+        raise UserError(f"{label}: the pool is empty", hint="pass a file with at least one row")
+    fields = resolve_fields(cfg, columns(rows))
+    kept, examples, skipped = [], [], []
+    for i, row in enumerate(rows):
+        try:
+            ex = row_to_example(label, i, row, fields)
+        except UserError as e:
+            if not cfg.skip_malformed:
+                raise
+            skipped.append({"index": i, "error": str(e)})
+            continue
+        kept.append(row)
+        examples.append(ex)
+    if not examples:
+        raise UserError(f"{label}: every row is malformed ({len(skipped)} skipped)", hint=skipped[0]["error"])
+    return kept, examples, label, skipped
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the model's weights (a strided sample of every tensor), so a changed proxy misses the cache."""
+    h = hashlib.sha1()
+    for name, p in model.state_dict().items():
+        flat = p.detach().flatten()
+        h.update(name.encode())
+        h.update(flat[:: max(1, flat.numel() // 256)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def feature_cache_key(meta: dict, model, tokens: list[tuple[list[int], int]]) -> str:
+    """Hash of everything cached features depend on: `meta` (the settings that shape them), the model's weights
+    (model_fingerprint) and the pool's tokens."""
+    h = hashlib.sha1()
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    h.update(model_fingerprint(model).encode())
+    for ids, n_prompt in tokens:
+        h.update(f"{n_prompt}:{','.join(map(str, ids))};".encode())
+    return h.hexdigest()[:20]
+
+
+def load_shard(path: Path, idx: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
+    """A cached shard's features, or None (compute it) when it is absent, for other rows, or unreadable — a
+    truncated or corrupt file is recomputed and overwritten, and the run says so."""
+    if not path.exists():
+        return None
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    tqdm_write = tqdm.write
+
+    try:
+        blob = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a damaged header or body
+        tqdm_write(f"feature cache: {path} is unreadable ({str(e).splitlines()[0]}); recomputing it", file=sys.stderr)
+        return None
+    if not torch.equal(blob["index"], idx) or blob["features"].shape[1] != dim:
+        return None
+    if not torch.isfinite(blob["features"]).all():
+        tqdm_write(f"feature cache: {path} holds non-finite features; recomputing it", file=sys.stderr)
+        return None
+    return blob["features"]
+
+
+SELECTION_COLUMNS = ("index", "t", "delta", "score")  # what selected.jsonl adds to each row, after --column_prefix
+
+
+def messages_column(cfg: PoolRunConfig, pool_columns: list[str]) -> Optional[str]:
+    """Where selected.jsonl puts the conversation (TRL SFTTrainer's and LLaMA-Factory's `messages`): `messages`,
+    unless the pool has that column — kept as is when it is the conversation read (None: nothing to add), else
+    ours goes to `<prefix>messages`. A pool column that one of ours would overwrite stops the run here, early."""
+    fields = resolve_fields(cfg, pool_columns)
+    msgs = (None if fields.get("messages") == "messages" else
+            "messages" if "messages" not in pool_columns else cfg.column_prefix + "messages")
+    clash = [c for c in [cfg.column_prefix + c for c in SELECTION_COLUMNS] + [msgs] if c in pool_columns]
+    if clash:
+        raise UserError(f"the pool already has column(s) {', '.join(clash)}, which selected.jsonl would overwrite",
+                        hint=f"pass another --column_prefix, e.g. {cfg.column_prefix.rstrip('_')}2_")
+    return msgs
+
+
+def check_outputs(cfg: PoolRunConfig, folder: OutputFolder) -> None:
+    """Every output folder writable and none holding an input or another output, before any work: --output_dir
+    (OutputFolder.check), --cache_dir, and --save_to_disk, which may only replace a saved dataset, and only
+    with --overwrite_output_dir."""
+    inputs = [(flag, Path(p)) for flag, p in (("--pool", cfg.pool), ("--model", cfg.model)) if p and Path(p).exists()]
+    if cfg.save_to_disk:
+        p = Path(cfg.save_to_disk)
+        if p.exists() and not (p / "state.json").exists() and (p.is_file() or any(p.iterdir())):
+            raise UserError(f"--save_to_disk {p} exists and is not a saved dataset: it would be replaced",
+                            hint="pass a new folder")
+        for flag, q in inputs + [("--output_dir", Path(cfg.output_dir))]:
+            if same_or_inside(q, p):
+                raise UserError(f"--save_to_disk {p} {'is' if q.resolve() == p.resolve() else 'holds'} the {flag} "
+                                f"{q}: saving the selection there would replace it", hint="pass another --save_to_disk")
+        if p.exists() and not cfg.overwrite_output_dir:
+            raise UserError(f"--save_to_disk {p} holds a saved dataset already; replacing it needs "
+                            "--overwrite_output_dir", hint="pass --overwrite_output_dir, or another --save_to_disk")
+        check_writable(p.parent, "--save_to_disk's parent")
+    if cfg.cache_dir and cfg.cache_dir.lower() != "none":
+        check_writable(Path(cfg.cache_dir), "--cache_dir")
+        for flag, q in inputs:
+            if same_or_inside(q, Path(cfg.cache_dir)):
+                raise UserError(f"--cache_dir {cfg.cache_dir} holds the {flag} {q}", hint="pass another --cache_dir")
+    folder.check()
+
+
+def write_outputs(cfg: PoolRunConfig, out: Path, sel, rows: list[dict], examples: list[Example],
+                  positions: list[int], summary: dict) -> tuple[Optional[str], list[dict]]:
+    """selected.jsonl: each picked row with all its own columns, the conversation as `messages` (messages_column)
+    and <prefix>index/t/delta/score; picks.jsonl (per-pick records); summary.json; written into `out` (the run's
+    staging folder). Indices are 0-based rows of the pool file (row N of an error message is index N − 1)."""
+    pre, msgs = cfg.column_prefix, messages_column(cfg, columns(rows))
+    rec_by_index = {rec["index"]: rec for rec in sel.records}
+    picked = []
+    for i in sel.indices:
+        row, rec, ex = dict(rows[i]), rec_by_index.get(i, {}), examples[i]
+        if msgs:
+            prompt = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
+            row[msgs] = prompt + [{"role": "assistant", "content": ex.response}]
+        picked.append({**row, **{pre + c: positions[i] if c == "index" else rec.get(c) for c in SELECTION_COLUMNS}})
+    write_jsonl(out / "selected.jsonl", picked)
+    write_jsonl(out / "picks.jsonl", [{**rec, "index": positions[rec["index"]]} for rec in sel.records])
+    write_json(out / "summary.json", summary)
+    return msgs, picked
+
+
+def save_dataset(rows: list[dict], path: Path) -> None:
+    """rows as a datasets folder (load_from_disk), written beside `path` and put in its place in one step
+    (replace_path); every column of every row kept (Dataset.from_list alone takes row 0's), a column of mixed
+    types stored as JSON."""
+    import datasets
+
+    keys = columns(rows)
+    ds = datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in rows], on_mixed_types="use_json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        ds.save_to_disk(str(tmp))
+        replace_path(tmp, path)
+    finally:
+        remove(tmp)
+
+
+def format_table(stats: list[dict]) -> str:
+    cols = [("method", "{}"), ("k", "{}"), ("log_det", "{:.2f}"), ("frac_corrupted", "{:.3f}"),
+            ("frac_duplicates", "{:.3f}"), ("families_covered", "{}"), ("min_family_share", "{:.3f}"),
+            ("frac_negative_cos", "{:.3f}"), ("seconds", "{:.2f}")]
+    cols = [(c, f) for c, f in cols if any(c in s for s in stats)]
+    cells = [[c for c, _ in cols]] + [[f.format(s[c]) if c in s else "-" for c, f in cols] for s in stats]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])

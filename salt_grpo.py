@@ -26,10 +26,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -327,7 +325,7 @@ def policy_forward(model, head, batch: dict, cfg: Config, device, want_hidden: b
     C = batch["comp_ids"].shape[1]
     store: dict = {}
     ctx = capture_lm_head_input(head, store) if want_hidden else contextlib.nullcontext()
-    with ctx, autocast(cfg, device):
+    with ctx, harness.autocast(cfg, device):
         logits = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(1) - 1).clamp(min=0),
                        logits_to_keep=C + 1, use_cache=False).logits[:, :-1]
     logp, entropy = common.token_logprobs(logits, batch["comp_ids"], cfg.temperature, with_entropy=True)
@@ -358,7 +356,7 @@ def feature_pass(model, spec: FeatureSpec, batches: list[dict], cfg: Config, dev
         hidden = logits = None
         if spec.from_forward:
             _, _, hidden, logits = policy_forward(model, spec.head, b, cfg, device, want_hidden=True)
-        with autocast(cfg, device) if spec.kind == "layers" else contextlib.nullcontext():  # LM head: fp32 matmuls
+        with harness.autocast(cfg, device) if spec.kind == "layers" else contextlib.nullcontext():  # LM head: fp32 matmuls
             out.append(gram_part(model, spec, b, hidden=hidden, logits=logits, cfg=cfg, exact=exact))
     return out
 
@@ -384,16 +382,6 @@ def scope_gram(accelerator, spec: FeatureSpec, parts: list, gather: bool) -> tor
     return sum(common.linear_gram(tok[f"x:{m}"], tok[f"d:{m}"], tok[f"r:{m}"], n) for m in spec.featurizer.layers).cpu()
 
 
-@contextlib.contextmanager
-def timed(timing: dict, key: str):
-    """Adds the seconds spent inside the block to timing[key]."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timing[key] += time.perf_counter() - start
-
-
 def salt_on_scope(trainer: Trainer, batches: list[dict], a_local: torch.Tensor, step: int, timing: dict,
                   gather: bool, exact: bool, forward=None):
     """SALT over one scope: the Gram parts of `batches` (from the training forward's (hidden, logits) when given,
@@ -403,7 +391,7 @@ def salt_on_scope(trainer: Trainer, batches: list[dict], a_local: torch.Tensor, 
     unchanged and are reported, so that every process reaches the step's gathered check and stops there together."""
     cfg, accelerator, spec = trainer.cfg, trainer.accelerator, trainer.spec
     try:
-        with timed(timing, "time/features_s"):
+        with harness.timed(timing, "time/features_s"):
             if forward is None:
                 parts = feature_pass(trainer.raw, spec, batches, cfg, accelerator.device, exact)
             else:
@@ -411,97 +399,16 @@ def salt_on_scope(trainer: Trainer, batches: list[dict], a_local: torch.Tensor, 
                     hidden, logits = forward
                     parts = [gram_part(trainer.raw, spec, batches[0], hidden=hidden, logits=logits.detach(), cfg=cfg,
                                        exact=exact)]
-        with timed(timing, "time/salt_s"):
+        with harness.timed(timing, "time/salt_s"):
             a = common.gather_rows(accelerator, a_local) if gather else a_local
             K = scope_gram(accelerator, spec, parts, gather) / a.shape[0]  # K = G Gᵀ / B (scale-invariant anyway)
-            generator = torch.Generator().manual_seed(rollout_seed(cfg.seed, step, -1, -1))
+            generator = torch.Generator().manual_seed(harness.rollout_seed(cfg.seed, step, -1, -1))
             a_new, diag = salt_reweight(K, a.detach().cpu().double(), cfg, generator)
     except FloatingPointError:
         return a_local, {"nonfinite": 1.0}, None
     diag["gram"] = float(exact)  # salt/gram: 1 exact Gram, 0 an approximation (sketch, kronecker, projected layers)
     lo = accelerator.process_index * a_local.shape[0] if gather else 0
     return a_new[lo:lo + a_local.shape[0]].float().to(a_local.device), diag, (a.cpu(), a_new)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Rollouts: `generate` with per-rollout seeded sampling, so results do not depend on the process count
-# ----------------------------------------------------------------------------------------------------------
-
-class GumbelSampler:
-    """Exact sampling from softmax(z/τ) (after top-p) by the Gumbel-max trick, used as a logits processor of a
-    greedy `generate`. Each rollout owns a seeded generator, so its tokens depend only on (seed, round, prompt, g),
-    never on which process or batch it landed in (HF's own sampling draws from the global RNG)."""
-
-    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
-        self.generators, self.temperature, self.top_p = generators, temperature, top_p
-
-    def __call__(self, input_ids, scores):
-        z = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            s, idx = torch.sort(z, descending=True, dim=-1)
-            drop = torch.softmax(s, -1).cumsum(-1) - torch.softmax(s, -1) > self.top_p  # keep the first past p
-            z = z.scatter(-1, idx, s.masked_fill(drop, float("-inf")))
-        u = torch.stack([torch.rand(z.shape[-1], generator=g, device=g.device) for g in self.generators])
-        return z - torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
-
-
-def rollout_seed(seed: int, round_idx: int, prompt_idx: int, g: int) -> int:
-    """The seed of rollout g of a prompt in a round: a function of these four numbers alone."""
-    return zlib.crc32(f"{seed}/{round_idx}/{prompt_idx}/{g}".encode()) + (seed % 1000) * 2**32
-
-
-def bf16_native(device: torch.device) -> bool:
-    """bf16 autocast pays only with bf16 matmuls in hardware: CUDA, or a CPU with AVX512-BF16/AMX (oneDNN); elsewhere
-    the CPU emulates it, many times slower (measured in docs/salt.md)."""
-    return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def autocast(cfg: Config, device: torch.device):
-    if not cfg.bf16 or not bf16_native(device):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def eos_ids(model, tok) -> list[int]:
-    """Every id that ends a completion: generation_config.eos_token_id (an int or a list, e.g. Qwen2.5 and Llama-3
-    instruct models list two) and the tokenizer's EOS."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return list(dict.fromkeys(ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
-
-
-@torch.no_grad()
-def generate(model, tok, prompts: list[str], cfg: Config, device, max_new_tokens: int, generators=None,
-             eos: list[int] | None = None, synced: bool = False):
-    """Left-padded batched `generate`; any EOS id stops a row. Prompts keep their last max_prompt_length tokens.
-    synced: every process runs the same number of forwards (FSDP and ZeRO-3 gather weights inside each forward).
-    Returns prompt ids, prompt mask, completion ids and the completion mask (tokens up to and including EOS)."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    eos = eos or [tok.eos_token_id]
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None))
-    L = cfg.max_prompt_length  # left padding: the last L columns keep every prompt's end
-    ids, am = enc.input_ids[:, -L:].to(device), enc.attention_mask[:, -L:].to(device)
-    # every sampling-related field explicit: generate fills unset ones from the model's generation_config (e.g. a
-    # hub model's repetition_penalty), which would make the sampler differ from the policy being trained
-    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=None,
-                          repetition_penalty=1.0, min_length=0, no_repeat_ngram_size=0, pad_token_id=tok.pad_token_id,
-                          eos_token_id=eos, bos_token_id=tok.bos_token_id)
-    procs = LogitsProcessorList([GumbelSampler(generators, cfg.temperature, cfg.top_p)] if generators else [])
-    with autocast(cfg, device):
-        out = model.generate(input_ids=ids, attention_mask=am, generation_config=gc, logits_processor=procs,
-                             synced_gpus=synced)
-    comp = out[:, ids.shape[1]:]
-    is_eos = torch.isin(comp, torch.tensor(eos, device=comp.device))
-    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    mask = (~after).long()
-    comp = comp.masked_fill(after, tok.pad_token_id)
-    return ids, am, comp, mask
-
-
-def truncated(comp: torch.Tensor, mask: torch.Tensor, eos: list[int]) -> torch.Tensor:
-    """Rows that used every new token without emitting an EOS."""
-    return (mask[:, -1] == 1) & ~torch.isin(comp[:, -1], torch.tensor(eos, device=comp.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -563,10 +470,10 @@ def make_rollouts(trainer: Trainer, round_idx: int) -> dict:
     for j in range(S):  # one generate call per optimizer step's share: memory stays that of one step
         pos = [j * P + rank * per + k for k in range(per)]  # positions in the round, as if on one process
         rows = [trainer.train_rows[idx[p]] for p in pos for _ in range(G)]
-        generators = [torch.Generator(device=device).manual_seed(rollout_seed(cfg.seed, round_idx, idx[p], g))
+        generators = [torch.Generator(device=device).manual_seed(harness.rollout_seed(cfg.seed, round_idx, idx[p], g))
                       for p in pos for g in range(G)]
         prompts = [harness.format_prompt(tok, r["prompt"], cfg.system_prompt) for r in rows]
-        pids, pam, comp, cmask = generate(trainer.raw, tok, prompts, cfg, device, cfg.max_completion_length,
+        pids, pam, comp, cmask = harness.generate(trainer.raw, tok, prompts, cfg, device, cfg.max_completion_length,
                                           generators=generators, eos=trainer.eos, synced=trainer.synced)
         slices.append({"prompt_ids": pids, "prompt_mask": pam, "comp_ids": comp, "comp_mask": cmask,
                        "rewards": score(trainer, rows, comp, cmask)})
@@ -584,14 +491,14 @@ def make_rollouts(trainer: Trainer, round_idx: int) -> dict:
                         "advantages are not finite", hint="rescale the reward functions or --reward_weights "
                                                           "(advantages do not depend on a common scale)")
     lens = gather(lambda s: s["comp_mask"].sum(1).float())
-    trunc = gather(lambda s: truncated(s["comp_ids"], s["comp_mask"], trainer.eos).float())
+    trunc = gather(lambda s: harness.truncated(s["comp_ids"], s["comp_mask"], trainer.eos).float())
     trainer.num_tokens += int(gather(lambda s: (s["prompt_mask"].sum(1) + s["comp_mask"].sum(1)).float()).sum())
     n = per * G
     reuse = S * cfg.num_iterations > 1  # a slice trained after an update needs the log-probs it was sampled with
     for j, s in enumerate(slices):
         s["adv"] = adv[j * P * G + rank * n:][:n].float().to(device)
         if cfg.mask_truncated_completions:  # TRL: such completions carry no EOS signal, leave them out of the loss
-            s["comp_mask"] = s["comp_mask"] * ~truncated(s["comp_ids"], s["comp_mask"], trainer.eos)[:, None]
+            s["comp_mask"] = s["comp_mask"] * ~harness.truncated(s["comp_ids"], s["comp_mask"], trainer.eos)[:, None]
 
         def logprobs(model):  # log π(y_t) of the slice's completions under `model`, micro-batch by micro-batch
             return torch.cat([policy_forward(model, trainer.spec.head, b, cfg, device, want_hidden=False)[0]
@@ -654,7 +561,7 @@ def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
         with accelerator.accumulate(trainer.model), harness.seeded_rng("dropout", cfg.seed, step, i,
                                                                        accelerator.process_index,
                                                                        device=accelerator.device):
-            with timed(timing, "time/backward_s"):
+            with harness.timed(timing, "time/backward_s"):
                 logp, ent, hidden, logits = policy_forward(trainer.model, spec.head, b, cfg, accelerator.device,
                                                            want_hidden=salt_here and spec.from_forward)
             if salt_here:
@@ -663,7 +570,7 @@ def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
                                              forward=(hidden, logits) if spec.from_forward else None)
                 diags.append(d)
                 a_pair = pair if inline else a_pair
-            with timed(timing, "time/backward_s"):
+            with harness.timed(timing, "time/backward_s"):
                 old = b["old_logp"] if "old_logp" in b else logp.detach()
                 per_tok, st = clipped_policy_loss(logp, old, a_b, b["comp_mask"], cfg, b.get("ref_logp"))
                 loss = aggregate_loss(per_tok, b["comp_mask"], cfg.loss_type, n_seq, n_tok, cfg.max_completion_length)
@@ -743,7 +650,7 @@ def evaluate(trainer: Trainer) -> float:
     for s in range(0, per, cfg.eval_batch_size):
         chunk = rows[s:s + cfg.eval_batch_size]
         texts = [harness.format_prompt(trainer.tok, r["prompt"], cfg.system_prompt) for r in chunk]
-        _, _, comp, cmask = generate(trainer.raw, trainer.tok, texts, cfg, accelerator.device,
+        _, _, comp, cmask = harness.generate(trainer.raw, trainer.tok, texts, cfg, accelerator.device,
                                      cfg.max_completion_length, eos=trainer.eos,
                                      synced=trainer.synced)
         total += float((score(trainer, chunk, comp, cmask) @ trainer.reward_weights)[: max(0, len(mine) - s)].sum())
@@ -804,14 +711,14 @@ def training_loop(trainer: Trainer, run_start: float) -> dict:
                initial=start, total=cfg.max_steps, dynamic_ncols=True)
     for step in bar:
         timing = {"time/optimizer_s": 0.0, "step_time": 0.0}
-        with timed(timing, "step_time"):
+        with harness.timed(timing, "step_time"):
             round_idx, pos = divmod(step, per_round)
             if trainer.buffer is None or trainer.buffer["round"] != round_idx:
                 trainer.buffer = make_rollouts(trainer, round_idx)
             m = dict(trainer.buffer["metrics"]) if pos == 0 else {}
             m.update(accumulate_gradients(trainer, trainer.buffer["slices"][pos % S], step))
             m["learning_rate"] = trainer.sched.get_last_lr()[0]  # the rate this step uses
-            with timed(timing, "time/optimizer_s"):
+            with harness.timed(timing, "time/optimizer_s"):
                 m["grad_norm"] = optimizer_step(trainer, step)
         m.update({**timing, "num_tokens": trainer.num_tokens})
         if torch.cuda.is_available():
@@ -835,32 +742,16 @@ def training_loop(trainer: Trainer, run_start: float) -> dict:
     if accelerator.is_main_process and trainer.last_advantages is not None:  # a and a′ of the last SALT scope
         a, a_new = trainer.last_advantages
         harness.save_safetensors(folder.path / "last_advantages.safetensors", {"a": a, "a_new": a_new})
-    summary = summarise(trainer, start, end, wall_time_s=time.perf_counter() - run_start)
+    summary = harness.summarise_run(trainer.history, eval_key=key, start=start, end=end, steps=cfg.max_steps,
+                                    wall_time_s=time.perf_counter() - run_start, model=cfg.model, out=folder.root,
+                                    processes=accelerator.num_processes, eval_size=len(trainer.eval_rows),
+                                    salt=cfg.salt)
     if accelerator.is_main_process:
         harness.write_json(folder.path / "summary.json", summary)
     if harness.report_to(cfg):
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return summary
-
-
-def summarise(trainer: Trainer, start: int, end: float | None, wall_time_s: float) -> dict:
-    """summary.json: the run's settings, reward and held-out score at the start and the end, and its outputs."""
-    cfg, out, key = trainer.cfg, Path(trainer.cfg.output_dir), eval_key(trainer.cfg)
-    rewards = [h["reward"] for h in trainer.history if "reward" in h]
-    evals = [(h["step"], h[key]) for h in trainer.history if key in h]
-    k = max(1, min(8, len(rewards) // 4))  # reward is noisy per step: average the first / last quarter
-    return {
-        "salt": cfg.salt, "model": cfg.model, "steps": cfg.max_steps, "resumed_from_step": start,
-        "processes": trainer.accelerator.num_processes, "eval_metric": key,
-        "reward_start": sum(rewards[:k]) / k if rewards else None,
-        "reward_end": sum(rewards[-k:]) / k if rewards else None,
-        "eval_accuracy_start": evals[0][1] if evals and evals[0][0] == 0 else None, "eval_accuracy_end": end,
-        "eval_size": len(trainer.eval_rows), "eval_history": evals, "reward_steps_averaged": k,
-        "wall_time_s": wall_time_s,
-        "outputs": {"dir": str(out), "metrics": str(out / "metrics.jsonl"), "final_model": str(out / "final"),
-                    "summary": str(out / "summary.json")},
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1044,7 +935,7 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     texts = harness.check_prompts(cfg, tok, train_rows + eval_rows)
     harness.probe_rewards(rewards, tok, train_rows[0])
     if accelerator.is_main_process:
-        warn_about(cfg, tok, texts, accelerator.device, n_local)
+        harness.warn_about_run(cfg, tok, texts, accelerator.device, n_local)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                             betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     # not prepared (accelerate would step it once per process); its state is in each checkpoint's state.json
@@ -1056,22 +947,8 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     synced = accelerator.num_processes > 1 and dt in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     return Trainer(cfg=cfg, accelerator=accelerator, model=prepared, raw=raw, ref=ref, tok=tok, opt=opt, sched=sched,
                    spec=spec, train_rows=train_rows, eval_rows=eval_rows, rewards=rewards,
-                   reward_weights=torch.tensor(weights, dtype=torch.float64), eos=eos_ids(raw, tok),
+                   reward_weights=torch.tensor(weights, dtype=torch.float64), eos=harness.eos_ids(raw, tok),
                    synced=synced, folder=folder, resume=resume, data_sha=data_sha)
-
-
-def warn_about(cfg: Config, tok, texts: list[str], device, n_local: int) -> None:
-    """Warnings (stderr) for settings that run, but not as the user likely expects."""
-    long = sum(len(x) > cfg.max_prompt_length for x in tok(texts, add_special_tokens=not tok.chat_template).input_ids)
-    if long:
-        print(f"warning: {long} of {len(texts)} prompts are longer than --max_prompt_length {cfg.max_prompt_length} "
-              "tokens; they are cut on the left (TRL's rule)", file=sys.stderr)
-    if cfg.bf16 and not bf16_native(device):
-        print("warning: this CPU has no native bf16 matmul (about 15x slower emulated), so --bf16 runs in fp32 here",
-              file=sys.stderr)
-    if cfg.micro_batch_size == 0 and device.type != "cpu":
-        print(f"warning: --micro_batch_size 0 puts all {n_local} rollouts of a step through one forward/backward per "
-              "process; set it (e.g. 16) if memory runs out", file=sys.stderr)
 
 
 def train(cfg: Config, accelerator=None) -> dict:
@@ -1091,10 +968,6 @@ PLOT_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "eval/accuracy", "e
              "salt/main_contrib_ratio", "salt/cos_grpo_salt", "salt/zero_adv_mass"]
 
 
-def _fmt(x, pct=False):
-    return "n/a" if x is None else (f"{100 * x:.1f}%" if pct else f"{x:.3f}")
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plot"]:
@@ -1103,16 +976,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(f"wrote {harness.plot_run(argv[1], PLOT_KEYS)}")
         return None
     s = train(parse_config(argv))
-    if s["processes"] == 1 or int(os.environ.get("RANK", "0")) == 0:
-        pct = s["eval_metric"] == "eval/accuracy"
-        print(f"SALT[{s['salt']}] GRPO on {s['model']}: {s['steps']} steps in {s['wall_time_s']:.0f} s "
-              f"({s['processes']} process{'es' if s['processes'] > 1 else ''})")
-        print(f"  train reward        {_fmt(s['reward_start'])} -> {_fmt(s['reward_end'])} "
-              f"(sampled; mean over the first / last {s['reward_steps_averaged']} step(s))")
-        print(f"  held-out {'accuracy  ' if pct else 'reward    '} {_fmt(s['eval_accuracy_start'], pct)} -> "
-              f"{_fmt(s['eval_accuracy_end'], pct)} (greedy, {s['eval_size']} problems)")
-        print(f"  outputs             {s['outputs']['dir']}/ (metrics.jsonl, summary.json, final/; "
-              f"plot: python salt_grpo.py plot {s['outputs']['dir']})")
+    harness.print_run_summary(s, f"SALT[{s['salt']}] GRPO", "python salt_grpo.py plot")
     return s
 
 

@@ -1,20 +1,22 @@
 """SPICE data selection (Submodular Penalized Information–Conflict sElection, arXiv 2601.23155), one file.
 
-Read beside the paper. Per-sample gradients g_i of the response loss on a proxy model (by default the LoRA
-adapters of q,k,v,o,gate,up,down, the authors' parameter set: exact, or CountSketched to 8192 dims when the pool's
-exact features would not fit --feature_memory_gb); then, greedily,
+Read beside the paper. Per-sample gradients g_i of the response loss on a proxy model (by default the LoRA adapters
+of q,k,v,o,gate,up,down, the authors' parameter set: exact, or CountSketched to 8192 dims when the pool's exact
+features would not fit --feature_memory_gb); then, greedily,
 
     U(S)          = log det(I + α Σ_{i∈S} g_i g_iᵀ)                              (Fisher utility)
     Δ_x(S)        = log(1 + α g_xᵀ (I + α F_S)⁻¹ g_x)                            (marginal gain)
     conflict(x|S) = max(0, −g_xᵀ ḡ / (‖g_x‖ ‖ḡ‖ + η)),  ḡ = mean of the picks   (Definition 4)
     score         = Δ_x(S) − λ · conflict(x|S)                                   (Eq. 14)
 
-with ties to the lowest index, optional early stop (SPICE+: stop at the first t with Δ_t ≤ ω·Δ_1), and the
-baselines random / top_norm / greedy / official_diag on the same features. Gains are exact and incremental:
-kernel-space incremental Cholesky (Chen et al. 2018) or feature-space rank-one updates, never refactorised.
+with ties to the lowest index and an optional early stop (SPICE+: stop at the first t with Δ_t ≤ ω·Δ_1). Gains are
+exact and incremental: kernel-space incremental Cholesky (Chen et al. 2018) or feature-space rank-one updates, never
+refactorised.
 
-Order: config → objective and greedy → baselines → diagnostics → the selection loop (offline, pool by pool,
-online) → pool and tokens → features (cached shards) → outputs → run(). Guide: docs/spice.md.
+Reading order: U(S), Δ, conflict; spice_select (score, early stop); the incremental gain engines; the baselines
+(random, top_norm, greedy, official_diag); the offline, pool-by-pool and online loops; the features of a pool; the
+Config; main(). What a run needs that is not the method (config layer, pool reading, feature cache, outputs) is
+harness.py. Guide: docs/spice.md.
 
     python spice_select.py                      # demo pool data/spice_pool.jsonl + embedded SmolLM2, 10 %, table
     python spice_select.py --preset smoke       # tiny random model, 64-row demo pool: seconds
@@ -25,11 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,130 +38,12 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-
 import harness
 from common import UserError
 from harness import option
 
-METHODS = ("spice", "greedy", "top_norm", "random", "official_diag")
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Config:
-    config: Optional[str] = option(None, "YAML/JSON file of these fields (flags override it)", path=True)
-    preset: str = option("", "`smoke`: tiny random model, small pool (seconds)", choices=["", "smoke"])
-    # pool
-    pool: Optional[str] = option(None, "local .jsonl/.json/.parquet/.csv, a folder (save_to_disk or data files) or "
-                                       "a HF dataset id; none: the demo pool data/spice_pool.jsonl", path=True)
-    split: Optional[str] = option(None, "split or slice, e.g. test or train[:1000]; default train (a local file "
-                                        "is the one split train)")
-    dataset_config: Optional[str] = option(None, "hub dataset config name")
-    instruction_field: Optional[str] = option(None, "column of the instruction; default: auto (instruction, input)")
-    input_field: Optional[str] = option(None, "optional context appended to the instruction (default: auto, "
-                                              "`input` when the instruction is `instruction`)")
-    response_field: Optional[str] = option(None, "column of the response; default: auto (response, output)")
-    messages_field: Optional[str] = option(None, "column of chat rows; default: auto (messages)")
-    skip_malformed: bool = option(False, "skip malformed rows and report their count (default: stop with an "
-                                         "error naming the row)")
-    # proxy model and features
-    model: str = option(harness.EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a folder or a HF id", path=True)
-    dtype: str = option("auto", "proxy weights dtype; auto: bfloat16 on CUDA, float32 on CPU (no native bf16 matmul "
-                                "there: 6× slower measured)", choices=["auto", "float32", "bfloat16", "float16"])
-    layers: Optional[str] = option(None, "layer spec (common.select_linear_layers); default `lora`, or `last:2` "
-                                         "with --lora false")
-    lora: bool = option(True, "wrap the proxy with peft LoRA; features are the adapters' gradients (official code)")
-    lora_r: int = option(8, "LoRA rank", ge=1)
-    lora_alpha: int = option(16, "LoRA alpha", ge=1)
-    lora_dropout: float = option(0.05, "LoRA dropout (used when the proxy trains; features are taken in eval mode)",
-                                 ge=0, lt=1)
-    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "LoRA target modules")
-    features: str = option("auto", "exact per-sample gradients | sketch (CountSketch to --sketch_dim) | kronecker "
-                                   "(k_out × k_in per layer) | auto: exact when rows × D × 4 bytes fit "
-                                   "--feature_memory_gb, else sketch", choices=["auto", "exact", "sketch", "kronecker"])
-    sketch_dim: int = option(8192, "sketch dimension d (the official projection size)", ge=1)
-    feature_memory_gb: float = option(2.0, "auto: the largest exact feature block (pool or --pool_size online rows)",
-                                      gt=0)
-    k_out: Optional[int] = option(16, "kronecker: projection rows per layer, output side (none: unprojected)", ge=1)
-    k_in: Optional[int] = option(16, "kronecker: projection rows per layer, input side (none: unprojected)", ge=1)
-    reduction: str = option("mean", "per-sample loss over scored tokens: mean (SFT) or sum", choices=["mean", "sum"])
-    mask_prompt: bool = option(True, "score response tokens only; false = official code (loss on the whole text)")
-    prompt_format: str = option("plain", "plain (`Instruction:\\n…\\n\\nResponse:\\n`, the official code's) or "
-                                         "chat (tokenizer template)", choices=["plain", "chat"])
-    max_length: int = option(96, "tokens per row (prompt + response), longer rows are cut", ge=2)
-    batch_size: int = option(16, "rows per featurization forward", ge=1)
-    shard_batches: int = option(8, "batches per cached feature shard", ge=1)
-    cache_dir: Optional[str] = option(None, "feature cache (default <output_dir>/feature_cache); `none` disables it",
-                                      path=True)
-    # selection
-    method: str = option("spice", "spice | greedy (λ=0) | top_norm (official default) | random | official_diag "
-                                  "(den += α·g⁴)", choices=list(METHODS))
-    compare: bool = option(True, "also run every other method on the same features and print the comparison "
-                                 "table (offline)")
-    alpha: float = option(1.0, "α in log det(I + α F_S) (official alpha_fisher 1.0)", gt=0)
-    lam: float = option(0.1, "λ, conflict weight (paper default 0.1)", ge=0)
-    eta: float = option(1e-8, "η in the conflict cosine's denominator", gt=0)
-    omega: Optional[float] = option(None, "SPICE+ early stop: Δ_t ≤ ω·Δ_1 (paper 0.5); off by default", ge=0, lt=1)
-    budget: Union[int, float] = option(0.1, "total picks: a fraction in (0, 1] of the pool, written with a point "
-                                            "(0.1; 1.0 = all rows, ranked), or a whole count (100)", gt=0)
-    form: str = option("auto", "auto | kernel (incremental Cholesky) | feature (rank-one updates of (I+αF_S)⁻¹)",
-                       choices=["auto", "kernel", "feature"])
-    mode: str = option("offline", "offline | online (proxy trained on the picks)", choices=["offline", "online"])
-    pool_size: Optional[int] = option(None, "candidates per pool (paper 120); default: the whole pool at once "
-                                            "(offline)", ge=1)
-    select_k: Optional[Union[int, float]] = option(None, "picks per pool: a count (paper 12 of 120) or a fraction "
-                                                         "(0.1) of pool_size; default: the --budget fraction", gt=0)
-    # online proxy loop (the paper's periodic selection–training schedule: an AdamW step on the buffer every T pools)
-    update_every: int = option(10, "T: pools between proxy updates (paper 10)", ge=1)
-    lr: float = option(2e-4, "proxy AdamW learning rate (online mode)", gt=0)
-    weight_decay: float = option(0.01, "proxy AdamW weight decay", ge=0)
-    online_loss: str = option("mean", "mean over the buffer | official_sum (sum of micro-batch means, as "
-                                      "Chang-pw/SPICE train.py)", choices=["mean", "official_sum"])
-    online_micro_batch: int = option(4, "rows per proxy forward in online mode", ge=1)
-    # run
-    seed: int = option(0, "seed of the pool order, LoRA init, projections and random baselines (the demo pool file "
-                       "is one fixed draw; another: python -m data.spice_pool --seed S --out F)", ge=0, le=2**32 - 1)
-    output_dir: str = option("outputs/spice", "selected.jsonl, picks.jsonl, summary.json, feature cache", path=True)
-    overwrite_output_dir: bool = option(False, "replace the selection in a non-empty output_dir (and an existing "
-                                               "--save_to_disk dataset) once the new one is written; a folder holding "
-                                               "only feature_cache/ (an interrupted run) is continued without it")
-    save_to_disk: Optional[str] = option(None, "also save selected.jsonl's rows as a HF datasets folder here",
-                                         path=True)
-    column_prefix: str = option("spice_", "prefix of the columns selected.jsonl adds to the pool's own")
-
-
-# The demo pools, written by data/spice_pool.py (seeded; its test regenerates them byte for byte).
-DEMO_POOL = Path(__file__).resolve().parent / "data" / "spice_pool.jsonl"  # 500 rows, the default --pool
-SMOKE_POOL = DEMO_POOL.with_name("spice_pool_smoke.jsonl")  # its first 64 rows
-
-PRESETS = {"smoke": dict(model=harness.TINY, dtype="float32", pool=str(SMOKE_POOL), max_length=48,
-                         output_dir="outputs/spice_smoke")}
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Defaults < --preset < --config file < CLI flags, each field checked (harness.parse_config), then combinations."""
-    return check_combinations(harness.parse_config(Config, sys.argv[1:] if argv is None else argv, PRESETS))
-
-
-def validate(cfg: Config) -> Config:
-    """A Config built in code: every field's declared checks (harness.check_config), then combinations."""
-    return check_combinations(harness.check_config(cfg))
-
-
-def check_combinations(cfg: Config) -> Config:
-    """The settings that cannot work together."""
-    if cfg.mode == "online" and not cfg.pool_size:
-        raise UserError("online mode needs --pool_size (paper: 120)")
-    if cfg.dataset_config and cfg.pool and Path(cfg.pool).is_file():
-        raise UserError(f"--dataset_config {cfg.dataset_config!r} applies to hub datasets, not the file {cfg.pool}")
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The objective: U(S) and the exact gains Δ_x(S), base_x and ε_x (Definition 3), conflict (Definition 4)
+# The objective: U(S), the gain Δ_x(S) and its modular part base_x (Definition 3), conflict (Definition 4)
 # ----------------------------------------------------------------------------------------------------------
 
 def log_det(G: torch.Tensor, alpha: float) -> float:
@@ -174,6 +55,122 @@ def log_det(G: torch.Tensor, alpha: float) -> float:
     M = alpha * (M + M.T) / 2 + torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
     return float(2 * torch.log(torch.diagonal(torch.linalg.cholesky(M))).sum())
 
+
+def marginal_gain(G_S: torch.Tensor, g_x: torch.Tensor, alpha: float) -> float:
+    """Δ_x(S) = U(S ∪ {x}) − U(S) = log(1 + α g_xᵀ (I + α F_S)⁻¹ g_x), F_S = G_Sᵀ G_S (matrix determinant lemma): the
+    definition, refactorised per call; the engines below give every Δ_x(S) incrementally."""
+    return log_det(torch.cat([G_S, g_x[None]]), alpha) - log_det(G_S, alpha)
+
+
+def base_gain(sq_norm: torch.Tensor, alpha: float) -> torch.Tensor:
+    """base_x = Δ_x(∅) = log(1 + α‖g_x‖²), the modular part of the gain (Definition 3)."""
+    return torch.log1p(alpha * sq_norm)
+
+
+def conflict(r: torch.Tensor, norms: torch.Tensor, ss: float, m: int, eta: float) -> torch.Tensor:
+    """conflict(x|S) = max(0, −Align), Align = g_xᵀḡ / (‖g_x‖‖ḡ‖ + η), ḡ = (1/|S|) Σ_S g_y (Definition 4).
+
+    From running sums only: r_x = Σ_{y∈S} g_xᵀg_y and ss = ‖Σ_S g_y‖², so g_xᵀḡ = r_x/m and ‖ḡ‖ = √ss/m.
+    Zero when S = ∅.
+    """
+    if m == 0:
+        return torch.zeros_like(r)
+    align = (r / m) / (norms * math.sqrt(max(ss, 0.0)) / m + eta)
+    return (-align).clamp(min=0)
+
+
+@dataclass
+class Selection:
+    """What every selector returns; `indices` in pick order, positions in the G it was given."""
+    method: str
+    indices: list[int]
+    records: list[dict]  # per pick: t, index, delta, base, eps, conflict, score
+    log_det: float
+    stopped_early: bool = False
+    form: str = ""
+    seconds: float = 0.0
+
+
+def sq_norms(G: torch.Tensor) -> torch.Tensor:
+    """‖g_i‖² in float64, a block of rows at a time (no float64 copy of a wide G)."""
+    return torch.cat([b.double().pow(2).sum(1) for b in G.split(256)]) if len(G) else G.new_zeros(0).double()
+
+
+def check_features(G: torch.Tensor, k: int, alpha: float = 1.0) -> None:
+    """Features the gains can use, and 1 ≤ k ≤ n. Finite entries are not enough: every Gram entry, α‖g‖² and
+    ‖Σ_S g‖² ≤ n Σ‖g‖² must be finite in float64 too (features near 1e160 pass isfinite and give NaN gains)."""
+    if G.ndim != 2 or G.shape[0] == 0:
+        raise UserError("no candidates to select from (empty pool)")
+    if not torch.isfinite(G).all():
+        bad = (~torch.isfinite(G).all(1)).nonzero().flatten().tolist()
+        raise UserError(f"features of rows {bad[:10]} are NaN or infinite",
+                        hint="check the proxy model; try --dtype float32 or a smaller --max_length")
+    sq = sq_norms(G)
+    if not math.isfinite(alpha * G.shape[0] * float(sq.sum())):
+        raise UserError(f"features too large for float64: α·n·Σ‖g‖² overflows (largest ‖g‖² {float(sq.max()):.3g}, "
+                        f"row {int(sq.argmax())})", hint="rescale the features (U(S) depends on α·scale², so "
+                                                         "dividing g by c equals α/c²)")
+    if not 1 <= k <= G.shape[0]:
+        raise UserError(f"budget k={k} must be between 1 and the number of candidates ({G.shape[0]})")
+    if 0 < alpha * float(sq.max()) < 1e-12:
+        raise UserError(f"--alpha {alpha:g}: α·max‖g‖² = {alpha * float(sq.max()):.3g}, so 1 + α‖g‖² rounds to 1 and "
+                        "every gain to about 0: the picks would be the first rows, not the most informative",
+                        hint="raise --alpha (U(S) depends on α·‖g‖² only)")
+
+
+def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, eta: float = 1e-8,
+                 omega: Optional[float] = None, form: str = "auto", progress: bool = False,
+                 method: str = "") -> Selection:
+    """Greedy SPICE: at each step pick argmax_x Δ_x(S) − λ·conflict(x|S) (Eq. 14), ties to the lowest index.
+
+    λ = 0 is plain log-det (Fisher) greedy. With ω set (SPICE+), stop at the first t > 1 with
+    Δ_{x_t} ≤ ω·Δ_{x_1}; x_t is not kept (as the official half-life check; the paper leaves it open).
+    The gains are exact (float64), so Σ_t Δ_t = log det(I + αF_S) whatever λ is. form: the gain engine,
+    `auto`/`kernel`/`feature` (exact) or `official_diag` (the official code's surrogate, a baseline).
+    """
+    t0 = time.perf_counter()
+    check_features(G, k, alpha)
+    n, d = G.shape
+    form = choose_form(n, d, k, form)
+    if form == "kernel" and 8 * n * n < 4e9:  # the float64 Gram alone: no float64 copy of G (D = 2.4 M for LoRA)
+        engine = KernelGains(G, alpha, k)
+        sq = torch.diagonal(engine.K).clone()
+    else:
+        G = G.double()
+        engine = (OfficialDiagGains(G, alpha) if form == "official_diag" else FeatureGains(G, alpha)
+                  if form == "feature" else KernelGains(G, alpha, k, precompute=False))
+        sq = (G * G).sum(1)
+    norms, base = sq.sqrt(), base_gain(sq, alpha)
+    r, ss = torch.zeros(n, dtype=torch.float64, device=G.device), 0.0  # Σ_S g_xᵀg_y, ‖Σ_S g_y‖²
+    taken = torch.zeros(n, dtype=torch.bool, device=G.device)
+    picks, records, stopped = [], [], False
+    for t in tqdm(range(k), desc=method or "select", disable=not progress, leave=False):
+        delta = engine.gains()
+        conflicts = conflict(r, norms, ss, len(picks), eta)
+        score = (delta - lam * conflicts).masked_fill(taken, -math.inf)
+        j = int(torch.argmax(score))  # first maximal index: ties go to the lowest index
+        if omega is not None and t > 0 and delta[j] <= omega * records[0]["delta"]:
+            stopped = True
+            break
+        records.append({"t": t, "index": j, "delta": float(delta[j]), "base": float(base[j]),
+                        "eps": float(delta[j] - base[j]), "conflict": float(conflicts[j]),
+                        "score": float(score[j])})
+        picks.append(j)
+        taken[j] = True
+        k_row = engine.row(j)
+        ss += 2 * float(r[j]) + float(k_row[j])  # ‖Σ_S g + g_j‖² = ss + 2 g_jᵀΣ_S g + ‖g_j‖²
+        r += k_row
+        if t + 1 < k:  # no gains are read after the last pick
+            engine.add(j, k_row)
+    # Exact engines telescope to the log-det; the diagonal surrogate does not, so its U(S) is computed.
+    u = log_det(G[picks], alpha) if form == "official_diag" else sum(rec["delta"] for rec in records)
+    return Selection(method or ("greedy" if lam == 0 else "spice"), picks, records, log_det=u, stopped_early=stopped,
+                     form=form, seconds=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The exact gain engines: S → Δ_x(S) for every x, incrementally (one greedy loop serves them all)
+# ----------------------------------------------------------------------------------------------------------
 
 # A gain engine holds S: gains() → Δ_x(S) for every x, row(j) → K_j· = G g_j, add(j, K_j·) → S ∪ {j}. The exact
 # kernel and feature forms and the official diagonal surrogate share it, so spice_select is one loop for all three.
@@ -255,115 +252,6 @@ def choose_form(n: int, d: int, k: int, form: str = "auto") -> str:
     kernel_s = n * n * d / 6e9 + 8 * n * k * k / 2 / 5e9
     feature_s = 8 * k * (n * d + 2 * d * d) / 5e9
     return "kernel" if kernel_s < feature_s and 8 * n * (n + k) < 6e9 else "feature"
-
-
-def base_gain(sq_norm: torch.Tensor, alpha: float) -> torch.Tensor:
-    """base_x = Δ_x(∅) = log(1 + α‖g_x‖²), the modular part of the gain (Definition 3)."""
-    return torch.log1p(alpha * sq_norm)
-
-
-def conflict(r: torch.Tensor, norms: torch.Tensor, ss: float, m: int, eta: float) -> torch.Tensor:
-    """conflict(x|S) = max(0, −Align), Align = g_xᵀḡ / (‖g_x‖‖ḡ‖ + η), ḡ = (1/|S|) Σ_S g_y (Definition 4).
-
-    From running sums only: r_x = Σ_{y∈S} g_xᵀg_y and ss = ‖Σ_S g_y‖², so g_xᵀḡ = r_x/m and ‖ḡ‖ = √ss/m.
-    Zero when S = ∅.
-    """
-    if m == 0:
-        return torch.zeros_like(r)
-    align = (r / m) / (norms * math.sqrt(max(ss, 0.0)) / m + eta)
-    return (-align).clamp(min=0)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The greedy: argmax Δ − λ·conflict (Eq. 14), ties to the lowest index, SPICE+ early stop
-# ----------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Selection:
-    """What every selector returns; `indices` in pick order, positions in the G it was given."""
-    method: str
-    indices: list[int]
-    records: list[dict]  # per pick: t, index, delta, base, eps, conflict, score
-    log_det: float
-    stopped_early: bool = False
-    form: str = ""
-    seconds: float = 0.0
-
-
-def sq_norms(G: torch.Tensor) -> torch.Tensor:
-    """‖g_i‖² in float64, a block of rows at a time (no float64 copy of a wide G)."""
-    return torch.cat([b.double().pow(2).sum(1) for b in G.split(256)]) if len(G) else G.new_zeros(0).double()
-
-
-def check_features(G: torch.Tensor, k: int, alpha: float = 1.0) -> None:
-    """Features the gains can use, and 1 ≤ k ≤ n. Finite entries are not enough: every Gram entry, α‖g‖² and
-    ‖Σ_S g‖² ≤ n Σ‖g‖² must be finite in float64 too (features near 1e160 pass isfinite and give NaN gains)."""
-    if G.ndim != 2 or G.shape[0] == 0:
-        raise UserError("no candidates to select from (empty pool)")
-    if not torch.isfinite(G).all():
-        bad = (~torch.isfinite(G).all(1)).nonzero().flatten().tolist()
-        raise UserError(f"features of rows {bad[:10]} are NaN or infinite", hint="check the proxy model and dtype")
-    sq = sq_norms(G)
-    if not math.isfinite(alpha * G.shape[0] * float(sq.sum())):
-        raise UserError(f"features too large for float64: α·n·Σ‖g‖² overflows (largest ‖g‖² {float(sq.max()):.3g}, "
-                        f"row {int(sq.argmax())})", hint="rescale the features (U(S) depends on α·scale², so "
-                                                         "dividing g by c equals α/c²)")
-    if not 1 <= k <= G.shape[0]:
-        raise UserError(f"budget k={k} must be between 1 and the number of candidates ({G.shape[0]})")
-    if 0 < alpha * float(sq.max()) < 1e-12:
-        raise UserError(f"--alpha {alpha:g}: α·max‖g‖² = {alpha * float(sq.max()):.3g}, so 1 + α‖g‖² rounds to 1 and "
-                        "every gain to about 0: the picks would be the first rows, not the most informative",
-                        hint="raise --alpha (U(S) depends on α·‖g‖² only)")
-
-
-def spice_select(G: torch.Tensor, k: int, alpha: float = 1.0, lam: float = 0.1, eta: float = 1e-8,
-                 omega: Optional[float] = None, form: str = "auto", progress: bool = False,
-                 method: str = "") -> Selection:
-    """Greedy SPICE: at each step pick argmax_x Δ_x(S) − λ·conflict(x|S) (Eq. 14), ties to the lowest index.
-
-    λ = 0 is plain log-det (Fisher) greedy. With ω set (SPICE+), stop at the first t > 1 with
-    Δ_{x_t} ≤ ω·Δ_{x_1}; x_t is not kept (as the official half-life check; the paper leaves it open).
-    The gains are exact (float64), so Σ_t Δ_t = log det(I + αF_S) whatever λ is. form: the gain engine,
-    `auto`/`kernel`/`feature` (exact) or `official_diag` (the official code's surrogate, a baseline).
-    """
-    t0 = time.perf_counter()
-    check_features(G, k, alpha)
-    n, d = G.shape
-    form = choose_form(n, d, k, form)
-    if form == "kernel" and 8 * n * n < 4e9:  # the float64 Gram alone: no float64 copy of G (D = 2.4 M for LoRA)
-        engine = KernelGains(G, alpha, k)
-        sq = torch.diagonal(engine.K).clone()
-    else:
-        G = G.double()
-        engine = (OfficialDiagGains(G, alpha) if form == "official_diag" else FeatureGains(G, alpha)
-                  if form == "feature" else KernelGains(G, alpha, k, precompute=False))
-        sq = (G * G).sum(1)
-    norms, base = sq.sqrt(), base_gain(sq, alpha)
-    r, ss = torch.zeros(n, dtype=torch.float64, device=G.device), 0.0  # Σ_S g_xᵀg_y, ‖Σ_S g_y‖²
-    taken = torch.zeros(n, dtype=torch.bool, device=G.device)
-    picks, records, stopped = [], [], False
-    for t in tqdm(range(k), desc=method or "select", disable=not progress, leave=False):
-        delta = engine.gains()
-        conflicts = conflict(r, norms, ss, len(picks), eta)
-        score = (delta - lam * conflicts).masked_fill(taken, -math.inf)
-        j = int(torch.argmax(score))  # first maximal index: ties go to the lowest index
-        if omega is not None and t > 0 and delta[j] <= omega * records[0]["delta"]:
-            stopped = True
-            break
-        records.append({"t": t, "index": j, "delta": float(delta[j]), "base": float(base[j]),
-                        "eps": float(delta[j] - base[j]), "conflict": float(conflicts[j]),
-                        "score": float(score[j])})
-        picks.append(j)
-        taken[j] = True
-        k_row = engine.row(j)
-        ss += 2 * float(r[j]) + float(k_row[j])  # ‖Σ_S g + g_j‖² = ss + 2 g_jᵀΣ_S g + ‖g_j‖²
-        r += k_row
-        if t + 1 < k:  # no gains are read after the last pick
-            engine.add(j, k_row)
-    # Exact engines telescope to the log-det; the diagonal surrogate does not, so its U(S) is computed.
-    u = log_det(G[picks], alpha) if form == "official_diag" else sum(rec["delta"] for rec in records)
-    return Selection(method or ("greedy" if lam == 0 else "spice"), picks, records, log_det=u, stopped_early=stopped,
-                     form=form, seconds=time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -635,89 +523,10 @@ def select_online(cfg: Config, accelerator, *, model, tok, fz, tokens, method: s
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pool: rows of a file, a folder or a hub dataset → (prompt, response) texts → tokens
+# Features of a pool: tokens with the loss mask, the proxy, per-sample gradients in shards (cached)
 # ----------------------------------------------------------------------------------------------------------
 
-@dataclass
-class Example:
-    """A pool row ready for featurization: the prompt messages / text, the response text, where the row is."""
-    prompt: str | list[dict]
-    response: str
-    where: str = ""
-
-
-def resolve_fields(cfg: Config, pool_columns: list[str]) -> dict[str, Optional[str]]:
-    """Which columns hold what, decided from the columns of ALL rows (never from row 0 alone: a row that lacks
-    `input` must not hide every other row's): explicit flags win; otherwise messages, instruction/response,
-    instruction(/input)/output (Alpaca) or input/output, in that order. `input`, when present and not the
-    instruction, is appended to the instruction of every row that has it."""
-    if cfg.messages_field or (not cfg.instruction_field and not cfg.response_field and "messages" in pool_columns):
-        return {"messages": cfg.messages_field or "messages"}
-    instr = cfg.instruction_field or ("instruction" if "instruction" in pool_columns else
-                                      "input" if "input" in pool_columns else "instruction")
-    resp = cfg.response_field or ("response" if "response" in pool_columns else
-                                  "output" if "output" in pool_columns else "response")
-    inp = cfg.input_field or ("input" if "input" in pool_columns and "input" not in (instr, resp) else None)
-    return {"instruction": instr, "input": inp, "response": resp}
-
-
-def row_to_example(label: str, i: int, row: Any, fields: dict) -> Example:
-    """Validate one row (UserError naming file, row and field) and turn it into an Example."""
-    where = harness.row_location(label, i, row)
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected an object with fields, got {type(row).__name__}")
-    if "messages" in fields:
-        f = fields["messages"]
-        msgs = row.get(f)
-        if f not in row:
-            raise UserError(f"{where}: missing field {f!r}", hint="pass --messages_field or the instruction flags")
-        if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{where}: field {f!r} must be a non-empty list of {{role, content}} messages")
-        for m in msgs:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise UserError(f"{where}: field {f!r}: every message needs string `role` and `content`")
-        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
-            raise UserError(f"{where}: field {f!r}: the last message must be a non-empty assistant reply")
-        return Example([{"role": m["role"], "content": m["content"]} for m in msgs[:-1]], msgs[-1]["content"], where)
-    instruction = harness.require_str(label, i, row, fields["instruction"])
-    response = harness.require_str(label, i, row, fields["response"])
-    inp = fields.get("input")
-    if inp and row.get(inp) is not None:
-        extra = harness.require_str(label, i, row, inp, allow_empty=True)
-        if extra.strip():
-            instruction = f"{instruction}\n\nInput:\n{extra}"
-    return Example(instruction, response, where)
-
-
-def columns(rows: list) -> list[str]:
-    """Every column of the pool, in order of first appearance (rows of a JSON Lines file may differ)."""
-    return list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
-
-
-def load_pool(cfg: Config) -> tuple[list[dict], list[Example], str, list[dict]]:
-    """(rows kept, as read; examples; label; skipped: {index, error}) — malformed rows raise, or are skipped
-    and reported if asked."""
-    rows, label = harness.read_rows(cfg.pool or str(DEMO_POOL), cfg.split, cfg.dataset_config)
-    if not rows:
-        raise UserError(f"{label}: the pool is empty", hint="pass a file with at least one row")
-    fields = resolve_fields(cfg, columns(rows))
-    kept, examples, skipped = [], [], []
-    for i, row in enumerate(rows):
-        try:
-            ex = row_to_example(label, i, row, fields)
-        except UserError as e:
-            if not cfg.skip_malformed:
-                raise
-            skipped.append({"index": i, "error": str(e)})
-            continue
-        kept.append(row)
-        examples.append(ex)
-    if not examples:
-        raise UserError(f"{label}: every row is malformed ({len(skipped)} skipped)", hint=skipped[0]["error"])
-    return kept, examples, label, skipped
-
-
-def tokenize(examples: list[Example], tok, cfg: Config) -> list[tuple[list[int], int]]:
+def tokenize(examples: list[harness.Example], tok, cfg: Config) -> list[tuple[list[int], int]]:
     """(token ids, number of prompt tokens) per example: prompt + response + EOS, at most max_length tokens.
 
     Too long: the prompt keeps its last tokens and the response its first, so that at least half of the
@@ -762,10 +571,6 @@ def collate(batch: list[tuple[list[int], int]], pad_id: int, mask_prompt: bool):
     return ids, am, lm
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Features: per-sample projected gradients, batched, sharded across processes, cached as safetensors shards
-# ----------------------------------------------------------------------------------------------------------
-
 def feature_mode(cfg: Config, D: int, rows: int) -> str:
     """--features auto: exact when the rows × D float32 features held at once fit --feature_memory_gb, else sketch."""
     if cfg.features != "auto":
@@ -776,21 +581,12 @@ def feature_mode(cfg: Config, D: int, rows: int) -> str:
 def build_proxy(cfg: Config, lora: bool, rows: int = 0):
     """The proxy model (frozen base; LoRA adapters trainable when asked), its tokenizer and the Featurizer
     (`fz.mode`: the feature mode for `rows` candidates held at once)."""
-    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if torch.cuda.is_available() else "float32"
-    model, tok = harness.load_model(cfg.model, dtype, seed=cfg.seed)
+    model, tok = harness.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # auto: the checkpoint's own
     model.requires_grad_(False)  # the features need ∂ℓ/∂y of the chosen layers only, never parameter .grad
     if lora:
-        from peft import LoraConfig, get_peft_model
-
         targets = [name.strip() for name in cfg.lora_targets.split(",") if name.strip()]
-        try:
-            with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global RNG: seed it locally
-                torch.manual_seed(cfg.seed)
-                model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                         lora_dropout=cfg.lora_dropout, target_modules=targets))
-        except ValueError as e:
-            raise UserError(f"LoRA: {str(e).splitlines()[0]}", hint="set --lora_targets to module names of the "
-                                                                    "model") from None
+        model = harness.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.seed, "--lora_targets")
     model.eval()  # features without dropout (the official code keeps LoRA dropout on: train mode)
     layers = cfg.layers or ("lora" if lora else "last:2")
     D = common.FactoredProjector(common.select_linear_layers(model, layers), None, None).dim  # no matrices drawn
@@ -802,49 +598,14 @@ def build_proxy(cfg: Config, lora: bool, rows: int = 0):
     return model, tok, fz
 
 
-def model_fingerprint(model) -> str:
-    """A short hash of the model's weights (a strided sample of every tensor), so a changed proxy misses the cache."""
-    h = hashlib.sha1()
-    for name, p in model.state_dict().items():
-        flat = p.detach().flatten()
-        h.update(name.encode())
-        h.update(flat[:: max(1, flat.numel() // 256)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def feature_cache_key(cfg: Config, fz, tokens: list[tuple[list[int], int]]) -> str:
-    """Hash of everything the features depend on: model, layers, feature mode and dims, seed, loss, pool tokens,
-    batching."""
-    h = hashlib.sha1()
+    """harness.feature_cache_key over everything the features depend on: model, layers, feature mode and dims, seed,
+    loss, pool tokens, batching."""
     meta = {k: getattr(cfg, k) for k in ("model", "dtype", "layers", "lora", "lora_r", "lora_alpha", "lora_targets",
                                          "seed", "reduction", "mask_prompt", "batch_size", "shard_batches")}
     # the resolved mode (auto's choice depends on the pool and the budget) and only the dims that mode reads
     meta.update(mode=fz.mode, dim=fz.dim, dtype=fz.dtype, k=[cfg.k_out, cfg.k_in] if fz.mode == "kronecker" else None)
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    h.update(model_fingerprint(fz.model).encode())
-    for ids, n_prompt in tokens:
-        h.update(f"{n_prompt}:{','.join(map(str, ids))};".encode())
-    return h.hexdigest()[:20]
-
-
-def load_shard(path: Path, idx: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
-    """A cached shard's features, or None (compute it) when it is absent, for other rows, or unreadable — a
-    truncated or corrupt file is recomputed and overwritten, and the run says so."""
-    if not path.exists():
-        return None
-    from safetensors.torch import load_file
-
-    try:
-        blob = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for a damaged header or body
-        tqdm.write(f"feature cache: {path} is unreadable ({str(e).splitlines()[0]}); recomputing it", file=sys.stderr)
-        return None
-    if not torch.equal(blob["index"], idx) or blob["features"].shape[1] != dim:
-        return None
-    if not torch.isfinite(blob["features"]).all():
-        tqdm.write(f"feature cache: {path} holds non-finite features; recomputing it", file=sys.stderr)
-        return None
-    return blob["features"]
+    return harness.feature_cache_key(meta, fz.model, tokens)
 
 
 def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, accelerator,
@@ -873,14 +634,10 @@ def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, 
     for s in mine:
         idx = torch.tensor([i for b in shards[s] for i in b])
         path = cache / f"shard_{s:05d}.safetensors" if cache else None
-        F = load_shard(path, idx, fz.dim) if path is not None else None
+        F = harness.load_shard(path, idx, fz.dim) if path is not None else None
         if F is None:
             F = torch.cat([featurize(b) for b in shards[s]])
-            if not torch.isfinite(F).all():
-                bad = idx[~torch.isfinite(F).all(1).cpu()].tolist()
-                raise UserError(f"non-finite gradient features for pool rows {bad[:10]}",
-                                hint="try --dtype float32 or a smaller --max_length")
-            if path is not None:
+            if path is not None:  # a non-finite shard is stopped by check_features, and recomputed by load_shard
                 harness.save_safetensors(path, {"features": F, "index": idx})
         feats.append(F.to(device))
         index.append(idx)
@@ -895,41 +652,109 @@ def compute_features(fz, tok, tokens: list[tuple[list[int], int]], cfg: Config, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Outputs
+# Config: the method's settings (proxy, features, selection, online loop); the run's (pool, columns, batching,
+# cache, outputs) come from harness.PoolRunConfig
 # ----------------------------------------------------------------------------------------------------------
 
-def format_table(stats: list[dict]) -> str:
-    cols = [("method", "{}"), ("k", "{}"), ("log_det", "{:.2f}"), ("frac_corrupted", "{:.3f}"),
-            ("frac_duplicates", "{:.3f}"), ("families_covered", "{}"), ("min_family_share", "{:.3f}"),
-            ("frac_negative_cos", "{:.3f}"), ("seconds", "{:.2f}")]
-    cols = [(c, f) for c, f in cols if any(c in s for s in stats)]
-    cells = [[c for c, _ in cols]] + [[f.format(s[c]) if c in s else "-" for c, f in cols] for s in stats]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+METHODS = ("spice", "greedy", "top_norm", "random", "official_diag")
 
 
-SPICE_COLUMNS = ("index", "t", "delta", "score")  # what selected.jsonl adds to each row, after --column_prefix
+
+@dataclass
+class Config(harness.PoolRunConfig):
+    dtype: str = option("auto", "proxy weights dtype (TRL's ModelConfig.dtype); auto: the checkpoint's own (float32 for "
+                                "the embedded model)", choices=["auto", "float32", "bfloat16", "float16"])
+    seed: int = option(0, "seed of the pool order, LoRA init, projections and random baselines (the demo pool file "
+                          "is one fixed draw; another: python -m data.spice_pool --seed S --out F)", ge=0, le=2**32 - 1)
+    output_dir: str = option("outputs/spice", "selected.jsonl, picks.jsonl, summary.json, feature cache", path=True)
+    column_prefix: str = option("spice_", "prefix of the columns selected.jsonl adds to the pool's own")
+    # proxy model and features
+    layers: Optional[str] = option(None, "layer spec (common.select_linear_layers); default `lora`, or `last:2` "
+                                         "with --lora false")
+    lora: bool = option(True, "wrap the proxy with peft LoRA; features are the adapters' gradients (official code)")
+    lora_r: int = option(8, "LoRA rank", ge=1)
+    lora_alpha: int = option(16, "LoRA alpha", ge=1)
+    lora_dropout: float = option(0.05, "LoRA dropout (used when the proxy trains; features are taken in eval mode)",
+                                 ge=0, lt=1)
+    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "LoRA target modules")
+    features: str = option("auto", "exact per-sample gradients | sketch (CountSketch to --sketch_dim) | kronecker "
+                                   "(k_out × k_in per layer) | auto: exact when rows × D × 4 bytes fit "
+                                   "--feature_memory_gb, else sketch", choices=["auto", "exact", "sketch", "kronecker"])
+    sketch_dim: int = option(8192, "sketch dimension d (the official projection size)", ge=1)
+    feature_memory_gb: float = option(2.0, "auto: the largest exact feature block (pool or --pool_size online rows)",
+                                      gt=0)
+    k_out: Optional[int] = option(16, "kronecker: projection rows per layer, output side (none: unprojected)", ge=1)
+    k_in: Optional[int] = option(16, "kronecker: projection rows per layer, input side (none: unprojected)", ge=1)
+    reduction: str = option("mean", "per-sample loss over scored tokens: mean (SFT) or sum", choices=["mean", "sum"])
+    mask_prompt: bool = option(True, "score response tokens only; false = official code (loss on the whole text)")
+    prompt_format: str = option("plain", "plain (`Instruction:\\n…\\n\\nResponse:\\n`, the official code's) or "
+                                         "chat (tokenizer template)", choices=["plain", "chat"])
+    max_length: int = option(96, "tokens per row (prompt + response), longer rows are cut", ge=2)
+    # selection
+    method: str = option("spice", "spice | greedy (λ=0) | top_norm (official default) | random | official_diag "
+                                  "(den += α·g⁴)", choices=list(METHODS))
+    compare: bool = option(True, "also run every other method on the same features and print the comparison "
+                                 "table (offline)")
+    alpha: float = option(1.0, "α in log det(I + α F_S) (official alpha_fisher 1.0)", gt=0)
+    lam: float = option(0.1, "λ, conflict weight (paper default 0.1)", ge=0)
+    eta: float = option(1e-8, "η in the conflict cosine's denominator", gt=0)
+    omega: Optional[float] = option(None, "SPICE+ early stop: Δ_t ≤ ω·Δ_1 (paper 0.5); off by default", ge=0, lt=1)
+    budget: Union[int, float] = option(0.1, "total picks: a fraction in (0, 1] of the pool, written with a point "
+                                            "(0.1; 1.0 = all rows, ranked), or a whole count (100)", gt=0)
+    form: str = option("auto", "auto | kernel (incremental Cholesky) | feature (rank-one updates of (I+αF_S)⁻¹)",
+                       choices=["auto", "kernel", "feature"])
+    mode: str = option("offline", "offline | online (proxy trained on the picks)", choices=["offline", "online"])
+    pool_size: Optional[int] = option(None, "candidates per pool (paper 120); default: the whole pool at once "
+                                            "(offline)", ge=1)
+    select_k: Optional[Union[int, float]] = option(None, "picks per pool: a count (paper 12 of 120) or a fraction "
+                                                         "(0.1) of pool_size; default: the --budget fraction", gt=0)
+    # online proxy loop (the paper's periodic selection–training schedule: an AdamW step on the buffer every T pools)
+    update_every: int = option(10, "T: pools between proxy updates (paper 10)", ge=1)
+    lr: float = option(2e-4, "proxy AdamW learning rate (online mode)", gt=0)
+    weight_decay: float = option(0.01, "proxy AdamW weight decay", ge=0)
+    online_loss: str = option("mean", "mean over the buffer | official_sum (sum of micro-batch means, as "
+                                      "Chang-pw/SPICE train.py)", choices=["mean", "official_sum"])
+    online_micro_batch: int = option(4, "rows per proxy forward in online mode", ge=1)
 
 
-def messages_column(cfg: Config, pool_columns: list[str]) -> Optional[str]:
-    """Where selected.jsonl puts the conversation (TRL SFTTrainer's and LLaMA-Factory's `messages`): `messages`,
-    unless the pool has that column — kept as is when it is the conversation read (None: nothing to add), else
-    ours goes to `<prefix>messages`. A pool column that one of ours would overwrite stops the run here, early."""
-    fields = resolve_fields(cfg, pool_columns)
-    msgs = (None if fields.get("messages") == "messages" else
-            "messages" if "messages" not in pool_columns else cfg.column_prefix + "messages")
-    clash = [c for c in [cfg.column_prefix + c for c in SPICE_COLUMNS] + [msgs] if c in pool_columns]
-    if clash:
-        raise UserError(f"the pool already has column(s) {', '.join(clash)}, which selected.jsonl would overwrite",
-                        hint="pass another --column_prefix, e.g. spice2_")
-    return msgs
+# The demo pools, written by data/spice_pool.py (seeded; its test regenerates them byte for byte).
+DEMO_POOL = Path(__file__).resolve().parent / "data" / "spice_pool.jsonl"  # 500 rows, the default --pool
+SMOKE_POOL = DEMO_POOL.with_name("spice_pool_smoke.jsonl")  # its first 64 rows
 
+PRESETS = {"smoke": dict(model=harness.TINY, dtype="float32", pool=str(SMOKE_POOL), max_length=48,
+                         output_dir="outputs/spice_smoke")}
 
 # What a run of spice_select.py writes in its output folder (what --overwrite_output_dir replaces); feature_cache/
 # (keyed by everything the features depend on) is kept and may be present without the flag: an interrupted run
 # continues from it. The folder is the contract of harness.OutputFolder.
 OWNED = ["selected.jsonl", "picks.jsonl", "summary.json", "metrics.jsonl"]
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Defaults < --preset < --config file < CLI flags, each field checked (harness.parse_config), then combinations."""
+    return check_combinations(harness.parse_config(Config, sys.argv[1:] if argv is None else argv, PRESETS))
+
+
+def validate(cfg: Config) -> Config:
+    """A Config built in code: every field's declared checks (harness.check_config), then combinations."""
+    return check_combinations(harness.check_config(cfg))
+
+
+def check_combinations(cfg: Config) -> Config:
+    """The settings that cannot work together."""
+    harness.check_pool_run(cfg)
+    if cfg.mode == "online" and not cfg.pool_size:
+        raise UserError("online mode needs --pool_size (paper: 120)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------
+
+def load_pool(cfg: Config) -> tuple[list[dict], list[harness.Example], str, list[dict]]:
+    """harness.load_pool with the demo pool as the default --pool."""
+    return harness.load_pool(cfg, DEMO_POOL)
 
 
 def output_folder(cfg: Config) -> harness.OutputFolder:
@@ -938,73 +763,6 @@ def output_folder(cfg: Config) -> harness.OutputFolder:
     return harness.OutputFolder(cfg.output_dir, overwrite=cfg.overwrite_output_dir, owned=OWNED,
                                keep=["feature_cache"], inputs=inputs, stage_always=True)
 
-
-def check_outputs(cfg: Config, folder: harness.OutputFolder) -> None:
-    """Every output folder writable and none holding an input or another output, before any work: --output_dir
-    (harness.OutputFolder.check), --cache_dir, and --save_to_disk, which may only replace a saved dataset, and only
-    with --overwrite_output_dir."""
-    inputs = [(flag, Path(p)) for flag, p in (("--pool", cfg.pool), ("--model", cfg.model)) if p and Path(p).exists()]
-    if cfg.save_to_disk:
-        p = Path(cfg.save_to_disk)
-        if p.exists() and not (p / "state.json").exists() and (p.is_file() or any(p.iterdir())):
-            raise UserError(f"--save_to_disk {p} exists and is not a saved dataset: it would be replaced",
-                            hint="pass a new folder")
-        for flag, q in inputs + [("--output_dir", Path(cfg.output_dir))]:
-            if harness.same_or_inside(q, p):
-                raise UserError(f"--save_to_disk {p} {'is' if q.resolve() == p.resolve() else 'holds'} the {flag} "
-                                f"{q}: saving the selection there would replace it", hint="pass another --save_to_disk")
-        if p.exists() and not cfg.overwrite_output_dir:
-            raise UserError(f"--save_to_disk {p} holds a saved dataset already; replacing it needs "
-                            "--overwrite_output_dir", hint="pass --overwrite_output_dir, or another --save_to_disk")
-        harness.check_writable(p.parent, "--save_to_disk's parent")
-    if cfg.cache_dir and cfg.cache_dir.lower() != "none":
-        harness.check_writable(Path(cfg.cache_dir), "--cache_dir")
-        for flag, q in inputs:
-            if harness.same_or_inside(q, Path(cfg.cache_dir)):
-                raise UserError(f"--cache_dir {cfg.cache_dir} holds the {flag} {q}", hint="pass another --cache_dir")
-    folder.check()
-
-
-def write_outputs(cfg: Config, out: Path, sel: Selection, rows: list[dict], examples: list[Example],
-                  positions: list[int], summary: dict) -> tuple[Optional[str], list[dict]]:
-    """selected.jsonl: each picked row with all its own columns, the conversation as `messages` (messages_column)
-    and <prefix>index/t/delta/score; picks.jsonl (per-pick records); summary.json; written into `out` (the run's
-    staging folder). Indices are 0-based rows of the pool file (row N of an error message is index N − 1)."""
-    pre, msgs = cfg.column_prefix, messages_column(cfg, columns(rows))
-    rec_by_index = {rec["index"]: rec for rec in sel.records}
-    picked = []
-    for i in sel.indices:
-        row, rec, ex = dict(rows[i]), rec_by_index.get(i, {}), examples[i]
-        if msgs:
-            prompt = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
-            row[msgs] = prompt + [{"role": "assistant", "content": ex.response}]
-        picked.append({**row, **{pre + c: positions[i] if c == "index" else rec.get(c) for c in SPICE_COLUMNS}})
-    harness.write_jsonl(out / "selected.jsonl", picked)
-    harness.write_jsonl(out / "picks.jsonl", [{**rec, "index": positions[rec["index"]]} for rec in sel.records])
-    harness.write_json(out / "summary.json", summary)
-    return msgs, picked
-
-
-def save_dataset(rows: list[dict], path: Path) -> None:
-    """rows as a datasets folder (load_from_disk), written beside `path` and put in its place in one step
-    (harness.replace_path); every column of every row kept (Dataset.from_list alone takes row 0's), a column of mixed
-    types stored as JSON."""
-    import datasets
-
-    keys = columns(rows)
-    ds = datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in rows], on_mixed_types="use_json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        ds.save_to_disk(str(tmp))
-        harness.replace_path(tmp, path)
-    finally:
-        harness.remove(tmp)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# run
-# ----------------------------------------------------------------------------------------------------------
 
 def run(cfg: Config, accelerator=None) -> dict:
     """The whole pipeline on every process; returns the summary (selection made on the main process). The
@@ -1016,9 +774,9 @@ def run(cfg: Config, accelerator=None) -> dict:
     timings, t0 = {}, time.perf_counter()
     rows, examples, label, skipped = load_pool(cfg)
     check_budget(cfg, len(rows))  # every check that needs the pool, before the proxy and its features
-    messages_column(cfg, columns(rows))
+    harness.messages_column(cfg, harness.columns(rows))
     folder = output_folder(cfg)
-    check_outputs(cfg, folder)
+    harness.check_outputs(cfg, folder)
     file_index = (lambda i: label.rows[i] - 1) if getattr(label, "rows", None) else (lambda i: i)
     gone = {s["index"] for s in skipped}
     positions = [file_index(i) for i in range(len(rows) + len(skipped)) if i not in gone]  # kept row → file row − 1
@@ -1081,11 +839,11 @@ def select_and_write(cfg: Config, accelerator, folder: harness.OutputFolder, t0:
     if stats:
         summary["curvature_selected"] = stats[0].get("curvature_selected")
     try:
-        msgs, picked = write_outputs(cfg, folder.path, sel, rows=rows, examples=examples, positions=positions,
-                                     summary=summary)
+        msgs, picked = harness.write_outputs(cfg, folder.path, sel, rows=rows, examples=examples,
+                                             positions=positions, summary=summary)
         folder.commit()  # selected.jsonl, picks.jsonl and summary.json replace the old ones together
         if cfg.save_to_disk:
-            save_dataset(picked, Path(cfg.save_to_disk))
+            harness.save_dataset(picked, Path(cfg.save_to_disk))
     except OSError as e:
         raise UserError(f"cannot write the outputs in {cfg.output_dir}: {e.strerror or e}",
                         hint="free disk space or make the folder writable; the features are cached") from None
@@ -1112,7 +870,7 @@ def print_comparison(cfg: Config, label: str, rows: list[dict], fz, stats: list[
         duplicates = sum(r.get("duplicate_of") is not None for r in rows) / len(rows)
         families = len({r.get("family") for r in rows} - {None})
         print(f"pool: {corrupted:.3f} corrupted, {duplicates:.3f} near-duplicates, {families} families")
-    print(format_table(stats))
+    print(harness.format_table(stats))
 
 
 def main(argv: list[str] | None = None) -> dict:

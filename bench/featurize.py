@@ -80,10 +80,10 @@ def salt_batch(seed=0, model_name=H.EMBEDDED):
     rows = sg.load_rows(cfg)[0]
     idx = H.prompts_for_round(len(rows), cfg.prompts_per_step, 0, seed)
     G = cfg.num_generations
-    gens = [torch.Generator().manual_seed(sg.rollout_seed(seed, 0, i, g)) for i in idx for g in range(G)]
+    gens = [torch.Generator().manual_seed(H.rollout_seed(seed, 0, i, g)) for i in idx for g in range(G)]
     texts = [H.format_prompt(tok, rows[i]["prompt"]) for i in idx for _ in range(G)]
     with torch.no_grad():
-        pids, pam, comp, cmask = sg.generate(model, tok, texts, cfg, "cpu", cfg.max_completion_length, gens)
+        pids, pam, comp, cmask = H.generate(model, tok, texts, cfg, "cpu", cfg.max_completion_length, gens)
         b = {"prompt_ids": pids, "prompt_mask": pam, "comp_ids": comp, "comp_mask": cmask}
         _, _, hidden, logits = sg.policy_forward(model, model.lm_head, b, cfg, "cpu", want_hidden=True)
     r = torch.tensor([A.reward_fn(c, rows[i]["answer"]) for c, i in

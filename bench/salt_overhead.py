@@ -35,7 +35,7 @@ def one_step(trainer, step):
     m = dict(rollouts["metrics"])
     m.update(sg.accumulate_gradients(trainer, rollouts["slices"][0], step))
     m["time/optimizer_s"] = 0.0
-    with sg.timed(m, "time/optimizer_s"):
+    with harness.timed(m, "time/optimizer_s"):
         sg.optimizer_step(trainer)
     m["step_time"] = time.perf_counter() - step_start
     return m

@@ -75,8 +75,8 @@ def collect_batches(s: dict, cache_dir: Path) -> list[dict]:
         for lo in range(0, len(idx), max(1, s["micro_batch"] // G)):  # a few prompts × G rollouts at a time
             chunk = idx[lo:lo + max(1, s["micro_batch"] // G)]
             texts = [harness.format_prompt(tok, train_rows[i]["prompt"]) for i in chunk for _ in range(G)]
-            gens = [torch.Generator().manual_seed(sg.rollout_seed(s["seed"], b, i, g)) for i in chunk for g in range(G)]
-            pids, pam, comp, cmask = sg.generate(model, tok, texts, cfg, device, cfg.max_completion_length, gens)
+            gens = [torch.Generator().manual_seed(harness.rollout_seed(s["seed"], b, i, g)) for i in chunk for g in range(G)]
+            pids, pam, comp, cmask = harness.generate(model, tok, texts, cfg, device, cfg.max_completion_length, gens)
             done = tok.batch_decode(comp, skip_special_tokens=True)
             r_parts.append(torch.tensor([arithmetic.reward_fn(c, train_rows[i]["answer"])
                                          for c, i in zip(done, [i for i in chunk for _ in range(G)])]))

@@ -65,8 +65,8 @@ def select(G: torch.Tensor, cfg: ss.Config, method: str, seed: int) -> list[int]
 def finetune(S: dict, rows: list[dict], idx: list[int], epochs: int, seed: int, held: list[dict], tok, desc: str):
     """experiment 6's LoRA fine-tune on rows[idx] for `epochs` epochs, evaluated on the held-out rows."""
     cfg_tok = ss.Config(model=S["model"])
-    toks = ss.tokenize([ss.Example(r["instruction"], r["response"]) for r in (rows[i] for i in idx)], tok, cfg_tok)
-    held_toks = ss.tokenize([ss.Example(r["instruction"], r["response"]) for r in held], tok, cfg_tok)
+    toks = ss.tokenize([harness.Example(r["instruction"], r["response"]) for r in (rows[i] for i in idx)], tok, cfg_tok)
+    held_toks = ss.tokenize([harness.Example(r["instruction"], r["response"]) for r in held], tok, cfg_tok)
     model, _ = sd.fresh_target(S, seed)
     tr = sd.train(model, tok, toks, dict(S, epochs=epochs), seed, desc)
     return {"train": tr, "eval": sd.evaluate(model, tok, held_toks, [r["family"] for r in held])["overall"]}

@@ -414,8 +414,8 @@ def main(argv=None) -> dict:
     # Measurement: null model, then every (seed, method)
     _, tok = harness.load_model(S["model"], S["target_dtype"])
     cfg_tok = ss.Config(model=S["model"])
-    tok_pool = ss.tokenize([ss.Example(r["instruction"], r["response"]) for r in pool], tok, cfg_tok)
-    tok_held = ss.tokenize([ss.Example(r["instruction"], r["response"]) for r in held], tok, cfg_tok)
+    tok_pool = ss.tokenize([harness.Example(r["instruction"], r["response"]) for r in pool], tok, cfg_tok)
+    tok_held = ss.tokenize([harness.Example(r["instruction"], r["response"]) for r in held], tok, cfg_tok)
     result = {"settings": {**S, "budget": BUDGET, "lambda": LAMBDA, "lora": LORA, "warmup": WARMUP,
                            "heldout_seed": HELDOUT_SEED, "step_rule": "equal epochs", "methods": METHODS},
               "heldout": {"n": len(held), "per_family": {f: held_fams.count(f) for f in spice_pool.FAMILIES}},

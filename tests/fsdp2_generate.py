@@ -1,4 +1,4 @@
-"""torchrun --nproc_per_node 2 tests/fsdp2_generate.py SYNCED: salt_grpo.generate on a model sharded with torch's own
+"""torchrun --nproc_per_node 2 tests/fsdp2_generate.py SYNCED: harness.generate on a model sharded with torch's own
 fully_shard (FSDP2, gloo on CPU), the two ranks stopping after different numbers of tokens. With SYNCED=1 every rank
 runs the same number of forwards and prints `rank R EQUAL` when its output equals the unsharded model's; with 0 the
 rank that stops first leaves the others inside a collective (the hang or crash that synced generation prevents)."""
@@ -26,7 +26,7 @@ new = 12 if rank == 0 else 3
 out = []
 for m, kw in ((model, dict(synced=synced)), (ref, {})):
     gens = [torch.Generator().manual_seed(10 * rank + i) for i in range(len(prompts))]
-    out.append(sg.generate(m, tok, prompts, cfg, torch.device("cpu"), new, generators=gens, **kw)[2])
+    out.append(harness.generate(m, tok, prompts, cfg, torch.device("cpu"), new, generators=gens, **kw)[2])
 print(f"rank {rank} {'EQUAL' if torch.equal(out[0], out[1]) else 'DIFFERENT'}", flush=True)
 dist.barrier()
 dist.destroy_process_group()

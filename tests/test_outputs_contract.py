@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
 
 import harness
 import salt_grpo as sg
@@ -292,7 +291,7 @@ def test_spice_interrupted_mid_write_keeps_the_old_outputs_together(spice_done, 
             raise KeyboardInterrupt
         return real(path, obj)
 
-    monkeypatch.setattr(common, "write_json", killed)
+    monkeypatch.setattr(harness, "write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         spice_main(["--preset", "smoke", "--output_dir", str(d / "run"), "--overwrite_output_dir", "--budget", "3"],
                    capsys)
@@ -426,7 +425,7 @@ def test_a_kill_inside_the_final_swap_leaves_a_whole_final(run_dir, capsys, monk
             raise KeyboardInterrupt  # the old final/ is in .final.tmp now, not yet deleted
         return real(p)
 
-    monkeypatch.setattr(common, "remove", killed)
+    monkeypatch.setattr(harness, "remove", killed)
     with pytest.raises(KeyboardInterrupt):
         main(SMOKE + ["--output_dir", str(run_dir), "--resume_from", str(run_dir / "checkpoint-1"), "--max_steps",
                       "3"], capsys)
@@ -438,7 +437,7 @@ def test_a_kill_inside_the_final_swap_leaves_a_whole_final(run_dir, capsys, monk
 def test_common_replace_path_without_an_atomic_exchange(tmp_path, monkeypatch):
     for exchange in (True, False):
         if not exchange:
-            monkeypatch.setattr(common, "exchange", lambda a, b: False)
+            monkeypatch.setattr(harness, "exchange", lambda a, b: False)
         (tmp_path / "t").mkdir(exist_ok=True)
         (tmp_path / "t" / "f").write_text("old")
         (tmp_path / "n").mkdir()
@@ -473,8 +472,8 @@ def test_an_interrupted_commit_is_finished_by_the_next_open(tmp_path, monkeypatc
             count["n"] += 1
         return real(a, b)
 
-    monkeypatch.setattr(common.os, "replace", rename)
-    monkeypatch.setattr(common, "exchange", lambda a, b: False)  # every step a plain rename, so each can be cut
+    monkeypatch.setattr(harness.os, "replace", rename)
+    monkeypatch.setattr(harness, "exchange", lambda a, b: False)  # every step a plain rename, so each can be cut
     with pytest.raises(KeyboardInterrupt):
         f.commit()
     monkeypatch.undo()

@@ -494,10 +494,10 @@ def test_report_to_tensorboard_without_it_installed_is_a_clear_error(tmp_path):
 def test_gumbel_sampler_matches_softmax_and_top_p():
     z = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = torch.tensor([int(sg.GumbelSampler([g], 1.0, 1.0)(None, z).argmax()) for _ in range(4000)])
+    draws = torch.tensor([int(harness.GumbelSampler([g], 1.0, 1.0)(None, z).argmax()) for _ in range(4000)])
     freq = torch.bincount(draws, minlength=4).double() / 4000
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64), atol=0.03)
     g = torch.Generator().manual_seed(1)
-    draws = torch.tensor([int(sg.GumbelSampler([g], 1.0, 0.6)(None, z).argmax()) for _ in range(2000)])
+    draws = torch.tensor([int(harness.GumbelSampler([g], 1.0, 0.6)(None, z).argmax()) for _ in range(2000)])
     freq = torch.bincount(draws, minlength=4).double() / 2000  # nucleus {0, 1}, renormalised to 5/8, 3/8
     assert freq[2:].sum() == 0 and abs(float(freq[0]) - 0.625) < 0.04

@@ -124,20 +124,20 @@ def test_several_eos_ids_stop_mask_and_truncate(tmp_path):
     assert t.eos == [t.tok.eos_token_id, t.tok.convert_tokens_to_ids("!")]  # from generation_config's list
     model, tok = harness.tiny_llama(seed=0)
     c = sg.Config(bf16=False)
-    _, _, comp, mask = sg.generate(model, tok, ["What is 1 + 2?\n"], c, torch.device("cpu"), 12)  # greedy
-    assert int(mask.sum()) == 12 and bool(sg.truncated(comp, mask, [tok.eos_token_id])[0])
+    _, _, comp, mask = harness.generate(model, tok, ["What is 1 + 2?\n"], c, torch.device("cpu"), 12)  # greedy
+    assert int(mask.sum()) == 12 and bool(harness.truncated(comp, mask, [tok.eos_token_id])[0])
     second = int(comp[0, 3])  # make the 4th greedy token an EOS: the row must stop there, EOS included
-    _, _, comp2, mask2 = sg.generate(model, tok, ["What is 1 + 2?\n"], c, torch.device("cpu"), 12,
+    _, _, comp2, mask2 = harness.generate(model, tok, ["What is 1 + 2?\n"], c, torch.device("cpu"), 12,
                                      eos=[tok.eos_token_id, second])
     stop = int((comp[0] == second).nonzero()[0]) + 1
     assert int(mask2.sum()) == stop and torch.equal(comp2[0, :stop], comp[0, :stop])
-    assert (comp2[0, stop:] == tok.pad_token_id).all() and not bool(sg.truncated(comp2, mask2, [2, second])[0])
+    assert (comp2[0, stop:] == tok.pad_token_id).all() and not bool(harness.truncated(comp2, mask2, [2, second])[0])
 
 
 def test_prompts_are_cut_on_the_left_with_a_warning(tmp_path, capsys):
     model, tok = harness.tiny_llama(seed=0)
     long = "x" * 5000 + " What is 1 + 2?\n"
-    ids, am, _, _ = sg.generate(model, tok, [long, "Hi\n"], sg.Config(bf16=False, max_prompt_length=10),
+    ids, am, _, _ = harness.generate(model, tok, [long, "Hi\n"], sg.Config(bf16=False, max_prompt_length=10),
                                 torch.device("cpu"), 2)
     assert ids.shape[1] == 10 and tok.decode(ids[0]) == long[-10:]
     sg.build(smoke(tmp_path, max_prompt_length=20))
@@ -212,8 +212,8 @@ def test_bf16_autocast_only_with_native_bf16(monkeypatch):
     """--bf16 on a CPU without bf16 matmuls would be emulated (~15× slower): autocast is skipped there, kept elsewhere."""
     cpu = torch.device("cpu")
     for native in (False, True):
-        monkeypatch.setattr(sg, "bf16_native", lambda device, n=native: n)
-        with sg.autocast(sg.Config(bf16=True), cpu):
+        monkeypatch.setattr(harness, "bf16_native", lambda device, n=native: n)
+        with harness.autocast(sg.Config(bf16=True), cpu):
             assert torch.is_autocast_enabled("cpu") == native
-    with sg.autocast(sg.Config(bf16=False), cpu):
+    with harness.autocast(sg.Config(bf16=False), cpu):
         assert not torch.is_autocast_enabled("cpu")

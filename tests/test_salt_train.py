@@ -51,7 +51,7 @@ def test_rollouts_are_exact_samples_of_the_trained_policy():
     prompts = ["What is 1 + 2?\n", "Hi\n"]
     seeds = [11, 12]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    _, _, comp, mask = sg.generate(model, tok, prompts, c, torch.device("cpu"), 5, gens)
+    _, _, comp, mask = harness.generate(model, tok, prompts, c, torch.device("cpu"), 5, gens)
     for i, p in enumerate(prompts):  # a plain loop: full forward, Gumbel-max with the rollout's own generator
         g = torch.Generator().manual_seed(seeds[i])
         ids = tok(p, return_tensors="pt").input_ids

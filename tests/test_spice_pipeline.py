@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import harness
 import spice_select as S
 from common import UserError
 from data import spice_pool
@@ -133,10 +134,10 @@ def test_parquet_rows_of_the_wrong_type(tmp_path):
 
 
 def test_loss_mask_scores_response_tokens_only():
-    from common import char_tokenizer
+    from harness import char_tokenizer
 
     tok = char_tokenizer()
-    ex = [S.Example("2+2", "4"), S.Example("say hi", "hi there")]
+    ex = [harness.Example("2+2", "4"), harness.Example("say hi", "hi there")]
     for mask_prompt in (True, False):
         cfg = S.Config(max_length=64, mask_prompt=mask_prompt)
         toks = S.tokenize(ex, tok, cfg)
@@ -146,7 +147,7 @@ def test_loss_mask_scores_response_tokens_only():
             expect = x[n_prompt:] if mask_prompt else x[1:]
             assert scored == expect and tok.decode(x[:n_prompt]).startswith("Instruction:\n")
         assert (lm <= am).all() and toks[1][0][-1] == tok.eos_token_id
-    long = S.tokenize([S.Example("x" * 100, "y" * 100)], tok, S.Config(max_length=40))[0]
+    long = S.tokenize([harness.Example("x" * 100, "y" * 100)], tok, S.Config(max_length=40))[0]
     assert len(long[0]) == 40 and long[1] == 20  # half the window stays scored
 
 
@@ -177,7 +178,7 @@ def test_cache_resume_gives_the_same_selection(tmp_path, monkeypatch):
         raise Killed
 
     save = S.harness.save_safetensors
-    monkeypatch.setattr(S.common, "save_safetensors", save_then_die)
+    monkeypatch.setattr(S.harness, "save_safetensors", save_then_die)
     with pytest.raises(Killed):
         S.run(cfg, Accelerator(cpu=True))
     monkeypatch.undo()
