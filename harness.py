@@ -1936,3 +1936,35 @@ def format_table(stats: list[dict]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def publish_selection(cfg: PoolRunConfig, folder: OutputFolder, accelerator, sel, summary: dict, *, rows, examples,
+                      positions, skipped, stats: list[dict], header: str) -> None:
+    """Main process: the selection's outputs written in the run's staging folder and committed together, the
+    --save_to_disk dataset, then the comparison table (`header`, the pool's tags, one row per method) and where the
+    outputs went. A write error is one line; the other processes wait for the commit."""
+    try:
+        msgs, picked = write_outputs(cfg, folder.path, sel, rows=rows, examples=examples, positions=positions,
+                                     summary=summary)
+        folder.commit()  # selected.jsonl, picks.jsonl and summary.json replace the old ones together
+        if cfg.save_to_disk:
+            save_dataset(picked, Path(cfg.save_to_disk))
+    except OSError as e:
+        raise UserError(f"cannot write the outputs in {cfg.output_dir}: {e.strerror or e}",
+                        hint="free disk space or make the folder writable; the features are cached") from None
+    finally:
+        accelerator.wait_for_everyone()
+    if stats:
+        print(header)
+        if "family" in rows[0]:  # a tagged pool (data/spice_pool.py): what a good selection avoids
+            corrupted = sum(bool(r.get("corrupted")) for r in rows) / len(rows)
+            duplicates = sum(r.get("duplicate_of") is not None for r in rows) / len(rows)
+            families = len({r.get("family") for r in rows} - {None})
+            print(f"pool: {corrupted:.3f} corrupted, {duplicates:.3f} near-duplicates, {families} families")
+        print(format_table(stats))
+    if skipped:
+        print(f"skipped {len(skipped)} malformed rows (--skip_malformed); the first: {skipped[0]['error']}")
+    if msgs and msgs != "messages":
+        print(f"the pool's own `messages` column is kept; the conversations read are in `{msgs}`")
+    print(f"wrote {Path(cfg.output_dir) / 'selected.jsonl'} ({len(sel.indices)} rows, method {sel.method}) "
+          f"in {summary['timings']['total']:.1f} s")

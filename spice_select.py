@@ -838,39 +838,12 @@ def select_and_write(cfg: Config, accelerator, folder: harness.OutputFolder, t0:
         "comparison": stats, "timings": timings})
     if stats:
         summary["curvature_selected"] = stats[0].get("curvature_selected")
-    try:
-        msgs, picked = harness.write_outputs(cfg, folder.path, sel, rows=rows, examples=examples,
-                                             positions=positions, summary=summary)
-        folder.commit()  # selected.jsonl, picks.jsonl and summary.json replace the old ones together
-        if cfg.save_to_disk:
-            harness.save_dataset(picked, Path(cfg.save_to_disk))
-    except OSError as e:
-        raise UserError(f"cannot write the outputs in {cfg.output_dir}: {e.strerror or e}",
-                        hint="free disk space or make the folder writable; the features are cached") from None
-    finally:
-        accelerator.wait_for_everyone()
-    if stats:
-        print_comparison(cfg, label, rows, fz, stats)
-    if skipped:
-        print(f"skipped {len(skipped)} malformed rows (--skip_malformed); the first: {skipped[0]['error']}")
-    if msgs and msgs != "messages":
-        print(f"the pool's own `messages` column is kept; the conversations read are in `{msgs}`")
-    print(f"wrote {Path(cfg.output_dir) / 'selected.jsonl'} ({len(sel.indices)} rows, method {sel.method}) "
-          f"in {timings['total']:.1f} s")
-    return summary
-
-
-def print_comparison(cfg: Config, label: str, rows: list[dict], fz, stats: list[dict]) -> None:
-    """The pool, the features and every method's row of the comparison table."""
     layers = ", ".join(fz.layers)
-    print(f"\nSPICE selection from {label}: {len(rows)} rows, features {fz.mode} d={fz.dim} of D={fz.full_dim} "
-          f"({layers[:60]}{'…' if len(layers) > 60 else ''}), α={cfg.alpha}, λ={cfg.lam}")
-    if "family" in rows[0]:  # a tagged pool (data/spice_pool.py): what a good selection avoids
-        corrupted = sum(bool(r.get("corrupted")) for r in rows) / len(rows)
-        duplicates = sum(r.get("duplicate_of") is not None for r in rows) / len(rows)
-        families = len({r.get("family") for r in rows} - {None})
-        print(f"pool: {corrupted:.3f} corrupted, {duplicates:.3f} near-duplicates, {families} families")
-    print(harness.format_table(stats))
+    header = (f"\nSPICE selection from {label}: {len(rows)} rows, features {fz.mode} d={fz.dim} of D={fz.full_dim} "
+              f"({layers[:60]}{'…' if len(layers) > 60 else ''}), α={cfg.alpha}, λ={cfg.lam}")
+    harness.publish_selection(cfg, folder, accelerator, sel, summary, rows=rows, examples=examples,
+                              positions=positions, skipped=skipped, stats=stats, header=header)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -67,6 +67,11 @@ def test_incremental_gains_of_every_candidate_equal_slogdet_differences(form):
         mask = torch.ones(25, dtype=torch.bool)
         mask[chosen] = False
         assert (gains[mask] - ref[mask]).abs().max() <= 1e-9
+        # the paper-form definition the engines implement, Δ_x(S) = log(1 + α g_xᵀ(I + αF_S)⁻¹g_x)
+        x = next(i for i in range(25) if i not in chosen)
+        Ginv = torch.linalg.inv(torch.eye(10, dtype=torch.float64) + alpha * G[chosen].T @ G[chosen])
+        assert S.marginal_gain(G[chosen], G[x], alpha) == pytest.approx(
+            math.log1p(alpha * float(G[x] @ Ginv @ G[x])), abs=1e-10) == pytest.approx(float(gains[x]), abs=1e-9)
         eng.add(j, eng.row(j))
         chosen.append(j)
 
