@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import errno
 import functools
+import glob
 import hashlib
 import importlib
 import importlib.util
@@ -41,6 +42,7 @@ from urllib.parse import urlparse
 import torch
 
 from common import UserError, broadcast_object, on_main
+
 
 def run_main(fn: Callable[[], Any]) -> Any:
     """Run a script's main; a UserError becomes `error: ...` / `hint: ...` on stderr and exit status 2 (printed by
@@ -173,11 +175,14 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def load_model(name: str = EMBEDDED, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
-               attn_implementation: str | None = None, seed: int = 0):
+               attn_implementation: str | None = None, seed: int = 0, init_kwargs: dict | None = None):
     """(model, tokenizer) for any causal LM: `embedded`, `tiny`, a local folder, or a Hugging Face model id.
+    init_kwargs: more keywords for from_pretrained (TRL's model_init_kwargs; its `dtype` / `torch_dtype` win).
 
     The tokenizer gets left padding (for generation) and a pad token (EOS when it has none).
     """
+    init_kwargs = dict(init_kwargs or {})
+    dtype = init_kwargs.pop("dtype", init_kwargs.pop("torch_dtype", dtype))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str) and dtype != "auto":  # auto: the dtype the checkpoint was saved in
@@ -187,14 +192,14 @@ def load_model(name: str = EMBEDDED, dtype: torch.dtype | str = torch.float32, t
         model = model.to(torch.float32 if dtype == "auto" else dtype)
     else:
         path = str(embedded_model_dir()) if name == EMBEDDED else _resolve_model(name)
-        kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+        kwargs = dict(init_kwargs, dtype=dtype, trust_remote_code=trust_remote_code)
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         try:
             with quiet_transformers():
                 tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
                 model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError) as e:
             raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}",
                             hint="pass --model with a folder holding config.json, tokenizer and weights") from None
     tok.padding_side = "left"  # not persisted by save_pretrained; generation needs it
@@ -237,6 +242,7 @@ def _resolve_model(name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # 3. Data, the config layer, outputs
 # ----------------------------------------------------------------------------------------------------------
+
 
 class Source(str):
     """A dataset's label (its path or id) that also knows where each row came from: `rows[i]`, its number in the
@@ -410,6 +416,7 @@ def require_str(label: str, i: int, row: dict, field: str, allow_empty: bool = F
 
 # ---- Config: one dataclass per script, every field a flag, its checks declared on the field ------------------
 
+
 class ArgParser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors (one line and a hint through run_main), not a usage block, and that
     takes no abbreviations (`--smok` must not silently mean `--smoke`)."""
@@ -422,20 +429,39 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def option(default: Any, help: str, **checks) -> Any:
-    """A config field with its help text and checks: `choices=[...]`, bounds `ge/gt/le/lt=x` (floats must also be
-    finite unless `nonfinite=True`), `path=True` (`~` and $VARS expanded once, here). `check_config` enforces them,
-    whatever set the value (flag, file, code)."""
+    """A config field with its help text and checks: `choices=[...]` (each element, for a list), bounds
+    `ge/gt/le/lt=x` (floats must also be finite unless `nonfinite=True`), `path=True` (`~` and $VARS expanded once,
+    here), `aliases=(...)` (other names of the flag and config key: TRL's, where TRL spells it otherwise).
+    `check_config` enforces them, whatever set the value (flag, file, code). A mutable default (list, dict) is
+    copied per instance."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **checks})
     return dataclasses.field(default=default, metadata={"help": help, **checks})
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 NUMBER = (int, float)  # the base type of an `int | float` field: a count or a fraction, kept as written
 _YAML_EXP = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # YAML 1.1 reads 1e-5 (no point) as a string
 
 
+class ListOf(tuple):
+    """The base type of a `list[T]` field: ListOf((T,))."""
+
+
 def _field_type(tp) -> tuple[Any, bool]:
-    """(base type, None allowed) of an annotation: int, float, str, bool, int | float (NUMBER), or Optional of one."""
+    """(base type, None allowed) of an annotation: int, float, str, bool, int | float (NUMBER), dict, list[T]
+    (ListOf), or Optional of one."""
+    if typing.get_origin(tp) is list:
+        return ListOf(typing.get_args(tp)), False
     all_args = typing.get_args(tp)
     args = tuple(a for a in all_args if a is not type(None))
+    if len(args) == 1 and typing.get_origin(args[0]) is list:
+        return ListOf(typing.get_args(args[0])), True
+    if len(args) == 1 and typing.get_origin(args[0]) is dict:
+        return dict, True
     return (NUMBER if set(args) == set(NUMBER) else args[0] if args else tp), len(args) < len(all_args)
 
 
@@ -444,6 +470,23 @@ def _typed(name: str, value: Any, tp, optional: bool) -> Any:
     nothing; an int is a valid float; an `int | float` field keeps the type it was written with."""
     if value is None and optional:
         return None
+    if isinstance(tp, ListOf):  # a list, a comma-separated string, or a single value; each element typed
+        items = value if isinstance(value, (list, tuple)) else [value]
+        items = [x.strip() if isinstance(x, str) else x for v in items
+                 for x in (v.split(",") if isinstance(v, str) else [v])]
+        items = [x for x in items if x != ""]
+        if tp[0] is float:
+            items = [float(x) if isinstance(x, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", x)
+                     else x for x in items]
+        return [_typed(f"{name} item", x, tp[0], False) for x in items]
+    if tp is dict:  # a mapping, or its JSON on the command line
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{name} must be a JSON object ({e.msg}), got {value!r}") from None
+        if isinstance(value, dict):
+            return dict(value)
     if tp in (float, NUMBER) and isinstance(value, str) and _YAML_EXP.fullmatch(value):
         value = float(value)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -453,9 +496,15 @@ def _typed(name: str, value: Any, tp, optional: bool) -> Any:
         return float(value)
     if tp is not NUMBER and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    want = {int: "an integer", float: "a number", NUMBER: "a number", str: "a string", bool: "true or false"}
+    want = {int: "an integer", float: "a number", NUMBER: "a number", str: "a string", bool: "true or false",
+            dict: "a mapping (JSON on the command line)"}
     raise UserError(f"{name} must be {want.get(tp, getattr(tp, '__name__', tp))}{' or null' if optional else ''}, "
                     f"got {value!r}")
+
+
+def typed_value(name: str, value: Any, tp, optional: bool = True) -> Any:
+    """value as type tp (int, float, str, bool, dict, ListOf), or a one-line UserError naming `name`."""
+    return _typed(name, value, tp, optional)
 
 
 _BOUNDS = (("ge", float.__ge__, "≥"), ("gt", float.__gt__, ">"), ("le", float.__le__, "≤"), ("lt", float.__lt__, "<"))
@@ -476,11 +525,12 @@ def check_config(cfg):
             raise UserError(f"--{f.name} {v} is out of range (|n| < 2**53)")
         if isinstance(v, float) and not m.get("nonfinite") and not math.isfinite(v):
             raise UserError(f"--{f.name} must be a finite number, got {v}")
-        if "choices" in m and v not in m["choices"]:
-            raise UserError(f"--{f.name}={v!r} is not one of {', '.join(map(str, m['choices']))}")
-        for key, op, word in _BOUNDS:
-            if key in m and not op(float(v), float(m[key])):
-                raise UserError(f"--{f.name} must be {word} {m[key]}, got {v}")
+        for x in (v if isinstance(v, list) else [v]):
+            if "choices" in m and x not in m["choices"]:
+                raise UserError(f"--{f.name}={x!r} is not one of {', '.join(map(str, m['choices']))}")
+            for key, op, word in _BOUNDS:
+                if key in m and isinstance(x, (int, float)) and not op(float(x), float(m[key])):
+                    raise UserError(f"--{f.name} must be {word} {m[key]}, got {x}")
     return cfg
 
 
@@ -505,9 +555,24 @@ def read_config_file(path: str | Path, cls) -> dict:
     if "config" in data:
         raise UserError(f"{p}: field config: a config file cannot name another config file",
                         hint="merge the two files, or pass the other one with --config")
-    bad = sorted(set(map(str, data)) - {f.name for f in dataclasses.fields(cls)})
-    if bad:
-        raise UserError(f"{p}: unknown field(s) {', '.join(bad)}", hint="fields are the script's flag names (--help)")
+    names = aliases(cls)  # every spelling → the field
+    given = {}
+    for k in map(str, data):
+        if k in names and names[k] in given:
+            raise UserError(f"{p}: fields {given[names[k]]} and {k} are one setting, given twice")
+        given.setdefault(names.get(k, k), k)
+    unknown = sorted(set(map(str, data)) - set(names))
+    ignored = [k for k in unknown if k in TRL_LOGGING_ONLY]
+    foreign = [k for k in unknown if k not in ignored and (k in TRL_FIELDS or k in _training_arguments())]
+    typos = [k for k in unknown if k not in ignored and k not in foreign]
+    if typos:
+        raise UserError(f"{p}: unknown field(s) {', '.join(typos)}", hint="fields are the script's flag names (--help)")
+    if foreign:
+        raise UserError(f"{p}: TRL field(s) this script does not implement: {', '.join(foreign)}",
+                        hint="remove them (docs/salt.md lists every TRL field and what it is here)")
+    if ignored:
+        print(f"note: {p}: logging-only TRL field(s) ignored: {', '.join(ignored)}", file=sys.stderr)
+    data = {names[k]: v for k, v in data.items() if k not in ignored}
     hints = typing.get_type_hints(cls)
     out = {}
     for k, v in data.items():
@@ -517,6 +582,56 @@ def read_config_file(path: str | Path, cls) -> dict:
                             "as a boolean, so quote the value", hint=f"write {k}: 'off' (with the quotes)")
         out[k] = _typed(f"{p}: field {k}", v, *tp)
     return out
+
+
+def aliases(cls) -> dict[str, str]:
+    """Every name a field of `cls` answers to (its own and its `aliases`) → the field's name."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        for name in (f.name, *f.metadata.get("aliases", ())):
+            out[name] = f.name
+    return out
+
+
+# The fields of TRL 1.16's GRPOConfig, its base config, ModelConfig, ScriptArguments and the GRPO script's arguments,
+# read from its source (trl/trainer/grpo_config.py, base_config.py, model_config.py, scripts/utils.py, grpo.py);
+# transformers.TrainingArguments' fields are read at run time. A config file naming one of these that this script does
+# not implement stops the run with one line, rather than being ignored or called a typo.
+TRL_FIELDS = frozenset("""
+attn_implementation beta bf16 bnb_4bit_quant_storage bnb_4bit_quant_type cache_implementation cast_lm_head_to_fp32
+chat_template_kwargs dataset_config dataset_name dataset_streaming dataset_test_split dataset_train_split datasets delta
+disable_dropout ds3_gather_for_generation dtype entropy_coef entropy_coef_delta entropy_coef_max entropy_coef_min
+entropy_target epsilon epsilon_high generation_batch_size generation_kwargs gradient_checkpointing ignore_bias_buffers
+importance_sampling_level learning_rate load_in_4bit load_in_8bit log_completions log_completions_hub_repo
+log_multimodal log_unique_prompts logging_steps lora_alpha lora_dropout lora_modules_to_save lora_r
+lora_target_modules lora_target_parameters lora_task_type loss_type lr_scheduler_kwargs mask_truncated_completions
+max_completion_length max_tool_calling_iterations min_p model_init_kwargs model_name_or_path model_revision
+multi_objective_aggregation num_completions_to_print num_generations num_generations_eval num_iterations
+off_policy_mask_threshold pad_to_multiple_of ref_model_mixup_alpha ref_model_sync_steps remove_unused_columns
+repetition_penalty reward_funcs reward_model_name_or_path reward_weights router_aux_loss_coef sapo_temperature_neg
+sapo_temperature_pos scale_rewards shuffle_dataset steps_per_generation streaming sync_ref_model temperature
+test_split_size top_entropy_quantile top_k top_p torch_empty_cache_steps transformers_continuous_batching_config
+trust_remote_code use_adaptive_entropy use_bias_correction_kl use_bnb_nested_quant use_dora use_liger_kernel use_peft
+use_rslora use_transformers_continuous_batching use_transformers_paged use_vllm vespo_k_neg vespo_k_pos
+vespo_lambda_neg vespo_lambda_pos vllm_enable_sleep_mode vllm_gpu_memory_utilization vllm_group_port
+vllm_importance_sampling_cap vllm_importance_sampling_clip_max vllm_importance_sampling_clip_min
+vllm_importance_sampling_correction vllm_importance_sampling_mode vllm_max_model_length vllm_mode vllm_model_impl
+vllm_server_base_url vllm_server_host vllm_server_port vllm_server_timeout vllm_structured_outputs_regex
+vllm_tensor_parallel_size warmup_ratio
+""".split())
+# Fields that only shape console or hub logging, which a recipe may carry: accepted with a one-line note.
+TRL_LOGGING_ONLY = frozenset({"logging_strategy", "logging_first_step", "log_level", "log_level_replica",
+                              "log_on_each_node", "logging_dir", "logging_nan_inf_filter", "disable_tqdm", "run_name",
+                              "num_completions_to_print", "log_unique_prompts", "log_multimodal", "save_safetensors",
+                              "overwrite_output_dir", "do_train", "do_eval", "project", "trackio_space_id"})
+
+
+@functools.cache
+def _training_arguments() -> frozenset[str]:
+    """The field names of transformers.TrainingArguments (TRL's configs extend it)."""
+    from transformers import TrainingArguments
+
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments))
 
 
 def _yaml_load(text: str):
@@ -571,15 +686,28 @@ def parse_config(cls, argv: Sequence[str], presets: dict[str, dict] | None = Non
                        argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         tp, optional = _field_type(hints[f.name])
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        extra = dict(nargs="?", const=True) if tp is bool else {}
-        choices = f" {{{', '.join(map(str, f.metadata['choices']))}}}" if "choices" in f.metadata else ""
-        parser.add_argument(*names, dest=f.name, type=_flag_value(tp, optional),
-                            metavar="NUMBER" if tp is NUMBER else tp.__name__.upper(),
-                            help=f"{f.metadata.get('help', '')}{choices} (default: {f.default})", **extra)
-        if tp is bool:
-            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
-    cli = vars(parser.parse_args(list(argv)))
+        for n, name in enumerate((f.name, *f.metadata.get("aliases", ()))):
+            names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+            extra = dict(nargs="?", const=True) if tp is bool else dict(nargs="+") if isinstance(tp, ListOf) else {}
+            choices = f" {{{', '.join(map(str, f.metadata['choices']))}}}" if "choices" in f.metadata else ""
+            alias = f" (also --{', --'.join(f.metadata['aliases'])}, TRL's name)" if f.metadata.get("aliases") else ""
+            parser.add_argument(*names, dest=f"{f.name}@{n}" if n else f.name,
+                                type=str if isinstance(tp, ListOf) or tp is dict else _flag_value(tp, optional),
+                                metavar="NUMBER" if tp is NUMBER else "VALUE" if isinstance(tp, ListOf) or tp is dict
+                                else tp.__name__.upper(),
+                                help=argparse.SUPPRESS if n else
+                                f"{f.metadata.get('help', '')}{choices}{alias} (default: {field_default(f)})", **extra)
+            if tp is bool:
+                parser.add_argument(f"--no_{name}", dest=f"{f.name}@{n}" if n else f.name, action="store_false",
+                                    help=argparse.SUPPRESS)
+    cli = {}
+    for dest, v in vars(parser.parse_args(list(argv))).items():
+        name = dest.split("@")[0]
+        if name in cli:
+            raise UserError(f"--{name} is given twice (once under another of its names)",
+                            hint="each setting once: --" + " / --".join(
+                                [name, *next(f for f in dataclasses.fields(cls) if f.name == name).metadata["aliases"]]))
+        cli[name] = v
     config = expand_path(cli.get("config") or getattr(cls, "config", None))
     from_file = read_config_file(config, cls) if config else {}
     preset = cli.get("preset", from_file.get("preset", getattr(cls, "preset", None)))
@@ -591,56 +719,83 @@ def parse_config(cls, argv: Sequence[str], presets: dict[str, dict] | None = Non
 
 # ---- Run settings: the base dataclasses of both scripts' Configs (method settings live in the scripts) -----------
 
+
 @dataclasses.dataclass
 class RunConfig:
-    """What every run has: its config file and preset, the model and its dtype, the seed, the output folder."""
-    config: str = option("", "optional YAML/JSON file with any of these fields (CLI flags override it)", path=True)
-    preset: str = option("", "`smoke`: tiny random model, small sizes (seconds)", choices=["", "smoke"])
-    model: str = option(EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a local folder or a hub id", path=True)
+    """What every run has: its config file and preset, the model, the seed, the output folder, the trackers. TRL's
+    names and meanings (and their defaults) where TRL has the setting; `aliases` are TRL's other spellings."""
+    config: str = option("", "optional YAML/JSON file with any of these fields (CLI flags override it); TRL's names "
+                             "and a TRL recipe's fields are read (docs/salt.md: TRL fields)", path=True)
+    preset: str = option("", "a named set of settings (the script's PRESETS)")
+    model: str = option(EMBEDDED, "`embedded` (SmolLM2-135M-Instruct), `tiny`, a local folder or a hub id", path=True,
+                        aliases=("model_name_or_path",))
     dtype: str = option("float32", "weights dtype (TRL's ModelConfig.dtype); auto: the checkpoint's own",
-                        choices=["auto", "float32", "bfloat16", "float16"])
+                        choices=["auto", "float32", "bfloat16", "float16"], aliases=("torch_dtype",))
+    model_init_kwargs: Optional[dict] = option(None, "more keywords for from_pretrained (TRL's), e.g. "
+                                                     "{\"attn_implementation\": \"sdpa\"}")
     trust_remote_code: bool = option(False, "passed to from_pretrained")
-    seed: int = option(0, "seed of data order, sampling, projections and adapters", ge=0, le=2**32 - 1)
+    seed: int = option(42, "seed of data order, sampling, projections and adapters (TRL's default 42)", ge=0,
+                       le=2**32 - 1)
     output_dir: str = option("outputs/run", "where the run writes (see README: Output folders)", path=True)
     overwrite_output_dir: bool = option(False, "replace the run in a non-empty output_dir (as HF Trainer), once the new "
                                         "run has something to keep; until then the old run stays whole")
+    report_to: list[str] = option(["none"], "accelerate trackers (tensorboard, wandb, ...) or none; a list or "
+                                            "comma-separated (TRL's)")
 
 
 @dataclasses.dataclass
 class TrainRunConfig(RunConfig):
     """A training run on a prompt dataset: precision, LoRA, data and its held-out split, evaluation, checkpoints,
-    trackers."""
+    logging."""
     bf16: bool = option(True, "bf16 autocast for forwards and generation (log-probs, ratios and the loss stay fp32)")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward: less memory, more compute")
+    gradient_checkpointing: bool = option(True, "recompute activations in the backward: less memory, more compute "
+                                                "(TRL's default on)")
     use_peft: bool = option(False, "train a LoRA adapter (peft) instead of every weight; the KL reference is the base")
     lora_r: int = option(16, "LoRA rank", ge=1)
     lora_alpha: int = option(32, "LoRA α (the update is scaled by α/r)", ge=1)
     lora_dropout: float = option(0.05, "LoRA dropout (TRL's default; 0: rollouts and training use one function)",
                                  ge=0, lt=1)
-    lora_target_modules: str = option("", "comma-separated module names or `all-linear`; empty: peft's default")
+    lora_target_modules: Optional[list[str]] = option(None, "module names or `all-linear` (a list or comma-separated); "
+                                                            "none: peft's default")
     dataset: str = option("", "empty: the built-in arithmetic task; else a hub id or a local .jsonl/.json/.parquet/"
-                              ".csv", path=True)
+                              ".csv", path=True, aliases=("dataset_name",))
     dataset_config: Optional[str] = option(None, "hub dataset config name (e.g. `main` for gsm8k)")
     dataset_split: str = option("train", "split or slice to train on (train[:1000]); a local file is the one split "
-                                         "train")
-    eval_split: str = option("", "split to evaluate on (hub datasets); empty: hold out eval_size distinct prompts")
+                                         "train", aliases=("dataset_train_split",))
+    eval_split: str = option("", "split to evaluate on (hub datasets); empty: hold out eval_size distinct prompts",
+                             aliases=("dataset_test_split",))
     eval_dataset: str = option("", "a separate evaluation file or hub id (same columns); overrides eval_split",
                                path=True)
-    prompt_column: str = option("question", "column holding the prompt: text, or a [{role, content}] conversation")
+    prompt_column: str = option("prompt", "column holding the prompt: text, or a [{role, content}] conversation "
+                                          "(TRL's `prompt`; GSM8K's is `question`)",
+                                aliases=("dataset_prompt_column",))
     answer_column: str = option("answer", "column the built-in rewards read (a number, or text ending in `#### N`)")
     prompt_suffix: str = option("", "appended to every prompt (to the last message of a conversation)")
     system_prompt: str = option("", "system message before every prompt that has none")
+    chat_template_kwargs: Optional[dict] = option(None, "more keywords for apply_chat_template (TRL's), e.g. "
+                                                        "{\"enable_thinking\": false}")
     task_size: int = option(4096, "built-in task: number of training problems", ge=1)
     task_min_terms: int = option(2, "built-in task: fewest terms in a sum", ge=1)
     task_max_terms: int = option(2, "built-in task: most terms in a sum", ge=1)
     task_digits: int = option(1, "built-in task: digits per term", ge=1, le=6)
     task_word_frac: float = option(0.25, "built-in task: fraction of short word problems", ge=0, le=1)
     eval_size: int = option(64, "held-out problems for greedy evaluation", ge=0)
-    eval_every: int = option(0, "greedy held-out evaluation every N steps (0: only at start and end)", ge=0)
+    eval_every: int = option(0, "greedy held-out evaluation every N steps (0: only at start and end)", ge=0,
+                             aliases=("eval_steps",))
+    eval_strategy: str = option("no", "TRL's: `steps` evaluates every eval_steps (else every logging_steps), `no` "
+                                      "only at start and end", choices=["no", "steps"])
     eval_batch_size: int = option(64, "prompts per greedy generate call", ge=1)
-    save_every: int = option(0, "checkpoint every N steps (0: only the final model)", ge=0)
-    resume_from: str = option("", "checkpoint folder to continue from (output_dir/checkpoint-N)", path=True)
-    report_to: str = option("none", "comma-separated accelerate trackers (tensorboard, wandb, ...) or none")
+    save_every: int = option(500, "checkpoint every N steps (TRL's save_steps, default 500)", ge=0,
+                             aliases=("save_steps",))
+    save_strategy: str = option("steps", "TRL's: `steps` (every save_steps) or `no` (only the final model)",
+                                choices=["steps", "no"])
+    save_total_limit: Optional[int] = option(None, "keep only the newest N checkpoints (TRL's)", ge=1)
+    resume_from: str = option("", "checkpoint folder to continue from (output_dir/checkpoint-N)", path=True,
+                              aliases=("resume_from_checkpoint",))
+    logging_steps: int = option(10, "trackers get the mean of each N steps' metrics (TRL's); metrics.jsonl has every "
+                                    "step", ge=1)
+    log_completions: bool = option(False, "write every step's prompts, completions, rewards and advantages to "
+                                          "completions.jsonl (TRL's)")
 
 
 def check_run(cfg: TrainRunConfig) -> None:
@@ -650,7 +805,11 @@ def check_run(cfg: TrainRunConfig) -> None:
     if cfg.eval_every and not cfg.eval_size:
         raise UserError(f"--eval_every {cfg.eval_every} with --eval_size 0: there is nothing to evaluate",
                         hint="pass --eval_size N, or drop --eval_every")
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainRunConfig)}
+    if cfg.eval_strategy == "steps" and not cfg.eval_every:
+        cfg.eval_every = cfg.logging_steps  # TRL: eval_steps defaults to logging_steps
+    if cfg.save_strategy == "no":
+        cfg.save_every = 0
+    defaults = {f.name: field_default(f) for f in dataclasses.fields(TrainRunConfig)}
     lora = [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules") if getattr(cfg, k) != defaults[k]]
     if lora and not cfg.use_peft:
         raise UserError(f"--{lora[0]} is set but --use_peft is off, so no adapter would use it",
@@ -690,7 +849,8 @@ def check_pool_run(cfg: PoolRunConfig) -> None:
 
 def report_to(cfg) -> list[str]:
     """--report_to as a list of tracker names ([] for none)."""
-    return [s.strip() for s in cfg.report_to.split(",") if s.strip() and s.strip() != "none"]
+    names = cfg.report_to.split(",") if isinstance(cfg.report_to, str) else cfg.report_to
+    return [n.strip() for n in names if n.strip() and n.strip() != "none"]
 
 
 def check_trackers(names: list[str]) -> None:
@@ -705,6 +865,7 @@ def check_trackers(names: list[str]) -> None:
 
 
 # ---- Seeded randomness, LoRA and chat messages, as both scripts use them --------------------------------------------
+
 
 @contextlib.contextmanager
 def seeded_rng(*parts, device=None):
@@ -1071,6 +1232,11 @@ def _dumps(o: Any, **kw) -> str:
     return json.dumps(jsonable(o), allow_nan=False, ensure_ascii=False, **kw)
 
 
+def dumps(o: Any) -> str:
+    """One JSON line (NaN → null)."""
+    return _dumps(o)
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """JSON (NaN → null), written atomically; serialised before the file is touched, so a bad value leaves the old."""
     return _atomic_write(path, _dumps(obj, indent=2))
@@ -1107,12 +1273,13 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
 
 class MetricsLogger:
     """Per-step metrics to `<out_dir>/metrics.jsonl` (append, flushed; NaN → null) and to accelerate's trackers
-    (e.g. TensorBoard, when the Accelerator has `log_with=...` and `init_trackers` ran). Only the main process writes.
-    """
+    (e.g. TensorBoard, when the Accelerator has `log_with=...` and `init_trackers` ran): the trackers get the mean of
+    each metric over every `every` steps (TRL's logging_steps), the file every step. Only the main process writes."""
 
     def __init__(self, accelerator, out_dir: str | Path | OutputFolder, filename: str = "metrics.jsonl",
-                 resume: bool = False):
-        self.acc, self.out, self.filename = accelerator, out_dir, filename
+                 resume: bool = False, every: int = 1):
+        self.acc, self.out, self.filename, self.every = accelerator, out_dir, filename, every
+        self.window: dict[str, list[float]] = {}
         if accelerator is None or accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not resume and self.path.exists():
@@ -1130,7 +1297,17 @@ class MetricsLogger:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(_dumps({"step": step, **clean}) + "\n")
         if self.acc is not None and self.acc.trackers:
-            self.acc.log({k: v for k, v in clean.items() if isinstance(v, float) and math.isfinite(v)}, step=step)
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.window.setdefault(k, []).append(v)
+            if step % self.every == 0:
+                self.flush(step)
+
+    def flush(self, step: int) -> None:
+        """The trackers get the window's means (also called at the end of a run for a last partial window)."""
+        if self.window and self.acc is not None and self.acc.is_main_process and self.acc.trackers:
+            self.acc.log({k: sum(v) / len(v) for k, v in self.window.items()}, step=step)
+        self.window = {}
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -1159,6 +1336,7 @@ def plot_metrics(jsonl: str | Path, keys: Sequence[str], out_png: str | Path, x:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(jsonl)
     keys = [k for k in keys if any(k in r for r in rows)]
@@ -1171,6 +1349,7 @@ def plot_metrics(jsonl: str | Path, keys: Sequence[str], out_png: str | Path, x:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
         ax.set_title(k)
         ax.set_xlabel(x)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
@@ -1181,6 +1360,7 @@ def plot_metrics(jsonl: str | Path, keys: Sequence[str], out_png: str | Path, x:
 # 4. Prompt datasets, reward functions (TRL's contract), checkpoints, summaries: what a GRPO training run reads
 #    and writes
 # ----------------------------------------------------------------------------------------------------------
+
 
 class Row(dict):
     """A dataset row (every column, plus `prompt`) that knows where it came from (`where`: file and row)."""
@@ -1196,9 +1376,9 @@ def check_prompt(label: str, i: int, row: dict, cfg: TrainRunConfig):
     return require_str(label, i, row, cfg.prompt_column) + cfg.prompt_suffix
 
 
-# The keywords every reward function receives besides the dataset's columns (TRL's names); a column of the same name
-# would be passed twice.
-REWARD_KEYWORDS = ("prompts", "completions", "completion_ids")
+# The keywords every reward function receives besides the dataset's columns (TRL 1.16's names, GRPOTrainer.
+# _calculate_rewards); a column of the same name would be passed twice.
+REWARD_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 
 
 def _is_local(source: str) -> bool:
@@ -1287,14 +1467,15 @@ def builtin_task_rows(cfg: TrainRunConfig, builtin_rewards: bool) -> tuple[list[
     return train[: cfg.task_size], test
 
 
-def format_prompt(tok, prompt, system_prompt: str = "") -> str:
-    """The chat template (with the generation prompt) when the tokenizer has one; else the messages' contents, one
-    per line. A text prompt is one user message; the system prompt goes first unless the prompt has its own."""
+def format_prompt(tok, prompt, system_prompt: str = "", template_kwargs: dict | None = None) -> str:
+    """The chat template (with the generation prompt and TRL's chat_template_kwargs) when the tokenizer has one; else
+    the messages' contents, one per line. A text prompt is one user message; the system prompt goes first unless the
+    prompt has its own."""
     msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system_prompt and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system_prompt}] + msgs
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
     return "".join(m["content"] + "\n" for m in msgs)
 
 
@@ -1304,7 +1485,7 @@ def check_prompts(cfg: TrainRunConfig, tok, rows: list[Row]) -> list[str]:
     texts = []
     for r in rows:
         try:
-            texts.append(format_prompt(tok, r["prompt"], cfg.system_prompt))
+            texts.append(format_prompt(tok, r["prompt"], cfg.system_prompt, cfg.chat_template_kwargs))
         except Exception as e:  # jinja2's TemplateError, or any error a template raises
             raise UserError(f"{r.where}: the chat template of --model {cfg.model} rejects this prompt"
                             f"{' with --system_prompt' if cfg.system_prompt else ''} ({type(e).__name__}: "
@@ -1339,17 +1520,22 @@ def data_fingerprint(train_rows: list[dict], eval_rows: list[dict]) -> str:
 
 # ---- Reward functions: TRL's contract ----------------------------------------------------------------------------
 
+
 def reward_names(cfg) -> list[str]:
-    return [s.strip() for s in cfg.reward_funcs.split(",") if s.strip()]
+    """--reward_funcs as a list (a list, or comma-separated)."""
+    names = cfg.reward_funcs.split(",") if isinstance(cfg.reward_funcs, str) else cfg.reward_funcs or []
+    return [n.strip() for n in names if n.strip()]
 
 
 def reward_weights(cfg) -> list[float]:
     """--reward_weights as numbers, one per reward function (default: 1 each)."""
-    names = reward_names(cfg)
-    try:
-        w = [float(x) for x in cfg.reward_weights.split(",")] if cfg.reward_weights.strip() else [1.0] * len(names)
-    except ValueError:
-        w = [math.nan]
+    names, w = reward_names(cfg), cfg.reward_weights
+    if isinstance(w, str):
+        try:
+            w = [float(x) for x in w.split(",") if x.strip()]
+        except ValueError:
+            w = [math.nan]
+    w = [float(x) for x in w] if w else [1.0] * len(names)
     if len(w) != len(names) or not all(map(math.isfinite, w)):
         raise UserError(f"--reward_weights {cfg.reward_weights!r}: need {len(names)} finite numbers, one per reward "
                         f"function ({', '.join(names)})")
@@ -1358,16 +1544,17 @@ def reward_weights(cfg) -> list[float]:
 
 def load_reward_funcs(cfg, builtin: dict) -> list[tuple[str, object]]:
     """(name, function) for each --reward_funcs entry: a built-in (`builtin`: name → function, given answer_column),
-    `module:function` (importable from the working directory) or `path/to/file.py:function`. Each is called as TRL
-    calls it (reward_kwargs)."""
+    `module:function` or TRL's dotted `pkg.module.function` (importable from the working directory), or
+    `path/to/file.py:function`. Each is called as TRL calls it (reward_kwargs)."""
     out = []
     for spec in reward_names(cfg):
         if spec in builtin:
             out.append((spec, functools.partial(builtin[spec], answer_column=cfg.answer_column)))
             continue
-        mod_name, _, fn_name = spec.rpartition(":")
+        mod_name, _, fn_name = spec.rpartition(":") if ":" in spec else spec.rpartition(".")
         if not mod_name or not fn_name:
-            raise UserError(f"--reward_funcs {spec!r}: expected a built-in ({', '.join(builtin)}) or module:function")
+            raise UserError(f"--reward_funcs {spec!r}: expected a built-in ({', '.join(builtin)}), module:function or "
+                            "a dotted path pkg.module.function")
         try:
             if mod_name.endswith(".py"):
                 path = expand_path(mod_name)
@@ -1391,23 +1578,51 @@ def load_reward_funcs(cfg, builtin: dict) -> list[tuple[str, object]]:
     names = [n for n, _ in out]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
-        raise UserError(f"--reward_funcs {cfg.reward_funcs!r}: two reward functions are named {dup!r}; their "
+        raise UserError(f"--reward_funcs {','.join(reward_names(cfg))}: two reward functions are named {dup!r}; their "
                         f"rewards/{dup}/* metrics would be one", hint="rename one of the functions")
     return out
 
 
-def reward_kwargs(rows: list[dict], texts: list[str], completion_ids: list[list[int]]) -> dict:
-    """The keywords of a reward call, as TRL passes them: prompts, completions (text, or for conversational prompts
-    [{"role": "assistant", "content": ...}]), completion_ids, and every other column of the rows."""
+class RewardLog:
+    """What reward functions log through TRL's `log_metric(name, value)` (a scalar, averaged over the step's calls)
+    and `log_extra(column, values)` (a column of the completions log)."""
+
+    def __init__(self):
+        self.metrics: dict[str, list[float]] = {}
+        self.extra: dict[str, list] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics.setdefault(name, []).append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        self.extra.setdefault(column, []).extend(values)
+
+    def flush(self) -> tuple[dict[str, float], dict[str, list]]:
+        out = {k: sum(v) / len(v) for k, v in self.metrics.items()}, self.extra
+        self.metrics, self.extra = {}, {}
+        return out
+
+
+def reward_kwargs(rows: list[dict], texts: list[str], completion_ids: list[list[int]], trainer_state=None,
+                  log: RewardLog | None = None) -> dict:
+    """The keywords of a reward call, as TRL 1.16 passes them: prompts, completions (text, or for conversational
+    prompts [{"role": "assistant", "content": ...}]), completion_ids, every other column of the rows, trainer_state
+    (a transformers.TrainerState), log_extra and log_metric."""
+    from transformers import TrainerState
+
     conv = isinstance(rows[0]["prompt"], list)
+    log = log or RewardLog()
     return dict(prompts=[r["prompt"] for r in rows], completion_ids=completion_ids,
                 completions=[[{"role": "assistant", "content": c}] for c in texts] if conv else texts,
-                **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
+                **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"},
+                trainer_state=trainer_state if trainer_state is not None else TrainerState(),
+                log_extra=log.log_extra, log_metric=log.log_metric)
 
 
 def call_reward(name: str, fn, kw: dict, n: int) -> list:
     """fn(**kw), checked: it runs (an exception, or sys.exit inside it, stops the run with one line naming it) and
-    returns a list of n finite numbers."""
+    returns a list of n finite numbers, or None for a row it does not apply to (TRL's contract: NaN here, left out
+    of the weighted sum)."""
     try:
         v = fn(**kw)
     except SystemExit as e:
@@ -1422,10 +1637,11 @@ def call_reward(name: str, fn, kw: dict, n: int) -> list:
         raise UserError(f"reward function {name!r} returned {type(v).__name__}"
                         f"{f' of length {len(v)}' if isinstance(v, (list, tuple)) else ''}, expected a list "
                         f"of {n} numbers (one per completion)")
-    bad = [x for x in v if not isinstance(x, numbers.Real) or not math.isfinite(x)]
+    bad = [x for x in v if x is not None and (not isinstance(x, numbers.Real) or not math.isfinite(x))]
     if bad:
-        raise UserError(f"reward function {name!r} returned {bad[0]!r}; every reward must be a finite number")
-    return list(v)
+        raise UserError(f"reward function {name!r} returned {bad[0]!r}; every reward must be a finite number "
+                        "(or None for a completion it does not apply to)")
+    return [math.nan if x is None else x for x in v]
 
 
 def probe_rewards(rewards: list, tok, row: dict) -> None:
@@ -1455,6 +1671,7 @@ def probe_rewards(rewards: list, tok, row: dict) -> None:
 
 
 # ---- Checkpoints: accelerate's save_state (model, optimizer, scheduler, RNG; sharded under FSDP2 / DeepSpeed) ------
+
 
 def save_checkpoint(accelerator, path: Path, state: dict, history: list[dict],
                     rollouts: dict[str, torch.Tensor] | None = None, round_idx: int | None = None) -> None:
@@ -1564,36 +1781,55 @@ def save_final(accelerator, model, raw, tok, final: Path) -> None:
 
 # ---- Generation: `generate` with per-rollout seeded sampling, so results do not depend on the process count ---------
 
-class GumbelSampler:
-    """Exact sampling from softmax(z/τ) (after top-p) by the Gumbel-max trick, used as a logits processor of a
-    greedy `generate`. Each rollout owns a seeded generator, so its tokens depend only on (seed, round, prompt, g),
-    never on which process or batch it landed in (HF's own sampling draws from the global RNG)."""
 
-    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
+class GumbelSampler:
+    """Exact sampling from softmax(z/τ) by the Gumbel-max trick, used as a logits processor of a greedy `generate`.
+    Each rollout owns a seeded generator, so its tokens depend only on (seed, round, prompt, g), never on which
+    process or batch it landed in (HF's own sampling draws from the global RNG). The filters TRL passes to
+    generation apply in transformers' order: repetition penalty on the raw logits, then temperature, top-k, top-p,
+    min-p (the log-probs the loss reads see the temperature only, as in TRL)."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float, top_k: int = 0,
+                 min_p: float | None = None, repetition_penalty: float = 1.0):
         self.generators, self.temperature, self.top_p = generators, temperature, top_p
+        self.top_k, self.min_p, self.repetition_penalty = top_k, min_p, repetition_penalty
 
     def __call__(self, input_ids, scores):
-        z = scores.float() / self.temperature
+        z = scores.float()
+        if self.repetition_penalty != 1.0:  # the tokens already in each row (prompt and completion so far)
+            seen = z.gather(-1, input_ids)
+            z = z.scatter(-1, input_ids, torch.where(seen < 0, seen * self.repetition_penalty,
+                                                     seen / self.repetition_penalty))
+        z = z / self.temperature
+        if 0 < self.top_k < z.shape[-1]:
+            z = z.masked_fill(z < torch.topk(z, self.top_k, dim=-1).values[..., -1:], float("-inf"))
         if self.top_p < 1.0:
             s, idx = torch.sort(z, descending=True, dim=-1)
             drop = torch.softmax(s, -1).cumsum(-1) - torch.softmax(s, -1) > self.top_p  # keep the first past p
             z = z.scatter(-1, idx, s.masked_fill(drop, float("-inf")))
+        if self.min_p is not None:
+            p = torch.softmax(z, -1)
+            z = z.masked_fill(p < self.min_p * p.max(-1, keepdim=True).values, float("-inf"))
         u = torch.stack([torch.rand(z.shape[-1], generator=g, device=g.device) for g in self.generators])
         return z - torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
+
 
 def rollout_seed(seed: int, round_idx: int, prompt_idx: int, g: int) -> int:
     """The seed of rollout g of a prompt in a round: a function of these four numbers alone."""
     return zlib.crc32(f"{seed}/{round_idx}/{prompt_idx}/{g}".encode()) + (seed % 1000) * 2**32
+
 
 def bf16_native(device: torch.device) -> bool:
     """bf16 autocast pays only with bf16 matmuls in hardware: CUDA, or a CPU with AVX512-BF16/AMX (oneDNN); elsewhere
     the CPU emulates it, many times slower (measured in docs/salt.md)."""
     return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
+
 def autocast(cfg, device: torch.device):
     if not cfg.bf16 or not bf16_native(device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
 
 def eos_ids(model, tok) -> list[int]:
     """Every id that ends a completion: generation_config.eos_token_id (an int or a list, e.g. Qwen2.5 and Llama-3
@@ -1601,6 +1837,7 @@ def eos_ids(model, tok) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     return list(dict.fromkeys(ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
+
 
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], cfg, device, max_new_tokens: int, generators=None,
@@ -1619,7 +1856,9 @@ def generate(model, tok, prompts: list[str], cfg, device, max_new_tokens: int, g
     gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=None,
                           repetition_penalty=1.0, min_length=0, no_repeat_ngram_size=0, pad_token_id=tok.pad_token_id,
                           eos_token_id=eos, bos_token_id=tok.bos_token_id)
-    procs = LogitsProcessorList([GumbelSampler(generators, cfg.temperature, cfg.top_p)] if generators else [])
+    procs = LogitsProcessorList([GumbelSampler(generators, cfg.temperature, cfg.top_p, getattr(cfg, "top_k", 0),
+                                               getattr(cfg, "min_p", None), getattr(cfg, "repetition_penalty", 1.0))]
+                                if generators else [])
     with autocast(cfg, device):
         out = model.generate(input_ids=ids, attention_mask=am, generation_config=gc, logits_processor=procs,
                              synced_gpus=synced)
@@ -1630,9 +1869,17 @@ def generate(model, tok, prompts: list[str], cfg, device, max_new_tokens: int, g
     comp = comp.masked_fill(after, tok.pad_token_id)
     return ids, am, comp, mask
 
+
 def truncated(comp: torch.Tensor, mask: torch.Tensor, eos: list[int]) -> torch.Tensor:
     """Rows that used every new token without emitting an EOS."""
     return (mask[:, -1] == 1) & ~torch.isin(comp[:, -1], torch.tensor(eos, device=comp.device))
+
+
+def nanreduce(x: torch.Tensor, fn) -> torch.Tensor:
+    """fn (torch.min, torch.max) over the non-NaN entries of x; NaN when there is none (TRL's nanmin / nanmax)."""
+    x = x[~torch.isnan(x)]
+    return fn(x) if x.numel() else torch.tensor(float("nan"), dtype=torch.float64)
+
 
 @contextlib.contextmanager
 def timed(timing: dict, key: str):
@@ -1659,6 +1906,7 @@ def warn_about_run(cfg, tok, texts: list[str], device, n_local: int) -> None:
 
 
 # ---- The run's summary: summary.json and the lines a finished run prints ------------------------------------------
+
 
 def summarise_run(history: list[dict], *, eval_key: str, start: int, end: float | None, steps: int, wall_time_s: float,
                   model: str, out: Path, processes: int, eval_size: int, **settings) -> dict:
@@ -1700,17 +1948,18 @@ def print_run_summary(s: dict, title: str, plot_command: str) -> None:
 def load_policy(cfg: TrainRunConfig, device, zero3: bool, reference: bool):
     """(policy, tokenizer, frozen reference or None): the model, with a seeded LoRA adapter under --use_peft (whose
     reference is the base with the adapter disabled, so no second copy), else a reference copy when `reference`."""
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed, init_kwargs=cfg.model_init_kwargs)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = None
     if cfg.use_peft:
-        targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
+        targets = list(cfg.lora_target_modules or [])
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.seed, "--lora_target_modules",
                          task_type="CAUSAL_LM",
                          autocast_adapter_dtype=not zero3)  # ZeRO-3 gathers in one dtype (as TRL does)
     elif reference:
-        ref, _ = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
+        ref, _ = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed,
+                            init_kwargs=cfg.model_init_kwargs)
         ref.requires_grad_(False).eval().to(device)
     return model, tok, ref
 
@@ -1724,9 +1973,99 @@ def plot_run(run_dir: str | Path, keys: Sequence[str]) -> Path:
     return plot_metrics(jsonl, keys, jsonl.parent / "metrics.png")
 
 
+def run_folders(pattern: str) -> list[Path]:
+    """The run folders one `plot` argument names: a folder, or a glob (quoted, so that the shell leaves it) matching
+    several, e.g. the seeds of one arm. Each must hold metrics.jsonl."""
+    found = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else \
+        [Path(os.path.expanduser(pattern))]
+    runs = [p for p in found if (p / "metrics.jsonl").is_file()]
+    if not runs:
+        raise UserError(f"{pattern}: no run folder with a metrics.jsonl", hint="pass output_dir folders of runs, or a "
+                                                                              "quoted glob such as 'outputs/grpo_s*'")
+    return runs
+
+
+def smooth(ys: Sequence[float], window: int) -> list[float]:
+    """Trailing moving mean over `window` points (the first points average what there is)."""
+    out, acc = [], []
+    for y in ys:
+        acc.append(y)
+        acc = acc[-window:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def arm_curve(runs: list[Path], key: str, window: int) -> Optional[tuple[list[int], list[float], list[float]]]:
+    """(steps, mean, std) of `key` over the runs of one arm at the steps every run logged, each run's series smoothed
+    first (window 1: raw); None when no run logged it."""
+    series = []
+    for run in runs:
+        pts = {int(r["step"]): float(r[key]) for r in read_metrics(run / "metrics.jsonl")
+               if r.get(key) is not None and math.isfinite(float(r[key]))}
+        if pts:
+            steps = sorted(pts)
+            series.append(dict(zip(steps, smooth([pts[t] for t in steps], window))))
+    if not series:
+        return None
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    mean = [sum(s[t] for s in series) / len(series) for t in steps]
+    std = [math.sqrt(sum((s[t] - m) ** 2 for s in series) / (len(series) - 1)) if len(series) > 1 else 0.0
+           for t, m in zip(steps, mean)]
+    return steps, mean, std
+
+
+def plot_runs(arms: dict[str, list[Path]], panels: Sequence[tuple[str, str, bool]], out_png: str | Path,
+              title: str, window: int = 5, ncols: int = 3) -> Path:
+    """One figure comparing runs: arms maps a label to its run folders (several: mean ± std band over them, e.g.
+    seeds); panels are (metric key, panel title, smoothed?). A panel no run logged is left out. Integer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    drawn = []
+    for key, name, smoothed in panels:
+        curves = {label: arm_curve(runs, key, window if smoothed else 1) for label, runs in arms.items()}
+        if any(c is not None for c in curves.values()):
+            drawn.append((key, name, smoothed, curves))
+    if not drawn:
+        raise UserError("none of the runs logged the metrics to plot", hint="pass run folders of salt_grpo.py")
+    nrows, ncols = math.ceil(len(drawn) / ncols), min(ncols, len(drawn))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.6 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, name, smoothed, curves) in zip(axes.flat, drawn):
+        for i, (label, c) in enumerate(curves.items()):
+            if c is None:
+                continue
+            steps, mean, std = c
+            n = len(arms[label])
+            ax.plot(steps, mean, color=colors[i % len(colors)], marker="." if len(steps) < 12 else None,
+                    label=f"{label} (n={n})" if n > 1 else label)
+            if n > 1:
+                ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=colors[i % len(colors)], alpha=0.2, linewidth=0)
+        ax.set_title(name + (f" (mean of {window})" if smoothed and window > 1 else ""), fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(drawn):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(title + ("; bands: ± std over runs" if any(len(r) > 1 for r in arms.values()) else ""),
+                 fontsize=10, y=1.06)
+    fig.tight_layout()
+    fig.subplots_adjust(top=0.86 if nrows > 1 else 0.74)
+    return save_figure(fig, out_png, dpi=150)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. Instruction pools: rows → (prompt, response); the feature cache; the selection's outputs
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Example:
@@ -1850,6 +2189,9 @@ def load_shard(path: Path, idx: torch.Tensor, dim: int) -> Optional[torch.Tensor
 SELECTION_COLUMNS = ("index", "t", "delta", "score")  # what selected.jsonl adds to each row, after --column_prefix
 
 
+SFT_COLUMNS = ("prompt", "completion")  # TRL's prompt-completion format, names fixed by TRL
+
+
 def messages_column(cfg: PoolRunConfig, pool_columns: list[str]) -> Optional[str]:
     """Where selected.jsonl puts the conversation (TRL SFTTrainer's and LLaMA-Factory's `messages`): `messages`,
     unless the pool has that column — kept as is when it is the conversation read (None: nothing to add), else
@@ -1862,6 +2204,18 @@ def messages_column(cfg: PoolRunConfig, pool_columns: list[str]) -> Optional[str
         raise UserError(f"the pool already has column(s) {', '.join(clash)}, which selected.jsonl would overwrite",
                         hint=f"pass another --column_prefix, e.g. {cfg.column_prefix.rstrip('_')}2_")
     return msgs
+
+
+def check_sft_columns(rows: list[dict], examples: list[Example], pairs: list) -> None:
+    """TRL's `prompt`/`completion` cannot take a prefix (SFTTrainer looks for those names), so a pool row whose own
+    prompt or completion differs from the (prompt, completion) selected.jsonl would write stops the run, naming the
+    row (a pool that is itself a selection in the same format holds the same values: nothing is lost)."""
+    for row, ex, pair in zip(rows, examples, pairs):
+        for col, value in zip(SFT_COLUMNS, pair):
+            if col in row and row[col] != value:
+                raise UserError(f"{ex.where or 'a pool row'}: the pool's own column {col!r} would be overwritten by "
+                                "selected.jsonl's TRL prompt/completion (the text SPICE scores)",
+                                hint="pass --sft_format messages to write only `messages`, or rename the column")
 
 
 def check_outputs(cfg: PoolRunConfig, folder: OutputFolder) -> None:
@@ -1891,10 +2245,11 @@ def check_outputs(cfg: PoolRunConfig, folder: OutputFolder) -> None:
 
 
 def write_outputs(cfg: PoolRunConfig, out: Path, sel, rows: list[dict], examples: list[Example],
-                  positions: list[int], summary: dict) -> tuple[Optional[str], list[dict]]:
-    """selected.jsonl: each picked row with all its own columns, the conversation as `messages` (messages_column)
-    and <prefix>index/t/delta/score; picks.jsonl (per-pick records); summary.json; written into `out` (the run's
-    staging folder). Indices are 0-based rows of the pool file (row N of an error message is index N − 1)."""
+                  positions: list[int], summary: dict, sft: Optional[list] = None) -> tuple[Optional[str], list[dict]]:
+    """selected.jsonl: each picked row with all its own columns, the conversation as `messages` (messages_column),
+    TRL's `prompt`/`completion` from `sft` (one (prompt, completion) per pool row: the text that was scored) when
+    given, and <prefix>index/t/delta/score; picks.jsonl (per-pick records); summary.json; written into `out` (the
+    run's staging folder). Indices are 0-based rows of the pool file (row N of an error message is index N − 1)."""
     pre, msgs = cfg.column_prefix, messages_column(cfg, columns(rows))
     rec_by_index = {rec["index"]: rec for rec in sel.records}
     picked = []
@@ -1903,6 +2258,8 @@ def write_outputs(cfg: PoolRunConfig, out: Path, sel, rows: list[dict], examples
         if msgs:
             prompt = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
             row[msgs] = prompt + [{"role": "assistant", "content": ex.response}]
+        if sft is not None:
+            row.update(zip(SFT_COLUMNS, sft[i]))
         picked.append({**row, **{pre + c: positions[i] if c == "index" else rec.get(c) for c in SELECTION_COLUMNS}})
     write_jsonl(out / "selected.jsonl", picked)
     write_jsonl(out / "picks.jsonl", [{**rec, "index": positions[rec["index"]]} for rec in sel.records])
@@ -1939,13 +2296,13 @@ def format_table(stats: list[dict]) -> str:
 
 
 def publish_selection(cfg: PoolRunConfig, folder: OutputFolder, accelerator, sel, summary: dict, *, rows, examples,
-                      positions, skipped, stats: list[dict], header: str) -> None:
+                      positions, skipped, stats: list[dict], header: str, sft: Optional[list] = None) -> None:
     """Main process: the selection's outputs written in the run's staging folder and committed together, the
     --save_to_disk dataset, then the comparison table (`header`, the pool's tags, one row per method) and where the
     outputs went. A write error is one line; the other processes wait for the commit."""
     try:
         msgs, picked = write_outputs(cfg, folder.path, sel, rows=rows, examples=examples, positions=positions,
-                                     summary=summary)
+                                     summary=summary, sft=sft)
         folder.commit()  # selected.jsonl, picks.jsonl and summary.json replace the old ones together
         if cfg.save_to_disk:
             save_dataset(picked, Path(cfg.save_to_disk))

@@ -46,7 +46,7 @@ case "$cmd" in
   setup) setup ;;
   main)
     setup
-    launch salt_grpo.py --overwrite_output_dir "$@"  # each demo replaces its previous run (once the new one is good)
+    launch salt_grpo.py --preset demo --overwrite_output_dir "$@"  # each demo replaces its previous run (once the new one is good)
     launch spice_select.py --overwrite_output_dir
     ;;
   salt) setup; launch salt_grpo.py "$@" ;;

@@ -15,16 +15,19 @@ Reading order: the method (group_advantages, salt_rule, the clipped loss), the -
 where a′ enters a step (per-rollout features, the Gram of a scope), rollouts, the training loop, the Config, main().
 What a run needs that is not the method (config layer, data, reward functions, checkpoints, outputs) is harness.py.
 
-    accelerate launch salt_grpo.py                    # SmolLM2-135M-Instruct, data/arithmetic, SALT `official`
+    accelerate launch salt_grpo.py --preset demo      # SmolLM2-135M-Instruct, data/arithmetic, SALT `official`
     python salt_grpo.py --preset smoke                # tiny random model, seconds
     python salt_grpo.py --salt off                    # plain GRPO (the matched baseline)
     python salt_grpo.py plot outputs/salt_grpo        # draw metrics.jsonl to metrics.png
+    python salt_grpo.py plot 'outputs/salt_s*' 'outputs/grpo_s*' --out salt_vs_grpo.png   # compare arms (mean ± std)
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
+import json
 import math
 import sys
 import time
@@ -51,6 +54,8 @@ def group_advantages(r: torch.Tensor, G: int, scale: str = "group", eps: float =
     or 1 (`none`, Dr. GRPO). A group whose rewards are all equal gets advantage 0 exactly, whatever ε (ε = 0
     included; its mean can differ from its rewards in the last bit, which ε alone would turn into ±1/ε·1e-17).
     """
+    if torch.isnan(r).any():
+        return nan_group_advantages(r, G, scale, eps)
     g = r.double().view(-1, G)
     constant = (g == g[:, :1]).all(1, keepdim=True).expand_as(g).flatten()
     centred = (g - g.mean(1, keepdim=True)).flatten().masked_fill(constant, 0.0)
@@ -58,6 +63,24 @@ def group_advantages(r: torch.Tensor, G: int, scale: str = "group", eps: float =
         return centred
     std = g.std(1, keepdim=True).expand_as(g).flatten() if scale == "group" else r.double().std().expand_as(centred)
     return torch.where(constant, 0.0, centred / (std + eps))
+
+
+def nan_group_advantages(r: torch.Tensor, G: int, scale: str, eps: float) -> torch.Tensor:
+    """group_advantages when some rollouts have no reward (every reward function returned None, TRL's contract): they
+    are left out of the group's mean and std and get advantage 0, as in TRL."""
+    g = r.double().view(-1, G)
+    mean = torch.nanmean(g, 1, keepdim=True)
+    std = nanstd(g, 1) if scale != "batch" else nanstd(r.double().view(1, -1), 1).expand(g.shape[0], 1)
+    centred = g - mean
+    a = centred if scale == "none" else centred / (std + eps)
+    return torch.where(torch.isclose(std, torch.zeros_like(std)).expand_as(g) | torch.isnan(g), 0.0, a).flatten()
+
+
+def nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bessel-corrected std along dim over the non-NaN entries (TRL's nanstd), keepdim."""
+    n = (~torch.isnan(x)).sum(dim, keepdim=True)
+    var = torch.nanmean((x - torch.nanmean(x, dim, keepdim=True)) ** 2, dim, keepdim=True) * n / (n - 1).clamp(min=1)
+    return var.sqrt()
 
 
 def subspace_size(pr: float, B: int, rho: float, k_min: int, k_max: int) -> int:
@@ -113,8 +136,9 @@ def clipped_policy_loss(logp, old_logp, adv, mask, cfg: Config, ref_logp=None):
     A = broadcast_advantage(adv.to(logp.dtype), mask)  # A_it = a_i m_it
     per_tok = -torch.min(ratio * A, ratio.clamp(1 - cfg.epsilon, 1 + eps_hi) * A)
     m = mask.to(logp.dtype)
-    stats = {"clip_low": (((ratio < 1 - cfg.epsilon) & (A < 0)).to(m.dtype) * m).sum(),
-             "clip_high": (((ratio > 1 + eps_hi) & (A > 0)).to(m.dtype) * m).sum(), "kl": torch.zeros(())}
+    low, high = ((ratio < 1 - cfg.epsilon) & (A < 0)).to(m.dtype) * m, ((ratio > 1 + eps_hi) & (A > 0)).to(m.dtype) * m
+    stats = {"clip_low": low.sum(), "clip_high": high.sum(), "kl": torch.zeros(()),
+             "low_seq": low.sum(1) / m.sum(1), "high_seq": high.sum(1) / m.sum(1)}  # per sequence (NaN if empty)
     if cfg.beta > 0:
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
@@ -123,16 +147,19 @@ def clipped_policy_loss(logp, old_logp, adv, mask, cfg: Config, ref_logp=None):
     return per_tok, stats
 
 
-def aggregate_loss(per_tok, mask, loss_type: str, n_seq: int, n_tok: int, max_len: int) -> torch.Tensor:
-    """The loss of this micro-batch's share of the scope; normalisers are over the whole scope (all processes),
-    so summing micro-batches and processes gives the loss of the full batch, whatever the split.
+def aggregate_loss(per_tok, mask, loss_type: str, n_seq: int, n_tok: int, max_len: int, n_mb: int) -> torch.Tensor:
+    """The loss of this micro-batch's share of the scope; normalisers are over the whole scope (all processes; n_mb
+    micro-batches in all), so summing micro-batches and processes gives the loss of the full batch (TRL's):
       grpo:     (1/N_seq) Σ_i (Σ_t ℓ_it m_it / Σ_t m_it)
+      bnpo:     (1/n_mb) Σ_mb (Σ_it∈mb ℓ_it m_it / Σ_it∈mb m_it)   (each micro-batch's own token mean)
       dr_grpo:  (1/(N_seq·L_max)) Σ_it ℓ_it m_it
       dapo:     (1/N_tok) Σ_it ℓ_it m_it   (verl's token-mean)
     """
     m = mask.to(per_tok.dtype)
     if loss_type == "grpo":
         return ((per_tok * m).sum(1) / m.sum(1).clamp(min=1)).sum() / n_seq
+    if loss_type == "bnpo":
+        return (per_tok * m).sum() / m.sum().clamp(min=1) / n_mb
     if loss_type == "dr_grpo":
         return (per_tok * m).sum() / (n_seq * max_len)
     return (per_tok * m).sum() / max(n_tok, 1)
@@ -436,6 +463,7 @@ class Trainer:
     last_advantages: tuple | None = None  # (a, a′) of the last SALT scope, saved as last_advantages.safetensors
     num_tokens: int = 0  # TRL's num_tokens: prompt + completion tokens generated so far (all processes)
     data_sha: str = ""   # data_fingerprint of the rows, kept in checkpoints
+    reward_log: harness.RewardLog = field(default_factory=harness.RewardLog)  # TRL's log_metric / log_extra
     history: list = field(default_factory=list)  # every logged row of the run, resumed runs included
     folder: harness.OutputFolder | None = None  # where the run writes (folder.path: in place, or staged until commit)
     resume: dict | None = None  # state.json of --resume_from, checked in build
@@ -448,20 +476,38 @@ def micro_batches(batch: dict, cfg: Config) -> list[dict]:
             for i in range(0, n, mb)]
 
 
-def score(trainer: Trainer, rows: list[dict], comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Rewards (n, n_funcs): each function called as TRL calls it (harness.reward_kwargs), checked."""
+def score(trainer: Trainer, rows: list[dict], comp: torch.Tensor, mask: torch.Tensor, step: int = 0) -> torch.Tensor:
+    """Rewards (n, n_funcs), NaN where a function returned None: each function called as TRL calls it
+    (harness.reward_kwargs: with trainer_state at `step`, log_metric and log_extra), checked."""
+    from transformers import TrainerState
+
+    cfg = trainer.cfg
     texts = trainer.tok.batch_decode(comp, skip_special_tokens=True)
-    kw = harness.reward_kwargs(rows, texts, [c[m.bool()].tolist() for c, m in zip(comp, mask)])
+    state = TrainerState(global_step=step, max_steps=cfg.max_steps, num_train_epochs=cfg.num_train_epochs,
+                         epoch=step * cfg.prompts_per_step / len(trainer.train_rows), logging_steps=cfg.logging_steps,
+                         save_steps=cfg.save_every, eval_steps=cfg.eval_every,
+                         train_batch_size=cfg.micro_batch_size, num_input_tokens_seen=trainer.num_tokens)
+    kw = harness.reward_kwargs(rows, texts, [c[m.bool()].tolist() for c, m in zip(comp, mask)], state,
+                               trainer.reward_log)
     return torch.tensor([harness.call_reward(name, fn, kw, len(rows)) for name, fn in trainer.rewards],
                         dtype=torch.float64).T
 
 
+def weighted(per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_f w_f r_f per rollout; TRL's None (NaN) rewards left out of the sum, NaN where every function returned
+    None."""
+    if not torch.isnan(per_func).any():
+        return per_func @ weights
+    total = torch.nansum(per_func * weights, 1)
+    return total.masked_fill(torch.isnan(per_func).all(1), float("nan"))
+
+
 def make_rollouts(trainer: Trainer, round_idx: int) -> dict:
-    """One generation round: prompts_per_step × steps_per_generation prompts, G rollouts each. Every process
+    """One generation round: prompts_per_step × optimizer_steps_per_generation prompts, G rollouts each. Every process
     generates its share of each step's groups (slice j is optimizer step j of the round), scores them, and the
     advantages come from the rewards of all processes (so `batch` scaling and the logged statistics are global)."""
     cfg, accelerator, tok, device = trainer.cfg, trainer.accelerator, trainer.tok, trainer.accelerator.device
-    G, S, P, rank = cfg.num_generations, cfg.steps_per_generation, cfg.prompts_per_step, accelerator.process_index
+    G, S, P, rank = cfg.num_generations, cfg.optimizer_steps_per_generation, cfg.prompts_per_step, accelerator.process_index
     per = P // accelerator.num_processes
     idx = harness.prompts_for_round(len(trainer.train_rows), P * S, round_idx, cfg.seed)
     generation_start = time.perf_counter()
@@ -472,20 +518,20 @@ def make_rollouts(trainer: Trainer, round_idx: int) -> dict:
         rows = [trainer.train_rows[idx[p]] for p in pos for _ in range(G)]
         generators = [torch.Generator(device=device).manual_seed(harness.rollout_seed(cfg.seed, round_idx, idx[p], g))
                       for p in pos for g in range(G)]
-        prompts = [harness.format_prompt(tok, r["prompt"], cfg.system_prompt) for r in rows]
+        prompts = [harness.format_prompt(tok, r["prompt"], cfg.system_prompt, cfg.chat_template_kwargs) for r in rows]
         pids, pam, comp, cmask = harness.generate(trainer.raw, tok, prompts, cfg, device, cfg.max_completion_length,
                                           generators=generators, eos=trainer.eos, synced=trainer.synced)
         slices.append({"prompt_ids": pids, "prompt_mask": pam, "comp_ids": comp, "comp_mask": cmask,
-                       "rewards": score(trainer, rows, comp, cmask)})
+                       "rewards": score(trainer, rows, comp, cmask, step=round_idx * S * cfg.num_iterations + j)})
     generation_s = time.perf_counter() - generation_start
 
     def gather(column):  # a per-rollout quantity of every slice, all processes: step by step, process by process
         return torch.cat([common.gather_rows(accelerator, column(s).to(device)).cpu() for s in slices])
 
     per_func = gather(lambda s: s["rewards"])
-    total = per_func @ trainer.reward_weights
+    total = weighted(per_func, trainer.reward_weights)
     adv = group_advantages(total, G, cfg.scale_rewards, cfg.adv_eps)
-    if not (torch.isfinite(total).all() and torch.isfinite(adv).all()):  # each reward is finite, their sum or std not
+    if torch.isinf(total).any() or not torch.isfinite(adv).all():  # each reward is finite, their sum or std not
         raise UserError(f"generation round {round_idx}: the weighted rewards overflow (largest |reward| "
                         f"{float(per_func.abs().max()):.3g}, weights {trainer.reward_weights.tolist()}), so the "
                         "advantages are not finite", hint="rescale the reward functions or --reward_weights "
@@ -511,21 +557,46 @@ def make_rollouts(trainer: Trainer, round_idx: int) -> dict:
                 with trainer.raw.disable_adapter() if trainer.ref is None else contextlib.nullcontext():
                     s["ref_logp"] = logprobs(trainer.ref or trainer.raw)
     grp = total.view(-1, G)
+    logged, extra = trainer.reward_log.flush()
     metrics = {
-        "reward": float(total.mean()), "reward_std": float(total.std()),  # TRL: std over the whole batch
-        "reward_std_within_group": float(grp.std(1).mean()),
-        "frac_reward_zero_std": float(torch.isclose(grp.std(1), torch.zeros((), dtype=grp.dtype)).double().mean()),
-        **{f"rewards/{name}/{k}": float(getattr(per_func[:, i], k)()) for i, (name, _) in enumerate(trainer.rewards)
-           for k in ("mean", "std")},
+        "reward": float(torch.nanmean(total)), "reward_std": float(nanstd(total.view(1, -1), 1)),  # TRL's: the batch
+        "reward_std_within_group": float(torch.nanmean(nanstd(grp, 1))),
+        "frac_reward_zero_std": frac_zero_std(total, G, cfg.scale_rewards),
+        **{f"rewards/{name}/{k}": float(f(per_func[:, i].view(1, -1)).squeeze()) for i, (name, _) in
+           enumerate(trainer.rewards) for k, f in (("mean", lambda x: torch.nanmean(x, 1)), ("std", lambda x: nanstd(x, 1)))},
+        **logged,
         "completions/mean_length": float(lens.mean()), "completions/max_length": float(lens.max()),
         "completions/min_length": float(lens.min()), "completions/clipped_ratio": float(trunc.mean()),
         "time/generation_s": generation_s,
     }
+    if cfg.log_completions:
+        log_completions(trainer, round_idx, slices, per_func, adv, extra)
     s0 = slices[0]
-    sample = {"prompt": harness.format_prompt(tok, trainer.train_rows[idx[rank * per]]["prompt"], cfg.system_prompt),
+    sample = {"prompt": harness.format_prompt(tok, trainer.train_rows[idx[rank * per]]["prompt"], cfg.system_prompt,
+                                                cfg.chat_template_kwargs),
               "completion": tok.decode(s0["comp_ids"][0], skip_special_tokens=True),
               "reward": float(s0["rewards"][0] @ trainer.reward_weights)}
     return {"round": round_idx, "slices": slices, "metrics": metrics, "sample": sample}
+
+
+def log_completions(trainer: Trainer, round_idx: int, slices: list[dict], per_func, adv, extra: dict) -> None:
+    """TRL's log_completions: every completion of the round, with its prompt, rewards and advantage (and the columns
+    reward functions added through log_extra), appended to completions.jsonl by the main process."""
+    from accelerate.utils import gather_object
+
+    acc, tok = trainer.accelerator, trainer.tok
+    texts = [t for s in slices for t in gather_object(tok.batch_decode(s["comp_ids"], skip_special_tokens=True))]
+    prompts = [t for s in slices for t in gather_object(tok.batch_decode(s["prompt_ids"], skip_special_tokens=True))]
+    extra = {k: gather_object(list(v)) for k, v in extra.items()}
+    if not acc.is_main_process:
+        return
+    step0 = round_idx * trainer.cfg.optimizer_steps_per_generation * trainer.cfg.num_iterations
+    names = [n for n, _ in trainer.rewards]
+    rows = [{"step": step0 + 1, "prompt": p, "completion": c, "advantage": float(a),
+             **{f"rewards/{n}": float(per_func[i, j]) for j, n in enumerate(names)},
+             **{k: v[i] for k, v in extra.items() if i < len(v)}} for i, (p, c, a) in enumerate(zip(prompts, texts, adv))]
+    with open(trainer.folder.path / "completions.jsonl", "a", encoding="utf-8") as f:
+        f.writelines(harness.dumps(r) + "\n" for r in rows)
 
 
 def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
@@ -550,8 +621,8 @@ def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
         adv, d, a_pair = salt_on_scope(trainer, mbs, adv, step, timing, gather=True, exact=exact)
         diags.append(d)
     trainer.model.train()
-    sums = {"clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "loss": 0.0, "entropy": 0.0, "nonfinite": 0.0,
-            "bad_logp": 0.0}
+    sums = {"loss": 0.0, "nonfinite": 0.0, "bad_logp": 0.0}
+    per_mb, per_seq = [], []  # TRL's metrics: each micro-batch's token means over all processes, then their mean
     off = 0
     for i, b in enumerate(mbs):
         n = b["comp_ids"].shape[0]
@@ -573,23 +644,30 @@ def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
             with harness.timed(timing, "time/backward_s"):
                 old = b["old_logp"] if "old_logp" in b else logp.detach()
                 per_tok, st = clipped_policy_loss(logp, old, a_b, b["comp_mask"], cfg, b.get("ref_logp"))
-                loss = aggregate_loss(per_tok, b["comp_mask"], cfg.loss_type, n_seq, n_tok, cfg.max_completion_length)
+                loss = aggregate_loss(per_tok, b["comp_mask"], cfg.loss_type, n_seq, n_tok, cfg.max_completion_length,
+                                      len(mbs) * accelerator.num_processes)
                 # DDP / FSDP / DeepSpeed average over processes and accelerate divides by the accumulation steps;
                 # undo both, so .grad is the scope's summed gradient whatever the split
                 accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
-        for k in ("clip_low", "clip_high", "kl"):
-            sums[k] += float(st[k])
+        per_mb.append(torch.stack([st["clip_low"], st["clip_high"], st["kl"], (ent * b["comp_mask"]).sum(),
+                                   b["comp_mask"].sum()]).double())
+        per_seq.append(torch.stack([torch.full_like(st["low_seq"], i), st["low_seq"], st["high_seq"]], 1).double())
         sums["loss"] += float(loss.detach())
-        sums["entropy"] += float((ent * b["comp_mask"]).sum())
         sums["bad_logp"] += float((~torch.isfinite(logp.detach()) & b["comp_mask"].bool()).sum())
         off += n
     sums["nonfinite"] = float(sum(d.get("nonfinite", 0) for d in diags))
     local = torch.tensor([list(sums.values())], device=accelerator.device)
     sums = dict(zip(sums, common.gather_rows(accelerator, local).sum(0).tolist()))
-    m = {"loss": sums["loss"], "clip_ratio/low_mean": sums["clip_low"] / max(n_tok, 1),
-         "clip_ratio/high_mean": sums["clip_high"] / max(n_tok, 1),
-         "clip_ratio/region_mean": (sums["clip_low"] + sums["clip_high"]) / max(n_tok, 1),
-         "entropy": sums["entropy"] / max(n_tok, 1), **timing}  # entropy: TRL's, mean over completion tokens
+    mb_sums = common.gather_rows(accelerator, torch.stack(per_mb).to(accelerator.device)).cpu()
+    mb_sums = mb_sums.view(accelerator.num_processes, len(mbs), -1).sum(0)  # (micro-batch, stat) over processes
+    low, high, kl, ent = (mb_sums[:, k] for k in range(4))
+    seqs = common.gather_rows(accelerator, torch.cat(per_seq).to(accelerator.device)).cpu()
+    by_mb = [seqs[seqs[:, 0] == i] for i in range(len(mbs))]
+    mean = lambda num: micro_batch_mean(num, mb_sums[:, 4])  # noqa: E731
+    m = {"loss": sums["loss"], "clip_ratio/low_mean": mean(low), "clip_ratio/high_mean": mean(high),
+         "clip_ratio/region_mean": mean(low + high), "entropy": mean(ent),
+         "clip_ratio/low_min": micro_batch_extreme([t[:, 1] for t in by_mb], torch.min),
+         "clip_ratio/high_max": micro_batch_extreme([t[:, 2] for t in by_mb], torch.max), **timing}
     if sums["bad_logp"]:  # the cause, where it can be named: the log-probs themselves
         raise UserError(f"step {step + 1}: log π of {int(sums['bad_logp'])} completion tokens is non-finite (logits / "
                         f"--temperature {cfg.temperature:g} overflow, or the weights diverged); stopped before saving "
@@ -600,11 +678,31 @@ def accumulate_gradients(trainer: Trainer, batch: dict, step: int) -> dict:
                         "before saving anything of this step",
                         hint="lower --learning_rate, check the rewards, or use --dtype float32")
     if cfg.beta > 0:
-        m["kl"] = sums["kl"] / max(n_tok, 1)
+        m["kl"] = mean(kl)
     if diags:
         m.update(salt_metrics(diags))
     trainer.last_advantages = a_pair
     return m
+
+
+def frac_zero_std(r: torch.Tensor, G: int, scale: str) -> float:
+    """TRL's frac_reward_zero_std: the share of rollouts whose advantage std is 0 (isclose): each group's std, or under
+    scale_rewards=batch the batch's (so 0 unless the whole batch is constant)."""
+    std = nanstd(r.view(1, -1), 1) if scale == "batch" else nanstd(r.view(-1, G), 1)
+    return float(torch.isclose(std, torch.zeros_like(std)).double().mean())
+
+
+def micro_batch_mean(num: torch.Tensor, den: torch.Tensor) -> float:
+    """TRL's per-micro-batch metrics (clip_ratio/*_mean, kl, entropy): each micro-batch's token mean pooled over
+    processes (Σ num / Σ den, one entry per micro-batch), then the mean over the step's micro-batches (TRL logs one
+    value per micro-batch and averages them)."""
+    return float((num / den.clamp(min=1)).mean())
+
+
+def micro_batch_extreme(per_seq: list[torch.Tensor], reduce) -> float:
+    """TRL's clip_ratio/low_min and high_max: the min (max) per-sequence ratio of each micro-batch over processes,
+    then the mean over micro-batches."""
+    return float(torch.stack([harness.nanreduce(t, reduce) for t in per_seq]).mean())
 
 
 def salt_metrics(diags: list[dict]) -> dict:
@@ -646,15 +744,17 @@ def evaluate(trainer: Trainer) -> float:
     mine = trainer.eval_rows[accelerator.process_index * per:][:per]
     rows = mine + trainer.eval_rows[:1] * (per - len(mine))
     trainer.raw.eval()
-    total = 0.0
+    total, counted = 0.0, 0
     for s in range(0, per, cfg.eval_batch_size):
         chunk = rows[s:s + cfg.eval_batch_size]
-        texts = [harness.format_prompt(trainer.tok, r["prompt"], cfg.system_prompt) for r in chunk]
+        texts = [harness.format_prompt(trainer.tok, r["prompt"], cfg.system_prompt, cfg.chat_template_kwargs)
+                 for r in chunk]
         _, _, comp, cmask = harness.generate(trainer.raw, trainer.tok, texts, cfg, accelerator.device,
-                                     cfg.max_completion_length, eos=trainer.eos,
-                                     synced=trainer.synced)
-        total += float((score(trainer, chunk, comp, cmask) @ trainer.reward_weights)[: max(0, len(mine) - s)].sum())
-    local = torch.tensor([[total, len(mine)]], device=accelerator.device, dtype=torch.float64)
+                                             cfg.max_completion_length, eos=trainer.eos, synced=trainer.synced)
+        r = weighted(score(trainer, chunk, comp, cmask), trainer.reward_weights)[: max(0, len(mine) - s)]
+        total, counted = total + float(torch.nansum(r)), counted + int((~torch.isnan(r)).sum())  # None: not scored
+    trainer.reward_log.flush()  # what reward functions log while evaluating is not a training step's
+    local = torch.tensor([[total, counted]], device=accelerator.device, dtype=torch.float64)
     tot = common.gather_rows(accelerator, local).sum(0)
     return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
 
@@ -663,7 +763,7 @@ def save_checkpoint(trainer: Trainer, step: int, path: Path) -> None:
     """harness.save_checkpoint with this run's state (step, schedule, token count, data fingerprint, config) and,
     mid-round, each process's rollouts: a resumed run then trains on exactly the rollouts it would have."""
     cfg, acc = trainer.cfg, trainer.accelerator
-    mid_round = bool(step % (cfg.steps_per_generation * cfg.num_iterations))
+    mid_round = bool(step % (cfg.optimizer_steps_per_generation * cfg.num_iterations))
     rollouts = ({f"{j}.{k}": v for j, s in enumerate(trainer.buffer["slices"]) for k, v in s.items()
                  if torch.is_tensor(v)} if mid_round else None)
     state = {"step": step, "num_tokens": trainer.num_tokens, "processes": acc.num_processes,
@@ -675,7 +775,7 @@ def load_checkpoint(trainer: Trainer, path: Path, state: dict) -> int:
     """harness.load_checkpoint, then this run's schedule, token count and mid-round rollouts; returns the step."""
     trainer.history, rollouts, round_idx = harness.load_checkpoint(trainer.accelerator, path)
     if rollouts is not None:
-        slices = [{} for _ in range(trainer.cfg.steps_per_generation)]
+        slices = [{} for _ in range(trainer.cfg.optimizer_steps_per_generation)]
         for key, v in rollouts.items():
             j, k = key.split(".", 1)
             slices[int(j)][k] = v
@@ -696,7 +796,9 @@ def training_loop(trainer: Trainer, run_start: float) -> dict:
         accelerator.project_configuration.logging_dir = str(folder.path)
         accelerator.init_trackers("salt_grpo", config={k: v for k, v in dataclasses.asdict(cfg).items()
                                                        if isinstance(v, (int, float, str, bool))})
-    logger = harness.MetricsLogger(accelerator, folder, resume=bool(cfg.resume_from))
+    logger = harness.MetricsLogger(accelerator, folder, resume=bool(cfg.resume_from), every=cfg.logging_steps)
+    if accelerator.is_main_process:  # the settings the run used (the plot labels its lines from them)
+        harness.write_json(folder.path / "config.json", dataclasses.asdict(cfg))
     if cfg.resume_from and accelerator.is_main_process:  # the run up to the checkpoint, not a killed run's later lines
         harness.write_jsonl(logger.path, trainer.history)
 
@@ -706,7 +808,7 @@ def training_loop(trainer: Trainer, run_start: float) -> dict:
 
     if start == 0 and cfg.eval_size:
         log({key: evaluate(trainer)}, 0)
-    per_round, S = cfg.steps_per_generation * cfg.num_iterations, cfg.steps_per_generation
+    per_round, S = cfg.optimizer_steps_per_generation * cfg.num_iterations, cfg.optimizer_steps_per_generation
     bar = tqdm(range(start, cfg.max_steps), desc=f"GRPO+SALT[{cfg.salt}]", disable=not accelerator.is_main_process,
                initial=start, total=cfg.max_steps, dynamic_ncols=True)
     for step in bar:
@@ -733,10 +835,15 @@ def training_loop(trainer: Trainer, run_start: float) -> dict:
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_checkpoint(trainer, step + 1, folder.path / f"checkpoint-{step + 1}")
             folder.commit(accelerator)  # something to keep: a replaced run's files go now, not before
+            if accelerator.is_main_process and cfg.save_total_limit:  # TRL's: the newest N checkpoints stay
+                done = sorted(folder.path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                for old in done[:-cfg.save_total_limit]:
+                    harness.remove(old)
     bar.close()
     end = evaluate(trainer) if cfg.eval_size else None
     if end is not None:
         log({key: end}, cfg.max_steps)
+    logger.flush(cfg.max_steps)
     harness.save_final(accelerator, trainer.model, trainer.raw, trainer.tok, folder.path / "final")
     folder.commit(accelerator)
     if accelerator.is_main_process and trainer.last_advantages is not None:  # a and a′ of the last SALT scope
@@ -762,41 +869,69 @@ def training_loop(trainer: Trainer, run_start: float) -> dict:
 @dataclass
 class Config(harness.TrainRunConfig):
     output_dir: str = option("outputs/salt_grpo", "metrics.jsonl, checkpoints, final model, summary.json", path=True)
-    # GRPO (TRL names)
+    # GRPO: TRL's names, meanings and defaults; the batch in TRL's terms (per-device micro-batch × accumulation) or
+    # in this project's (prompts_per_step, all processes together)
     num_generations: int = option(8, "G: completions per prompt")
-    prompts_per_step: int = option(4, "prompts per optimizer step, all processes together", ge=1)
-    steps_per_generation: int = option(1, "optimizer steps per generation round (a round samples prompts_per_step × "
-                                          "this prompts once); TRL's name, counted here in optimizer steps", ge=1)
-    micro_batch_size: int = option(0, "rollouts per forward/backward per process; 0: all of a step's at once (CPU "
-                                      "demo; set it on GPUs)", ge=0)
+    micro_batch_size: Optional[int] = option(None, "completions per forward/backward per process (TRL's "
+                                                   "per_device_train_batch_size, default 8 when the batch is given in "
+                                                   "TRL's terms); 0: all of a step's at once", ge=0,
+                                             aliases=("per_device_train_batch_size",))
+    gradient_accumulation_steps: Optional[int] = option(None, "micro-batches per optimizer step (TRL's, default 1); "
+                                                              "derived when prompts_per_step is given", ge=1)
+    prompts_per_step: Optional[int] = option(None, "this project's batch: prompts per optimizer step, all processes "
+                                                   "together (overrides TRL's terms; micro-batches then default to "
+                                                   "all of a step's)", ge=1)
+    steps_per_generation: Optional[int] = option(None, "TRL's: micro-batch steps per generation round (default: "
+                                                       "gradient_accumulation_steps, one round per optimizer step)",
+                                                 ge=1)
+    optimizer_steps_per_generation: Optional[int] = option(None, "this project's: optimizer steps per generation "
+                                                                 "round (= TRL's steps_per_generation / "
+                                                                 "gradient_accumulation_steps; default 1)", ge=1)
     num_iterations: int = option(1, "μ: passes over each generation round; >1 uses stored old log-probs", ge=1)
-    max_steps: int = option(32, "optimizer steps", ge=0)
+    max_steps: int = option(-1, "optimizer steps; -1: num_train_epochs passes over the training prompts (TRL's)",
+                            ge=-1)
+    num_train_epochs: float = option(3.0, "passes over the training prompts when max_steps is -1 (TRL's)", gt=0)
     max_prompt_length: int = option(512, "prompt tokens kept; longer prompts are cut on the left (a warning says how "
                                          "many)", ge=1)
-    max_completion_length: int = option(24, "new tokens per completion", ge=1)
+    max_completion_length: int = option(512, "new tokens per completion (TRL 1.16's default 512)", ge=1)
     mask_truncated_completions: bool = option(False, "leave completions that hit max_completion_length without EOS "
                                                      "out of the loss (TRL)")
     temperature: float = option(1.0, "sampling temperature (also used in the log-probs, as TRL does)", gt=0)
     top_p: float = option(1.0, "nucleus sampling mass", gt=0, le=1)
-    reward_funcs: str = option("exact_match", "comma-separated: built-in `exact_match` / `closeness` "
-                                              "(data/arithmetic.py), or `module:function` / `path/file.py:function` "
-                                              "with TRL's signature f(completions, **columns) -> list[float]")
-    reward_weights: str = option("", "comma-separated weights, one per reward function (default: 1 each)")
+    top_k: int = option(0, "sample among the k most likely tokens only (0: all; TRL's)", ge=0)
+    min_p: Optional[float] = option(None, "drop tokens below min_p × the top probability (TRL's)", gt=0, le=1)
+    repetition_penalty: float = option(1.0, "generation only, as TRL: logits of tokens already in the sequence "
+                                            "divided (if > 0) or multiplied by it", gt=0)
+    generation_kwargs: Optional[dict] = option(None, "TRL's: sampling keywords (top_k, min_p, repetition_penalty, "
+                                                     "top_p, temperature) overriding the flags")
+    reward_funcs: Optional[list[str]] = option(None, "reward functions (a list or comma-separated): built-in "
+                                                     "`exact_match` / `closeness` (data/arithmetic.py), "
+                                                     "`module:function`, a dotted `pkg.module.function` or "
+                                                     "`path/file.py:function`, with TRL's signature; none: the "
+                                                     "built-in task's exact_match")
+    reward_weights: Optional[list[float]] = option(None, "one weight per reward function (default: 1 each)")
     scale_rewards: str = option("group", "advantage std: per group, whole batch, or none",
                                 choices=["group", "batch", "none"])
     adv_eps: float = option(1e-4, "ε in (r − mean)/(std + ε); TRL uses 1e-4, verl/official SALT 1e-6", ge=0)
     epsilon: float = option(0.2, "lower clip ε of the ratio", gt=0, lt=1)
     epsilon_high: Optional[float] = option(None, "upper clip ε_high (DAPO: 0.28); default ε", gt=0)
     beta: float = option(0.0, "KL coefficient to a frozen reference (k3 estimator); 0 loads no reference", ge=0)
-    loss_type: str = option("dapo", "aggregation: grpo (sequence mean), dr_grpo (/ B·L), dapo (token mean over the "
-                                    "scope; verl's token-mean)", choices=["grpo", "dr_grpo", "dapo"])
-    learning_rate: float = option(1e-5, "AdamW learning rate", ge=0)
+    loss_type: str = option("dapo", "aggregation (TRL's): grpo (sequence mean), bnpo (token mean of each "
+                                    "micro-batch), dr_grpo (/ B·L), dapo (token mean over the optimizer step; verl's "
+                                    "token-mean)", choices=["grpo", "bnpo", "dr_grpo", "dapo"])
+    learning_rate: float = option(1e-6, "AdamW learning rate (TRL's default 1e-6)", ge=0)
     weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
     adam_beta1: float = option(0.9, "AdamW β1", ge=0, lt=1)
-    adam_beta2: float = option(0.99, "AdamW β2", ge=0, lt=1)
+    adam_beta2: float = option(0.999, "AdamW β2 (TRL's default 0.999)", ge=0, lt=1)
     max_grad_norm: float = option(1.0, "gradient clipping (0: off)", ge=0)
-    warmup_steps: int = option(0, "linear warm-up steps (transformers.get_scheduler)", ge=0)
-    lr_scheduler_type: str = option("constant", "after warm-up", choices=["constant", "linear"])
+    warmup_steps: int = option(0, "warm-up steps (transformers.get_scheduler); 0: warmup_ratio × max_steps", ge=0)
+    warmup_ratio: float = option(0.0, "warm-up as a fraction of max_steps (TRL's)", ge=0, le=1)
+    lr_scheduler_type: str = option("linear", "transformers' schedule (TRL's default linear)",
+                                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                             "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr",
+                                             "warmup_stable_decay"])
+    lr_scheduler_kwargs: Optional[dict] = option(None, "more keywords for the schedule (TRL's), e.g. "
+                                                       "{\"num_cycles\": 1}")
     # SALT
     salt: str = option("official", "off = GRPO; official = released rule; identity = GRPO through SALT (self-check); "
                                    "random_subspace / amplify / positive_only = research controls, not the authors' "
@@ -824,19 +959,33 @@ class Config(harness.TrainRunConfig):
     salt_lambda: float = option(1.0, "λ of the `amplify` control: a′ = P a + (1 + λ·c)(I − P) a", ge=0)
 
 
+# The built-in demo's own settings (it used to hold the defaults): what `bash run.sh` runs.
+DEMO = dict(seed=0, learning_rate=1e-5, adam_beta2=0.99, lr_scheduler_type="constant", gradient_checkpointing=False,
+            max_completion_length=24, prompts_per_step=4, micro_batch_size=0, max_steps=32, save_every=0,
+            reward_funcs=["exact_match"], logging_steps=1, output_dir="outputs/salt_grpo")
 PRESETS = {
-    "smoke": dict(model=harness.TINY, bf16=False, max_steps=3, prompts_per_step=2, num_generations=4,
-                  max_completion_length=8, eval_size=8, task_size=64, learning_rate=1e-3, reward_funcs="closeness",
+    "demo": DEMO,
+    "smoke": dict(DEMO, model=harness.TINY, bf16=False, max_steps=3, prompts_per_step=2, num_generations=4,
+                  max_completion_length=8, eval_size=8, task_size=64, learning_rate=1e-3, reward_funcs=["closeness"],
                   output_dir="outputs/salt_grpo_smoke"),
 }
+
+
+def demo_config(**kw) -> Config:
+    """The built-in demo's Config (TRL's defaults overridden by DEMO) with kw on top: what experiments/ and bench/ run."""
+    return Config(**{**DEMO, **kw})
+
+
 # fields a resumed run may change: they do not alter the training trajectory (a linear schedule follows max_steps;
 # eval_size is not one of them: it decides which prompts of a dataset are held out)
-RESUMABLE = {"max_steps", "eval_every", "eval_batch_size", "save_every", "report_to", "output_dir",
+RESUMABLE = {"max_steps", "num_train_epochs", "eval_every", "eval_strategy", "eval_batch_size", "save_every",
+             "save_strategy", "save_total_limit", "report_to", "logging_steps", "log_completions", "output_dir",
              "overwrite_output_dir", "resume_from", "config", "preset"}
 # What a run of salt_grpo.py writes in its output folder (what --overwrite_output_dir replaces; nothing else there is
 # touched), the folder being the contract of harness.OutputFolder.
-OWNED = ["checkpoint-*", ".checkpoint-*.tmp", "final", ".final.tmp", "metrics.jsonl", "summary.json",
-         "last_sample.json", "last_advantages.safetensors", "metrics.png"]
+OWNED = ["checkpoint-*", ".checkpoint-*.tmp", "final", ".final.tmp", "metrics.jsonl", "summary.json", "config.json",
+         "last_sample.json", "last_advantages.safetensors", "metrics.png", "completions.jsonl", "salt_grpo"]
+# (salt_grpo: the trackers' folder, accelerate's logging_dir/project name; --overwrite_output_dir replaces it too)
 
 
 def parse_config(argv: list[str]) -> Config:
@@ -845,21 +994,73 @@ def parse_config(argv: list[str]) -> Config:
     return harness.parse_config(Config, argv, PRESETS, check=False)
 
 
+def resolve_batch(cfg: Config, n_proc: int) -> None:
+    """The batch in both terms, written back to cfg (so that a second call, and a checkpoint, see one consistent set):
+    prompts_per_step P (all processes), micro_batch_size mb (completions per forward per process),
+    gradient_accumulation_steps GA, optimizer_steps_per_generation S and TRL's steps_per_generation S·GA. Given P
+    (this project's terms), each process's P/n_proc·G completions split into micro-batches of mb (default all);
+    else TRL's: mb (default 8) × GA (default 1) completions per process per step, whole groups per process."""
+    G = cfg.num_generations
+    if cfg.prompts_per_step is not None:
+        if cfg.prompts_per_step % n_proc:
+            raise UserError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {n_proc} processes",
+                            hint="each process generates whole groups: make prompts_per_step a multiple of the "
+                                 "process count")
+        n = cfg.prompts_per_step // n_proc * G
+        mb = min(cfg.micro_batch_size or n, n)
+        ga = -(-n // mb)
+        if cfg.gradient_accumulation_steps not in (None, ga):
+            raise UserError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} disagrees with "
+                            f"prompts_per_step={cfg.prompts_per_step}: {n} completions per process in micro-batches "
+                            f"of {mb} make {ga}", hint="size the batch in one of the two terms")
+    else:
+        mb = 8 if cfg.micro_batch_size is None else cfg.micro_batch_size
+        ga = cfg.gradient_accumulation_steps or 1
+        if mb == 0 or (mb * ga) % G:
+            raise UserError(f"--per_device_train_batch_size {mb} × --gradient_accumulation_steps {ga} = {mb * ga} "
+                            f"completions per process and step is not a multiple of num_generations={G}",
+                            hint="each process generates whole groups of G completions; or give --prompts_per_step")
+        n = mb * ga
+        cfg.prompts_per_step = n * n_proc // G
+    if cfg.steps_per_generation is not None:
+        if cfg.steps_per_generation % ga:
+            raise UserError(f"--steps_per_generation {cfg.steps_per_generation} (TRL's: micro-batch steps per "
+                            f"generation round) is not a multiple of gradient_accumulation_steps={ga}",
+                            hint="or give this project's --optimizer_steps_per_generation")
+        if cfg.optimizer_steps_per_generation not in (None, cfg.steps_per_generation // ga):
+            raise UserError(f"--steps_per_generation {cfg.steps_per_generation} and --optimizer_steps_per_generation "
+                            f"{cfg.optimizer_steps_per_generation} disagree (gradient_accumulation_steps={ga})")
+        cfg.optimizer_steps_per_generation = cfg.steps_per_generation // ga
+    cfg.optimizer_steps_per_generation = cfg.optimizer_steps_per_generation or 1
+    cfg.micro_batch_size, cfg.gradient_accumulation_steps = mb, ga
+    cfg.steps_per_generation = cfg.optimizer_steps_per_generation * ga
+
+
 def validate(cfg: Config, num_processes: int = 1) -> Config:
     """Fail early, with the flag to change: every field's declared checks, the run settings that cannot work
     together (harness.check_run), then the method's."""
-    harness.check_config(cfg)
-    harness.check_run(cfg)
-
     def need(ok, msg, hint=None):
         if not ok:
             raise UserError(msg, hint=hint)
 
+    gen = harness.typed_value("--generation_kwargs", cfg.generation_kwargs, dict) or {}
+    bad = sorted(set(gen) - {"top_k", "min_p", "repetition_penalty", "top_p", "temperature"})
+    need(not bad, f"--generation_kwargs {', '.join(bad)}: not supported here (the sampler is exact, seeded per "
+         "rollout)", "use top_k, min_p, repetition_penalty, top_p or temperature")
+    for k, v in gen.items():  # TRL: generation_kwargs override the sampling flags (checked below with them)
+        setattr(cfg, k, v)
+    cfg.generation_kwargs = None
+    harness.check_config(cfg)
+    harness.check_run(cfg)
+
     need(cfg.num_generations >= 2, f"num_generations={cfg.num_generations}: GRPO needs at least 2 completions "
          "per prompt (a group of 1 has no baseline)", "pass --num_generations 2 or more")
-    need(cfg.prompts_per_step % num_processes == 0,
-         f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {num_processes} processes",
-         "each process generates whole groups: make prompts_per_step a multiple of the process count")
+    resolve_batch(cfg, num_processes)
+    if cfg.reward_funcs is None:  # the built-in task carries its verifier; a dataset needs the user's
+        need(not cfg.dataset, "--reward_funcs: none given for --dataset", "pass reward functions (TRL's "
+             "reward_funcs), e.g. exact_match or module:function")
+        cfg.reward_funcs = ["exact_match"]
+
     need(cfg.salt_k_min <= cfg.salt_k_max, "need salt_k_min ≤ salt_k_max")
     need(cfg.salt_alpha_min <= cfg.salt_alpha_max, "need salt_alpha_min ≤ salt_alpha_max")
     need(cfg.salt != "positive_only" or cfg.salt_scope == "mini",
@@ -912,9 +1113,11 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     folder = output_folder(cfg)
     folder.check()
     rewards = harness.load_reward_funcs(cfg, arithmetic.REWARDS)
+    train_rows, eval_rows = load_rows(cfg)
+    if cfg.max_steps < 0:  # TRL: num_train_epochs passes over the prompts (each drawn once per epoch)
+        cfg.max_steps = math.ceil(cfg.num_train_epochs * len(train_rows) / cfg.prompts_per_step)
     resume = (harness.read_checkpoint(cfg.resume_from, dataclasses.asdict(cfg), RESUMABLE, n_proc, cfg.max_steps)
               if cfg.resume_from else None)
-    train_rows, eval_rows = load_rows(cfg)
     data_sha = harness.data_fingerprint(train_rows, eval_rows)
     if resume is not None:
         harness.check_same_data(cfg.resume_from, resume, data_sha, cfg.dataset)
@@ -939,8 +1142,9 @@ def build(cfg: Config, accelerator=None) -> Trainer:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                             betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     # not prepared (accelerate would step it once per process); its state is in each checkpoint's state.json
-    sched = get_scheduler("constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type,
-                          opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    sched = get_scheduler(cfg.lr_scheduler_type, opt, num_training_steps=cfg.max_steps,
+                          num_warmup_steps=cfg.warmup_steps or math.ceil(cfg.warmup_ratio * cfg.max_steps),
+                          scheduler_specific_kwargs=cfg.lr_scheduler_kwargs)
     prepared, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(prepared)
     spec = FeatureSpec(raw, cfg)  # after prepare: projections live on the model's device
@@ -968,12 +1172,56 @@ PLOT_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "eval/accuracy", "e
              "salt/main_contrib_ratio", "salt/cos_grpo_salt", "salt/zero_adv_mass"]
 
 
+COMPARE_PANELS = [("reward", "mean reward (train)", True), ("eval/accuracy", "held-out accuracy", False),
+                  ("eval/reward", "held-out reward", False), ("salt/alpha", "α (tail weight)", True),
+                  ("salt/neff", "n_eff (signed-update)", True), ("salt/k", "k (kept directions)", True),
+                  ("salt/participation_ratio", "participation ratio PR", True)]
+
+
+def run_label(run: Path) -> str:
+    """A run's legend label from its config.json: GRPO for --salt off, else SALT's mode and scope."""
+    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    if not cfg:
+        return run.name
+    if cfg.get("salt") == "off":
+        return "GRPO (--salt off)"
+    return f"SALT {cfg.get('salt')} ({cfg.get('salt_scope')} scope)"
+
+
+def plot_command(argv: list[str]) -> None:
+    """`plot RUN`: every metric of one run to RUN/metrics.png. `plot RUN [RUN ...]` (a quoted glob is one arm, its runs
+    drawn as mean ± std): one figure comparing them, smoothed reward and held-out accuracy, α, n_eff, k and PR."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="salt_grpo.py plot", description=plot_command.__doc__)
+    ap.add_argument("runs", nargs="+", help="run folders (output_dir), or quoted globs, one arm each")
+    ap.add_argument("--out", help="the PNG to write (default: RUN/metrics.png for one run, else runs.png)")
+    ap.add_argument("--labels", nargs="+", help="one legend label per RUN (default: from each run's config.json)")
+    ap.add_argument("--smooth", type=int, default=5, help="moving-mean window of the smoothed panels (steps)")
+    ap.add_argument("--title", default="", help="figure title")
+    a = ap.parse_args(argv)
+    if len(a.runs) == 1 and not glob.has_magic(a.runs[0]) and not a.out and not a.labels:
+        print(f"wrote {harness.plot_run(a.runs[0], PLOT_KEYS)}")
+        return
+    if a.labels and len(a.labels) != len(a.runs):
+        raise UserError(f"--labels gives {len(a.labels)} labels for {len(a.runs)} runs", hint="one label per RUN")
+    if a.smooth < 1:
+        raise UserError(f"--smooth {a.smooth}: the window must be ≥ 1")
+    arms: dict[str, list[Path]] = {}
+    for i, pattern in enumerate(a.runs):
+        runs = harness.run_folders(pattern)
+        label = a.labels[i] if a.labels else run_label(runs[0])
+        while label in arms:  # two arms with one label (e.g. two GRPO runs): tell them apart by folder
+            label = f"{label} [{pattern}]"
+        arms[label] = runs
+    title = a.title or " vs ".join(arms)
+    print(f"wrote {harness.plot_runs(arms, COMPARE_PANELS, a.out or 'runs.png', title, window=a.smooth)}")
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plot"]:
-        if len(argv) != 2:
-            raise UserError("usage: python salt_grpo.py plot RUN_DIR")
-        print(f"wrote {harness.plot_run(argv[1], PLOT_KEYS)}")
+        plot_command(argv[1:])
         return None
     s = train(parse_config(argv))
     harness.print_run_summary(s, f"SALT[{s['salt']}] GRPO", "python salt_grpo.py plot")

@@ -526,36 +526,69 @@ def select_online(cfg: Config, accelerator, *, model, tok, fz, tokens, method: s
 # Features of a pool: tokens with the loss mask, the proxy, per-sample gradients in shards (cached)
 # ----------------------------------------------------------------------------------------------------------
 
-def tokenize(examples: list[harness.Example], tok, cfg: Config) -> list[tuple[list[int], int]]:
-    """(token ids, number of prompt tokens) per example: prompt + response + EOS, at most max_length tokens.
-
-    Too long: the prompt keeps its last tokens and the response its first, so that at least half of the
-    window (or the whole response) is scored.
-    """
-    if cfg.prompt_format == "chat" and not getattr(tok, "chat_template", None):
+def chat_format(cfg: Config, tok) -> bool:
+    """--prompt_format resolved: chat (the tokenizer's template) or plain (the official `Instruction:/Response:`)."""
+    has = bool(getattr(tok, "chat_template", None))
+    if cfg.prompt_format == "chat" and not has:
         raise UserError(f"--prompt_format chat: the tokenizer of {cfg.model!r} has no chat template",
-                        hint="use --prompt_format plain")
+                        hint="use --prompt_format plain (or auto)")
+    return cfg.prompt_format == "chat" or cfg.prompt_format == "auto" and has
+
+
+def sft_pair(ex: harness.Example, chat: bool) -> tuple[Any, Any]:
+    """(prompt, completion) of one example in TRL's prompt-completion format, exactly what SPICE scores: chat, a
+    conversation and the assistant's reply (SFTTrainer renders them with the template and trains the reply's tokens);
+    plain, the official code's text and the response (SFTTrainer appends EOS, as we do). A conversational row without
+    chat falls back to role-tagged text."""
+    if chat:
+        msgs = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
+        return list(msgs), [{"role": "assistant", "content": ex.response}]
+    if isinstance(ex.prompt, list):
+        return "".join(f"{m['role'].capitalize()}:\n{m['content']}\n\n" for m in ex.prompt) + "Assistant:\n", ex.response
+    return f"Instruction:\n{ex.prompt}\n\nResponse:\n", ex.response  # Chang-pw/SPICE spice/data.py format
+
+
+def sft_pairs(examples: list[harness.Example], tok, cfg: Config) -> list[tuple[Any, Any]]:
+    """sft_pair of every example; a conversational row is rendered with the template whenever there is one."""
+    chat, has = chat_format(cfg, tok), bool(getattr(tok, "chat_template", None))
+    return [sft_pair(ex, chat or isinstance(ex.prompt, list) and has) for ex in examples]
+
+
+def tokenize(examples: list[harness.Example], tok, cfg: Config) -> list[tuple[list[int], int]]:
+    """(token ids, number of prompt tokens) per example, with the loss mask TRL's SFTTrainer uses on sft_pair's
+    prompt/completion (completion_only_loss): under a chat template, prompt + reply rendered together and the reply
+    starting where the rendering of the prompt alone (with the generation prompt) stops matching (TRL's
+    common_prefix_length); plain, prompt tokens then response tokens + EOS. At most max_length tokens: too long, the
+    prompt keeps its last tokens and the response its first, so that at least half of the window (or the whole
+    response) is scored (SFTTrainer cuts the right end instead; it only matters for rows over max_length).
+    """
     out = []
-    for ex in examples:
-        if cfg.prompt_format == "chat" or isinstance(ex.prompt, list) and getattr(tok, "chat_template", None):
-            msgs = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
+    for ex, (prompt, completion) in zip(examples, sft_pairs(examples, tok, cfg)):
+        if isinstance(prompt, list):
             try:
-                prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+                p = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+                full = tok.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
             except Exception as e:  # jinja2's TemplateError, or any error a template raises (a role it rejects)
                 raise UserError(f"{ex.where or 'a pool row'}: the chat template of --model {cfg.model} rejects this "
                                 f"conversation ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
                                 hint="fix the row's roles, or use --prompt_format plain") from None
-        elif isinstance(ex.prompt, list):  # chat rows without a template: role-tagged plain text
-            prompt = "".join(f"{m['role'].capitalize()}:\n{m['content']}\n\n" for m in ex.prompt) + "Assistant:\n"
+            n = common_prefix_length(p["input_ids"], full)
+            p, r = full[:n], full[n:]
         else:
-            prompt = f"Instruction:\n{ex.prompt}\n\nResponse:\n"  # Chang-pw/SPICE spice/data.py format
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        r = tok(ex.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            p = tok(prompt, add_special_tokens=False)["input_ids"]
+            r = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         if len(p) + len(r) > cfg.max_length:
             keep_r = min(len(r), max(cfg.max_length // 2, cfg.max_length - len(p)))  # ≤ max_length
             r, p = r[:keep_r], p[len(p) - (cfg.max_length - keep_r):]
         out.append((p + r, len(p)))
     return out
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def collate(batch: list[tuple[list[int], int]], pad_id: int, mask_prompt: bool):
@@ -581,7 +614,8 @@ def feature_mode(cfg: Config, D: int, rows: int) -> str:
 def build_proxy(cfg: Config, lora: bool, rows: int = 0):
     """The proxy model (frozen base; LoRA adapters trainable when asked), its tokenizer and the Featurizer
     (`fz.mode`: the feature mode for `rows` candidates held at once)."""
-    model, tok = harness.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed)
+    model, tok = harness.load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, seed=cfg.seed,
+                                    init_kwargs=cfg.model_init_kwargs)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # auto: the checkpoint's own
     model.requires_grad_(False)  # the features need ∂ℓ/∂y of the chosen layers only, never parameter .grad
     if lora:
@@ -687,8 +721,15 @@ class Config(harness.PoolRunConfig):
     k_in: Optional[int] = option(16, "kronecker: projection rows per layer, input side (none: unprojected)", ge=1)
     reduction: str = option("mean", "per-sample loss over scored tokens: mean (SFT) or sum", choices=["mean", "sum"])
     mask_prompt: bool = option(True, "score response tokens only; false = official code (loss on the whole text)")
-    prompt_format: str = option("plain", "plain (`Instruction:\\n…\\n\\nResponse:\\n`, the official code's) or "
-                                         "chat (tokenizer template)", choices=["plain", "chat"])
+    prompt_format: str = option("auto", "the text scored and written to selected.jsonl's prompt/completion: auto = "
+                                        "chat when the proxy's tokenizer has a template, else plain; chat = the "
+                                        "template, reply tokens scored (as TRL's SFTTrainer trains prompt/completion "
+                                        "rows); plain = `Instruction:\\n…\\n\\nResponse:\\n` (the official code's)",
+                                choices=["auto", "chat", "plain"])
+    sft_format: str = option("prompt_completion", "columns selected.jsonl adds for fine-tuning: prompt_completion "
+                                                  "(TRL's prompt/completion, the text scored, and `messages`) or "
+                                                  "messages (only `messages`)",
+                             choices=["prompt_completion", "messages"])
     max_length: int = option(96, "tokens per row (prompt + response), longer rows are cut", ge=2)
     # selection
     method: str = option("spice", "spice | greedy (λ=0) | top_norm (official default) | random | official_diag "
@@ -727,7 +768,7 @@ PRESETS = {"smoke": dict(model=harness.TINY, dtype="float32", pool=str(SMOKE_POO
 # What a run of spice_select.py writes in its output folder (what --overwrite_output_dir replaces); feature_cache/
 # (keyed by everything the features depend on) is kept and may be present without the flag: an interrupted run
 # continues from it. The folder is the contract of harness.OutputFolder.
-OWNED = ["selected.jsonl", "picks.jsonl", "summary.json", "metrics.jsonl"]
+OWNED = ["selected.jsonl", "picks.jsonl", "summary.json", "metrics.jsonl", "spice_select"]  # spice_select: trackers
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -770,11 +811,12 @@ def run(cfg: Config, accelerator=None) -> dict:
     targets, chat template) runs before the output folder is opened; the outputs appear together at the end."""
     from accelerate import Accelerator
 
-    accelerator = accelerator or Accelerator()
+    harness.check_trackers(harness.report_to(cfg))  # the Accelerator takes them: a bad name is our one-line error
+    accelerator = accelerator or Accelerator(log_with=harness.report_to(cfg) or None, project_dir=cfg.output_dir)
     timings, t0 = {}, time.perf_counter()
     rows, examples, label, skipped = load_pool(cfg)
     check_budget(cfg, len(rows))  # every check that needs the pool, before the proxy and its features
-    harness.messages_column(cfg, harness.columns(rows))
+    harness.messages_column(cfg, harness.columns(rows))  # a clash with selected.jsonl's columns: stop now
     folder = output_folder(cfg)
     harness.check_outputs(cfg, folder)
     file_index = (lambda i: label.rows[i] - 1) if getattr(label, "rows", None) else (lambda i: i)
@@ -785,16 +827,24 @@ def run(cfg: Config, accelerator=None) -> dict:
     model, tok, fz = build_proxy(cfg, lora, cfg.pool_size if cfg.mode == "online" else len(rows))
     model.to(accelerator.device)
     tokens = tokenize(examples, tok, cfg)
+    pairs = sft_pairs(examples, tok, cfg) if cfg.sft_format == "prompt_completion" else None
+    if pairs:
+        harness.check_sft_columns(rows, examples, pairs)
     folder.open_on_all(accelerator)  # the first write: everything above has passed
+    if harness.report_to(cfg):  # the trackers write in the run's folder (staged with the outputs until the commit)
+        accelerator.project_configuration.project_dir = accelerator.project_configuration.logging_dir = str(folder.path)
+        accelerator.init_trackers("spice_select", config={k: v for k, v in dataclasses.asdict(cfg).items()
+                                                          if isinstance(v, (int, float, str, bool))})
     try:
         return select_and_write(cfg, accelerator, folder, t0, timings, rows=rows, examples=examples, label=label,
-                                skipped=skipped, positions=positions, model=model, tok=tok, fz=fz, tokens=tokens)
+                                skipped=skipped, positions=positions, model=model, tok=tok, fz=fz, tokens=tokens,
+                                sft=pairs)
     finally:
         folder.close()
 
 
 def select_and_write(cfg: Config, accelerator, folder: harness.OutputFolder, t0: float, timings: dict, *, rows,
-                     examples, label, skipped, positions, model, tok, fz, tokens) -> dict:
+                     examples, label, skipped, positions, model, tok, fz, tokens, sft=None) -> dict:
     timings["load"] = time.perf_counter() - t0
     summary: dict[str, Any] = {"pool": label, "n_pool": len(rows), "n_skipped": len(skipped), "skipped": skipped[:50],
                                "features": fz.mode, "feature_dim": fz.dim, "gradient_dim": fz.full_dim,
@@ -841,8 +891,12 @@ def select_and_write(cfg: Config, accelerator, folder: harness.OutputFolder, t0:
     layers = ", ".join(fz.layers)
     header = (f"\nSPICE selection from {label}: {len(rows)} rows, features {fz.mode} d={fz.dim} of D={fz.full_dim} "
               f"({layers[:60]}{'…' if len(layers) > 60 else ''}), α={cfg.alpha}, λ={cfg.lam}")
+    if accelerator.trackers:  # the selection's numbers (online runs also logged each pool's)
+        accelerator.log({"log_det": sel.log_det, "k": len(sel.indices), "seconds": timings["total"],
+                         **{f"{st['method']}/log_det": st["log_det"] for st in stats}}, step=0)
+        accelerator.end_training()
     harness.publish_selection(cfg, folder, accelerator, sel, summary, rows=rows, examples=examples,
-                              positions=positions, skipped=skipped, stats=stats, header=header)
+                              positions=positions, skipped=skipped, stats=stats, header=header, sft=sft)
     return summary
 
 

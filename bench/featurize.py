@@ -74,7 +74,7 @@ def salt_batch(seed=0, model_name=H.EMBEDDED):
     """One demo step: (model, LM-head tokens, B, advantages, Config), as salt_grpo samples and scores it."""
     import salt_grpo as sg
 
-    cfg = sg.Config(bf16=False, seed=seed, prompts_per_step=4, num_generations=8, max_completion_length=24)
+    cfg = sg.demo_config(bf16=False, seed=seed, prompts_per_step=4, num_generations=8, max_completion_length=24)
     model, tok = H.load_model(model_name, dtype=torch.float32)
     model.eval()
     rows = sg.load_rows(cfg)[0]

@@ -86,7 +86,7 @@ def main():
     ap.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer when trl is importable")
     ap.add_argument("--out", default="", help="write the raw numbers to this JSON file")
     a = ap.parse_args()
-    base = dataclasses.replace(sg.Config(), model=a.model, prompts_per_step=a.prompts_per_step,
+    base = dataclasses.replace(sg.demo_config(), model=a.model, prompts_per_step=a.prompts_per_step,
                                num_generations=a.num_generations, max_completion_length=a.max_completion_length,
                                bf16=a.bf16, eval_size=0, output_dir="/tmp/salt_overhead",
                                overwrite_output_dir=True)

@@ -43,7 +43,7 @@ SMOKE = dict(model=harness.TINY, prompts=4, batches=2, g_max=16, seed=0, micro_b
 
 def rollout_config(s: dict) -> sg.Config:
     """The demo's task and SALT's default (exact LM-head) Gram; smoke: the tiny model, 8 new tokens."""
-    cfg = sg.Config(model=s["model"], seed=s["seed"], num_generations=s["g_max"], prompts_per_step=s["prompts"],
+    cfg = sg.demo_config(model=s["model"], seed=s["seed"], num_generations=s["g_max"], prompts_per_step=s["prompts"],
                     micro_batch_size=s["micro_batch"], bf16=False, salt="official")
     if s["model"] == harness.TINY:
         cfg = dataclasses.replace(cfg, max_completion_length=8)
@@ -100,7 +100,7 @@ def subset(batch: dict, G: int, g_max: int) -> tuple[torch.Tensor, torch.Tensor,
 
 def grpo_gram(K: torch.Tensor, r: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(K / B, GRPO advantages a) as salt_grpo builds them (per-group std, its default eps)."""
-    return K / K.shape[0], sg.group_advantages(r.double(), G, "group", sg.Config().adv_eps)
+    return K / K.shape[0], sg.group_advantages(r.double(), G, "group", sg.demo_config().adv_eps)
 
 
 def geometry(K: torch.Tensor, r: torch.Tensor, groups: torch.Tensor, G: int) -> dict:

@@ -53,7 +53,7 @@ def measure(K: torch.Tensor, r: torch.Tensor, G: int, seed: int) -> dict:
         return {}
     out = {}
     for mode in MODES:
-        cfg = dataclasses.replace(sg.Config(), salt=mode, num_generations=G)
+        cfg = dataclasses.replace(sg.demo_config(), salt=mode, num_generations=G)
         draws = RANDOM_DRAWS if mode == "random_subspace" else 1
         vals = []
         for d in range(draws):

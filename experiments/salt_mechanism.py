@@ -57,7 +57,7 @@ TRACE = ["reward", "eval/accuracy", "eval/reward", "frac_reward_zero_std", "salt
 
 def config(s: dict, arm: dict, G: int, seed: int, model_dir: Path, out: Path, **extra) -> sg.Config:
     """salt_grpo's Config for one run: experiment 2's settings, the arm's SALT flags, FEATURES."""
-    return sg.Config(model=str(model_dir), seed=seed, salt_features=FEATURES, num_generations=G,
+    return sg.demo_config(model=str(model_dir), seed=seed, salt_features=FEATURES, num_generations=G,
                      prompts_per_step=s["prompts_per_step"], max_steps=s["steps"], eval_every=s["eval_every"],
                      eval_size=s["eval_size"], eval_batch_size=256, learning_rate=s["lr"],
                      max_completion_length=s["max_completion_length"], bf16=False,

@@ -30,7 +30,7 @@ SMOKE = dict(model=harness.TINY, seeds=[0], steps=2, eval_every=0, eval_size=4, 
 def config(s: dict, arm: dict, seed: int, out: Path) -> sg.Config:
     """The demo's Config (salt_grpo's defaults) with the arm's SALT flags, FEATURES and the evaluation schedule."""
     kw = {k: v for k, v in s.items() if k not in ("seeds", "steps")}
-    return sg.Config(seed=seed, max_steps=s["steps"], salt_features=FEATURES, output_dir=str(out),
+    return sg.demo_config(seed=seed, max_steps=s["steps"], salt_features=FEATURES, output_dir=str(out),
                      overwrite_output_dir=True, **kw, **arm)
 
 

@@ -95,7 +95,7 @@ def warm_start(s: dict, seed: int, cache_dir: Path) -> Path:
 # ---- one RL run ---------------------------------------------------------------------------------------------
 
 def run_config(s: dict, arm: str, G: int, seed: int, model_dir: Path, out: Path) -> sg.Config:
-    return sg.Config(model=str(model_dir), seed=seed, salt=arm, salt_features="lm_head", salt_scope="mini",
+    return sg.demo_config(model=str(model_dir), seed=seed, salt=arm, salt_features="lm_head", salt_scope="mini",
                      num_generations=G, prompts_per_step=s["prompts_per_step"], max_steps=s["steps"],
                      eval_every=s["eval_every"], eval_size=s["eval_size"], eval_batch_size=256,
                      learning_rate=s["lr"], max_completion_length=s["max_completion_length"], bf16=False,

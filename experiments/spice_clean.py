@@ -47,7 +47,8 @@ def pool_features(S: dict, cfg_kw: dict, cache: Path) -> tuple[list[dict], torch
     from accelerate import Accelerator
 
     cfg_kw = {"pool": str(spice_pool.pool_file(cache / "pools", S["pool_n"])), **cfg_kw}
-    cfg = ss.validate(ss.Config(model=S["model"], dtype=S["proxy_dtype"], budget=S["budget"], lam=S["lam"], seed=0,
+    cfg = ss.validate(ss.Config(model=S["model"], prompt_format="plain",
+                                dtype=S["proxy_dtype"], budget=S["budget"], lam=S["lam"], seed=0,
                                 cache_dir=str(cache / "features"), output_dir=str(cache / "select"), **FEATURES,
                                 **cfg_kw))
     rows, examples, _, _ = ss.load_pool(cfg)
@@ -64,7 +65,7 @@ def select(G: torch.Tensor, cfg: ss.Config, method: str, seed: int) -> list[int]
 
 def finetune(S: dict, rows: list[dict], idx: list[int], epochs: int, seed: int, held: list[dict], tok, desc: str):
     """experiment 6's LoRA fine-tune on rows[idx] for `epochs` epochs, evaluated on the held-out rows."""
-    cfg_tok = ss.Config(model=S["model"])
+    cfg_tok = ss.Config(model=S["model"], prompt_format="plain")
     toks = ss.tokenize([harness.Example(r["instruction"], r["response"]) for r in (rows[i] for i in idx)], tok, cfg_tok)
     held_toks = ss.tokenize([harness.Example(r["instruction"], r["response"]) for r in held], tok, cfg_tok)
     model, _ = sd.fresh_target(S, seed)

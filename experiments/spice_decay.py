@@ -86,7 +86,7 @@ def pool_features(model: str, dtype: str, rows: int, seed: int, cache_dir: str) 
 
     cache_root = ROOT / cache_dir
     pool = spice_pool.pool_file(cache_root / "pools", rows, seed=seed)  # the demo pool's generator, rows × seed
-    cfg = S.validate(S.Config(model=model, dtype=dtype, pool=str(pool), seed=seed,
+    cfg = S.validate(S.Config(model=model, dtype=dtype, prompt_format="plain", pool=str(pool), seed=seed,
                               lora=False, features="kronecker", cache_dir=str(cache_root)))
     pool, examples, _, _ = S.load_pool(cfg)
     proxy, tok, fz = S.build_proxy(cfg, lora=False)

@@ -118,7 +118,8 @@ def make_selections(S: dict, cache: Path, rows: list[dict]) -> dict:
     """{method: indices (and seed-specific lists for random)} plus stats; cached by the settings that matter."""
     from accelerate import Accelerator
 
-    cfg = ss.Config(model=S["model"], pool=str(spice_pool.pool_file(cache / "pools", S["pool_n"])), budget=BUDGET,
+    cfg = ss.Config(model=S["model"], prompt_format="plain",  # experiment 10 scored the plain format
+                    pool=str(spice_pool.pool_file(cache / "pools", S["pool_n"])), budget=BUDGET,
                     lam=LAMBDA, seed=0,
                     lora=False, features="kronecker", dtype="bfloat16",  # what these results were measured on
                     cache_dir=str(cache / "feature_cache"), output_dir=str(cache / "select"))
@@ -413,7 +414,7 @@ def main(argv=None) -> dict:
 
     # Measurement: null model, then every (seed, method)
     _, tok = harness.load_model(S["model"], S["target_dtype"])
-    cfg_tok = ss.Config(model=S["model"])
+    cfg_tok = ss.Config(model=S["model"], prompt_format="plain")
     tok_pool = ss.tokenize([harness.Example(r["instruction"], r["response"]) for r in pool], tok, cfg_tok)
     tok_held = ss.tokenize([harness.Example(r["instruction"], r["response"]) for r in held], tok, cfg_tok)
     result = {"settings": {**S, "budget": BUDGET, "lambda": LAMBDA, "lora": LORA, "warmup": WARMUP,

@@ -20,7 +20,7 @@ ref, _ = harness.tiny_llama(seed=0)
 for layer in model.model.layers:
     fully_shard(layer)
 fully_shard(model)
-cfg = sg.Config(bf16=False)
+cfg = sg.demo_config(bf16=False)
 prompts = ["What is 1 + 2?\n"] if rank == 0 else ["Hi\n", "A longer prompt\n"]
 new = 12 if rank == 0 else 3
 out = []

@@ -59,7 +59,7 @@ def jsonl(path: Path, rows: list[dict]) -> str:
 
 def _setup(kind: str, tmp: Path) -> list[str]:
     """Flags of a new run that cannot start (or cannot finish), and the data or model it needs."""
-    rows = [{"question": f"{i} + 1?", "answer": str(i + 1)} for i in range(8)]
+    rows = [{"prompt": f"{i} + 1?", "answer": str(i + 1)} for i in range(8)]
     if kind == "model_typo":
         return ["--model", str(tmp / "no_such_model")]
     if kind == "model_without_config":
@@ -74,8 +74,8 @@ def _setup(kind: str, tmp: Path) -> list[str]:
     if kind == "template_rejects_system_prompt":
         return ["--model", str(template_model(tmp / "m")), "--system_prompt", "Be brief."]
     if kind == "template_rejects_a_rows_role":
-        conv = [{"question": [{"role": "user", "content": f"{i} + 1?"}], "answer": str(i + 1)} for i in range(8)]
-        conv[5]["question"] = [{"role": "tool", "content": "x"}] + conv[5]["question"]
+        conv = [{"prompt": [{"role": "user", "content": f"{i} + 1?"}], "answer": str(i + 1)} for i in range(8)]
+        conv[5]["prompt"] = [{"role": "tool", "content": "x"}] + conv[5]["prompt"]
         return ["--model", str(template_model(tmp / "m", reject="tool")), "--dataset", jsonl(tmp / "c.jsonl", conv)]
     if kind in ("completions", "prompts", "answer_column"):
         return ["--dataset", jsonl(tmp / "d.jsonl", [{**r, kind: "x"} for r in rows])]
@@ -123,8 +123,13 @@ def test_overwrite_replaces_only_the_old_runs_own_files(run_dir, capsys):
     assert snapshot(run_dir) == before
     code, err = main(SMOKE + ["--output_dir", str(run_dir), "--overwrite_output_dir", "--max_steps", "1"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in run_dir.iterdir()) == ["final", "last_advantages.safetensors", "last_sample.json",
-                                                         "metrics.jsonl", "notes.txt", "summary.json"]
+    (run_dir / "salt_grpo").mkdir(exist_ok=True)  # the old run's tracker files (TensorBoard events) go with it
+    (run_dir / "salt_grpo" / "events.out.tfevents.1.old").write_bytes(b"old")
+    code, err = main(SMOKE + ["--output_dir", str(run_dir), "--overwrite_output_dir", "--max_steps", "1"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "final", "last_advantages.safetensors",
+                                                         "last_sample.json", "metrics.jsonl", "notes.txt",
+                                                         "summary.json"]
     assert (run_dir / "notes.txt").read_text() == "mine"
 
 
@@ -349,7 +354,7 @@ def _weak(kind: str, tmp: Path, run_dir: Path) -> tuple[list[str], list[str]]:
         "rewards_overflow": (["--reward_funcs", f"{REWARDS}:huge,{tmp / 'h2.py'}:huge2", "--eval_size", "0"],
                              ["overflow"]),
         "mixed_text_and_conversations": (["--dataset", jsonl(tmp / "m.jsonl", [
-            {"question": "1 + 1?", "answer": "2"}, {"question": [{"role": "user", "content": "2 + 2?"}],
+            {"prompt": "1 + 1?", "answer": "2"}, {"prompt": [{"role": "user", "content": "2 + 2?"}],
                                                    "answer": "4"}] * 4)], ["m.jsonl row 2", "conversation"]),
     }[kind]
 
@@ -375,11 +380,11 @@ def test_weak_classes_end_in_one_line_and_lose_nothing(run_dir, tmp_path, capsys
 
 def test_resuming_after_the_dataset_file_changed(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
-    jsonl(data, [{"question": f"{i} + 1?", "answer": str(i + 1)} for i in range(10)])
+    jsonl(data, [{"prompt": f"{i} + 1?", "answer": str(i + 1)} for i in range(10)])
     out = tmp_path / "o"
     code, err = main(SMOKE + ["--dataset", str(data), "--save_every", "1", "--output_dir", str(out)], capsys)
     assert code == 0, err
-    jsonl(data, [{"question": f"{i} + 2?", "answer": str(i + 2)} for i in range(10)])
+    jsonl(data, [{"prompt": f"{i} + 2?", "answer": str(i + 2)} for i in range(10)])
     before = snapshot(out)
     code, err = main(SMOKE + ["--dataset", str(data), "--resume_from", str(out / "checkpoint-1"), "--output_dir",
                               str(out), "--max_steps", "3"], capsys)

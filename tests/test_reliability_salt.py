@@ -83,7 +83,7 @@ BAD = [  # (flags, names the error line must contain)
     (["--reward_funcs", "no_such_module_xyz:f"], ["--reward_funcs", "no_such_module_xyz"]),
     (["--reward_funcs", f"{REWARDS}:missing"], ["--reward_funcs", "missing"]),
     (["--dataset", "{data}", "--dataset_split", "test"], ["d.jsonl", "split 'test'"]),
-    (["--dataset", "{data}", "--eval_split", "test"], ["--eval_split", "d.jsonl"]),
+    (["--dataset", "{data}", "--prompt_column", "question", "--eval_split", "test"], ["--eval_split", "d.jsonl"]),
     (["--num_generations", "1"], ["num_generations=1"]),
     (["--bogus_flag", "1"], ["--bogus_flag"]),
 ]
@@ -205,7 +205,8 @@ BAD_ROWS = [
 def test_bad_dataset_rows_name_file_row_and_field(tmp_path, capsys, row, names):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n" + json.dumps(row) + "\n")
-    code, err = main(SMOKE + ["--output_dir", str(tmp_path / "o"), "--dataset", str(data), "--eval_size", "0"], capsys)
+    code, err = main(SMOKE + ["--output_dir", str(tmp_path / "o"), "--dataset", str(data), "--prompt_column", "question",
+                              "--eval_size", "0"], capsys)
     assert code == 2
     one_error(err, *names)
 
@@ -214,7 +215,8 @@ def test_a_20kb_prompt_is_cut_not_allocated(tmp_path, capsys):
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps({"question": ("lorem ipsum " * 1700 if i == 0 else "") + f"{i} + 1?",
                                         "answer": str(i + 1)}) + "\n" for i in range(6)))
-    code, err = main(SMOKE + ["--output_dir", str(tmp_path / "o"), "--dataset", str(data), "--max_prompt_length", "32",
+    code, err = main(SMOKE + ["--output_dir", str(tmp_path / "o"), "--dataset", str(data), "--prompt_column", "question",
+                              "--max_prompt_length", "32",
                               "--eval_size", "1"], capsys)
     assert code == 0, err[-2000:]
     assert "1 of 6 prompts are longer than --max_prompt_length 32 tokens" in err

@@ -17,8 +17,8 @@ from common import UserError
 from data import arithmetic
 
 
-def cfg(**kw):
-    return dataclasses.replace(sg.Config(), **kw)
+def cfg(**kw):  # the demo's settings; datasets written here use GSM8K's `question` column
+    return dataclasses.replace(sg.demo_config(prompt_column="question"), **kw)
 
 
 def rand_feats(B, D, seed, rank=None):
@@ -380,10 +380,10 @@ def test_clipped_loss_and_aggregation_by_hand():
     assert float(st["clip_high"]) == 1 and float(st["clip_low"]) == 1
     m = mask.float()
     tok_sum = float((exp * m).sum())
-    assert math.isclose(float(sg.aggregate_loss(per_tok, mask, "dapo", 2, 5, 3)), tok_sum / 5, rel_tol=1e-6)
+    assert math.isclose(float(sg.aggregate_loss(per_tok, mask, "dapo", 2, 5, 3, 1)), tok_sum / 5, rel_tol=1e-6)
     seq = float(((exp * m).sum(1) / m.sum(1)).sum() / 2)
-    assert math.isclose(float(sg.aggregate_loss(per_tok, mask, "grpo", 2, 5, 3)), seq, rel_tol=1e-6)
-    assert math.isclose(float(sg.aggregate_loss(per_tok, mask, "dr_grpo", 2, 5, 3)), tok_sum / (2 * 3), rel_tol=1e-6)
+    assert math.isclose(float(sg.aggregate_loss(per_tok, mask, "grpo", 2, 5, 3, 1)), seq, rel_tol=1e-6)
+    assert math.isclose(float(sg.aggregate_loss(per_tok, mask, "dr_grpo", 2, 5, 3, 1)), tok_sum / (2 * 3), rel_tol=1e-6)
 
 
 # --- task, checker, config -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def one_step(c):
 
 @pytest.mark.parametrize("flags", [
     {}, {"gradient_checkpointing": True}, {"dtype": "bfloat16"}, {"dtype": "auto"}, {"mask_truncated_completions": True},
-    {"system_prompt": "Be brief.", "max_prompt_length": 8}, {"steps_per_generation": 2, "micro_batch_size": 3},
+    {"system_prompt": "Be brief.", "max_prompt_length": 8}, {"optimizer_steps_per_generation": 2, "micro_batch_size": 3},
     {"use_peft": True, "lora_target_modules": "q_proj,v_proj"}, {"use_peft": True, "gradient_checkpointing": True,
                                                                 "lora_target_modules": "all-linear"}])
 def test_each_flag_trains_the_parameters_it_should(tmp_path, flags):
@@ -123,7 +123,7 @@ def test_several_eos_ids_stop_mask_and_truncate(tmp_path):
     t = sg.build(smoke(tmp_path, model=str(chat_model(tmp_path / "m", eos_extra="!"))))
     assert t.eos == [t.tok.eos_token_id, t.tok.convert_tokens_to_ids("!")]  # from generation_config's list
     model, tok = harness.tiny_llama(seed=0)
-    c = sg.Config(bf16=False)
+    c = sg.demo_config(bf16=False)
     _, _, comp, mask = harness.generate(model, tok, ["What is 1 + 2?\n"], c, torch.device("cpu"), 12)  # greedy
     assert int(mask.sum()) == 12 and bool(harness.truncated(comp, mask, [tok.eos_token_id])[0])
     second = int(comp[0, 3])  # make the 4th greedy token an EOS: the row must stop there, EOS included
@@ -137,7 +137,7 @@ def test_several_eos_ids_stop_mask_and_truncate(tmp_path):
 def test_prompts_are_cut_on_the_left_with_a_warning(tmp_path, capsys):
     model, tok = harness.tiny_llama(seed=0)
     long = "x" * 5000 + " What is 1 + 2?\n"
-    ids, am, _, _ = harness.generate(model, tok, [long, "Hi\n"], sg.Config(bf16=False, max_prompt_length=10),
+    ids, am, _, _ = harness.generate(model, tok, [long, "Hi\n"], sg.demo_config(bf16=False, max_prompt_length=10),
                                 torch.device("cpu"), 2)
     assert ids.shape[1] == 10 and tok.decode(ids[0]) == long[-10:]
     sg.build(smoke(tmp_path, max_prompt_length=20))
@@ -149,7 +149,8 @@ def test_held_out_split_of_a_dataset_with_duplicates_is_disjoint_by_prompt(tmp_p
     qs = ["same?"] * 12 + ["b?"] * 4 + ["c?", "d?", "e?"]
     data.write_text("".join(json.dumps({"question": q, "answer": "1"}) + "\n" for q in qs))
     for seed in range(6):
-        tr, ev = sg.load_rows(dataclasses.replace(sg.Config(), dataset=str(data), eval_size=2, seed=seed))
+        tr, ev = sg.load_rows(dataclasses.replace(sg.demo_config(), dataset=str(data), eval_size=2, seed=seed,
+                                                  prompt_column="question"))
         held = {r["prompt"] for r in ev}
         assert len(ev) == len(held) == 2 and not held & {r["prompt"] for r in tr}
         assert len(tr) + sum(qs.count(q) for q in held) == len(qs)  # duplicates of a kept prompt all stay in train
@@ -213,7 +214,7 @@ def test_bf16_autocast_only_with_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
     for native in (False, True):
         monkeypatch.setattr(harness, "bf16_native", lambda device, n=native: n)
-        with harness.autocast(sg.Config(bf16=True), cpu):
+        with harness.autocast(sg.demo_config(bf16=True), cpu):
             assert torch.is_autocast_enabled("cpu") == native
-    with harness.autocast(sg.Config(bf16=False), cpu):
+    with harness.autocast(sg.demo_config(bf16=False), cpu):
         assert not torch.is_autocast_enabled("cpu")

@@ -25,9 +25,9 @@ PARITY = f"{ROOT / 'tests' / 'salt_rewards.py'}:parity"  # a hash bit: mixed gro
 def smoke(tmp_path, name="run", **kw):
     base = dict(sg.PRESETS["smoke"], output_dir=str(tmp_path / name), eval_size=0, max_steps=2,
                 prompts_per_step=2, num_generations=4, max_completion_length=6, reward_funcs=PARITY,
-                overwrite_output_dir=True)
+                overwrite_output_dir=True, prompt_column="question")  # GSM8K's column, as the tests' datasets
     base.update(kw)
-    return dataclasses.replace(sg.Config(), **base)
+    return dataclasses.replace(sg.demo_config(), **base)
 
 
 def reset_accelerate():
@@ -47,7 +47,7 @@ def test_rollouts_are_exact_samples_of_the_trained_policy():
     generator, ignoring sampling settings in the model's generation_config (here a repetition penalty)."""
     model, tok = harness.tiny_llama(seed=3)
     model.generation_config.repetition_penalty, model.generation_config.do_sample = 3.0, True
-    c = sg.Config(bf16=False, temperature=0.7)
+    c = sg.demo_config(bf16=False, temperature=0.7)
     prompts = ["What is 1 + 2?\n", "Hi\n"]
     seeds = [11, 12]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -133,7 +133,7 @@ def _job(cfg_dict):
     reset_accelerate()
     from accelerate import Accelerator
 
-    sg.train(sg.Config(**cfg_dict), Accelerator(cpu=True))
+    sg.train(sg.demo_config(**cfg_dict), Accelerator(cpu=True))
 
 
 def launch(n: int, c, tmp_path) -> None:
@@ -190,7 +190,7 @@ def test_two_processes_equal_one_process_with_every_new_option(tmp_path):
     data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What is {i} + {i % 3}?"}],
                                         "answer": str(i + i % 3), "bonus": i % 2}) + "\n" for i in range(12)))
     kw = dict(model=str(chat_model(tmp_path / "chat_model")), dataset=str(data), prompt_column="prompt",
-              use_peft=True, lora_dropout=0.0, lora_r=4, gradient_checkpointing=True, steps_per_generation=2,
+              use_peft=True, lora_dropout=0.0, lora_r=4, gradient_checkpointing=True, optimizer_steps_per_generation=2,
               max_steps=3, reward_funcs=f"{PARITY.rsplit(':', 1)[0]}:length_bonus,{PARITY}", reward_weights="0.5,1",
               system_prompt="Be brief.", max_prompt_length=24, mask_truncated_completions=True, micro_batch_size=2,
               eval_size=3, eval_batch_size=2, seed=2, learning_rate=3e-3)
@@ -206,7 +206,9 @@ def test_two_processes_equal_one_process_with_every_new_option(tmp_path):
     assert [r["step"] for r in m1] == [r["step"] for r in m2] == [0, 1, 2, 3, 3]
     for r1, r2 in zip(m1, m2):
         assert r1.keys() == r2.keys()
-        for key in ("reward", "rewards/length_bonus/mean", "loss", "entropy", "num_tokens", "salt/neff",
+        # (entropy, kl and clip_ratio/* are TRL's means of per-micro-batch means, so they depend on the split: here
+        # 4 micro-batches on 1 process, 2 pooled over 2 on 2, and truncation-masked micro-batches count as 0)
+        for key in ("reward", "rewards/length_bonus/mean", "loss", "num_tokens", "salt/neff",
                     "eval/reward", "completions/clipped_ratio"):
             if key in r1:
                 assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-6), key
@@ -217,7 +219,7 @@ def test_two_processes_equal_one_process_with_every_new_option(tmp_path):
 def test_resume_under_two_processes_matches_uninterrupted(tmp_path, lora):
     """Resumed mid-round (steps_per_generation=2) under 2 processes, with a KL reference (for LoRA: the base with the
     adapter disabled): the same weights as the uninterrupted run."""
-    kw = dict(max_steps=3, steps_per_generation=2, beta=0.05, lr_scheduler_type="linear", seed=3, use_peft=lora,
+    kw = dict(max_steps=3, optimizer_steps_per_generation=2, beta=0.05, lr_scheduler_type="linear", seed=3, use_peft=lora,
               **({"lora_dropout": 0.0} if lora else {}))  # LoRA flags without --use_peft are refused
     full = smoke(tmp_path, "full", save_every=1, **kw)
     launch(2, full, tmp_path)
@@ -235,7 +237,7 @@ def test_resume_under_two_processes_matches_uninterrupted(tmp_path, lora):
 def test_resume_matches_uninterrupted(tmp_path, iters, resume_at, spg):
     """num_iterations=2 or steps_per_generation=2 resumed at step 3 restarts mid-round, from the saved rollouts."""
     reset_accelerate()
-    kw = dict(max_steps=4, num_iterations=iters, steps_per_generation=spg, lr_scheduler_type="linear", warmup_steps=1,
+    kw = dict(max_steps=4, num_iterations=iters, optimizer_steps_per_generation=spg, lr_scheduler_type="linear", warmup_steps=1,
               beta=0.05)
     full = smoke(tmp_path, "full", save_every=1, **kw)
     sg.train(full)
@@ -292,7 +294,7 @@ def test_script_end_to_end_smoke_and_plot(tmp_path):
 def test_script_bad_input_is_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "2+2?", "answer": "4"}\n{"prompt": "x", "answer": "1"}\n')
-    r = run_script(["--preset", "smoke", "--dataset", str(bad), "--eval_size", "0",
+    r = run_script(["--preset", "smoke", "--dataset", str(bad), "--prompt_column", "question", "--eval_size", "0",
                     "--output_dir", str(tmp_path / "o")], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{bad} row 2: missing field 'question'" in r.stderr
@@ -304,7 +306,7 @@ def test_script_bad_input_is_one_line(tmp_path):
 def test_smollm2_one_step(tmp_path):
     """The embedded model: one SALT step with the default (exact LM-head Gram) features, bf16 autocast where native."""
     reset_accelerate()
-    c = dataclasses.replace(sg.Config(), output_dir=str(tmp_path / "s"), max_steps=1, prompts_per_step=1,
+    c = dataclasses.replace(sg.demo_config(), output_dir=str(tmp_path / "s"), max_steps=1, prompts_per_step=1,
                             num_generations=3, max_completion_length=4, eval_size=0, salt_alpha_min=0.5)
     sg.train(c)
     rows = [r for r in harness.read_metrics(tmp_path / "s" / "metrics.jsonl") if "loss" in r]
