@@ -101,10 +101,49 @@ def verdict(d: float, se: float) -> str:
 
 
 def paired(xs: list[float]) -> dict:
-    """Mean, std, n of paired differences (one per seed), SE = std/√n, the verdict and how many are positive."""
+    """Mean, std, n of paired differences (one per seed), SE = std/√n, the verdict, how many are positive, and the
+    paired t-test: t = mean/SE on n − 1 degrees of freedom, two-sided p (NaN for n < 2 or SE = 0)."""
     d = mean_std(xs)
     se = d["std"] / d["n"] ** 0.5 if d["n"] > 1 else float("nan")
-    return {**d, "se": se, "outcome": verdict(d["mean"], se), "n_positive": sum(x > 0 for x in xs)}
+    t = d["mean"] / se if d["n"] > 1 and se > 0 else float("nan")
+    return {**d, "se": se, "outcome": verdict(d["mean"], se), "n_positive": sum(x > 0 for x in xs),
+            "t": t, "p_value": t_test_p(t, d["n"] - 1)}
+
+
+def t_test_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t with df degrees of freedom: P(|T| ≥ |t|) = I_{df/(df+t²)}(df/2, 1/2), the
+    regularised incomplete beta function (evaluated by its continued fraction; no SciPy in the requirements)."""
+    if not math.isfinite(t) or df < 1:
+        return float("nan")
+    return _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b) by Lentz's continued fraction (Numerical Recipes §6.4), using the symmetry for x > (a+1)/(a+b+2)."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f
+
+
+def false_positive_rate(n: int) -> float:
+    """P(|mean| > 2·SE) under a null of paired differences ~ N(0, σ²) at n seeds: P(|T_{n−1}| > 2)."""
+    return t_test_p(2.0, n - 1)
 
 
 # ---- geometry only the experiments read ----

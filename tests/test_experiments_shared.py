@@ -51,3 +51,15 @@ def test_experiment_args(tmp_path):
     assert (args.out, args.cache_dir, args.seeds) == (tmp_path, Path("c"), [1, 2])
     with pytest.raises(common.UserError, match="unrecognized arguments: --smok"):  # no abbreviations, one line
         shared.experiment_args("x", doc, ["--smok"])
+
+
+def test_paired_t_test_matches_tabulated_student_t():
+    """The two-sided p of Student's t equals tabulated critical values (t_{0.975} at df 1, 4, 29) and the
+    false-positive rate of the 2·SE rule the evidence issue quotes (about 18 % at 3 seeds, 12 % at 5)."""
+    from experiments.shared import false_positive_rate, paired, t_test_p
+    for t, df in ((12.7062, 1), (2.7764, 4), (2.0452, 29)):
+        assert abs(t_test_p(t, df) - 0.05) < 1e-4
+    assert abs(t_test_p(0.0, 5) - 1.0) < 1e-12 and t_test_p(50.0, 3) < 1e-4
+    assert abs(false_positive_rate(3) - 0.1835) < 1e-3 and abs(false_positive_rate(5) - 0.1161) < 1e-3
+    r = paired([0.1, 0.2, 0.3])          # mean 0.2, std 0.1, SE 0.0577, t 3.464 on 2 df
+    assert abs(r["t"] - 3.4641) < 1e-3 and abs(r["p_value"] - 0.0742) < 1e-3 and r["n_positive"] == 3

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -294,7 +295,10 @@ def test_json_outputs_have_no_bare_nan_and_the_usual_mode(tmp_path):
 
 def test_experiment_smoke_never_overwrites_the_published_results(tmp_path, monkeypatch):
     scripts = [f for f in sorted((ROOT / "experiments").glob("*.py")) if f.stem not in ("__init__", "shared")]
-    assert len(scripts) == 11
+    # one script per experiment section of docs/RESULTS.md (`### N. … — `bash run.sh experiments NAME``), no more
+    documented = set(re.findall(r"^### \d+\..*`bash run.sh experiments (\w+)`",
+                                (ROOT / "docs/RESULTS.md").read_text(), flags=re.M))
+    assert {f.stem for f in scripts} == documented and len(scripts) >= 13
     for f in scripts:  # every script's --out default comes from experiment_args, which calls results_dir
         assert f'experiment_args("{f.stem}", __doc__, argv' in f.read_text(), f
     assert "results_dir(name, args.smoke)" in (ROOT / "experiments/shared.py").read_text()
