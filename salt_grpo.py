@@ -224,6 +224,16 @@ def positive_only(K, a, cfg: Config, generator=None):
     return renormalise((pos - pos.mean(1, keepdim=True)).flatten(), a, cfg.salt_renorm), terms
 
 
+def unit_diagonal(K: torch.Tensor) -> torch.Tensor:
+    """--salt_gram cosine: C_ij = K_ij / √(K_ii K_jj), every rollout's feature at length 1, so that no row leads the top
+    eigenvectors by its norm alone (docs/RESULTS.md, experiment 12: with the raw K, P keeps the largest-‖g‖ rows and
+    correct rollouts have the smaller ones). A departure from the paper and the authors' code, not the default. A row
+    with K_ii ≤ 0 (a zero feature: its row of a PSD K is 0) is left as is."""
+    d = torch.diagonal(K)
+    s = torch.where(d > 0, d.clamp(min=0).sqrt(), torch.ones_like(d))
+    return K / (s[:, None] * s[None, :])
+
+
 # --salt mode → f(K, a, cfg, generator) → (a′, the rule's terms). Experiments may add arms of their own here before
 # building a Config: the `salt` field accepts every key of this table.
 SALT_MODES = {"off": None, "official": official, "identity": identity, "random_subspace": random_subspace,
@@ -246,8 +256,8 @@ def salt_reweight(K: torch.Tensor, a: torch.Tensor, cfg: Config, generator: torc
         raise FloatingPointError("salt_reweight: non-finite Gram matrix or advantages")
     if cfg.salt == "off" or B == 1 or not (a64 != 0).any():
         return a.clone(), {"B": B, "skipped": 1.0, "time_s": time.perf_counter() - t0}
-    a_new, terms = SALT_MODES[cfg.salt](K, a64, cfg, generator)
-    diag = salt_diagnostics(K, a64, a_new, terms, cfg)
+    a_new, terms = SALT_MODES[cfg.salt](unit_diagonal(K) if cfg.salt_gram == "cosine" else K, a64, cfg, generator)
+    diag = salt_diagnostics(K, a64, a_new, terms, cfg)  # K_ii and the kept masses read the raw Gram either way
     diag["time_s"] = time.perf_counter() - t0
     return a_new.to(a.dtype), diag
 
@@ -938,6 +948,9 @@ class Config(harness.TrainRunConfig):
                                    "rule", choices=SALT_MODES)
     salt_scope: str = option("mini", "mini: all rollouts of an optimizer step (whole groups); micro: each "
                                      "micro-batch on each process (the official code)", choices=["mini", "micro"])
+    salt_gram: str = option("raw", "the Gram the rule reads: raw = K (the paper, the authors' code); cosine = "
+                                   "K_ij/√(K_ii K_jj) (a departure from both: experiment 12, docs/RESULTS.md)",
+                            choices=["raw", "cosine"])
     salt_features: str = option("lm_head", "lm_head: exact Gram of the LM-head score gradients (official; the sketch "
                                            "above salt_exact_budget); sketch: TensorSketch; layers: exact Gram of "
                                            "salt_layers' gradients (a Kronecker projection above the budget)",

@@ -51,11 +51,7 @@ def signmass(K: torch.Tensor, a: torch.Tensor, cfg: sg.Config, generator=None):
     return sg.renormalise(a_new, a, cfg.salt_renorm), {**terms, "kept_pos": kept_pos, "kept_neg": kept_neg}
 
 
-def unit_diagonal(K: torch.Tensor) -> torch.Tensor:
-    """C_ij = K_ij / √(K_ii K_jj); a row with K_ii ≤ 0 (a zero gradient: its row of a PSD K is 0) is left as is."""
-    d = torch.diagonal(K)
-    s = torch.where(d > 0, d.clamp(min=0).sqrt(), torch.ones_like(d))
-    return K / (s[:, None] * s[None, :])
+unit_diagonal = sg.unit_diagonal  # --salt_gram cosine in salt_grpo.py since this experiment
 
 
 def cosine(K: torch.Tensor, a: torch.Tensor, cfg: sg.Config, generator=None):
@@ -90,7 +86,7 @@ def config(s: dict, arm: dict, seed: int, out: Path) -> sg.Config:
     """salt_smollm.config: the demo's Config (salt_grpo's defaults) with the arm's SALT flags, FEATURES and the
     evaluation schedule."""
     kw = {k: v for k, v in s.items() if k not in ("seeds", "steps")}
-    return sg.Config(seed=seed, max_steps=s["steps"], salt_features=FEATURES, output_dir=str(out),
+    return sg.demo_config(seed=seed, max_steps=s["steps"], salt_features=FEATURES, output_dir=str(out),
                      overwrite_output_dir=True, **kw, **arm)
 
 

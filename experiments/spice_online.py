@@ -106,7 +106,7 @@ class _Log:
 
 
 def proxy_config(S: dict, seed: int) -> ss.Config:
-    return ss.validate(ss.Config(model=S["model"], dtype=S["proxy_dtype"], lora=True, features=S["features"],
+    return ss.validate(ss.Config(model=S["model"], prompt_format="plain", dtype=S["proxy_dtype"], lora=True, features=S["features"],
                                  seed=seed, mode="online", method="spice", lam=S["lam"], pool_size=S["window"],
                                  select_k=S["per_window"], update_every=S["T"], cache_dir="none",
                                  output_dir=str(CACHE / "unused")))
@@ -397,7 +397,7 @@ def main(argv=None) -> dict:
     print(f"pool {len(pool)} clean rows; held-out {len(held)} rows ({sum(not r['seen'] for r in held)} unseen)",
           flush=True)
     _, tok = harness.load_model(S["model"], S["target_dtype"])
-    cfg_tok = ss.Config(model=S["model"])
+    cfg_tok = ss.Config(model=S["model"], prompt_format="plain")
     tok_pool = ss.tokenize([harness.Example(r["instruction"], r["response"]) for r in pool], tok, cfg_tok)
     tok_held = ss.tokenize([harness.Example(r["instruction"], r["response"]) for r in held], tok, cfg_tok)
     full_steps = steps_per_epoch(len(pool), S["batch"]) * S["full_epochs"]

@@ -45,6 +45,10 @@ SKIP = {
     "python bench/salt_overhead.py [--steps N] [--trl] [--no-bf16] [--out raw.json]": "a usage line; its concrete "
                                                                                      "form runs below",
 }
+SKIP["python salt_grpo.py plot 'outputs/experiments/salt_attribution_runs/grpo_s*' 'outputs/experiments/salt_attribution_runs/micro4_s*' 'outputs/experiments/salt_attribution_runs/cosine_s*' --labels GRPO \"SALT official (micro scope)\" \"SALT, --salt_gram cosine\" --smooth 3 --out docs/figures/salt_vs_grpo_smollm.png"] = \
+    "reads experiment 12's 12 runs (47 min); `plot A B` runs on smoke runs in tests/test_trl_carryover.py"
+SKIP["python salt_grpo.py plot 'outputs/salt_s*' 'outputs/grpo_s*' --out salt_vs_grpo.png"] = \
+    "a template (folders of your runs); `plot A B` runs in tests/test_trl_carryover.py"
 QWEN = "needs 8 GPUs and Qwen2.5-1.5B-Instruct and GSM8K from the Hugging Face hub"
 
 
@@ -94,6 +98,7 @@ def smoke_form(cmd: str, tmp: Path) -> str | None:
     out = tmp / re.sub(r"\W+", "_", cmd)[:80]
     c = cmd.replace("data.jsonl", str(ROOT / "data" / "spice_pool_smoke.jsonl"))
     c = c.replace("--config run.yaml", f"--config {tmp / 'run.yaml'}")
+    c = c.replace("--config recipe.yaml", f"--config {tmp / 'recipe.yaml'}")
     if "plot" in c.split():  # draw a finished smoke run (made by the fixture)
         return re.sub(r"plot \S+", f"plot {tmp / 'salt_run'}", c)
     if "salt_grpo.py" in c or c.startswith("bash run.sh salt"):
@@ -140,6 +145,11 @@ def smoke_runs(tmp_path_factory):
     """Every runnable documented command in its smoke form, each distinct form once: {command: (form, result)}."""
     tmp = tmp_path_factory.mktemp("docs")
     (tmp / "run.yaml").write_text("max_steps: 1\nlearning_rate: 1.0e-3\nsalt: 'off'\n")
+    (tmp / "recipe.yaml").write_text(  # a TRL GRPO recipe in open-r1's style, at smoke size
+        "model_name_or_path: tiny\nreward_funcs:\n- closeness\nreward_weights: [1.0]\nper_device_train_batch_size: 4\n"
+        "gradient_accumulation_steps: 2\nnum_generations: 4\nmax_completion_length: 6\nmax_steps: 1\n"
+        "learning_rate: 1.0e-3\nlr_scheduler_type: cosine\nwarmup_ratio: 0.1\nlogging_steps: 1\nseed: 42\n"
+        "report_to:\n- none\nbf16: false\nlogging_first_step: true\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("ACCELERATE_USE_CPU", None)

@@ -382,3 +382,22 @@ def test_plot_compares_runs_in_one_figure_with_labelled_lines(tmp_path, capsys):
     assert any(t.startswith("mean reward") for t in drawn["titles"]) and any("α" in t for t in drawn["titles"])
     code, err = main(["plot", str(tmp_path / "nothing*"), str(tmp_path / "salt_s0")], capsys)
     assert code == 2 and "nothing*" in err
+
+
+def test_salt_gram_cosine_is_the_rule_on_the_unit_diagonal_gram():
+    """--salt_gram cosine (offered after experiment 12) = the released rule on K_ij/√(K_ii K_jj): invariant to
+    rescaling the rollouts' features (K → DKD), equal to experiment 12's `cosine` arm, and raw by default."""
+    from experiments import salt_attribution as exp12
+    g = torch.Generator().manual_seed(0)
+    F = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    K = F @ F.T / 8
+    a = sg.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1], dtype=torch.float64), 4)
+    D = torch.diag(torch.tensor([0.3, 2.0, 1.0, 5.0, 0.7, 1.1, 3.0, 0.2], dtype=torch.float64))
+    cos = dataclasses.replace(sg.demo_config(), salt_gram="cosine", num_generations=4)
+    raw = dataclasses.replace(cos, salt_gram="raw")
+    assert sg.demo_config().salt_gram == "raw"
+    a1, _ = sg.salt_reweight(K, a, cos)
+    a2, _ = sg.salt_reweight(D @ K @ D, a, cos)
+    a3, _ = exp12.cosine(K, a, raw)
+    assert torch.allclose(a1, a2, atol=1e-10) and torch.allclose(a1, a3, atol=1e-12)
+    assert not torch.allclose(sg.salt_reweight(D @ K @ D, a, raw)[0], sg.salt_reweight(K, a, raw)[0], atol=1e-3)
